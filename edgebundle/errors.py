@@ -1,0 +1,81 @@
+"""Errors that carry an exit code and a hint.
+
+Every failure the user can cause or fix surfaces as one line::
+
+    edgebundle: error: <what is wrong, naming the thing> (hint: <what to do>)
+
+and a non-zero exit code chosen by the error family:
+
+    EdgebundleError                 1  (anything else)
+    +-- UsageError                  2  bad flags / arguments
+    +-- ManifestError               3  manifest list YAML
+    +-- ResolveError                4  registry / offline source
+    +-- BundleFormatError           5  corrupt, truncated or unsupported bundle
+    +-- PrerequisiteError           6  the device lacks what the bundle builds on
+    +-- RuntimeUnavailableError     7  containerd / dockerd not reachable
+    +-- LoadError                   8  the runtime refused the import
+    +-- TransportError              9  SSH / file transfer
+    +-- InventoryError             10  report or inventory store
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+
+class EdgebundleError(Exception):
+    """Base class: a message naming the thing that is wrong, and a hint."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, hint: Optional[str] = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        if self.hint:
+            return f"{self.message} (hint: {self.hint})"
+        return self.message
+
+
+class UsageError(EdgebundleError):
+    exit_code = 2
+
+
+class ManifestError(EdgebundleError):
+    exit_code = 3
+
+
+class ResolveError(EdgebundleError):
+    exit_code = 4
+
+
+class BundleFormatError(EdgebundleError):
+    """The bundle is corrupt, truncated, tampered with or of an unknown version."""
+
+    exit_code = 5
+
+
+class PrerequisiteError(EdgebundleError):
+    exit_code = 6
+
+    def __init__(self, message: str, missing: "list[str]", hint: Optional[str] = None) -> None:
+        super().__init__(message, hint)
+        self.missing = list(missing)
+
+
+class RuntimeUnavailableError(EdgebundleError):
+    exit_code = 7
+
+
+class LoadError(EdgebundleError):
+    exit_code = 8
+
+
+class TransportError(EdgebundleError):
+    exit_code = 9
+
+
+class InventoryError(EdgebundleError):
+    exit_code = 10
