@@ -1,0 +1,48 @@
+"""The bundle format: the only code that knows bundle bytes. Spec: ``docs/FORMAT.md``.
+
+The constants below are mirrored in FORMAT.md's constants table; a unit test holds
+the two together, so change both or neither.
+"""
+
+from __future__ import annotations
+
+MAGIC = b"\x89EBD\r\n\x1a\n"
+FORMAT_VERSION = 1
+SUPPORTED_VERSIONS = (1,)
+
+TAG_HEADER = 0x48  # 'H'
+TAG_ENTRY = 0x45  # 'E'
+TAG_INDEX = 0x49  # 'I'
+TAG_FOOTER = 0x46  # 'F'
+END_MAGIC = b"EBDEND\r\n"
+FOOTER_SIZE = 33  # tag(1) + index offset(8) + xxh3-128(16) + END_MAGIC(8)
+
+CODEC_STORED = 0
+CODEC_ZSTD = 1
+CODECS = (CODEC_STORED, CODEC_ZSTD)
+
+KIND_BLOB = "blob"
+ENTRY_KINDS = (KIND_BLOB,)
+
+LAYER_FORM_BLOB = "blob"  # the registry's compressed blob, byte for byte
+LAYER_FORM_TAR = "tar"  # the uncompressed layer tar (identity: diff_id)
+LAYER_FORMS = (LAYER_FORM_BLOB, LAYER_FORM_TAR)
+
+MAX_RECORD_SIZE = 64 * 1024 * 1024  # header, entry header or index msgpack
+MAX_CHUNK_SIZE = 4 * 1024 * 1024  # stored bytes in one chunk
+DEFAULT_CHUNK_SIZE = 1024 * 1024
+MAX_WINDOW_LOG = 25  # readers refuse zstd frames needing more than 32 MiB of window
+DEFAULT_WINDOW_LOG = 23  # writers cap the window at 8 MiB to keep devices' memory small
+
+# Required features this reader understands. A bundle naming any other feature in
+# its header's "required_features" is refused before any entry is read.
+KNOWN_FEATURES: frozenset = frozenset()
+
+from .reader import BundleReader, Entry, read_index  # noqa: E402
+from .writer import BundleWriter, EntryInfo  # noqa: E402
+
+__all__ = [
+    "BundleReader", "BundleWriter", "Entry", "EntryInfo", "read_index",
+    "MAGIC", "FORMAT_VERSION", "SUPPORTED_VERSIONS", "CODEC_STORED", "CODEC_ZSTD",
+    "KIND_BLOB", "LAYER_FORM_BLOB", "LAYER_FORM_TAR",
+]

@@ -1,0 +1,314 @@
+"""Streaming bundle reader: one forward pass, verifying as it goes.
+
+Checks, in the order bytes arrive:
+  magic and version -> header record xxh3 -> per entry: record xxh3, each chunk's
+  xxh3 before it is decompressed, decoded length never above the announced size,
+  sha256 of the decoded bytes == the entry's digest -> index record xxh3, index
+  agrees with the entries seen -> footer: whole-bundle xxh3-128 and end magic.
+
+Any failure raises ``BundleFormatError`` naming what and where. Memory stays bounded
+by one chunk plus the zstd window (capped by ``MAX_WINDOW_LOG``), whatever the size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Any, BinaryIO, Dict, Iterator, List, Optional
+
+import xxhash
+import zstandard
+
+from ..errors import BundleFormatError
+from ..model import check_digest
+from . import (CODEC_STORED, CODEC_ZSTD, END_MAGIC, FOOTER_SIZE, FORMAT_VERSION, KIND_BLOB,
+               KNOWN_FEATURES, MAGIC, MAX_CHUNK_SIZE, MAX_RECORD_SIZE, MAX_WINDOW_LOG,
+               SUPPORTED_VERSIONS, TAG_ENTRY, TAG_FOOTER, TAG_HEADER, TAG_INDEX)
+from .records import CHUNK_HEAD, RECORD_HEAD, U32, U64, unpack_body
+
+_HINT = "the file is damaged or incomplete: copy it again, or check it with `edgebundle verify`"
+
+
+class _In:
+    """Exact reads from the source, counting offset and hashing for the footer."""
+
+    def __init__(self, raw: BinaryIO, name: str) -> None:
+        self.raw = raw
+        self.name = name
+        self.offset = 0
+        self.hasher = xxhash.xxh3_128()
+
+    def read_exact(self, n: int, what: str) -> bytes:
+        data = self.raw.read(n)
+        while len(data) < n:  # pipes and sockets return short reads
+            more = self.raw.read(n - len(data))
+            if not more:
+                raise BundleFormatError(
+                    f"bundle {self.name} is truncated at byte {self.offset + len(data)} "
+                    f"(while reading {what})", _HINT)
+            data += more
+        self.hasher.update(data)
+        self.offset += n
+        return data
+
+
+def _read_record(src: _In, tag: int, what: str) -> Dict[str, Any]:
+    got_tag, length = RECORD_HEAD.unpack(src.read_exact(RECORD_HEAD.size, what))
+    if got_tag != tag:
+        raise BundleFormatError(
+            f"bundle {src.name}: expected {what} at byte {src.offset - RECORD_HEAD.size}, "
+            f"found tag 0x{got_tag:02x}", _HINT)
+    if length > MAX_RECORD_SIZE:
+        raise BundleFormatError(f"bundle {src.name}: {what} claims {length} bytes "
+                                f"(limit {MAX_RECORD_SIZE})", _HINT)
+    body = src.read_exact(length, what)
+    (check,) = U64.unpack(src.read_exact(8, what))
+    if xxhash.xxh3_64_intdigest(body) != check:
+        raise BundleFormatError(f"bundle {src.name}: {what} checksum mismatch "
+                                f"at byte {src.offset - length - 8}", _HINT)
+    return unpack_body(body, what)
+
+
+def _need(obj: Dict[str, Any], key: str, typ: type, what: str) -> Any:
+    value = obj.get(key)
+    if not isinstance(value, typ) or isinstance(value, bool) and typ is int:
+        raise BundleFormatError(f"bundle {what} field {key!r} is missing or not {typ.__name__}")
+    return value
+
+
+class Entry:
+    """One entry being read. Iterate ``chunks()`` once for the decoded, verified bytes."""
+
+    def __init__(self, reader: "BundleReader", head: Dict[str, Any], offset: int) -> None:
+        self._reader = reader
+        self.kind: str = _need(head, "kind", str, "entry")
+        digest = _need(head, "digest", str, "entry")
+        try:
+            self.digest = check_digest(digest, "entry digest")
+        except ValueError as exc:
+            raise BundleFormatError(f"bundle entry at byte {offset}: {exc}") from None
+        self.size: int = _need(head, "size", int, "entry")
+        self.codec: int = _need(head, "codec", int, "entry")
+        self.media_type: Optional[str] = head.get("media_type")
+        self.offset = offset
+        self.stored_size = 0
+        self.consumed = False
+        if self.kind != KIND_BLOB:
+            raise BundleFormatError(f"bundle entry {self.digest} has unknown kind {self.kind!r}",
+                                    "this bundle needs a newer edgebundle")
+        if self.codec not in (CODEC_STORED, CODEC_ZSTD):
+            raise BundleFormatError(f"bundle entry {self.digest} has unknown codec {self.codec}",
+                                    "this bundle needs a newer edgebundle")
+        if self.size < 0:
+            raise BundleFormatError(f"bundle entry {self.digest} has negative size")
+
+    def _raw_chunks(self) -> Iterator[bytes]:
+        src = self._reader._src
+        while True:
+            (length,) = U32.unpack(src.read_exact(4, f"entry {self.digest}"))
+            if length == 0:
+                return
+            if length > MAX_CHUNK_SIZE:
+                raise BundleFormatError(f"bundle entry {self.digest}: chunk of {length} bytes "
+                                        f"exceeds {MAX_CHUNK_SIZE}", _HINT)
+            (check,) = U64.unpack(src.read_exact(8, f"entry {self.digest}"))
+            data = src.read_exact(length, f"entry {self.digest}")
+            if xxhash.xxh3_64_intdigest(data) != check:
+                raise BundleFormatError(
+                    f"bundle entry {self.digest} is corrupt (chunk checksum mismatch at byte "
+                    f"{src.offset - length})", _HINT)
+            self.stored_size += length
+            yield data
+
+    def chunks(self) -> Iterator[bytes]:
+        """Yield decoded bytes; raise ``BundleFormatError`` if they are not the entry."""
+        if self.consumed:
+            raise RuntimeError("entry already read")
+        self.consumed = True
+        hasher = hashlib.sha256()
+        total = 0
+        if self.codec == CODEC_STORED:
+            decoded: Iterator[bytes] = self._raw_chunks()
+        else:
+            decoded = self._zstd(self._raw_chunks())
+        for piece in decoded:
+            total += len(piece)
+            if total > self.size:
+                raise BundleFormatError(f"bundle entry {self.digest} decodes to more than its "
+                                        f"{self.size} bytes", _HINT)
+            hasher.update(piece)
+            yield piece
+        actual = "sha256:" + hasher.hexdigest()
+        if total != self.size or actual != self.digest:
+            raise BundleFormatError(f"bundle entry {self.digest} is corrupt: content hashes to "
+                                    f"{actual} ({total} of {self.size} bytes)", _HINT)
+        self._reader._seen.append(self)
+
+    def _zstd(self, raw: Iterator[bytes]) -> Iterator[bytes]:
+        dctx = zstandard.ZstdDecompressor(max_window_size=1 << MAX_WINDOW_LOG)
+        source = _ChunkStream(raw)
+        try:
+            # read_to_iter bounds each output piece, so a small chunk that inflates
+            # hugely cannot blow up memory.
+            yield from dctx.read_to_iter(source, read_size=256 * 1024, write_size=256 * 1024)
+        except zstandard.ZstdError as exc:
+            raise BundleFormatError(f"bundle entry {self.digest} does not decompress: {exc}",
+                                    _HINT) from None
+        if source.drain():
+            raise BundleFormatError(f"bundle entry {self.digest} has data after its zstd frame", _HINT)
+
+    def skip(self) -> None:
+        """Consume (and still verify) the entry without using its bytes."""
+        for _ in self.chunks():
+            pass
+
+
+class _ChunkStream:
+    """File-like ``read(n)`` over an iterator of chunks (for zstd's read_to_iter)."""
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self._chunks = chunks
+        self._buf = b""
+
+    def read(self, n: int = -1) -> bytes:
+        if not self._buf:
+            self._buf = next(self._chunks, b"")
+        if n < 0 or n >= len(self._buf):
+            out, self._buf = self._buf, b""
+        else:
+            out, self._buf = self._buf[:n], self._buf[n:]
+        return out
+
+    def drain(self) -> bool:
+        """Consume what is left; True if any bytes were left over."""
+        extra = bool(self._buf)
+        for chunk in self._chunks:
+            extra = extra or bool(chunk)
+        return extra
+
+
+class BundleReader:
+    """Read a bundle front to back.
+
+    ``header`` is available at once; iterate ``entries()`` (each entry must be read or
+    skipped before the next arrives); ``index`` is available after the iteration ends,
+    by which time the whole bundle has been verified.
+    """
+
+    def __init__(self, stream: BinaryIO, name: str = "<stream>") -> None:
+        self._src = _In(stream, name)
+        self.name = name
+        self._seen: List[Entry] = []
+        self.index: Optional[Dict[str, Any]] = None
+        self.total_size: Optional[int] = None
+        magic = self._src.read_exact(len(MAGIC), "magic")
+        if magic != MAGIC:
+            raise BundleFormatError(f"{name} is not an edgebundle bundle (bad magic)",
+                                    "pass a file written by `edgebundle pack`")
+        version = int.from_bytes(self._src.read_exact(2, "version"), "big")
+        if version not in SUPPORTED_VERSIONS:
+            raise BundleFormatError(
+                f"bundle {name} is format version {version}; this edgebundle reads "
+                f"{', '.join(map(str, SUPPORTED_VERSIONS))}",
+                "upgrade edgebundle on this device" if version > FORMAT_VERSION else None)
+        self.version = version
+        self.header = _read_record(self._src, TAG_HEADER, "header")
+        features = self.header.get("required_features", [])
+        if not isinstance(features, list):
+            raise BundleFormatError(f"bundle {name} header field 'required_features' is not a list")
+        unknown = sorted(str(f) for f in features if f not in KNOWN_FEATURES)
+        if unknown:
+            raise BundleFormatError(f"bundle {name} requires unsupported features: "
+                                    f"{', '.join(unknown)}", "upgrade edgebundle on this device")
+
+    def entries(self) -> Iterator[Entry]:
+        """Yield entries in bundle order, then read and check the index and footer."""
+        src = self._src
+        while True:
+            offset = src.offset
+            (tag,) = src.read_exact(1, "entry or index")
+            if tag == TAG_INDEX:
+                # Put the tag back into the record parse: re-read length etc. by hand.
+                self._read_index_after_tag(offset)
+                return
+            if tag != TAG_ENTRY:
+                raise BundleFormatError(f"bundle {self.name}: unexpected tag 0x{tag:02x} at "
+                                        f"byte {offset}", _HINT)
+            (length,) = U32.unpack(src.read_exact(4, "entry header"))
+            if length > MAX_RECORD_SIZE:
+                raise BundleFormatError(f"bundle {self.name}: entry header too large", _HINT)
+            body = src.read_exact(length, "entry header")
+            (check,) = U64.unpack(src.read_exact(8, "entry header"))
+            if xxhash.xxh3_64_intdigest(body) != check:
+                raise BundleFormatError(f"bundle {self.name}: entry header checksum mismatch "
+                                        f"at byte {offset}", _HINT)
+            entry = Entry(self, unpack_body(body, "entry header"), offset)
+            yield entry
+            if not entry.consumed:
+                entry.skip()
+
+    def _read_index_after_tag(self, offset: int) -> None:
+        src = self._src
+        (length,) = U32.unpack(src.read_exact(4, "index"))
+        if length > MAX_RECORD_SIZE:
+            raise BundleFormatError(f"bundle {self.name}: index too large", _HINT)
+        body = src.read_exact(length, "index")
+        (check,) = U64.unpack(src.read_exact(8, "index"))
+        if xxhash.xxh3_64_intdigest(body) != check:
+            raise BundleFormatError(f"bundle {self.name}: index checksum mismatch", _HINT)
+        index = unpack_body(body, "index")
+        tail = src.read_exact(9, "footer")
+        expected = src.hasher.digest()
+        rest = src.raw.read(24)
+        if len(rest) < 24:
+            raise BundleFormatError(f"bundle {self.name} is truncated in its footer", _HINT)
+        if tail[0] != TAG_FOOTER or rest[16:] != END_MAGIC:
+            raise BundleFormatError(f"bundle {self.name} has a malformed footer", _HINT)
+        if U64.unpack(tail[1:])[0] != offset:
+            raise BundleFormatError(f"bundle {self.name}: footer points at the wrong index", _HINT)
+        if rest[:16] != expected:
+            raise BundleFormatError(f"bundle {self.name}: whole-bundle checksum mismatch", _HINT)
+        if src.raw.read(1):
+            raise BundleFormatError(f"bundle {self.name} has data after its footer", _HINT)
+        self.total_size = src.offset + 24
+        _check_index(index, self._seen, self.name)
+        self.index = index
+
+
+def _check_index(index: Dict[str, Any], seen: List[Entry], name: str) -> None:
+    """The index must describe exactly the entries the stream carried, in order."""
+    listed = _need(index, "entries", list, "index")
+    _need(index, "images", list, "index")
+    if len(listed) != len(seen):
+        raise BundleFormatError(f"bundle {name}: index lists {len(listed)} entries, "
+                                f"stream carried {len(seen)}", _HINT)
+    for rec, entry in zip(listed, seen):
+        if not isinstance(rec, dict) or rec.get("digest") != entry.digest or \
+                rec.get("size") != entry.size or rec.get("offset") != entry.offset or \
+                rec.get("stored_size") != entry.stored_size:
+            raise BundleFormatError(f"bundle {name}: index disagrees with entry {entry.digest}", _HINT)
+
+
+def read_index(path: "os.PathLike[str] | str") -> Dict[str, Any]:
+    """Random access: header and index of a bundle file without reading its entries.
+
+    Checks structure and record checksums only; ``BundleReader`` does the full check.
+    """
+    name = os.fspath(path)
+    with open(path, "rb") as fh:
+        reader = BundleReader(fh, name)
+        fh.seek(0, os.SEEK_END)
+        end = fh.tell()
+        if end < FOOTER_SIZE:
+            raise BundleFormatError(f"bundle {name} is truncated", _HINT)
+        fh.seek(end - FOOTER_SIZE)
+        footer = fh.read(FOOTER_SIZE)
+        if footer[0] != TAG_FOOTER or footer[-len(END_MAGIC):] != END_MAGIC:
+            raise BundleFormatError(f"bundle {name} is truncated (no footer)", _HINT)
+        (index_offset,) = U64.unpack(footer[1:9])
+        if index_offset >= end:
+            raise BundleFormatError(f"bundle {name}: footer points past the end", _HINT)
+        fh.seek(index_offset)
+        src = _In(fh, name)
+        index = _read_record(src, TAG_INDEX, "index")
+        return {"header": reader.header, "version": reader.version, "index": index, "size": end}

@@ -1,0 +1,177 @@
+"""Streaming bundle writer.
+
+Writes front to back with no seeking, so the output may be a pipe or an SSH channel.
+Every entry is hashed while it is written and must match the digest and size it was
+announced with; the writer never emits an entry it has not verified.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+from dataclasses import dataclass
+from typing import Any, BinaryIO, Dict, Iterable, List, Optional
+
+import xxhash
+import zstandard
+
+from .. import __version__
+from ..model import check_digest
+from . import (CODEC_STORED, CODEC_ZSTD, CODECS, DEFAULT_CHUNK_SIZE, DEFAULT_WINDOW_LOG,
+               FORMAT_VERSION, KIND_BLOB, MAGIC, MAX_CHUNK_SIZE, TAG_ENTRY, TAG_FOOTER,
+               TAG_HEADER, TAG_INDEX, END_MAGIC)
+from .records import CHUNK_HEAD, U32, U64, pack_record
+
+
+@dataclass(frozen=True)
+class EntryInfo:
+    """Where an entry landed and what it cost."""
+
+    digest: str
+    size: int  # decoded bytes
+    codec: int
+    stored_size: int  # bytes of chunk payload in the bundle
+    offset: int  # of the entry record's tag byte
+
+
+class _Out:
+    """Counts and hashes everything written (the footer's whole-bundle xxh3-128)."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self.raw = raw
+        self.offset = 0
+        self.hasher = xxhash.xxh3_128()
+
+    def write(self, data: bytes) -> None:
+        self.raw.write(data)
+        self.hasher.update(data)
+        self.offset += len(data)
+
+
+class BundleWriter:
+    """Write one bundle: header, then ``add_blob`` per entry, then ``finish``.
+
+    Args:
+        out: binary sink, written sequentially.
+        header: header fields (``site``, ``runtime``, ``platform``, ``prerequisites``,
+            ``images``...); ``created``, ``tool`` and ``required_features`` are filled in.
+        level: zstd level for ``CODEC_ZSTD`` entries.
+        threads: zstd worker threads (0: compress on the calling thread).
+    """
+
+    def __init__(self, out: BinaryIO, header: Dict[str, Any], *, level: int = 10,
+                 threads: int = 0, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                 window_log: int = DEFAULT_WINDOW_LOG) -> None:
+        if not 0 < chunk_size <= MAX_CHUNK_SIZE:
+            raise ValueError(f"chunk_size must be 1..{MAX_CHUNK_SIZE}")
+        self._out = _Out(out)
+        self._chunk_size = chunk_size
+        self._entries: List[EntryInfo] = []
+        self._digests: set = set()
+        params = zstandard.ZstdCompressionParameters.from_level(
+            level, window_log=window_log, threads=threads, write_checksum=0,
+            write_content_size=1)
+        self._cctx = zstandard.ZstdCompressor(compression_params=params)
+        self.level = level
+        full = dict(header)
+        full.setdefault("created", datetime.datetime.now(datetime.timezone.utc)
+                        .strftime("%Y-%m-%dT%H:%M:%SZ"))
+        full.setdefault("tool", f"edgebundle {__version__}")
+        full.setdefault("required_features", [])
+        full.setdefault("volume", None)
+        self.header = full
+        self._out.write(MAGIC + FORMAT_VERSION.to_bytes(2, "big"))
+        self._out.write(pack_record(TAG_HEADER, full))
+        self._finished = False
+
+    @property
+    def entries(self) -> List[EntryInfo]:
+        return list(self._entries)
+
+    def add_blob(self, digest: str, size: int, data: Iterable[bytes], *, codec: int,
+                 media_type: Optional[str] = None) -> EntryInfo:
+        """Append one content-addressed blob.
+
+        ``data`` yields the decoded bytes; they must hash to ``digest`` and total
+        ``size`` or ``ValueError`` is raised (the bundle is then unusable: write to a
+        temporary file and discard it on error).
+        """
+        check_digest(digest)
+        if codec not in CODECS:
+            raise ValueError(f"unknown codec {codec}")
+        if digest in self._digests:
+            raise ValueError(f"entry {digest} written twice")
+        offset = self._out.offset
+        head: Dict[str, Any] = {"kind": KIND_BLOB, "digest": digest, "size": size, "codec": codec}
+        if codec == CODEC_ZSTD:
+            head["level"] = self.level
+        if media_type:
+            head["media_type"] = media_type
+        self._out.write(pack_record(TAG_ENTRY, head))
+        hasher = hashlib.sha256()
+        seen = 0
+        stored = 0
+
+        def counted() -> Iterable[bytes]:
+            nonlocal seen
+            for piece in data:
+                hasher.update(piece)
+                seen += len(piece)
+                yield piece
+
+        if codec == CODEC_STORED:
+            chunks = _rechunk(counted(), self._chunk_size)
+        else:
+            chunks = _zstd_chunks(self._cctx, counted(), self._chunk_size, size)
+        for chunk in chunks:
+            self._out.write(CHUNK_HEAD.pack(len(chunk), xxhash.xxh3_64_intdigest(chunk)))
+            self._out.write(chunk)
+            stored += len(chunk)
+        self._out.write(U32.pack(0))
+        actual = "sha256:" + hasher.hexdigest()
+        if actual != digest or seen != size:
+            raise ValueError(f"entry {digest} ({size} bytes) got content {actual} ({seen} bytes)")
+        info = EntryInfo(digest, size, codec, stored, offset)
+        self._entries.append(info)
+        self._digests.add(digest)
+        return info
+
+    def finish(self, images: List[Dict[str, Any]]) -> int:
+        """Write the index (image records + entry table) and the footer; return total bytes."""
+        if self._finished:
+            raise ValueError("bundle already finished")
+        index_offset = self._out.offset
+        index = {
+            "entries": [{"digest": e.digest, "kind": KIND_BLOB, "size": e.size, "codec": e.codec,
+                         "stored_size": e.stored_size, "offset": e.offset} for e in self._entries],
+            "images": images,
+        }
+        self._out.write(pack_record(TAG_INDEX, index))
+        tail = bytes([TAG_FOOTER]) + U64.pack(index_offset)
+        self._out.write(tail)
+        # The footer digest covers every byte before it, including its own tag+offset.
+        self._out.raw.write(self._out.hasher.digest() + END_MAGIC)
+        self._out.offset += 24
+        self._finished = True
+        return self._out.offset
+
+
+def _rechunk(pieces: Iterable[bytes], size: int) -> Iterable[bytes]:
+    buf = bytearray()
+    for piece in pieces:
+        buf += piece
+        while len(buf) >= size:
+            yield bytes(buf[:size])
+            del buf[:size]
+    if buf:
+        yield bytes(buf)
+
+
+def _zstd_chunks(cctx: zstandard.ZstdCompressor, pieces: Iterable[bytes], chunk_size: int,
+                 size: int) -> Iterable[bytes]:
+    # One zstd frame per entry (better ratio than a frame per chunk); the chunker
+    # hands back compressed output in exact chunk_size pieces.
+    chunker = cctx.chunker(size=size, chunk_size=chunk_size)
+    for piece in pieces:
+        yield from chunker.compress(piece)
+    yield from chunker.finish()
