@@ -1,0 +1,1 @@
+"""Command line: argparse, environment, exit codes; wires concrete clients in."""

@@ -1,0 +1,160 @@
+"""``edgebundle`` entry point.
+
+Device commands (import, report, verify, inspect) import only device-side modules, so
+they run where only zstandard, msgpack and xxhash are installed. Packer commands
+(plan, pack, inventory) import their modules lazily.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Callable, List, Optional
+
+from .. import __version__
+from ..errors import EdgebundleError, UsageError
+
+EPILOG = """\
+packer:  plan, pack, inventory record|pull|show
+device:  import, report, verify, inspect
+
+Exit codes: 0 ok, 1 error, 2 usage, 3 manifest, 4 resolve, 5 bundle format,
+6 prerequisite missing, 7 runtime unreachable, 8 load failed, 9 transport, 10 inventory.
+"""
+
+
+def _runtime_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    g = p.add_argument_group("runtime")
+    g.add_argument("--runtime", choices=("containerd", "docker"), required=required,
+                   help="container runtime on this device")
+    g.add_argument("--address", default="/run/containerd/containerd.sock",
+                   help="containerd socket (default: %(default)s)")
+    g.add_argument("--namespace", default="default",
+                   help="containerd namespace, e.g. k8s.io for k3s/Kubernetes (default: %(default)s)")
+    g.add_argument("--ctr", default="ctr", help="ctr command, e.g. 'k3s ctr' (default: %(default)s)")
+    g.add_argument("--snapshotter", default="overlayfs",
+                   help="containerd snapshotter (default: %(default)s)")
+    g.add_argument("--host", default="unix:///var/run/docker.sock",
+                   help="Docker Engine socket (default: %(default)s)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edgebundle", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Ship container images to edge devices as verified, delta-sized bundles.",
+        epilog=EPILOG)
+    parser.add_argument("--version", action="version", version=f"edgebundle {__version__}")
+    parser.add_argument("--home", help="packer state directory (default: $EDGEBUNDLE_HOME, "
+                        "else $XDG_DATA_HOME/edgebundle or ~/.local/share/edgebundle)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("plan", help="dry run: what a site lacks and what would ship")
+    p.add_argument("manifest", help="manifest list YAML")
+    p.add_argument("--site", required=True, help="site name from the manifest")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = sub.add_parser("pack", help="resolve, fetch and write the bundle a site needs")
+    p.add_argument("manifest", help="manifest list YAML")
+    p.add_argument("--site", required=True, help="site name from the manifest")
+    p.add_argument("-o", "--output", required=True, help="bundle file to write")
+    p.add_argument("--level", type=int, default=10, help="zstd level for compressible entries "
+                   "(default: %(default)s)")
+    p.add_argument("--threads", type=int, default=0, help="zstd worker threads (default: 0, "
+                   "compress on the main thread)")
+    p.add_argument("--full", action="store_true",
+                   help="ignore the site's inventory: ship everything (factory seeding)")
+    p.add_argument("--json", action="store_true", help="machine-readable summary")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("import", help="verify a bundle and load it into the runtime")
+    p.add_argument("bundle", help="bundle file, or - for standard input")
+    _runtime_args(p)
+    p.add_argument("--report", metavar="PATH", help="also write the inventory report here")
+    p.add_argument("--json", action="store_true", help="machine-readable summary")
+    p.add_argument("--no-progress", action="store_true", help="no progress display")
+
+    p = sub.add_parser("report", help="write what the runtime really holds (inventory report)")
+    _runtime_args(p)
+    p.add_argument("-o", "--output", metavar="PATH", help="write the report to PATH")
+    p.add_argument("--site", help="site name to put in the report")
+    p.add_argument("--json", action="store_true", help="print the report JSON to stdout")
+
+    p = sub.add_parser("verify", help="check a bundle completely without importing it")
+    p.add_argument("bundle", help="bundle file, or - for standard input")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("inspect", help="show a bundle's header and index")
+    p.add_argument("bundle", help="bundle file")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("inventory", help="the packer's record of what each site holds")
+    isub = p.add_subparsers(dest="inventory_command", metavar="ACTION")
+    q = isub.add_parser("record", help="record a report brought back from a device")
+    q.add_argument("site")
+    q.add_argument("report", help="report JSON file (from `edgebundle report`/`import --report`)")
+    q.add_argument("-m", "--manifest", help="manifest list, to check the report fits the site")
+    q.add_argument("--json", action="store_true")
+    q = isub.add_parser("pull", help="fetch a site's report over SSH and record it")
+    q.add_argument("site")
+    q.add_argument("-m", "--manifest", help="manifest list naming the site (default: the one "
+                   "last used to plan or pack it)")
+    q.add_argument("--accept-new-host-key", action="store_true",
+                   help="trust and remember an unknown host key (a changed key is always refused)")
+    q.add_argument("--known-hosts", help="known_hosts file (default: ~/.ssh/known_hosts)")
+    q.add_argument("--identity", help="private key file")
+    q.add_argument("--ssh-config", help="ssh config file (default: ~/.ssh/config)")
+    q.add_argument("--path", help="fetch this report file over SFTP instead of running "
+                   "`edgebundle report` on the device")
+    q.add_argument("--json", action="store_true")
+    q = isub.add_parser("show", help="print a site's recorded inventory")
+    q.add_argument("site")
+    q.add_argument("--json", action="store_true")
+    return parser
+
+
+def emit_json(obj: Any) -> None:
+    json.dump(obj, sys.stdout, indent=2, sort_keys=True)
+    sys.stdout.write("\n")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    try:
+        return dispatch(args)
+    except EdgebundleError as exc:
+        sys.stderr.write(f"edgebundle: error: {exc}\n")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write("edgebundle: interrupted\n")
+        return 130
+    except BrokenPipeError:
+        return 1
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    handler: Callable[[argparse.Namespace], int]
+    if args.command in ("import", "report", "verify", "inspect"):
+        from . import device
+        handler = getattr(device, "cmd_" + args.command)
+    else:
+        try:
+            from . import packer
+        except ImportError as exc:
+            raise UsageError(f"`edgebundle {args.command}` needs the packer extra ({exc.name} "
+                             "is not installed)", "pip install 'edgebundle[packer]'") from None
+        if args.command == "inventory":
+            if not args.inventory_command:
+                raise UsageError("inventory needs an action: record, pull or show")
+            handler = getattr(packer, "cmd_inventory_" + args.inventory_command)
+        else:
+            handler = getattr(packer, "cmd_" + args.command)
+    return handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
