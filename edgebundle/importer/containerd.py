@@ -22,8 +22,9 @@ import os
 import secrets
 import shlex
 import subprocess
+import tempfile
 from dataclasses import dataclass
-from typing import Dict, FrozenSet, Iterator, List, Optional, Sequence, Set, Tuple
+from typing import IO, Dict, FrozenSet, Iterator, List, Optional, Sequence, Set, Tuple
 
 from ..errors import LoadError, RuntimeUnavailableError
 from ..model import (INDEX_TYPES, Descriptor, HeldImage, HeldLayer, Inventory, Platform,
@@ -141,12 +142,17 @@ class Ctr:
         if names:
             self.run("images", "rm", *names, check=False)
 
-    def start_import(self, platform: str) -> "subprocess.Popen[bytes]":
+    def start_import(self, platform: str, stderr: "IO[bytes]") -> "subprocess.Popen[bytes]":
+        """``ctr images import`` reading a tar on stdin.
+
+        stdout is discarded and stderr goes to a file: nobody reads pipes while we
+        stream, and a full pipe would stall ctr (and so the whole import).
+        """
         argv = self.argv("images", "import", "--platform", platform,
                          "--snapshotter", self.snapshotter, "-")
         try:
-            return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, env=_env())
+            return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                    stderr=stderr, env=_env())
         except FileNotFoundError:
             raise RuntimeUnavailableError(f"containerd client {self.argv0[0]!r} not found",
                                           "pass --ctr PATH") from None
@@ -240,10 +246,11 @@ class ContainerdLoader:
         self._proc: Optional["subprocess.Popen[bytes]"] = None
         self._tar: Optional[TarStream] = None
         self._temp_names: List[str] = []
+        self._stderr = tempfile.TemporaryFile()
 
     def _ensure(self) -> TarStream:
         if self._tar is None:
-            self._proc = self.runtime.ctr.start_import(self.platform)
+            self._proc = self.runtime.ctr.start_import(self.platform, self._stderr)
             assert self._proc.stdin is not None
             self._tar = TarStream(self._proc.stdin)  # type: ignore[arg-type]
         return self._tar
@@ -277,7 +284,9 @@ class ContainerdLoader:
         assert proc is not None and proc.stdin is not None
         try:
             proc.stdin.close()
-            _, err = proc.communicate(timeout=self.runtime.ctr.timeout)
+            proc.wait(timeout=self.runtime.ctr.timeout)
+            self._stderr.seek(0)
+            err = self._stderr.read()
             try:
                 if proc.returncode != 0:
                     raise LoadError(f"containerd refused the import: "
