@@ -1,0 +1,584 @@
+"""Start and stop real services on loopback for integration tests.
+
+Every service lives entirely inside a caller-supplied temp dir (data, sockets,
+pid files, logs) so tests never touch the system-wide containerd / dockerd /
+sshd, and ``stop()`` only signals the PID we spawned ourselves (plus
+containerd shims that carry *our* socket path on their command line).
+
+No pytest import here: the module is usable from scripts and fixtures alike.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Optional
+
+START_TIMEOUT = 30.0  # seconds a service gets to become ready
+STOP_TIMEOUT = 15.0  # seconds between SIGTERM and SIGKILL
+
+# Variables that would silently redirect docker/ctr/ssh clients to some
+# other (system-wide) daemon or agent.
+SCRUBBED_ENV = (
+    "DOCKER_HOST",
+    "DOCKER_CONTEXT",
+    "DOCKER_TLS_VERIFY",
+    "DOCKER_CERT_PATH",
+    "CONTAINERD_ADDRESS",
+    "CONTAINERD_NAMESPACE",
+    "CONTAINERD_SNAPSHOTTER",
+    "SSH_AUTH_SOCK",
+)
+
+
+class ServiceError(RuntimeError):
+    """A service did not come up; the message carries the log tail."""
+
+
+def clean_env(extra: Optional[Mapping[str, str]] = None) -> dict[str, str]:
+    """os.environ minus variables that point clients at foreign daemons."""
+    env = {k: v for k, v in os.environ.items() if k not in SCRUBBED_ENV}
+    if extra:
+        env.update(extra)
+    return env
+
+
+def free_port() -> int:
+    """Let the kernel pick an unused loopback port (small race, acceptable)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def docker_cli() -> str:
+    """The docker CLI matching the Debian daemon.
+
+    This machine also has a newer /usr/local/bin/docker earlier in PATH; it
+    works against the 20.10 daemon via API negotiation, but the packaged CLI
+    is the one we know matches.
+    """
+    if os.path.exists("/usr/bin/docker"):
+        return "/usr/bin/docker"
+    found = shutil.which("docker")
+    if not found:
+        raise ServiceError("docker CLI not found")
+    return found
+
+
+def _require(binary: str) -> str:
+    path = shutil.which(binary) or (binary if os.path.isabs(binary) and os.path.exists(binary) else None)
+    if not path:
+        raise ServiceError(f"{binary} not found (install the Debian package providing it)")
+    return path
+
+
+def _log_tail(path: Path, lines: int = 40) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return "(no log)"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _spawn(argv: list[str], log: Path, env: Optional[Mapping[str, str]] = None) -> subprocess.Popen[bytes]:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as fh:
+        # New session: a Ctrl-C aimed at pytest must not kill daemons before
+        # their fixtures' finalizers run (and vice versa).
+        return subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            env=dict(env) if env is not None else clean_env(),
+            start_new_session=True,
+        )
+
+
+def _terminate(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM our PID, wait, SIGKILL if needed, reap."""
+    if proc.poll() is not None:
+        return
+    try:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=STOP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=STOP_TIMEOUT)
+    except ProcessLookupError:
+        pass
+
+
+def _wait_ready(
+    name: str, proc: subprocess.Popen[bytes], log: Path, probe: Callable[[], bool], timeout: float = START_TIMEOUT
+) -> None:
+    """Poll ``probe`` until true; fail fast if the process died."""
+    deadline = time.monotonic() + timeout
+    delay = 0.05
+    while True:
+        if proc.poll() is not None:
+            raise ServiceError(f"{name} exited with {proc.returncode} during startup; log tail:\n{_log_tail(log)}")
+        try:
+            if probe():
+                return
+        except Exception:  # probe errors just mean "not ready yet"
+            pass
+        if time.monotonic() > deadline:
+            _terminate(proc)
+            raise ServiceError(f"{name} not ready after {timeout:.0f}s; log tail:\n{_log_tail(log)}")
+        time.sleep(delay)
+        delay = min(delay * 1.5, 0.5)
+
+
+def _unix_connectable(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(1.0)
+        try:
+            s.connect(str(path))
+            return True
+        except OSError:
+            return False
+
+
+def _kill_shims(marker: str) -> None:
+    """Kill containerd shims whose argv mentions ``marker`` (our socket path).
+
+    Shims re-parent to init, so they outlive containerd; they're still ours
+    because they were started with ``-address <our socket>``.
+    """
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and b"containerd-shim" in argv[0] and marker.encode() in argv:
+            try:
+                os.kill(int(entry), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+# --------------------------------------------------------------------------
+# registry
+
+
+@dataclass(frozen=True)
+class Registry:
+    host: str  # "127.0.0.1:PORT", plain HTTP
+    port: int
+    pid: int
+    root: Path  # filesystem storage root
+    config_path: Path
+    log_path: Path
+    username: Optional[str] = None  # set when started with auth=True
+    password: Optional[str] = None
+    _proc: subprocess.Popen[bytes] = field(repr=False, compare=False, default=None)  # type: ignore[assignment]
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}"
+
+    def stop(self) -> None:
+        _terminate(self._proc)
+
+
+def _bcrypt_hash(password: str) -> str:
+    """bcrypt hash for distribution's htpasswd (it accepts only bcrypt).
+
+    ``bcrypt`` is already installed as a paramiko dependency; the stdlib
+    ``crypt`` fallback works on glibc/libxcrypt (Debian 12) for Python < 3.13.
+    """
+    try:
+        import bcrypt
+
+        return bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=4)).decode()
+    except ImportError:
+        import crypt  # noqa: deprecated, gone in 3.13; fallback only
+
+        return crypt.crypt(password, crypt.mksalt(crypt.METHOD_BLOWFISH, rounds=1 << 4))
+
+
+def start_registry(tmp: Path, *, auth: bool = False, username: str = "edge", password: Optional[str] = None) -> Registry:
+    """``docker-registry serve`` (distribution 2.x) on 127.0.0.1, plain HTTP.
+
+    With ``auth=True`` the registry requires HTTP basic auth (htpasswd).
+    """
+    binary = _require("docker-registry")
+    tmp = Path(tmp)
+    tmp.mkdir(parents=True, exist_ok=True)
+    root = tmp / "storage"
+    root.mkdir(exist_ok=True)
+    port = free_port()
+    # JSON is valid YAML, so no YAML library is needed.
+    config: dict[str, object] = {
+        "version": 0.1,
+        "log": {"level": "info", "accesslog": {"disabled": True}},
+        "storage": {"filesystem": {"rootdirectory": str(root)}, "delete": {"enabled": True}},
+        "http": {"addr": f"127.0.0.1:{port}", "headers": {"X-Content-Type-Options": ["nosniff"]}},
+    }
+    if auth:
+        password = password or secrets.token_hex(8)
+        htpasswd = tmp / "htpasswd"
+        htpasswd.write_text(f"{username}:{_bcrypt_hash(password)}\n")
+        config["auth"] = {"htpasswd": {"realm": "edgebundle-test", "path": str(htpasswd)}}
+    cfg = tmp / "config.yml"
+    cfg.write_text(json.dumps(config, indent=2))
+    log = tmp / "registry.log"
+    proc = _spawn([binary, "serve", str(cfg)], log)
+
+    def probe() -> bool:
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v2/")
+        if auth:
+            token = base64.b64encode(f"{username}:{password}".encode()).decode()
+            req.add_header("Authorization", f"Basic {token}")
+        # Bypass any proxy settings: traffic must stay on loopback.
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with opener.open(req, timeout=2) as resp:
+            return bool(resp.status == 200)
+
+    _wait_ready("docker-registry", proc, log, probe)
+    return Registry(
+        host=f"127.0.0.1:{port}",
+        port=port,
+        pid=proc.pid,
+        root=root,
+        config_path=cfg,
+        log_path=log,
+        username=username if auth else None,
+        password=password if auth else None,
+        _proc=proc,
+    )
+
+
+# --------------------------------------------------------------------------
+# containerd
+
+
+@dataclass(frozen=True)
+class Containerd:
+    address: str  # grpc unix socket path (pass as ctr --address / -a)
+    root: Path
+    state: Path
+    pid: int
+    snapshotter: str  # "overlayfs" or "native" (pass to ctr run/pull --snapshotter)
+    config_path: Path
+    log_path: Path
+    ctr: str = "ctr"
+    _proc: subprocess.Popen[bytes] = field(repr=False, compare=False, default=None)  # type: ignore[assignment]
+
+    def ctr_argv(self, namespace: str = "default") -> list[str]:
+        """Prefix for ctr commands against this instance."""
+        return [self.ctr, "--address", self.address, "--namespace", namespace]
+
+    def env(self) -> dict[str, str]:
+        # ctr reads CONTAINERD_SNAPSHOTTER as the default for pull/import/run.
+        return clean_env({"CONTAINERD_SNAPSHOTTER": self.snapshotter})
+
+    def stop(self) -> None:
+        _terminate(self._proc)
+        _kill_shims(self.address)
+
+
+def _toml_str(value: str) -> str:
+    return json.dumps(value)  # JSON string escaping is valid TOML basic-string escaping
+
+
+def start_containerd(tmp: Path, *, snapshotter: Optional[str] = None) -> Containerd:
+    """A private containerd (config version 2) with everything under ``tmp``.
+
+    The CRI plugin is disabled (it would want CNI and a streaming port).
+    The snapshotter is overlayfs when the overlayfs plugin loaded (it probes
+    an overlay mount under its root at startup), else ``native``.
+    """
+    binary = _require("containerd")
+    ctr = _require("ctr")
+    tmp = Path(tmp)
+    tmp.mkdir(parents=True, exist_ok=True)
+    # unix socket paths are limited to 108 bytes; keep them short-ish.
+    sock = tmp / "containerd.sock"
+    if len(str(sock)) > 100:
+        raise ServiceError(f"socket path too long for AF_UNIX: {sock}")
+    root, state = tmp / "root", tmp / "state"
+    cfg = tmp / "config.toml"
+    cfg.write_text(
+        "\n".join(
+            [
+                "version = 2",
+                f"root = {_toml_str(str(root))}",
+                f"state = {_toml_str(str(state))}",
+                'disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.aufs",'
+                ' "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.devmapper",'
+                ' "io.containerd.snapshotter.v1.zfs", "io.containerd.tracing.processor.v1.otlp"]',
+                "[grpc]",
+                f"  address = {_toml_str(str(sock))}",
+                "[ttrpc]",
+                f"  address = {_toml_str(str(sock) + '.ttrpc')}",
+                "[debug]",
+                '  address = ""',  # empty = no debug socket
+                '  level = "info"',
+                "[metrics]",
+                '  address = ""',  # empty = no metrics listener
+                '[plugins."io.containerd.internal.v1.opt"]',
+                f"  path = {_toml_str(str(tmp / 'opt'))}",
+                "",
+            ]
+        )
+    )
+    log = tmp / "containerd.log"
+    proc = _spawn([binary, "--config", str(cfg)], log)
+    env = clean_env()
+
+    def probe() -> bool:
+        if not _unix_connectable(sock):
+            return False
+        r = subprocess.run(
+            [ctr, "--address", str(sock), "--connect-timeout", "2s", "version"],
+            env=env,
+            capture_output=True,
+            timeout=10,
+        )
+        return r.returncode == 0
+
+    _wait_ready("containerd", proc, log, probe)
+
+    if snapshotter is None:
+        snapshotter = "native"
+        r = subprocess.run([ctr, "--address", str(sock), "plugins", "ls"], env=env, capture_output=True, text=True)
+        for line in r.stdout.splitlines():
+            cols = line.split()
+            # TYPE ID PLATFORMS STATUS
+            if len(cols) >= 3 and cols[0] == "io.containerd.snapshotter.v1" and cols[1] == "overlayfs":
+                if cols[-1] == "ok":
+                    snapshotter = "overlayfs"
+    return Containerd(
+        address=str(sock),
+        root=root,
+        state=state,
+        pid=proc.pid,
+        snapshotter=snapshotter,
+        config_path=cfg,
+        log_path=log,
+        ctr=ctr,
+        _proc=proc,
+    )
+
+
+# --------------------------------------------------------------------------
+# dockerd
+
+
+@dataclass(frozen=True)
+class Dockerd:
+    host: str  # "unix:///.../docker.sock" (docker -H / DOCKER_HOST value)
+    socket_path: Path
+    pid: int
+    data_root: Path
+    exec_root: Path
+    storage_driver: str
+    log_path: Path
+    containerd: Containerd  # the private containerd this dockerd uses
+    docker: str = "/usr/bin/docker"
+    _proc: subprocess.Popen[bytes] = field(repr=False, compare=False, default=None)  # type: ignore[assignment]
+
+    def docker_argv(self) -> list[str]:
+        return [self.docker, "-H", self.host]
+
+    def env(self) -> dict[str, str]:
+        return clean_env()
+
+    def stop(self) -> None:
+        _terminate(self._proc)
+        self.containerd.stop()
+
+
+def _start_dockerd_once(tmp: Path, driver: str, cd: Containerd) -> Dockerd:
+    binary = _require("/usr/sbin/dockerd") if os.path.exists("/usr/sbin/dockerd") else _require("dockerd")
+    sock = tmp / "docker.sock"
+    data_root, exec_root = tmp / "data", tmp / "exec"
+    cfg = tmp / "daemon.json"
+    cfg.write_text("{}\n")  # never pick up /etc/docker/daemon.json
+    log = tmp / f"dockerd-{driver}.log"
+    argv = [
+        binary,
+        "--config-file", str(cfg),
+        "--data-root", str(data_root),
+        "--exec-root", str(exec_root),
+        "--pidfile", str(tmp / "docker.pid"),
+        "-H", f"unix://{sock}",
+        # Always our own containerd: without --containerd, dockerd 20.10
+        # would use /run/containerd/containerd.sock if a system one runs.
+        "--containerd", cd.address,
+        "--iptables=false",
+        "--ip6tables=false",
+        "--ip-forward=false",
+        "--ip-masq=false",
+        "--bridge=none",
+        "--storage-driver", driver,
+    ]
+    proc = _spawn(argv, log)
+    docker = docker_cli()
+    env = clean_env()
+
+    def probe() -> bool:
+        if not _unix_connectable(sock):
+            return False
+        r = subprocess.run([docker, "-H", f"unix://{sock}", "version"], env=env, capture_output=True, timeout=10)
+        return r.returncode == 0
+
+    _wait_ready(f"dockerd ({driver})", proc, log, probe)
+    return Dockerd(
+        host=f"unix://{sock}",
+        socket_path=sock,
+        pid=proc.pid,
+        data_root=data_root,
+        exec_root=exec_root,
+        storage_driver=driver,
+        log_path=log,
+        containerd=cd,
+        docker=docker,
+        _proc=proc,
+    )
+
+
+def start_dockerd(tmp: Path, *, storage_drivers: tuple[str, ...] = ("overlay2", "vfs")) -> Dockerd:
+    """A private dockerd on a unix socket, no networking setup at all.
+
+    Tries overlay2 first, then vfs (works everywhere, just slow/large).
+    Containers must be run with ``--network none``.
+    """
+    tmp = Path(tmp)
+    tmp.mkdir(parents=True, exist_ok=True)
+    sock = tmp / "docker.sock"
+    if len(str(sock)) > 100:
+        raise ServiceError(f"socket path too long for AF_UNIX: {sock}")
+    cd = start_containerd(tmp / "containerd")
+    errors: list[str] = []
+    try:
+        for driver in storage_drivers:
+            try:
+                return _start_dockerd_once(tmp, driver, cd)
+            except ServiceError as exc:
+                errors.append(str(exc))
+                # a failed attempt may leave a half-initialised data root
+                shutil.rmtree(tmp / "data", ignore_errors=True)
+    except BaseException:
+        cd.stop()
+        raise
+    cd.stop()
+    raise ServiceError("dockerd failed with every storage driver:\n" + "\n---\n".join(errors))
+
+
+# --------------------------------------------------------------------------
+# sshd
+
+
+@dataclass(frozen=True)
+class Sshd:
+    port: int
+    host_key_path: Path
+    host_pubkey_line: str  # "ssh-ed25519 AAAA... comment" (for known_hosts)
+    client_key_path: Path  # private key (OpenSSH format, no passphrase)
+    pid: int
+    config_path: Path
+    log_path: Path
+    user: str = "root"
+    host: str = "127.0.0.1"
+    _proc: subprocess.Popen[bytes] = field(repr=False, compare=False, default=None)  # type: ignore[assignment]
+
+    def known_hosts_line(self) -> str:
+        key_type, key_b64 = self.host_pubkey_line.split()[:2]
+        return f"[{self.host}]:{self.port} {key_type} {key_b64}"
+
+    def stop(self) -> None:
+        _terminate(self._proc)
+
+
+def _keygen(path: Path, comment: str) -> None:
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)],
+        check=True,
+        capture_output=True,
+        env=clean_env(),
+    )
+
+
+def start_sshd(tmp: Path) -> Sshd:
+    """OpenSSH sshd on 127.0.0.1:PORT accepting only a generated client key."""
+    sshd_bin = "/usr/sbin/sshd"  # sshd refuses to re-exec unless started by absolute path
+    if not os.path.exists(sshd_bin):
+        raise ServiceError("/usr/sbin/sshd not found (install openssh-server)")
+    _require("ssh-keygen")
+    tmp = Path(tmp)
+    tmp.mkdir(parents=True, exist_ok=True)
+    # Privilege separation dir is hard-coded into Debian's sshd.
+    os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
+    host_key, client_key = tmp / "ssh_host_ed25519_key", tmp / "client_ed25519"
+    for p in (host_key, client_key):
+        for q in (p, p.with_name(p.name + ".pub")):
+            q.unlink(missing_ok=True)
+    _keygen(host_key, "edgebundle-test-host")
+    _keygen(client_key, "edgebundle-test-client")
+    authorized = tmp / "authorized_keys"
+    authorized.write_text(client_key.with_name(client_key.name + ".pub").read_text())
+    authorized.chmod(0o600)
+    port = free_port()
+    cfg = tmp / "sshd_config"
+    cfg.write_text(
+        "\n".join(
+            [
+                f"Port {port}",
+                "ListenAddress 127.0.0.1",
+                f"HostKey {host_key}",
+                f"PidFile {tmp / 'sshd.pid'}",
+                f"AuthorizedKeysFile {authorized}",
+                "UsePAM no",
+                "StrictModes no",
+                "PermitRootLogin prohibit-password",
+                "PubkeyAuthentication yes",
+                "PasswordAuthentication no",
+                "KbdInteractiveAuthentication no",
+                "AllowAgentForwarding no",
+                "AllowTcpForwarding yes",  # tests may tunnel to a loopback registry
+                "X11Forwarding no",
+                "PrintMotd no",
+                "UseDNS no",
+                "LogLevel VERBOSE",
+                "Subsystem sftp internal-sftp",
+                "",
+            ]
+        )
+    )
+    log = tmp / "sshd.log"
+    # -D: stay in foreground so the PID we hold is the listener; -E: log file.
+    proc = _spawn([sshd_bin, "-D", "-f", str(cfg), "-E", str(log)], tmp / "sshd.stdout")
+
+    def probe() -> bool:
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+            return s.recv(64).startswith(b"SSH-")
+
+    try:
+        _wait_ready("sshd", proc, log, probe)
+    except ServiceError as exc:
+        raise ServiceError(f"{exc}\nstdout/stderr:\n{_log_tail(tmp / 'sshd.stdout')}") from None
+    return Sshd(
+        port=port,
+        host_key_path=host_key,
+        host_pubkey_line=host_key.with_name(host_key.name + ".pub").read_text().strip(),
+        client_key_path=client_key,
+        pid=proc.pid,
+        config_path=cfg,
+        log_path=log,
+        _proc=proc,
+    )
