@@ -1,0 +1,170 @@
+#!/usr/bin/env python3
+"""The local demo: edgebundle end to end on one machine, on an embedded default.
+
+Starts its own docker-registry, containerd and dockerd on private sockets/ports under a
+temp dir, pushes small sample images (three sharing a base, one multi-arch), then:
+
+1. packs for an empty containerd site (namespace k8s.io) and an empty Docker site,
+   imports both and runs the images;
+2. records the sites' inventory reports, publishes app:v2 (one file changed in its
+   top layer), packs again: only the delta ships;
+3. prints what was shipped against what a full transfer would cost.
+
+Every step runs the real `edgebundle` CLI, exactly as a user would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, List
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests" / "integration"))
+
+import imagefactory  # noqa: E402
+import services  # noqa: E402
+
+MANIFEST = """\
+# edgebundle demo manifest (written by scripts/demo.py)
+version: 1
+registries:
+  "{reg}": {{insecure: true}}
+images:
+  - ref: {reg}/shop/app:{app_tag}
+  - ref: {reg}/shop/worker:v1
+  - ref: {reg}/shop/tools:v1
+  - ref: {reg}/shop/multi:v1
+sites:
+  gw-01: {{runtime: containerd, namespace: k8s.io, platform: linux/amd64}}
+  line-3: {{runtime: docker, platform: linux/amd64}}
+"""
+
+
+def say(text: str) -> None:
+    print(f"\n== {text}", flush=True)
+
+
+class Demo:
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.env = services.clean_env({"EDGEBUNDLE_HOME": str(tmp / "packer-home")})
+        self.rows: List[Dict[str, Any]] = []
+
+    def eb(self, *args: str, capture_json: bool = False) -> Any:
+        argv = [sys.executable, "-m", "edgebundle", *args]
+        print("$ edgebundle " + " ".join(args), flush=True)
+        if capture_json:
+            out = subprocess.run(argv, env=self.env, check=True, capture_output=True, text=True)
+            return json.loads(out.stdout)
+        subprocess.run(argv, env=self.env, check=True)
+        return None
+
+    def pack(self, manifest: Path, site: str, label: str) -> Path:
+        out = self.tmp / f"{site}-{len(self.rows)}.ebundle"
+        res = self.eb("pack", str(manifest), "--site", site, "-o", str(out), "--json",
+                      capture_json=True)
+        plan = res["plan"]
+        shipped = [i["name"] for i in plan["images"] if i["status"] == "ship"]
+        print(f"   wrote {out.name}: {res['bundle_bytes']:,} bytes for {len(shipped)} image(s); "
+              f"a full transfer is {res['full_registry_bytes']:,} bytes")
+        self.rows.append({"scenario": label, "site": site, "bundle": res["bundle_bytes"],
+                          "full": res["full_registry_bytes"], "images": len(shipped)})
+        return out
+
+
+def run(keep: bool) -> int:
+    tmp = Path(tempfile.mkdtemp(prefix="edgebundle-demo-"))
+    started: List[Any] = []
+    try:
+        say("starting a private docker-registry, containerd and dockerd under " + str(tmp))
+        reg = services.start_registry(tmp / "registry"); started.append(reg)
+        cd = services.start_containerd(tmp / "containerd"); started.append(cd)
+        dk = services.start_dockerd(tmp / "dockerd"); started.append(dk); started.append(dk.containerd)
+        print(f"   registry http://{reg.host}  containerd {cd.address}  dockerd {dk.host}")
+
+        say("pushing sample images (app, worker, tools share a base; multi is amd64+arm64)")
+        info = imagefactory.standard_set(reg.host, include_v2=False)
+        for ref in info["images"]:
+            print(f"   {reg.host}/{ref}")
+        print(f"   {reg.host}/shop/multi:v1 (index {info['multi']['index_digest'][:19]}...)")
+
+        demo = Demo(tmp)
+        manifest = tmp / "manifest.yaml"
+        manifest.write_text(MANIFEST.format(reg=reg.host, app_tag="v1"))
+        ctr_args = ["--runtime", "containerd", "--address", cd.address, "--namespace", "k8s.io",
+                    "--snapshotter", cd.snapshotter]
+        docker_args = ["--runtime", "docker", "--host", dk.host]
+
+        say("1. factory seed: empty sites get everything")
+        demo.eb("plan", str(manifest), "--site", "gw-01")
+        b1 = demo.pack(manifest, "gw-01", "seed containerd site")
+        report1 = tmp / "gw-01-report.json"
+        demo.eb("import", str(b1), *ctr_args, "--report", str(report1))
+        b2 = demo.pack(manifest, "line-3", "seed docker site")
+        report2 = tmp / "line-3-report.json"
+        demo.eb("import", str(b2), *docker_args, "--report", str(report2))
+
+        say("the images run as if pulled")
+        out = subprocess.run(cd.ctr_argv("k8s.io") + ["run", "--rm", "--snapshotter", cd.snapshotter,
+                                                      f"{reg.host}/shop/app:v1", "demo-app"],
+                             capture_output=True, text=True, env=cd.env(), check=True)
+        print(f"   containerd: {out.stdout.strip()}")
+        out = subprocess.run(dk.docker_argv() + ["run", "--rm", "--network", "none",
+                                                 f"{reg.host}/shop/worker:v1"],
+                             capture_output=True, text=True, check=True)
+        print(f"   docker:     {out.stdout.strip()}")
+
+        say("2. the reports come back (USB stick or `inventory pull` over SSH)")
+        demo.eb("inventory", "record", "gw-01", str(report1))
+        demo.eb("inventory", "record", "line-3", str(report2))
+
+        say("app:v2 is published: one file changed in its top layer")
+        imagefactory.push_app_v2(reg.host)
+        manifest.write_text(MANIFEST.format(reg=reg.host, app_tag="v2"))
+        demo.eb("plan", str(manifest), "--site", "gw-01")
+        b3 = demo.pack(manifest, "gw-01", "update containerd site")
+        demo.eb("import", str(b3), *ctr_args)
+        b4 = demo.pack(manifest, "line-3", "update docker site")
+        demo.eb("import", str(b4), *docker_args)
+        out = subprocess.run(dk.docker_argv() + ["run", "--rm", "--network", "none",
+                                                 f"{reg.host}/shop/app:v2"],
+                             capture_output=True, text=True, check=True)
+        print(f"   docker runs app:v2: {out.stdout.strip()}")
+
+        say("importing the same bundle again is a clean no-op")
+        demo.eb("import", str(b3), *ctr_args)
+
+        say("what was shipped against what a full transfer would cost")
+        print(f"   {'scenario':<26} {'images':>6} {'bundle bytes':>14} {'full transfer':>14} {'ratio':>7}")
+        for r in demo.rows:
+            print(f"   {r['scenario']:<26} {r['images']:>6} {r['bundle']:>14,} {r['full']:>14,} "
+                  f"{r['bundle'] / r['full']:>7.1%}")
+        return 0
+    finally:
+        for svc in reversed(started):
+            svc.stop()
+        if keep:
+            print(f"\n(kept {tmp})")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--keep", action="store_true", help="keep the temp dir for inspection")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        print("demo: needs root (it starts containerd and dockerd)", file=sys.stderr)
+        return 2
+    return run(args.keep)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
