@@ -5,7 +5,7 @@ Data flow (one module per noun, each importing only those before it):
     manifest -> resolve -> plan -> pack -> format -> transfer -> importer -> report
 
 Device-side modules (``format``, ``importer``, ``reference``, ``model``, ``errors``,
-``report``) depend only on zstandard, msgpack and xxhash; the packer extra adds
+``inventory``, ``plan``) depend only on zstandard, msgpack and xxhash; the packer extra adds
 httpx, paramiko, pyyaml and tqdm.
 """
 

@@ -104,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--known-hosts", help="known_hosts file (default: ~/.ssh/known_hosts)")
     q.add_argument("--identity", help="private key file")
     q.add_argument("--ssh-config", help="ssh config file (default: ~/.ssh/config)")
+    q.add_argument("--timeout", type=float, default=15.0,
+                   help="SSH connect timeout in seconds (default: %(default)s)")
     q.add_argument("--path", help="fetch this report file over SFTP instead of running "
                    "`edgebundle report` on the device")
     q.add_argument("--json", action="store_true")

@@ -208,7 +208,7 @@ def cmd_inventory_pull(args: argparse.Namespace) -> int:
     spec = _site(manifest, args.site)
     obj = pull_report(spec, ssh_config_path=args.ssh_config, known_hosts=args.known_hosts,
                       allow_unknown_host=args.accept_new_host_key, key_filename=args.identity,
-                      path=args.path)
+                      timeout=args.timeout, path=args.path)
     inv = InventoryStore(home).record(args.site, obj, spec)
     return _print_recorded(args, inv)
 
