@@ -57,12 +57,12 @@ class _Bars:
 
 
 def _resolve(manifest: ManifestList, site: SiteSpec, cache: BlobCache) -> Tuple[Any, List[ResolvedImage]]:
-    from ..registry.auth import load_credentials
+    from ..registry.auth import CredentialStore, docker_config_path
     from ..registry.client import RegistryClient
     from ..resolve import Resolver
 
-    client = RegistryClient(manifest.registries, load_credentials())
-    resolver = Resolver(client, cache)
+    client = RegistryClient(manifest.registries, CredentialStore.load(docker_config_path()))
+    resolver = Resolver(cache, client)
     images = [resolver.resolve(spec, spec.platform or site.platform)
               for spec in manifest.images_for(site.name)]
     return resolver, images
