@@ -110,7 +110,7 @@ def test_containerd_seed_then_delta(tmp_path: Path, home: Path, registry: Any, c
 
     for i, ref in enumerate(["shop/app:v1", "shop/worker:v1", "shop/tools:v1"]):
         out = ctr_run(containerd, ns, f"{reg}/{ref}", f"seed-{i}")
-        assert out.strip() == pushed_images["images"][ref]["message"]
+        assert out.strip() == pushed_images["images"][ref]["message"].strip()
 
     # The report says what containerd really holds.
     rep = json.loads(report.read_text())
@@ -139,7 +139,7 @@ def test_containerd_seed_then_delta(tmp_path: Path, home: Path, registry: Any, c
     eb(capsys, "import", str(delta), "--runtime", "containerd", "--address", containerd.address,
        "--namespace", ns, "--snapshotter", containerd.snapshotter)
     out = ctr_run(containerd, ns, f"{reg}/shop/app:v2", "delta-0")
-    assert out.strip() == pushed_images["images"]["shop/app:v2"]["message"]
+    assert out.strip() == pushed_images["images"]["shop/app:v2"]["message"].strip()
     assert ctr_images(containerd, ns)[f"{reg}/shop/app:v2"] == \
         pushed_images["images"]["shop/app:v2"]["manifest_digest"]
 
@@ -199,7 +199,7 @@ def test_docker_seed_delta_and_corruption(tmp_path: Path, home: Path, registry: 
        "--report", str(report))
     for ref in refs:
         info = pushed_images["images"][ref]
-        assert docker(dockerd, "run", "--rm", "--network", "none", f"{reg}/{ref}").strip() == info["message"]
+        assert docker(dockerd, "run", "--rm", "--network", "none", f"{reg}/{ref}").strip() == info["message"].strip()
         image_id = docker(dockerd, "image", "inspect", "--format", "{{.Id}}", f"{reg}/{ref}").strip()
         assert image_id == info["config_digest"]
 
@@ -214,6 +214,6 @@ def test_docker_seed_delta_and_corruption(tmp_path: Path, home: Path, registry: 
     assert delta.stat().st_size <= top["size"] * 1.05 + 64 * 1024
     eb(capsys, "import", str(delta), "--runtime", "docker", "--host", dockerd.host)
     v2 = pushed_images["images"]["shop/app:v2"]
-    assert docker(dockerd, "run", "--rm", "--network", "none", f"{reg}/shop/app:v2").strip() == v2["message"]
+    assert docker(dockerd, "run", "--rm", "--network", "none", f"{reg}/shop/app:v2").strip() == v2["message"].strip()
     assert docker(dockerd, "image", "inspect", "--format", "{{.Id}}", f"{reg}/shop/app:v2").strip() == \
         v2["config_digest"]
