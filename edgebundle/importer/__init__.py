@@ -22,7 +22,7 @@ from typing import Any, BinaryIO, Dict, List, Optional, Protocol, Sequence, Set
 
 from ..errors import BundleFormatError, LoadError, PrerequisiteError
 from ..format import LAYER_FORM_TAR, BundleReader
-from ..model import Inventory, docker_tag
+from ..model import Inventory, chain_ids, docker_tag
 from ..plan import missing_prerequisites
 from ..reference import normalize_name
 
@@ -108,7 +108,6 @@ def _check_records(records: List[Any], summaries: List[Dict[str, str]], carried:
         lacking = [d for d in needed_json if d not in carried and d not in inv.blobs]
         if inv.runtime == "docker":
             lacking = [config] if config not in carried else []
-        from ..model import chain_ids
         chains = chain_ids(l["diff_id"] for _, l in entries)
         for (entry, layer), chain in zip(entries, chains):
             if entry in carried:

@@ -104,6 +104,11 @@ class Ctr:
         return self.argv0 + ["--address", self.address, "--namespace", self.namespace, *args]
 
     def run(self, *args: str, input: Optional[bytes] = None, check: bool = True) -> bytes:
+        if "://" not in self.address and not os.path.exists(self.address):
+            # ctr would spend 10 s dialling a socket that is not there.
+            raise RuntimeUnavailableError(f"containerd socket {self.address} does not exist",
+                                          "check --address and that containerd is running "
+                                          "(k3s: /run/k3s/containerd/containerd.sock)")
         try:
             proc = subprocess.run(self.argv(*args), input=input, capture_output=True,
                                   timeout=self.timeout, env=_env())
