@@ -180,13 +180,21 @@ class ContainerdRuntime:
     def __init__(self, ctr: Ctr) -> None:
         self.ctr = ctr
         self.namespace = ctr.namespace
+        self._blobs: Dict[str, bytes] = {}
+
+    def _get(self, digest: str) -> bytes:
+        """Content-addressed, so a blob read once never changes: keep it."""
+        data = self._blobs.get(digest)
+        if data is None:
+            data = self._blobs[digest] = self.ctr.get(digest)
+        return data
 
     def _tree(self, media_type: str, digest: str, present: FrozenSet[str],
               platform: Optional[Platform]) -> ImageTree:
         """Walk target -> manifest -> config; missing pieces come back as None."""
         if digest not in present:
             return ImageTree(None, None, None, ())
-        data = self.ctr.get(digest)
+        data = self._get(digest)
         obj = json.loads(data)
         manifest = Descriptor(media_type, digest, len(data))
         plat: Optional[str] = None
@@ -195,11 +203,11 @@ class ContainerdRuntime:
             if chosen is None or chosen[0].digest not in present:
                 return ImageTree(None, None, None, ())
             manifest, plat = chosen
-            obj = json.loads(self.ctr.get(manifest.digest))
+            obj = json.loads(self._get(manifest.digest))
         config = obj.get("config", {}).get("digest")
         if not config or config not in present:
             return ImageTree(manifest, plat, None, ())
-        cfg = json.loads(self.ctr.get(config))
+        cfg = json.loads(self._get(config))
         if plat is None:
             plat = str(Platform.from_json(cfg))
         diff_ids = cfg.get("rootfs", {}).get("diff_ids", [])
@@ -212,7 +220,7 @@ class ContainerdRuntime:
     def held_image(self, name: str, media_type: str, digest: str, present: FrozenSet[str],
                    snaps: FrozenSet[str], platform: Optional[Platform] = None) -> HeldImage:
         tree = self._tree(media_type, digest, present, platform)
-        target = Descriptor(media_type, digest, len(self.ctr.get(digest))) if digest in present else None
+        target = Descriptor(media_type, digest, len(self._get(digest))) if digest in present else None
         chains = chain_ids(d for _, _, d in tree.layers)
         layers = tuple(HeldLayer(diff_id=d, digest=dg, size=sz, blob=dg in present,
                                  unpacked=c in snaps)

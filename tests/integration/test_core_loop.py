@@ -119,6 +119,15 @@ def test_containerd_seed_then_delta(tmp_path: Path, home: Path, registry: Any, c
     assert held[f"{reg}/shop/app:v1"]["complete"] is True
     assert held[f"{reg}/shop/app:v1"]["config"] == pushed_images["images"]["shop/app:v1"]["config_digest"]
 
+    # Imported content is protected from garbage collection: force a synchronous GC.
+    ctr(containerd, ns, "images", "tag", f"{reg}/shop/app:v1", "example.test/gc-trigger:1")
+    ctr(containerd, ns, "images", "rm", "--sync", "example.test/gc-trigger:1")
+    content = set(ctr(containerd, ns, "content", "ls", "-q").split())
+    for ref in ["shop/app:v1", "shop/worker:v1", "shop/tools:v1"]:
+        assert {l["digest"] for l in pushed_images["images"][ref]["layers"]} <= content
+    assert ctr_run(containerd, ns, f"{reg}/shop/tools:v1", "after-gc").strip() == \
+        pushed_images["images"]["shop/tools:v1"]["message"].strip()
+
     # Importing the same bundle twice is a clean no-op.
     again = eb(capsys, "import", str(bundle), "--runtime", "containerd", "--address",
                containerd.address, "--namespace", ns, "--snapshotter", containerd.snapshotter, "--json")
@@ -142,6 +151,22 @@ def test_containerd_seed_then_delta(tmp_path: Path, home: Path, registry: Any, c
     assert out.strip() == pushed_images["images"]["shop/app:v2"]["message"].strip()
     assert ctr_images(containerd, ns)[f"{reg}/shop/app:v2"] == \
         pushed_images["images"]["shop/app:v2"]["manifest_digest"]
+
+    # An image whose layers are all on the device already imports fine (only JSON ships).
+    import imagefactory
+    imagefactory.push_image(reg, "shop/alias", "v1", pushed_images["images"]["shop/worker:v1"]["built"])
+    eb(capsys, "report", "--runtime", "containerd", "--address", containerd.address, "--namespace", ns,
+       "--snapshotter", containerd.snapshotter, "-o", str(report))
+    eb(capsys, *h, "inventory", "record", "gw-01", str(report))
+    manifest = write_manifest(tmp_path / "m.yaml", reg, ["shop/alias:v1"], ns)
+    alias = tmp_path / "alias.ebundle"
+    packed = eb(capsys, *h, "pack", str(manifest), "--site", "gw-01", "-o", str(alias), "--json")
+    assert not any(l["ship"] for i in packed["plan"]["images"] for l in i["layers"])
+    assert alias.stat().st_size < 16 * 1024
+    eb(capsys, "import", str(alias), "--runtime", "containerd", "--address", containerd.address,
+       "--namespace", ns, "--snapshotter", containerd.snapshotter)
+    assert ctr_run(containerd, ns, f"{reg}/shop/alias:v1", "alias-0").strip() == \
+        pushed_images["images"]["shop/worker:v1"]["message"].strip()
 
     # The delta needs the base: a namespace without it refuses, naming what is missing,
     # and leaves no image behind.
