@@ -108,6 +108,7 @@ def write_bundle(plan: Plan, cache: BlobCache, output: "os.PathLike[str] | str",
     """
     out_path = Path(output)
     header = {
+        "content_bytes": _content_bytes(plan),
         "site": plan.site,
         "runtime": plan.runtime,
         "namespace": plan.namespace,
@@ -140,6 +141,19 @@ def write_bundle(plan: Plan, cache: BlobCache, output: "os.PathLike[str] | str",
             os.unlink(tmp)
     return PackResult(str(out_path), total, len(writer.entries), len(plan.to_ship),
                       plan.ship_bytes, plan.full_bytes)
+
+
+def _content_bytes(plan: Plan) -> int:
+    """Decoded bytes of every entry the bundle will carry (the importer's progress total)."""
+    sizes: Dict[str, int] = {}
+    for ip in plan.to_ship:
+        for desc in ip.image.json_blobs:
+            sizes[desc.digest] = desc.size
+        for lp in ip.layers:
+            if lp.ship:
+                tar = plan.layer_form == LAYER_FORM_TAR and _is_compressed(lp.layer.media_type)
+                sizes[lp.entry] = lp.layer.tar_size if tar else lp.layer.size
+    return sum(sizes.values())
 
 
 def _add_json(writer: BundleWriter, cache: BlobCache, desc: Descriptor) -> None:

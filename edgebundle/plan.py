@@ -81,7 +81,15 @@ class Plan:
 
     @property
     def ship_bytes(self) -> int:
-        return sum(p.ship_bytes for p in self.images)
+        """Registry bytes of what ships, each blob counted once (as pack writes it)."""
+        seen: Dict[str, int] = {}
+        for p in self.to_ship:
+            for d in p.image.json_blobs:
+                seen[d.digest] = d.size
+            for lp in p.layers:
+                if lp.ship:
+                    seen[lp.entry] = lp.layer.size
+        return sum(seen.values())
 
     @property
     def full_bytes(self) -> int:

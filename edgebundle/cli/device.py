@@ -7,7 +7,7 @@ import contextlib
 import json
 import os
 import sys
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO, Iterator, Optional
 
 from ..errors import BundleFormatError, UsageError
 from ..format import BundleReader, read_index
@@ -56,12 +56,19 @@ def _write_report(path: str, obj: Any) -> None:
 def cmd_import(args: argparse.Namespace) -> int:
     runtime = make_runtime(args)
     size = os.path.getsize(args.bundle) if args.bundle != "-" else None
-    bar = progress_bar(None, "import", enabled=not args.no_progress and sys.stderr.isatty())
+    show = not args.no_progress and sys.stderr.isatty()
+    bars = []
+
+    def make_bar(total: Optional[int]) -> Any:
+        bars.append(progress_bar(total, "import", enabled=show))
+        return bars[-1]
+
     with open_bundle(args.bundle) as fh:
         try:
-            result = import_bundle(fh, args.bundle, runtime, progress=bar)
+            result = import_bundle(fh, args.bundle, runtime, progress=make_bar)
         finally:
-            bar.close()
+            for bar in bars:
+                bar.close()
     assert result.inventory is not None
     if args.report:
         _write_report(args.report, inventory_to_json(result.inventory, result.site))

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import Any, BinaryIO, Dict, Iterator, List, Optional
+from typing import Any, BinaryIO, Dict, Iterator, List, Optional, Set
 
 import xxhash
 import zstandard
@@ -24,6 +24,7 @@ from ..model import check_digest
 from . import (CODEC_STORED, CODEC_ZSTD, END_MAGIC, FOOTER_SIZE, FORMAT_VERSION, KIND_BLOB,
                KNOWN_FEATURES, MAGIC, MAX_CHUNK_SIZE, MAX_RECORD_SIZE, MAX_WINDOW_LOG,
                SUPPORTED_VERSIONS, TAG_ENTRY, TAG_FOOTER, TAG_HEADER, TAG_INDEX)
+from .zstdframe import FrameWalker
 from .records import CHUNK_HEAD, RECORD_HEAD, U32, U64, unpack_body
 
 _HINT = "the file is damaged or incomplete: copy it again, or check it with `edgebundle verify`"
@@ -146,16 +147,30 @@ class Entry:
 
     def _zstd(self, raw: Iterator[bytes]) -> Iterator[bytes]:
         dctx = zstandard.ZstdDecompressor(max_window_size=1 << MAX_WINDOW_LOG)
-        source = _ChunkStream(raw)
+        walker = FrameWalker(f"bundle entry {self.digest}")
+
+        def framed() -> Iterator[bytes]:
+            for chunk in raw:
+                walker.feed(chunk)  # refuses anything but exactly one frame, early
+                yield chunk
+            walker.finish()
+
+        # A stream reader hands back bounded pieces, so a small chunk that inflates
+        # hugely cannot blow up memory.
+        reader = dctx.stream_reader(_ChunkStream(framed()), read_size=256 * 1024,  # type: ignore[arg-type]
+                                    read_across_frames=False)
         try:
-            # read_to_iter bounds each output piece, so a small chunk that inflates
-            # hugely cannot blow up memory.
-            yield from dctx.read_to_iter(source, read_size=256 * 1024, write_size=256 * 1024)
+            while True:
+                piece = reader.read(256 * 1024)
+                if not piece:
+                    break
+                yield piece
         except zstandard.ZstdError as exc:
             raise BundleFormatError(f"bundle entry {self.digest} does not decompress: {exc}",
                                     _HINT) from None
-        if source.drain():
-            raise BundleFormatError(f"bundle entry {self.digest} has data after its zstd frame", _HINT)
+        # The decompressor stops at the frame's end; make the walker see every byte.
+        for chunk in framed():
+            pass
 
     def skip(self) -> None:
         """Consume (and still verify) the entry without using its bytes."""
@@ -179,12 +194,6 @@ class _ChunkStream:
             out, self._buf = self._buf[:n], self._buf[n:]
         return out
 
-    def drain(self) -> bool:
-        """Consume what is left; True if any bytes were left over."""
-        extra = bool(self._buf)
-        for chunk in self._chunks:
-            extra = extra or bool(chunk)
-        return extra
 
 
 class BundleReader:
@@ -199,6 +208,7 @@ class BundleReader:
         self._src = _In(stream, name)
         self.name = name
         self._seen: List[Entry] = []
+        self._digests: Set[str] = set()
         self.index: Optional[Dict[str, Any]] = None
         self.total_size: Optional[int] = None
         magic = self._src.read_exact(len(MAGIC), "magic")
@@ -216,7 +226,9 @@ class BundleReader:
         features = self.header.get("required_features", [])
         if not isinstance(features, list):
             raise BundleFormatError(f"bundle {name} header field 'required_features' is not a list")
-        unknown = sorted(str(f) for f in features if f not in KNOWN_FEATURES)
+        if not all(isinstance(f, str) for f in features):
+            raise BundleFormatError(f"bundle {name} header field 'required_features' must list strings")
+        unknown = sorted(f for f in features if f not in KNOWN_FEATURES)
         if unknown:
             raise BundleFormatError(f"bundle {name} requires unsupported features: "
                                     f"{', '.join(unknown)}", "upgrade edgebundle on this device")
@@ -243,6 +255,10 @@ class BundleReader:
                 raise BundleFormatError(f"bundle {self.name}: entry header checksum mismatch "
                                         f"at byte {offset}", _HINT)
             entry = Entry(self, unpack_body(body, "entry header"), offset)
+            if entry.digest in self._digests:
+                raise BundleFormatError(f"bundle {self.name}: entry {entry.digest} appears twice "
+                                        f"(second at byte {offset})", _HINT)
+            self._digests.add(entry.digest)
             yield entry
             if not entry.consumed:
                 entry.skip()
@@ -259,9 +275,7 @@ class BundleReader:
         index = unpack_body(body, "index")
         tail = src.read_exact(9, "footer")
         expected = src.hasher.digest()
-        rest = src.raw.read(24)
-        if len(rest) < 24:
-            raise BundleFormatError(f"bundle {self.name} is truncated in its footer", _HINT)
+        rest = src.read_exact(24, "footer")
         if tail[0] != TAG_FOOTER or rest[16:] != END_MAGIC:
             raise BundleFormatError(f"bundle {self.name} has a malformed footer", _HINT)
         if U64.unpack(tail[1:])[0] != offset:
@@ -270,7 +284,7 @@ class BundleReader:
             raise BundleFormatError(f"bundle {self.name}: whole-bundle checksum mismatch", _HINT)
         if src.raw.read(1):
             raise BundleFormatError(f"bundle {self.name} has data after its footer", _HINT)
-        self.total_size = src.offset + 24
+        self.total_size = src.offset
         _check_index(index, self._seen, self.name)
         self.index = index
 

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Dict, List, Optional, Protocol, Sequence, Set
 
 from ..errors import BundleFormatError, LoadError, PrerequisiteError
-from ..format import LAYER_FORM_TAR, BundleReader
-from ..model import Inventory, chain_ids, docker_tag
+from ..format import LAYER_FORM_TAR, LAYER_FORMS, BundleReader
+from ..model import Inventory, chain_ids, check_digest, docker_tag
 from ..plan import missing_prerequisites
 from ..reference import normalize_name
 
@@ -89,20 +89,54 @@ def _summaries(header: Dict[str, Any], name: str) -> List[Dict[str, str]]:
     return images
 
 
+def _validate_record(rec: Any, where: str) -> Dict[str, Any]:
+    """Type-check one index image record; hostile shapes become BundleFormatError."""
+    def bad(field: str) -> BundleFormatError:
+        return BundleFormatError(f"{where}: field {field} is missing or malformed")
+
+    def digest(value: Any, field: str) -> str:
+        try:
+            return check_digest(value, field)
+        except ValueError:
+            raise bad(field) from None
+
+    def descriptor(value: Any, field: str) -> None:
+        if not isinstance(value, dict) or not isinstance(value.get("mediaType"), str) or \
+                not isinstance(value.get("size"), int) or isinstance(value.get("size"), bool):
+            raise bad(field)
+        digest(value.get("digest"), field + ".digest")
+
+    if not isinstance(rec, dict):
+        raise BundleFormatError(f"{where} is not a map")
+    for key in ("name", "platform"):
+        if not isinstance(rec.get(key), str):
+            raise bad(key)
+    for key in ("top", "manifest", "config"):
+        descriptor(rec.get(key), key)
+    layers = rec.get("layers")
+    if not isinstance(layers, list):
+        raise bad("layers")
+    for i, layer in enumerate(layers):
+        if not isinstance(layer, dict) or layer.get("form") not in LAYER_FORMS:
+            raise bad(f"layers[{i}].form")
+        digest(layer.get("digest"), f"layers[{i}].digest")
+        digest(layer.get("diff_id"), f"layers[{i}].diff_id")
+    return rec
+
+
 def _check_records(records: List[Any], summaries: List[Dict[str, str]], carried: Set[str],
                    inv: Inventory, name: str) -> None:
     """Every record matches its header summary and has each blob it needs somewhere."""
-    if [r.get("name") if isinstance(r, dict) else None for r in records] != \
+    if not isinstance(records, list) or \
+            [r.get("name") if isinstance(r, dict) else None for r in records] != \
             [s["name"] for s in summaries]:
         raise BundleFormatError(f"bundle {name}: index images disagree with the header")
     for rec, summary in zip(records, summaries):
-        try:
-            top, config = rec["top"]["digest"], rec["config"]["digest"]
-            layers = rec["layers"]
-            needed_json = {top, rec["manifest"]["digest"], config}
-            entries = [(l["diff_id"] if l["form"] == LAYER_FORM_TAR else l["digest"], l) for l in layers]
-        except (KeyError, TypeError):
-            raise BundleFormatError(f"bundle {name}: image record {summary['name']} is malformed") from None
+        _validate_record(rec, f"bundle {name}: image record {summary['name']}")
+        top, config = rec["top"]["digest"], rec["config"]["digest"]
+        needed_json = {top, rec["manifest"]["digest"], config}
+        entries = [(l["diff_id"] if l["form"] == LAYER_FORM_TAR else l["digest"], l)
+                   for l in rec["layers"]]
         if top != summary["top"] or config != summary["config"]:
             raise BundleFormatError(f"bundle {name}: image {summary['name']} differs between header and index")
         lacking = [d for d in needed_json if d not in carried and d not in inv.blobs]
@@ -126,9 +160,16 @@ def _check_records(records: List[Any], summaries: List[Dict[str, str]], carried:
 
 def import_bundle(stream: BinaryIO, name: str, runtime: Runtime, *,
                   progress: Any = None) -> ImportResult:
-    """Verify and import one bundle read front to back from ``stream``."""
+    """Verify and import one bundle read front to back from ``stream``.
+
+    ``progress``, if given, is called once with the total decoded bytes (or None) and
+    returns a bar with ``update(n)``.
+    """
     reader = BundleReader(stream, name)
     header = reader.header
+    total = header.get("content_bytes")
+    if progress is not None:
+        progress = progress(total if isinstance(total, int) else None)
     summaries = _summaries(header, name)
     if runtime.kind == "containerd" and header.get("layer_form") == LAYER_FORM_TAR:
         raise LoadError(f"bundle {name} carries layers as plain tars (packed for Docker); "
