@@ -145,15 +145,12 @@ def write_bundle(plan: Plan, cache: BlobCache, output: "os.PathLike[str] | str",
 
 def _content_bytes(plan: Plan) -> int:
     """Decoded bytes of every entry the bundle will carry (the importer's progress total)."""
-    sizes: Dict[str, int] = {}
-    for ip in plan.to_ship:
-        for desc in ip.image.json_blobs:
-            sizes[desc.digest] = desc.size
-        for lp in ip.layers:
-            if lp.ship:
-                tar = plan.layer_form == LAYER_FORM_TAR and _is_compressed(lp.layer.media_type)
-                sizes[lp.entry] = lp.layer.tar_size if tar else lp.layer.size
-    return sum(sizes.values())
+    total = 0
+    for layer, size in plan.shipped().values():
+        tar = layer is not None and plan.layer_form == LAYER_FORM_TAR and \
+            _is_compressed(layer.media_type)
+        total += layer.tar_size if tar and layer is not None else size
+    return total
 
 
 def _add_json(writer: BundleWriter, cache: BlobCache, desc: Descriptor) -> None:

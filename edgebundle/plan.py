@@ -79,27 +79,27 @@ class Plan:
     def to_ship(self) -> Tuple[ImagePlan, ...]:
         return tuple(p for p in self.images if not p.up_to_date)
 
+    def shipped(self) -> Dict[str, Tuple[Optional[Layer], int]]:
+        """Each entry the bundle carries, once: digest -> (layer or None for JSON, registry size)."""
+        out: Dict[str, Tuple[Optional[Layer], int]] = {}
+        for p in self.to_ship:
+            for d in p.image.json_blobs:
+                out[d.digest] = (None, d.size)
+            for lp in p.layers:
+                if lp.ship:
+                    out[lp.entry] = (lp.layer, lp.layer.size)
+        return out
+
     @property
     def ship_bytes(self) -> int:
         """Registry bytes of what ships, each blob counted once (as pack writes it)."""
-        seen: Dict[str, int] = {}
-        for p in self.to_ship:
-            for d in p.image.json_blobs:
-                seen[d.digest] = d.size
-            for lp in p.layers:
-                if lp.ship:
-                    seen[lp.entry] = lp.layer.size
-        return sum(seen.values())
+        return sum(size for _, size in self.shipped().values())
 
     @property
     def full_bytes(self) -> int:
         """Registry bytes of every image, each blob counted once (a full pull)."""
-        seen: Dict[str, int] = {}
-        for p in self.images:
-            for d in p.image.json_blobs:
-                seen[d.digest] = d.size
-            for layer in p.image.layers:
-                seen[layer.digest] = layer.size
+        seen = {d.digest: d.size for p in self.images for d in p.image.json_blobs}
+        seen.update((l.digest, l.size) for p in self.images for l in p.image.layers)
         return sum(seen.values())
 
 

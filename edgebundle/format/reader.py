@@ -25,7 +25,7 @@ from . import (CODEC_STORED, CODEC_ZSTD, END_MAGIC, FOOTER_SIZE, FORMAT_VERSION,
                KNOWN_FEATURES, MAGIC, MAX_CHUNK_SIZE, MAX_RECORD_SIZE, MAX_WINDOW_LOG,
                SUPPORTED_VERSIONS, TAG_ENTRY, TAG_FOOTER, TAG_HEADER, TAG_INDEX)
 from .zstdframe import FrameWalker
-from .records import CHUNK_HEAD, RECORD_HEAD, U32, U64, unpack_body
+from .records import CHUNK_HEAD, U32, U64, unpack_body
 
 _HINT = "the file is damaged or incomplete: copy it again, or check it with `edgebundle verify`"
 
@@ -54,11 +54,17 @@ class _In:
 
 
 def _read_record(src: _In, tag: int, what: str) -> Dict[str, Any]:
-    got_tag, length = RECORD_HEAD.unpack(src.read_exact(RECORD_HEAD.size, what))
+    (got_tag,) = src.read_exact(1, what)
     if got_tag != tag:
         raise BundleFormatError(
-            f"bundle {src.name}: expected {what} at byte {src.offset - RECORD_HEAD.size}, "
+            f"bundle {src.name}: expected {what} at byte {src.offset - 1}, "
             f"found tag 0x{got_tag:02x}", _HINT)
+    return _read_record_body(src, what)
+
+
+def _read_record_body(src: _In, what: str) -> Dict[str, Any]:
+    """The rest of a record once its tag byte has been read."""
+    (length,) = U32.unpack(src.read_exact(4, what))
     if length > MAX_RECORD_SIZE:
         raise BundleFormatError(f"bundle {src.name}: {what} claims {length} bytes "
                                 f"(limit {MAX_RECORD_SIZE})", _HINT)
@@ -246,15 +252,7 @@ class BundleReader:
             if tag != TAG_ENTRY:
                 raise BundleFormatError(f"bundle {self.name}: unexpected tag 0x{tag:02x} at "
                                         f"byte {offset}", _HINT)
-            (length,) = U32.unpack(src.read_exact(4, "entry header"))
-            if length > MAX_RECORD_SIZE:
-                raise BundleFormatError(f"bundle {self.name}: entry header too large", _HINT)
-            body = src.read_exact(length, "entry header")
-            (check,) = U64.unpack(src.read_exact(8, "entry header"))
-            if xxhash.xxh3_64_intdigest(body) != check:
-                raise BundleFormatError(f"bundle {self.name}: entry header checksum mismatch "
-                                        f"at byte {offset}", _HINT)
-            entry = Entry(self, unpack_body(body, "entry header"), offset)
+            entry = Entry(self, _read_record_body(src, "entry header"), offset)
             if entry.digest in self._digests:
                 raise BundleFormatError(f"bundle {self.name}: entry {entry.digest} appears twice "
                                         f"(second at byte {offset})", _HINT)
@@ -265,14 +263,7 @@ class BundleReader:
 
     def _read_index_after_tag(self, offset: int) -> None:
         src = self._src
-        (length,) = U32.unpack(src.read_exact(4, "index"))
-        if length > MAX_RECORD_SIZE:
-            raise BundleFormatError(f"bundle {self.name}: index too large", _HINT)
-        body = src.read_exact(length, "index")
-        (check,) = U64.unpack(src.read_exact(8, "index"))
-        if xxhash.xxh3_64_intdigest(body) != check:
-            raise BundleFormatError(f"bundle {self.name}: index checksum mismatch", _HINT)
-        index = unpack_body(body, "index")
+        index = _read_record_body(src, "index")
         tail = src.read_exact(9, "footer")
         expected = src.hasher.digest()
         rest = src.read_exact(24, "footer")

@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Dict, List, Optional, Protocol, Sequence, Set
 
-from ..errors import BundleFormatError, LoadError, PrerequisiteError
+from ..errors import BundleFormatError, LoadError, PrerequisiteError, UsageError
 from ..format import LAYER_FORM_TAR, LAYER_FORMS, BundleReader
 from ..model import Inventory, chain_ids, check_digest, docker_tag
 from ..plan import missing_prerequisites
@@ -86,6 +86,13 @@ def _summaries(header: Dict[str, Any], name: str) -> List[Dict[str, str]]:
             isinstance(i, dict) and all(isinstance(i.get(k), str) for k in ("name", "top", "config"))
             for i in images):
         raise BundleFormatError(f"bundle {name}: header field 'images' is malformed")
+    for image in images:
+        try:
+            normalize_name(image["name"])
+            check_digest(image["top"])
+            check_digest(image["config"])
+        except (UsageError, ValueError) as exc:
+            raise BundleFormatError(f"bundle {name}: header names an invalid image: {exc}") from None
     return images
 
 
