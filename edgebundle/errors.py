@@ -79,3 +79,18 @@ class TransportError(EdgebundleError):
 
 class InventoryError(EdgebundleError):
     exit_code = 10
+
+
+def type_name(value: object, *, mapping: str = "object", sequence: str = "array") -> str:
+    """What kind of value this is, in the words of the file it came from (JSON or YAML)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return sequence
+    return mapping if isinstance(value, dict) else type(value).__name__

@@ -27,7 +27,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Union
 
-from .errors import InventoryError, UsageError
+from .errors import InventoryError, UsageError, type_name
 from .model import RUNTIMES, Descriptor, HeldImage, HeldLayer, Inventory, Platform, SiteSpec, check_digest
 
 REPORT_VERSION = 1
@@ -112,7 +112,7 @@ def inventory_from_json(obj: object) -> Inventory:
         InventoryError: naming the first field that is missing or wrong.
     """
     if not isinstance(obj, dict):
-        raise InventoryError(f"inventory report is a JSON {_json_kind(obj)}, not an object", _REPORT_HINT)
+        raise InventoryError(f"inventory report is a JSON {type_name(obj)}, not an object", _REPORT_HINT)
     if obj.get("kind") != REPORT_KIND:
         raise InventoryError(f"inventory report kind is {obj.get('kind')!r}, not {REPORT_KIND!r}",
                              "this file is not an edgebundle inventory report")
@@ -146,7 +146,7 @@ def report_site(obj: Mapping[str, Any]) -> Optional[str]:
 
 def _image_from_json(obj: object, where: str) -> HeldImage:
     if not isinstance(obj, dict):
-        raise _bad(where, f"expected an object, got {_json_kind(obj)}")
+        raise _bad(where, f"expected an object, got {type_name(obj)}")
     manifest = _field(obj, "manifest", str, f"{where}.manifest", required=False)
     platform = _field(obj, "platform", str, f"{where}.platform", required=False)
     if platform is not None:
@@ -170,7 +170,7 @@ def _target(obj: object, where: str) -> Optional[Descriptor]:
     if obj is None:
         return None
     if not isinstance(obj, dict):
-        raise _bad(where, f"expected an object or null, got {_json_kind(obj)}")
+        raise _bad(where, f"expected an object or null, got {type_name(obj)}")
     size = _field(obj, "size", int, f"{where}.size")
     if size < 0:
         raise _bad(f"{where}.size", f"negative size {size}")
@@ -180,7 +180,7 @@ def _target(obj: object, where: str) -> Optional[Descriptor]:
 
 def _layer_from_json(obj: object, where: str) -> HeldLayer:
     if not isinstance(obj, dict):
-        raise _bad(where, f"expected an object, got {_json_kind(obj)}")
+        raise _bad(where, f"expected an object, got {type_name(obj)}")
     digest = _field(obj, "digest", str, f"{where}.digest", required=False)
     size = _field(obj, "size", int, f"{where}.size", required=False)
     if size is not None and size < 0:
@@ -208,7 +208,7 @@ def _field(obj: Mapping[str, Any], key: str, kind: type, where: str, *, required
         return None
     # bool is a subclass of int in Python, but `"size": true` is not a size.
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise _bad(where, f"expected {_KIND_NAMES.get(kind, kind.__name__)}, got {_json_kind(value)}")
+        raise _bad(where, f"expected {_KIND_NAMES.get(kind, kind.__name__)}, got {type_name(value)}")
     return value
 
 
@@ -230,20 +230,6 @@ def _bad(where: str, problem: str) -> InventoryError:
 
 
 _KIND_NAMES = {str: "a string", int: "an integer", bool: "true/false", list: "an array", dict: "an object"}
-
-
-def _json_kind(value: object) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, (int, float)):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "array"
-    return "object" if isinstance(value, dict) else type(value).__name__
 
 
 # ---------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from typing import Dict, Iterable, List, Optional, Tuple, Union
 
 import yaml
 
-from .errors import ManifestError, UsageError
+from .errors import ManifestError, UsageError, type_name
 from .inventory import SITE_NAME_RE
 from .model import RUNTIMES, ImageSpec, ManifestList, Platform, RegistryConfig, SiteSpec
 from .reference import DEFAULT_DOMAIN, LEGACY_DEFAULT_DOMAIN, parse_reference
@@ -181,24 +181,9 @@ def _parse_yaml(ctx: _Ctx, text: str) -> _Map:
     if doc is None:
         raise ctx.error(0, "manifest is empty", "start from manifests/example.yaml")
     if not isinstance(doc, _Map):
-        raise ctx.error(1, f"manifest must be a mapping, not a {_kind(doc)}",
+        raise ctx.error(1, f"manifest must be a mapping, not a {type_name(doc, mapping='mapping', sequence='list')}",
                         "the file starts with `version: 1` followed by images: and sites:")
     return doc
-
-
-def _kind(value: object) -> str:
-    """A YAML-ish name for a value's type, for messages."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, (int, float)):
-        return "number"
-    if isinstance(value, dict):
-        return "mapping"
-    if isinstance(value, list):
-        return "list"
-    return "string" if isinstance(value, str) else type(value).__name__
 
 
 def _check_keys(ctx: _Ctx, mapping: _Map, allowed: Iterable[str], where: Optional[str], line: int) -> None:
@@ -230,7 +215,7 @@ def _want_map(ctx: _Ctx, value: object, line: int, what: str, *, allow_null: boo
         empty.line, empty.key_lines = line, {}
         return empty
     if not isinstance(value, _Map):
-        raise ctx.error(line, f"{what} must be a mapping, not a {_kind(value)}",
+        raise ctx.error(line, f"{what} must be a mapping, not a {type_name(value, mapping='mapping', sequence='list')}",
                         "write it as indented `key: value` lines or {key: value}")
     return value
 
@@ -238,7 +223,7 @@ def _want_map(ctx: _Ctx, value: object, line: int, what: str, *, allow_null: boo
 def _want_str(ctx: _Ctx, value: object, line: int, what: str, hint: Optional[str] = None) -> str:
     if not isinstance(value, str) or not value.strip():
         # YAML turns unquoted 22, 1.0, yes, or 12:30 into numbers/booleans: tell the user to quote.
-        got = "empty" if isinstance(value, str) or value is None else f"a {_kind(value)} ({value!r})"
+        got = "empty" if isinstance(value, str) or value is None else f"a {type_name(value, mapping='mapping', sequence='list')} ({value!r})"
         raise ctx.error(line, f"{what} must be a non-empty string, not {got}",
                         hint or "quote the value if YAML read it as a number or boolean")
     return value
@@ -247,7 +232,7 @@ def _want_str(ctx: _Ctx, value: object, line: int, what: str, hint: Optional[str
 def _want_str_list(ctx: _Ctx, value: object, line: int, what: str) -> List[Tuple[str, int]]:
     """A list of strings with each item's line; a single string is not accepted."""
     if not isinstance(value, _Seq):
-        raise ctx.error(line, f"{what} must be a list, not a {_kind(value)}", "write it as [a, b] or `- a` lines")
+        raise ctx.error(line, f"{what} must be a list, not a {type_name(value, mapping='mapping', sequence='list')}", "write it as [a, b] or `- a` lines")
     return [(_want_str(ctx, item, item_line, f"item of {what}"), item_line)
             for item, item_line in zip(value, value.item_lines)]
 
@@ -384,7 +369,7 @@ def _platform(ctx: _Ctx, value: object, line: int, what: str) -> Platform:
 def _parse_images(ctx: _Ctx, value: object, line: int, sites: Dict[str, SiteSpec],
                   base_dir: Path) -> Tuple[ImageSpec, ...]:
     if not isinstance(value, _Seq):
-        raise ctx.error(line, f"images must be a list, not a {_kind(value)}",
+        raise ctx.error(line, f"images must be a list, not a {type_name(value, mapping='mapping', sequence='list')}",
                         "write each image as a `- ref` line under images:")
     if not value:
         raise ctx.error(line, "images is empty", "list at least one image to ship")
