@@ -5,6 +5,7 @@ Frozen dataclasses and pure functions only; no I/O. Shared by packer and device.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass, field
 from typing import Dict, FrozenSet, Iterable, List, Optional, Tuple
@@ -58,6 +59,12 @@ def chain_ids(diff_ids: Iterable[str]) -> Tuple[str, ...]:
         else:
             out.append(sha256_digest(f"{out[-1]} {diff_id}".encode()))
     return tuple(out)
+
+
+@functools.lru_cache(maxsize=16384)
+def _chain_ids_cached(diff_ids: Tuple[str, ...]) -> Tuple[str, ...]:
+    # Planning a fleet asks for the same images' chains once per site.
+    return chain_ids(diff_ids)
 
 
 _ARCH_ALIASES = {"x86_64": "amd64", "x86-64": "amd64", "aarch64": "arm64", "armhf": "arm", "armel": "arm"}
@@ -154,7 +161,7 @@ class ResolvedImage:
 
     @property
     def chain_ids(self) -> Tuple[str, ...]:
-        return chain_ids(layer.diff_id for layer in self.layers)
+        return _chain_ids_cached(tuple(layer.diff_id for layer in self.layers))
 
     @property
     def json_blobs(self) -> Tuple[Descriptor, ...]:
@@ -173,6 +180,7 @@ def device_name(ref: Reference) -> str:
     return f"{ref.repository}:{ref.tag or 'latest'}"
 
 
+@functools.lru_cache(maxsize=65536)
 def docker_tag(name: str) -> str:
     """The tag an image named ``name`` gets in Docker.
 

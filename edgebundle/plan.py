@@ -13,6 +13,7 @@ touches the runtime.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Dict, FrozenSet, List, Optional, Sequence, Set, Tuple
 
@@ -109,12 +110,21 @@ def held_layer(inv: Inventory, runtime: str, digest: str, chain_id: str) -> bool
     return digest in inv.blobs or chain_id in inv.chains
 
 
-def image_present(inv: Inventory, image: ResolvedImage) -> Optional[HeldImage]:
-    """The site's image of the same name and content, if it is complete."""
-    name = normalize_name(docker_tag(image.name) if inv.runtime == "docker" else image.name)
+def held_by_name(inv: Inventory) -> Dict[str, List[HeldImage]]:
+    """The site's complete images by normalised name (built once per site)."""
+    out: Dict[str, List[HeldImage]] = {}
     for held in inv.images:
-        if not held.complete or _safe_normalize(held.name) != name:
-            continue
+        if held.complete:
+            out.setdefault(_safe_normalize(held.name), []).append(held)
+    return out
+
+
+def image_present(inv: Inventory, image: ResolvedImage,
+                  by_name: Optional[Dict[str, List[HeldImage]]] = None) -> Optional[HeldImage]:
+    """The site's image of the same name and content, if it is complete."""
+    index = held_by_name(inv) if by_name is None else by_name
+    name = _safe_normalize(docker_tag(image.name) if inv.runtime == "docker" else image.name)
+    for held in index.get(name, ()):
         if inv.runtime == "docker":
             if held.config == image.config.digest:
                 return held
@@ -123,7 +133,9 @@ def image_present(inv: Inventory, image: ResolvedImage) -> Optional[HeldImage]:
     return None
 
 
+@functools.lru_cache(maxsize=65536)
 def _safe_normalize(name: str) -> str:
+    # Cached: a fleet's inventories repeat the same few names thousands of times.
     try:
         return normalize_name(name)
     except Exception:  # a runtime may hold names we would not write
@@ -140,8 +152,9 @@ def plan_bundle(site: str, images: Sequence[ResolvedImage], inv: Inventory, *, r
     shipped: Set[str] = set()
     prereqs: Dict[str, Prerequisite] = {}
     plans: List[ImagePlan] = []
+    by_name = held_by_name(inv)
     for image in images:
-        up_to_date = image_present(inv, image) is not None
+        up_to_date = image_present(inv, image, by_name) is not None
         layer_plans = []
         for layer, chain in zip(image.layers, image.chain_ids):
             entry = layer.diff_id if form == LAYER_FORM_TAR else layer.digest
