@@ -161,7 +161,8 @@ def plan_bundle(site: str, images: Sequence[ResolvedImage], inv: Inventory, *, r
             if up_to_date:
                 layer_plans.append(LayerPlan(layer, chain, False, entry))
             elif held_layer(inv, runtime, layer.digest, chain):
-                prereqs.setdefault(chain, Prerequisite(chain, layer.diff_id, layer.digest))
+                if chain not in prereqs:  # shared base layers recur in every image
+                    prereqs[chain] = Prerequisite(chain, layer.diff_id, layer.digest)
                 layer_plans.append(LayerPlan(layer, chain, False, entry))
             else:
                 layer_plans.append(LayerPlan(layer, chain, entry not in shipped, entry))
