@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
+import socket
 import sys
 from typing import Any, BinaryIO, Iterator, Optional
 
 from ..errors import BundleFormatError, UsageError
 from ..format import BundleReader, read_index
 from ..importer import Runtime, import_bundle
-from ..inventory import inventory_to_json
+from ..inventory import inventory_to_json, now_rfc3339
+from ..model import Inventory
 from ..progress import progress_bar
 from .main import emit_json
 
@@ -43,6 +46,11 @@ def open_bundle(path: str) -> Iterator[BinaryIO]:
         yield fh
 
 
+def stamped(inv: Inventory) -> Inventory:
+    """The report says when and where it was read."""
+    return dataclasses.replace(inv, generated_at=now_rfc3339(), host=socket.gethostname())
+
+
 def _write_report(path: str, obj: Any) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w") as fh:
@@ -71,7 +79,7 @@ def cmd_import(args: argparse.Namespace) -> int:
                 bar.close()
     assert result.inventory is not None
     if args.report:
-        _write_report(args.report, inventory_to_json(result.inventory, result.site))
+        _write_report(args.report, inventory_to_json(stamped(result.inventory), result.site))
     if args.json:
         emit_json(result.to_json())
     else:
@@ -88,7 +96,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    inv = make_runtime(args).inventory()
+    inv = stamped(make_runtime(args).inventory())
     obj = inventory_to_json(inv, args.site)
     if args.output:
         _write_report(args.output, obj)

@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from tqdm import tqdm
 
 from ..cache import BlobCache, default_home
-from ..errors import UsageError
+from ..errors import ManifestError, UsageError
 from ..inventory import InventoryStore, inventory_from_json, inventory_to_json
 from ..manifest import load_manifest
 from ..model import Inventory, ManifestList, ResolvedImage, SiteSpec
@@ -61,6 +61,14 @@ def _resolve(manifest: ManifestList, site: SiteSpec, cache: BlobCache) -> Tuple[
     from ..registry.client import RegistryClient
     from ..resolve import Resolver
 
+    if site.runtime == "containerd":
+        for spec in manifest.images_for(site.name):
+            if spec.platform is not None and not spec.platform.matches(site.platform):
+                raise ManifestError(
+                    f"{manifest.path}:{spec.line}: image {spec.ref} asks for {spec.platform} but "
+                    f"containerd site {site.name} is {site.platform}",
+                    "a containerd import unpacks one platform: drop `platform:` for this image "
+                    "or declare a separate site")
     client = RegistryClient(manifest.registries, CredentialStore.load(docker_config_path()))
     resolver = Resolver(cache, client)
     images = [resolver.resolve(spec, spec.platform or site.platform)
