@@ -119,18 +119,27 @@ def held_by_name(inv: Inventory) -> Dict[str, List[HeldImage]]:
     return out
 
 
-def image_present(inv: Inventory, image: ResolvedImage,
-                  by_name: Optional[Dict[str, List[HeldImage]]] = None) -> Optional[HeldImage]:
-    """The site's image of the same name and content, if it is complete."""
+def find_held(inv: Inventory, name: str, top: str, config: str,
+              by_name: Optional[Dict[str, List[HeldImage]]] = None) -> Optional[HeldImage]:
+    """The site's complete image named ``name`` holding this content, if any.
+
+    containerd: same name and same target (top) digest. Docker: same tag (a pinned
+    name maps to ``repo:sha256-hex``) and same config digest, i.e. same image ID.
+    """
     index = held_by_name(inv) if by_name is None else by_name
-    name = _safe_normalize(docker_tag(image.name) if inv.runtime == "docker" else image.name)
-    for held in index.get(name, ()):
+    want = _safe_normalize(docker_tag(name) if inv.runtime == "docker" else name)
+    for held in index.get(want, ()):
         if inv.runtime == "docker":
-            if held.config == image.config.digest:
+            if held.config == config:
                 return held
-        elif held.target is not None and held.target.digest == image.top.digest:
+        elif held.target is not None and held.target.digest == top:
             return held
     return None
+
+
+def image_present(inv: Inventory, image: ResolvedImage,
+                  by_name: Optional[Dict[str, List[HeldImage]]] = None) -> Optional[HeldImage]:
+    return find_held(inv, image.name, image.top.digest, image.config.digest, by_name)
 
 
 @functools.lru_cache(maxsize=65536)

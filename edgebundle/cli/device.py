@@ -11,7 +11,7 @@ import socket
 import sys
 from typing import Any, BinaryIO, Iterator, Optional
 
-from ..errors import BundleFormatError, UsageError
+from ..errors import UsageError
 from ..format import BundleReader, read_index
 from ..importer import Runtime, import_bundle
 from ..inventory import inventory_to_json, now_rfc3339

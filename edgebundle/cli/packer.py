@@ -16,7 +16,7 @@ from ..errors import ManifestError, UsageError
 from ..inventory import InventoryStore, inventory_from_json, inventory_to_json
 from ..manifest import load_manifest
 from ..model import Inventory, ManifestList, ResolvedImage, SiteSpec
-from ..plan import Plan, plan_bundle, shipped_entries
+from ..plan import Plan, plan_bundle
 from .main import emit_json
 
 

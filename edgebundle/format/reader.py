@@ -25,7 +25,7 @@ from . import (CODEC_STORED, CODEC_ZSTD, END_MAGIC, FOOTER_SIZE, FORMAT_VERSION,
                KNOWN_FEATURES, MAGIC, MAX_CHUNK_SIZE, MAX_RECORD_SIZE, MAX_WINDOW_LOG,
                SUPPORTED_VERSIONS, TAG_ENTRY, TAG_FOOTER, TAG_HEADER, TAG_INDEX)
 from .zstdframe import FrameWalker
-from .records import CHUNK_HEAD, U32, U64, unpack_body
+from .records import U32, U64, unpack_body
 
 _HINT = "the file is damaged or incomplete: copy it again, or check it with `edgebundle verify`"
 

@@ -22,8 +22,8 @@ from typing import Any, BinaryIO, Dict, List, Optional, Protocol, Sequence, Set
 
 from ..errors import BundleFormatError, LoadError, PrerequisiteError, UsageError
 from ..format import LAYER_FORM_TAR, LAYER_FORMS, BundleReader
-from ..model import Inventory, chain_ids, check_digest, docker_tag
-from ..plan import missing_prerequisites
+from ..model import Inventory, chain_ids, check_digest
+from ..plan import find_held, missing_prerequisites
 from ..reference import normalize_name
 
 
@@ -63,21 +63,7 @@ class ImportResult:
 
 def is_present(inv: Inventory, name: str, top: str, config: str) -> bool:
     """The runtime holds image ``name`` with this content, complete."""
-    want = normalize_name(docker_tag(name) if inv.runtime == "docker" else name)
-    for held in inv.images:
-        if not held.complete:
-            continue
-        try:
-            if normalize_name(held.name) != want:
-                continue
-        except Exception:
-            continue
-        if inv.runtime == "docker":
-            if held.config == config:
-                return True
-        elif held.target is not None and held.target.digest == top:
-            return True
-    return False
+    return find_held(inv, name, top, config) is not None
 
 
 def _summaries(header: Dict[str, Any], name: str) -> List[Dict[str, str]]:

@@ -24,7 +24,7 @@ import shlex
 import subprocess
 import tempfile
 from dataclasses import dataclass
-from typing import IO, Dict, FrozenSet, Iterator, List, Optional, Sequence, Set, Tuple
+from typing import IO, Dict, FrozenSet, Iterator, List, Optional, Sequence, Tuple
 
 from ..errors import LoadError, RuntimeUnavailableError
 from ..model import (INDEX_TYPES, Descriptor, HeldImage, HeldLayer, Inventory, Platform,

@@ -15,8 +15,7 @@ from __future__ import annotations
 import http.client
 import json
 import socket
-import urllib.parse
-from typing import Any, BinaryIO, Dict, Iterator, List, Optional, Sequence, Set
+from typing import Any, Iterator, List, Optional, Sequence, Set
 
 from ..errors import LoadError, RuntimeUnavailableError
 from ..model import (MT_DOCKER_CONFIG, MT_OCI_CONFIG, HeldImage, HeldLayer, Inventory, Platform,
