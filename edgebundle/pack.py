@@ -100,7 +100,7 @@ def decompressed_pieces(fh: BinaryIO, media_type: str,
 
 
 def write_bundle(plan: Plan, cache: BlobCache, output: "os.PathLike[str] | str", *,
-                 level: int = 10, threads: int = 0,
+                 level: int = 16, threads: int = 1,
                  progress: Optional[Progress] = None) -> PackResult:
     """Write the bundle for ``plan`` to ``output`` atomically (temp file + rename).
 

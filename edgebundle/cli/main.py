@@ -58,10 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("manifest", help="manifest list YAML")
     p.add_argument("--site", required=True, help="site name from the manifest")
     p.add_argument("-o", "--output", required=True, help="bundle file to write")
-    p.add_argument("--level", type=int, default=10, help="zstd level for compressible entries "
+    p.add_argument("--level", type=int, default=16, choices=range(1, 23), metavar="1-22",
+                   help="zstd level for compressible entries (Docker sites' layers, JSON); "
+                   "16 is the smallest level that optimally parses, see docs/BENCHMARKS.md "
                    "(default: %(default)s)")
-    p.add_argument("--threads", type=int, default=0, help="zstd worker threads (default: 0, "
-                   "compress on the main thread)")
+    p.add_argument("--threads", type=int, default=0, help="zstd worker threads (default: 0 = "
+                   "one per CPU; the output is identical for any count)")
     p.add_argument("--full", action="store_true",
                    help="ignore the site's inventory: ship everything (factory seeding)")
     p.add_argument("--json", action="store_true", help="machine-readable summary")

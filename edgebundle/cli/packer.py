@@ -156,7 +156,8 @@ def cmd_pack(args: argparse.Namespace) -> int:
     bar = tqdm(total=total, desc="pack", unit="B", unit_scale=True, unit_divisor=1024,
                leave=False, file=sys.stderr, disable=not show)
     try:
-        result = write_bundle(plan, cache, args.output, level=args.level, threads=args.threads,
+        threads = args.threads if args.threads > 0 else (os.cpu_count() or 1)
+        result = write_bundle(plan, cache, args.output, level=args.level, threads=threads,
                               progress=bar.update)
     finally:
         bar.close()

@@ -56,11 +56,13 @@ class BundleWriter:
         header: header fields (``site``, ``runtime``, ``platform``, ``prerequisites``,
             ``images``...); ``created``, ``tool`` and ``required_features`` are filled in.
         level: zstd level for ``CODEC_ZSTD`` entries.
-        threads: zstd worker threads (0: compress on the calling thread).
+        threads: zstd worker threads, at least 1. zstd's multi-threaded mode writes the
+            same bytes whatever the number of workers (its single-threaded mode does
+            not), so a bundle packed on any machine is byte-identical.
     """
 
-    def __init__(self, out: BinaryIO, header: Dict[str, Any], *, level: int = 10,
-                 threads: int = 0, chunk_size: int = DEFAULT_CHUNK_SIZE,
+    def __init__(self, out: BinaryIO, header: Dict[str, Any], *, level: int = 16,
+                 threads: int = 1, chunk_size: int = DEFAULT_CHUNK_SIZE,
                  window_log: int = DEFAULT_WINDOW_LOG) -> None:
         if not 0 < chunk_size <= MAX_CHUNK_SIZE:
             raise ValueError(f"chunk_size must be 1..{MAX_CHUNK_SIZE}")
@@ -69,7 +71,7 @@ class BundleWriter:
         self._entries: List[EntryInfo] = []
         self._digests: set = set()
         params = zstandard.ZstdCompressionParameters.from_level(
-            level, window_log=window_log, threads=threads, write_checksum=0,
+            level, window_log=window_log, threads=max(1, threads), write_checksum=0,
             write_content_size=1)
         self._cctx = zstandard.ZstdCompressor(compression_params=params)
         self.level = level
