@@ -13,14 +13,12 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Dict, Iterator, Optional
 
-import zstandard
-
 from .cache import BlobCache
+from .compression import decompress_stream
 from .format import CODEC_STORED, CODEC_ZSTD, LAYER_FORM_TAR, BundleWriter
 from .model import MT_OCI_LAYER, Descriptor, Layer, ResolvedImage
 from .plan import Plan
@@ -70,33 +68,22 @@ def _file_pieces(fh: BinaryIO, progress: Optional[Progress]) -> Iterator[bytes]:
 
 def decompressed_pieces(fh: BinaryIO, media_type: str,
                         progress: Optional[Progress] = None) -> Iterator[bytes]:
-    """The uncompressed tar of a layer blob, streamed."""
-    raw = _file_pieces(fh, progress)
-    if media_type.endswith("gzip"):
-        # wbits=31: gzip container; handles multi-member gzip by restarting.
-        d = zlib.decompressobj(31)
-        for piece in raw:
-            while piece:
-                out = d.decompress(piece)
-                if out:
-                    yield out
-                piece = d.unused_data
-                if d.eof:
-                    d = zlib.decompressobj(31)
-                else:
-                    piece = b""
-        tail = d.flush()
-        if tail:
-            yield tail
-    elif _is_compressed(media_type):
-        reader = zstandard.ZstdDecompressor().stream_reader(fh, read_across_frames=True)
-        while True:
-            out = reader.read(READ_SIZE)
-            if not out:
-                return
-            yield out
-    else:
-        yield from raw
+    """The uncompressed tar of a layer blob, streamed (progress counts blob bytes)."""
+    kind = "gzip" if media_type.endswith("gzip") else \
+        "zstd" if _is_compressed(media_type) else "none"
+    counted = _Counted(fh, progress) if progress else fh
+    return decompress_stream(counted, kind)  # type: ignore[arg-type]
+
+
+class _Counted:
+    def __init__(self, fh: BinaryIO, progress: Progress) -> None:
+        self._fh = fh
+        self._progress = progress
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._fh.read(n)
+        self._progress(len(data))
+        return data
 
 
 def write_bundle(plan: Plan, cache: BlobCache, output: "os.PathLike[str] | str", *,

@@ -9,18 +9,18 @@ diff_id and tar size (recorded in the cache, so never twice).
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import logging
 import zlib
 from dataclasses import replace
-from typing import AbstractSet, Any, BinaryIO, Callable, Dict, Iterable, Iterator, List, Mapping, \
+from typing import AbstractSet, Any, BinaryIO, Callable, Dict, Iterable, List, Mapping, \
     Optional, Protocol, Tuple
 
 import zstandard
 
 from .cache import BlobCache
+from .compression import decompress_stream
 from .errors import ResolveError
 from .model import INDEX_TYPES, MANIFEST_TYPES, Descriptor, ImageSpec, Layer, Platform, ResolvedImage, \
     check_digest
@@ -418,7 +418,7 @@ def uncompressed_digest(fh: BinaryIO, media_type: str, what: str = "layer") -> T
     hasher = hashlib.sha256()
     total = 0
     try:
-        for chunk in _decompressed(fh, kind):
+        for chunk in decompress_stream(fh, kind):
             hasher.update(chunk)
             total += len(chunk)
     except (OSError, EOFError, zlib.error, zstandard.ZstdError) as exc:
@@ -427,20 +427,3 @@ def uncompressed_digest(fh: BinaryIO, media_type: str, what: str = "layer") -> T
     return "sha256:" + hasher.hexdigest(), total
 
 
-class _Readable(Protocol):
-    def read(self, size: int = ..., /) -> bytes: ...
-
-
-def _decompressed(fh: BinaryIO, kind: str) -> Iterator[bytes]:
-    if kind == "gzip":
-        # GzipFile handles multi-member streams and bounded output per read.
-        reader: _Readable = gzip.GzipFile(fileobj=fh, mode="rb")
-    elif kind == "zstd":
-        reader = zstandard.ZstdDecompressor().stream_reader(fh, read_across_frames=True)
-    else:
-        reader = fh
-    while True:
-        chunk = reader.read(CHUNK)
-        if not chunk:
-            return
-        yield chunk
