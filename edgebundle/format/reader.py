@@ -163,7 +163,8 @@ class Entry:
 
         # A stream reader hands back bounded pieces, so a small chunk that inflates
         # hugely cannot blow up memory.
-        reader = dctx.stream_reader(_ChunkStream(framed()), read_size=256 * 1024,  # type: ignore[arg-type]
+        # read_size >= any chunk: the source hands over whole chunks, never slices.
+        reader = dctx.stream_reader(_ChunkStream(framed()), read_size=MAX_CHUNK_SIZE,  # type: ignore[arg-type]
                                     read_across_frames=False)
         try:
             while True:

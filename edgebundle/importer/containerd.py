@@ -29,7 +29,7 @@ from typing import IO, Dict, FrozenSet, Iterator, List, Optional, Sequence, Tupl
 from ..errors import LoadError, RuntimeUnavailableError
 from ..model import (INDEX_TYPES, Descriptor, HeldImage, HeldLayer, Inventory, Platform,
                      chain_ids)
-from .tarstream import TarStream, blob_path, last_line
+from .tarstream import TarStream, ThreadedSink, blob_path, last_line
 
 TEMP_PREFIX = "import.edgebundle.invalid/"
 ANNOTATION_IMAGE_NAME = "io.containerd.image.name"
@@ -258,6 +258,7 @@ class ContainerdLoader:
         self._nonce = secrets.token_hex(6)
         self._proc: Optional["subprocess.Popen[bytes]"] = None
         self._tar: Optional[TarStream] = None
+        self._sink: Optional[ThreadedSink] = None
         self._temp_names: List[str] = []
         self._stderr = tempfile.TemporaryFile()
 
@@ -265,7 +266,8 @@ class ContainerdLoader:
         if self._tar is None:
             self._proc = self.runtime.ctr.start_import(self.platform, self._stderr)
             assert self._proc.stdin is not None
-            self._tar = TarStream(self._proc.stdin)  # type: ignore[arg-type]
+            self._sink = ThreadedSink(self._proc.stdin)
+            self._tar = TarStream(self._sink)
         return self._tar
 
     def wants(self, digest: str, media_type: Optional[str]) -> bool:
@@ -294,8 +296,9 @@ class ContainerdLoader:
         tar.add_bytes("index.json", json.dumps(index).encode())
         tar.close()
         proc = self._proc
-        assert proc is not None and proc.stdin is not None
+        assert proc is not None and proc.stdin is not None and self._sink is not None
         try:
+            self._sink.close()
             proc.stdin.close()
             proc.wait(timeout=self.runtime.ctr.timeout)
             self._stderr.seek(0)
@@ -340,5 +343,7 @@ class ContainerdLoader:
         if self._proc is not None:
             self._proc.kill()
             self._proc.wait()
+            if self._sink is not None:
+                self._sink.abort()
             self._proc = None
         self.runtime.ctr.remove(*self._temp_names)

@@ -21,7 +21,7 @@ from ..errors import LoadError, RuntimeUnavailableError
 from ..model import (MT_DOCKER_CONFIG, MT_OCI_CONFIG, HeldImage, HeldLayer, Inventory, Platform,
                      chain_ids, docker_tag)
 from ..reference import parse_reference
-from .tarstream import TarStream, blob_path
+from .tarstream import TarStream, ThreadedSink, blob_path
 
 DEFAULT_HOST = "unix:///var/run/docker.sock"
 CONFIG_TYPES = {MT_DOCKER_CONFIG, MT_OCI_CONFIG}
@@ -80,27 +80,41 @@ class DockerAPI:
 
 
 class _ChunkedBody:
-    """File-like sink that sends HTTP/1.1 chunked transfer encoding on a connection."""
+    """Sends HTTP/1.1 chunked transfer encoding: small writes are coalesced, large
+    pieces go out as their own chunk without being copied into a buffer first."""
 
-    def __init__(self, conn: _UnixConnection, bufsize: int = 1024 * 1024) -> None:
+    def __init__(self, conn: _UnixConnection, coalesce: int = 64 * 1024) -> None:
         self._conn = conn
         self._buf = bytearray()
-        self._bufsize = bufsize
+        self._coalesce = coalesce
+
+    def _send(self, data: "bytes | bytearray") -> None:
+        sock = self._conn.sock
+        assert sock is not None
+        sock.sendall(b"%x\r\n" % len(data))
+        sock.sendall(data)
+        sock.sendall(b"\r\n")
 
     def write(self, data: bytes) -> int:
-        self._buf += data
-        if len(self._buf) >= self._bufsize:
+        if len(data) >= self._coalesce:
             self._flush()
+            self._send(data)
+        else:
+            self._buf += data
+            if len(self._buf) >= self._coalesce:
+                self._flush()
         return len(data)
 
     def _flush(self) -> None:
         if self._buf:
-            self._conn.send(b"%x\r\n" % len(self._buf) + bytes(self._buf) + b"\r\n")
-            self._buf.clear()
+            self._send(self._buf)
+            self._buf = bytearray()
 
     def close(self) -> None:
         self._flush()
-        self._conn.send(b"0\r\n\r\n")
+        sock = self._conn.sock
+        assert sock is not None
+        sock.sendall(b"0\r\n\r\n")
 
 
 def parse_load_response(body: bytes) -> List[str]:
@@ -161,6 +175,7 @@ class DockerLoader:
         self.runtime = runtime
         self._conn: Optional[_UnixConnection] = None
         self._body: Optional[_ChunkedBody] = None
+        self._sink: Optional[ThreadedSink] = None
         self._tar: Optional[TarStream] = None
 
     def _ensure(self) -> TarStream:
@@ -172,7 +187,8 @@ class DockerLoader:
             conn.endheaders()
             self._conn = conn
             self._body = _ChunkedBody(conn)
-            self._tar = TarStream(self._body)  # type: ignore[arg-type]
+            self._sink = ThreadedSink(self._body)
+            self._tar = TarStream(self._sink)
         return self._tar
 
     def wants(self, digest: str, media_type: Optional[str]) -> bool:
@@ -194,8 +210,9 @@ class DockerLoader:
                              "RepoTags": [docker_tag(rec["name"])], "Layers": layers})
         tar.add_bytes("manifest.json", json.dumps(manifest).encode())
         tar.close()
-        assert self._body is not None and self._conn is not None
+        assert self._body is not None and self._conn is not None and self._sink is not None
         try:
+            self._sink.close()
             self._body.close()
             resp = self._conn.getresponse()
             body = resp.read()
@@ -216,5 +233,7 @@ class DockerLoader:
                 self._conn.sock.shutdown(socket.SHUT_RDWR)  # type: ignore[union-attr]
             except OSError:
                 pass
+            if self._sink is not None:
+                self._sink.abort()
             self._conn.close()
             self._conn = None

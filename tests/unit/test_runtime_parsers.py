@@ -284,7 +284,7 @@ def test_tarstream_refuses_more_bytes_than_announced() -> None:
 
 def test_tarstream_refuses_fewer_bytes_than_announced() -> None:
     ts = TarStream(Sink())  # type: ignore[arg-type]
-    with pytest.raises(OSError):
+    with pytest.raises(ValueError, match="3 of its 10 bytes"):
         ts.add("a", 10, iter([b"abc"]))
 
 
@@ -305,3 +305,30 @@ def test_blob_path_and_last_line() -> None:
     assert blob_path("sha256:" + "0f" * 32) == "blobs/sha256/" + "0f" * 32
     assert last_line("a\nb\n\n  c  \n\n") == "c"
     assert last_line("") == "" and last_line(None) == ""
+
+
+def test_threaded_sink_keeps_order_and_reports_writer_errors() -> None:
+    from edgebundle.importer.tarstream import ThreadedSink
+
+    got: list = []
+
+    class Collect:
+        def write(self, data: bytes) -> int:
+            got.append(data)
+            return len(data)
+
+    sink = ThreadedSink(Collect(), depth=2)
+    for i in range(50):
+        sink.write(bytes([i]) * 10)
+    sink.close()
+    assert got == [bytes([i]) * 10 for i in range(50)]
+
+    class Broken:
+        def write(self, data: bytes) -> int:
+            raise BrokenPipeError("ctr went away")
+
+    bad = ThreadedSink(Broken(), depth=2)
+    with pytest.raises(BrokenPipeError):
+        for _ in range(100):  # the error surfaces on a later write or at close
+            bad.write(b"x")
+        bad.close()
