@@ -161,10 +161,17 @@ class BundleWriter:
 def _rechunk(pieces: Iterable[bytes], size: int) -> Iterable[bytes]:
     buf = bytearray()
     for piece in pieces:
+        if not buf and len(piece) == size:
+            yield piece  # the common case (1 MiB reads, 1 MiB chunks): no copy
+            continue
         buf += piece
-        while len(buf) >= size:
-            yield bytes(buf[:size])
-            del buf[:size]
+        if len(buf) >= size:
+            with memoryview(buf) as view:
+                start = 0
+                while len(buf) - start >= size:
+                    yield bytes(view[start:start + size])
+                    start += size
+            del buf[:start]
     if buf:
         yield bytes(buf)
 
