@@ -1,0 +1,158 @@
+#!/usr/bin/env python3
+"""edgebundle benchmark: bytes shipped, pack throughput, import time, importer memory, plan time.
+
+Builds realistic, reproducible images (full mode: real Debian packages via mmdebstrap;
+--quick: host files + busybox), pushes them to a private docker-registry, and runs four
+scenarios for a containerd site and a Docker site, with the real `edgebundle` CLI against
+fresh containerd/dockerd instances, side by side with `docker save | zstd -3`,
+`skopeo copy`, `ctr images import` and `docker load` in the same run.
+
+    bash scripts/bench --write-doc docs/BENCHMARKS.md     # full (~15 min; first run +2 min)
+    bash scripts/bench --quick                            # < 1 min: every scenario, checks only
+
+Exit status: 0 when every consistency check passed, 1 otherwise (goals are measured and
+reported, never asserted), 2 on usage errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(ROOT))
+
+from benchlib import report, runner  # noqa: E402
+
+
+def default_cache() -> Path:
+    env = os.environ.get("EDGEBUNDLE_BENCH_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "edgebundle-bench"
+
+
+def pack_default(dest: str) -> int:
+    """The default of an `edgebundle pack` option, from the CLI's own parser."""
+    from edgebundle.cli.main import build_parser
+
+    parser = build_parser()
+    for action in parser._actions:  # the subcommands
+        choices = getattr(action, "choices", None)
+        if isinstance(choices, dict) and "pack" in choices:
+            for a in choices["pack"]._actions:
+                if a.dest == dest:
+                    return int(a.default)
+    raise SystemExit(f"bench: edgebundle pack has no --{dest} option")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--quick", action="store_true",
+                    help="small images from host files, no mmdebstrap; checks consistency, never timings")
+    ap.add_argument("--write-doc", metavar="PATH",
+                    help="write the results as markdown (keeps the hand-written part above the marker)")
+    ap.add_argument("--json", metavar="PATH", help="also write the raw results as JSON")
+    ap.add_argument("--cache", metavar="DIR", type=Path, default=None,
+                    help="image cache (default: $EDGEBUNDLE_BENCH_CACHE or ~/.cache/edgebundle-bench)")
+    ap.add_argument("--level", type=int, default=None, help="edgebundle pack --level "
+                    "(default: edgebundle's own default)")
+    ap.add_argument("--repeat", type=int, default=None, help="repetitions of the import timelines "
+                    "(default: 3; --quick: 1)")
+    ap.add_argument("--pack-repeat", type=int, default=None, help="repetitions of the cold/warm packs "
+                    "(default: 1)")
+    ap.add_argument("--levels", default=None, help="comma-separated zstd levels for the level sweep "
+                    "(default: 1,3,10,16,19; --quick: 3)")
+    ap.add_argument("--plan-sites", type=int, default=None,
+                    help="synthetic sites for the plan benchmark (default: 10000; --quick: 100)")
+    ap.add_argument("--plan-budget", type=float, default=None,
+                    help="seconds per runtime before the plan benchmark stops and projects "
+                         "(default: 150; --quick: 10)")
+    ap.add_argument("--py-spy", metavar="PATH", default=None,
+                    help="profile a pack and an import per site kind with this py-spy binary "
+                         "(e.g. after `pip install py-spy`); default: py-spy on PATH, if any (not in --quick)")
+    ap.add_argument("--keep", action="store_true", help="keep the temp dir (bundles, archives, logs)")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        print("bench: needs root (it starts containerd and dockerd, and runs mmdebstrap)", file=sys.stderr)
+        return 2
+    q = args.quick
+    opts = runner.Options(
+        quick=q, cache=args.cache or default_cache(),
+        level=args.level if args.level is not None else pack_default("level"),
+        threads=pack_default("threads") or (os.cpu_count() or 1),
+        repeat=args.repeat if args.repeat is not None else (1 if q else 3),
+        pack_repeat=args.pack_repeat if args.pack_repeat is not None else 1,
+        levels=tuple(int(x) for x in (args.levels or ("3" if q else "1,3,10,16,19")).split(",") if x),
+        plan_sites=args.plan_sites if args.plan_sites is not None else (100 if q else 10_000),
+        plan_budget=args.plan_budget if args.plan_budget is not None else (10.0 if q else 150.0),
+        keep=args.keep,
+        py_spy=args.py_spy or (None if q else shutil.which("py-spy")))
+    tmp = Path(tempfile.mkdtemp(prefix="ebbench-"))
+    bench = runner.Bench(opts, tmp)
+    t0 = time.monotonic()
+
+    def phases(b: runner.Bench) -> None:
+        b.machine()
+        b.build_images()
+        b.plan_bench()
+        b.start_services()
+        b.stage_speeds()
+        b.baselines()
+        b.packs_and_imports()
+        b.level_sweep()
+        b.profiles()
+        b.consistency()
+        b.reproducibility()
+
+    try:
+        res = bench.run(phases)
+    except Exception:
+        print(f"bench: failed; temp dir kept at {tmp}", file=sys.stderr)
+        raise
+    res["machine"]["load_end"] = runner._loadavg()
+    res["quick"] = q
+    res["level"] = opts.level
+    res["threads"] = opts.threads
+    res["repeat"] = opts.repeat
+    res["pack_repeat"] = opts.pack_repeat
+    res["elapsed_s"] = time.monotonic() - t0
+    res["command"] = " ".join(["bash scripts/bench", *sys.argv[1:]])
+    from benchlib import analysis
+    res["analysis"] = analysis.explain(res.data)
+    summary(res)
+    if args.write_doc:
+        report.write(Path(args.write_doc), res.data | {"checks": res.checks})
+        print(f"bench: wrote {args.write_doc}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(res.data | {"checks": res.checks}, indent=1, default=str))
+    if args.keep:
+        print(f"bench: kept {tmp}")
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
+    failed = [c for c in res.checks if not c[1]]
+    print(f"bench: {len(res.checks) - len(failed)} of {len(res.checks)} consistency checks passed "
+          f"in {res['elapsed_s']:.0f} s")
+    for name, _, detail in failed:
+        print(f"bench: FAILED {name}: {detail}")
+    return 1 if failed else 0
+
+
+def summary(res: runner.Results) -> None:
+    print("\n== goals (measured, not asserted)")
+    for goal, measured, ok, _ in report.goals(res.data):
+        print(f"  {'met   ' if ok else 'MISSED' if ok is False else 'n/a   '} {goal}: {measured}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Helpers for scripts/bench.py (the edgebundle benchmark). Not part of the package."""
