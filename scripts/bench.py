@@ -82,7 +82,20 @@ def main() -> int:
                     help="profile a pack and an import per site kind with this py-spy binary "
                          "(e.g. after `pip install py-spy`); default: py-spy on PATH, if any (not in --quick)")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (bundles, archives, logs)")
+    ap.add_argument("--render", metavar="RESULTS_JSON",
+                    help="measure nothing: re-render --write-doc from saved results (every run saves "
+                         "them as last-results-{full,quick}.json in the cache)")
     args = ap.parse_args()
+    if args.render:
+        from benchlib import analysis
+        data = json.loads(Path(args.render).read_text())
+        data["analysis"] = analysis.explain(data)
+        if not args.write_doc:
+            print("bench: --render needs --write-doc PATH", file=sys.stderr)
+            return 2
+        report.write(Path(args.write_doc), data)
+        print(f"bench: wrote {args.write_doc} from {args.render}")
+        return 0
     if os.geteuid() != 0:
         print("bench: needs root (it starts containerd and dockerd, and runs mmdebstrap)", file=sys.stderr)
         return 2
@@ -134,8 +147,14 @@ def main() -> int:
     if args.write_doc:
         report.write(Path(args.write_doc), res.data | {"checks": res.checks})
         print(f"bench: wrote {args.write_doc}")
+    raw = json.dumps(res.data | {"checks": res.checks}, indent=1, default=str)
     if args.json:
-        Path(args.json).write_text(json.dumps(res.data | {"checks": res.checks}, indent=1, default=str))
+        Path(args.json).write_text(raw)
+    try:
+        opts.cache.mkdir(parents=True, exist_ok=True)
+        (opts.cache / f"last-results-{'quick' if q else 'full'}.json").write_text(raw)
+    except OSError as exc:
+        print(f"bench: could not save the results in {opts.cache}: {exc}", file=sys.stderr)
     if args.keep:
         print(f"bench: kept {tmp}")
     else:

@@ -18,8 +18,16 @@ def _profile(r: Dict[str, Any], name: str) -> Optional[Dict[str, Any]]:
 def _top(p: Optional[Dict[str, Any]], n: int = 3, key: str = "self") -> str:
     if not p:
         return "(no profile in this run: pass `--py-spy PATH`)"
-    items = p["summary"][key][:n]
+    # frames on (nearly) every stack, like main() and dispatch(), say nothing
+    items = [(k, v) for k, v in p["summary"][key] if key == "self" or v < 0.95][:n]
     return ", ".join(f"`{k}` {100 * v:.0f}%" for k, v in items)
+
+
+def _incl(p: Optional[Dict[str, Any]], key: str) -> float:
+    """Inclusive share of one edgebundle function (``file:function``) in a profile."""
+    if not p:
+        return 0.0
+    return sum(v for k, v in p["summary"]["inclusive"] if k == key)
 
 
 def _share(p: Optional[Dict[str, Any]], needle: str, key: str = "self") -> float:
@@ -78,35 +86,40 @@ def explain(r: Dict[str, Any]) -> List[str]:
                     if floor:
                         net = (f", {p['content_bytes'] / 1e6 / max(p['wall'] - floor['wall'], 1e-3):.0f} MB/s "
                                f"above the {floor['wall']:.2f} s no-op floor")
-                    bad.append(f"{R.SC_NAMES[sc]} {cache}: {p['content_bytes'] / 1e6 / p['wall']:.0f} MB/s{net}; "
-                               f"slowest stage {lim['slowest']} {lim['slowest_mbps']:.0f} MB/s, all stages "
-                               f"serially {lim['serial_mbps']:.0f} MB/s")
+                    bad.append(f"{R.SC_NAMES[sc]} {cache}: {p['wall']:.2f} s, "
+                               f"{p['content_bytes'] / 1e6 / p['wall']:.0f} MB/s{net}; slowest stage "
+                               f"{lim['slowest']} {lim['slowest_mbps']:.0f} MB/s, all its stages in series "
+                               f"{lim['serial_mbps']:.0f} MB/s")
             if not bad:
                 continue
             cold = _profile(r, f"pack, {rt} site, seed, cold cache")
             warm = _profile(r, f"pack, {rt} site, seed, warm cache")
+            text = f"- **Pack throughput, {rt} site** ({'; '.join(bad)}). "
             if rt == "containerd":
-                out.append(
-                    f"- **Pack throughput, containerd site** ({'; '.join(bad)}). A containerd pack only hashes "
-                    f"and copies gzip blobs, so its stages run at GB/s and the fixed cost of the process "
-                    f"dominates: warm profile {_top(warm)} (imports and interpreter start "
-                    f"`_call_with_frames_removed`/`_compile_bytecode`; `ssl.create_default_context`, which "
-                    f"httpx builds even for a plain-HTTP registry). Cold, the layers are inflated once to "
-                    f"check their diff_id: {_top(cold)}; `resolve.py:uncompressed_digest` goes through "
-                    f"`gzip.GzipFile` (Python-level buffering and CRC on top of zlib"
-                    + (f", {100 * _share(cold, 'gzip.py'):.0f}% of the samples" if cold else "")
-                    + ") where `zlib.decompressobj(31)` (the gunzip stage above) would do. Suspects: `edgebundle/resolve.py:uncompressed_digest`/"
-                    "`_decompressed`, `edgebundle/format/writer.py:_rechunk` (a bytearray copied and "
-                    "shifted per chunk), and import-time cost of `edgebundle/cli/packer.py`.")
-            else:
-                out.append(
-                    f"- **Pack throughput, Docker site** ({'; '.join(bad)}). zstd at level {r['level']} is the "
-                    f"slowest stage; it runs in {r.get('threads', 1)} worker thread(s), but the main thread "
-                    f"inflates, hashes and feeds it in turn: warm {_top(warm)}; cold {_top(cold)}. A cold pack "
-                    f"also inflates each layer twice (diff_id check in "
-                    f"`edgebundle/resolve.py:Resolver._inspect`, then again in "
-                    f"`edgebundle/pack.py:decompressed_pieces`); the first pass could record the tar size "
-                    f"while the pack streams, or pack could verify the diff_id itself.")
+                text += ("A containerd pack only hashes and copies the registry's gzip blobs, so its pack "
+                         "stages run at GB/s and fixed costs dominate: the no-op floor (interpreter start, "
+                         "imports, resolve, plan) is most of a warm pack. ")
+            if warm:
+                startup = 1 - _incl(warm, "edgebundle/cli/packer.py:cmd_pack")
+                text += (f"Warm profile: {_top(warm)}; {100 * startup:.0f}% of it is before `cmd_pack` runs "
+                         f"(imports: `edgebundle/cli/packer.py` pulls in httpx, paramiko, yaml, tqdm) and "
+                         f"{100 * _incl(warm, 'edgebundle/registry/client.py:RegistryClient.__init__'):.0f}% in "
+                         f"`RegistryClient.__init__` (`ssl.create_default_context` is built even for a "
+                         f"plain-HTTP registry). ")
+            if cold:
+                text += (f"Cold profile: {_top(cold)}; inclusive: fetch "
+                         f"(`edgebundle/resolve.py:Resolver._download`) "
+                         f"{100 * _incl(cold, 'edgebundle/resolve.py:Resolver._download'):.0f}%, then a second "
+                         f"pass over every blob to inflate it and check its diff_id "
+                         f"(`edgebundle/resolve.py:Resolver._inspect`) "
+                         f"{100 * _incl(cold, 'edgebundle/resolve.py:Resolver._inspect'):.0f}%, then the bundle "
+                         f"write (`edgebundle/pack.py:write_bundle`) "
+                         f"{100 * _incl(cold, 'edgebundle/pack.py:write_bundle'):.0f}%. Likely cause: each "
+                         f"blob is read three times in series (downloaded into the cache, re-read to inflate, "
+                         f"re-read to write), each pass on one thread; hashing and inflating while the "
+                         f"download streams (one pass, or a second thread: zlib and hashlib release the GIL) "
+                         f"would take the inflate off the critical path. ")
+            out.append(text.rstrip())
     if "import" in missed:
         for rt in ("containerd", "docker"):
             tool = "ctr import" if rt == "containerd" else "docker load"
@@ -120,7 +133,7 @@ def explain(r: Dict[str, Any]) -> List[str]:
                 above = (f"; above the {n['wall']:.2f} s no-op floor {e['wall'] - n['wall']:.2f} s = "
                          f"{(e['wall'] - n['wall']) / b['wall']:.2f} x") if n else ""
                 cpu = ""
-                if e.get("cpu") is not None and b.get("cpu") is not None and "daemon_cpu" in e:
+                if "daemon_cpu" in e:
                     cpu = (f"; CPU client + daemon {e['cpu']:.2f} + {e['daemon_cpu']:.2f} s vs "
                            f"{b['cpu']:.2f} + {b.get('daemon_cpu', 0):.2f} s")
                 lines.append(f"{R.SC_NAMES[sc]} {e['wall']:.2f} s vs {b['wall']:.2f} s = "
@@ -128,34 +141,15 @@ def explain(r: Dict[str, Any]) -> List[str]:
             if not lines:
                 continue
             p = _profile(r, f"import, {rt} site, seed")
-            if rt == "containerd":
-                out.append(
-                    f"- **Import time, containerd site** ({'; '.join(lines)}). Profile: {_top(p, 4)}. Most of "
-                    f"the wall time is `ctr images import` itself (the importer waits for it in "
-                    f"`Popen._wait` after the stream ends, while containerd unpacks; tar writes blocked on "
-                    f"the pipe are the rest), i.e. the same work as the baseline. The difference is the fixed "
-                    f"cost, the no-op floor: Python start plus separate `ctr` processes for the inventory "
-                    f"before the import (`content ls`, `snapshots ls`, `images ls`) and again after it "
-                    f"(`_publish`, the read-back), and `images tag`/`images rm` per image; each `ctr` is a Go "
-                    f"process start and a gRPC connection. Suspects: "
-                    f"`edgebundle/importer/containerd.py:ContainerdRuntime.inventory` and "
-                    f"`ContainerdLoader._publish` (one inventory could serve both the pre-check and the "
-                    f"publish, and `images tag` could take all names in one call).")
-            else:
-                out.append(
-                    f"- **Import time, Docker site** ({'; '.join(lines)}). Profile: {_top(p, 5)}. "
-                    f"`SocketIO.readinto` is the wait for dockerd's answer after the body is sent (dockerd "
-                    f"unpacks then, as for `docker load`). While the body streams, one Python thread "
-                    f"decompresses zstd (`format/reader.py:Entry._zstd`), writes tar headers and copies "
-                    f"(`importer/tarstream.py`), and sends (`importer/docker.py:_ChunkedBody._flush` builds "
-                    f"`hex + bytes(buf) + CRLF`, copying each 1 MiB twice), so dockerd idles while Python "
-                    f"decompresses and Python idles while dockerd writes. Suspects: "
-                    f"`edgebundle/importer/docker.py:_ChunkedBody._flush` (use `sendall` of the pieces or "
-                    f"`socket.sendmsg`, no concatenation) and the single-threaded decode->send loop in "
-                    f"`edgebundle/importer/__init__.py:import_bundle` (a bounded queue to a sender thread "
-                    f"would overlap them; zstandard and socket sends release the GIL). The inventory read "
-                    f"(`GET /images/json` + one `GET /images/{{id}}/json` per image, twice) is the fixed "
-                    f"floor.")
+            waits = "`Popen._wait` (ctr finishing the unpack)" if rt == "containerd" else \
+                "`SocketIO.readinto` (dockerd loading after the body)"
+            out.append(
+                f"- **Import time, {rt} site** ({'; '.join(lines)}). Profile: {_top(p, 5)}; inclusive "
+                f"{_top(p, 6, 'inclusive')}. Time in {waits} is the runtime's own work, the same as for "
+                f"the baseline; the rest is the importer's share: the no-op floor (Python start, the "
+                f"inventory read before and the read-back after) and the streaming of entries "
+                f"(`edgebundle/format/reader.py`, `edgebundle/importer/tarstream.py`, "
+                f"`edgebundle/importer/{rt}.py`).")
     if "rss" in missed:
         worst = max((i for i in r["imports"] if i["tool"] == "edgebundle"), key=lambda i: i["hwm_kb"])
         out.append(f"- **Importer RSS**: {worst['hwm_kb'] / 1024:.1f} MiB for {R.SC_NAMES[worst['scenario']]} "

@@ -33,7 +33,7 @@ def _short(path: str) -> str:
     return path
 
 
-def summarize(raw: Path, top: int = 12) -> Dict[str, object]:
+def summarize(raw: Path, top: int = 12, keep: int = 60) -> Dict[str, object]:
     leaf: Dict[str, int] = collections.Counter()
     incl: Dict[str, int] = collections.Counter()
     total = 0
@@ -62,7 +62,7 @@ def summarize(raw: Path, top: int = 12) -> Dict[str, object]:
                 incl[key] += n
     return {"samples": total,
             "self": [(k, v / total) for k, v in sorted(leaf.items(), key=lambda kv: -kv[1])[:top]] if total else [],
-            "inclusive": [(k, v / total) for k, v in sorted(incl.items(), key=lambda kv: -kv[1])[:top]]
+            "inclusive": [(k, v / total) for k, v in sorted(incl.items(), key=lambda kv: -kv[1])[:keep]]
             if total else []}
 
 
@@ -71,7 +71,7 @@ def render(name: str, argv: str, wall: float, s: Dict[str, object]) -> List[str]
            "| self (leaf line, C time included) | share | inclusive (edgebundle functions) | share |",
            "| --- | ---: | --- | ---: |"]
     selfs: List[Tuple[str, float]] = s["self"]  # type: ignore[assignment]
-    incls: List[Tuple[str, float]] = s["inclusive"]  # type: ignore[assignment]
+    incls: List[Tuple[str, float]] = s["inclusive"][:len(selfs)]  # type: ignore[index]
     for i in range(max(len(selfs), len(incls))):
         a = selfs[i] if i < len(selfs) else ("", 0.0)
         b = incls[i] if i < len(incls) else ("", 0.0)
