@@ -4,7 +4,7 @@ Entry encoding, decided per entry from what it is:
 
 * index/manifest/config JSON: zstd (JSON shrinks 3-5x);
 * a layer shipped as its registry blob that is already gzip/zstd-compressed: stored as
-  is, since recompressing compressed bytes gains ~0 and costs CPU (see BENCHMARKS.md);
+  is, since recompressing compressed bytes gains ~2% and costs a lot of CPU (see BENCHMARKS.md);
 * an uncompressed layer (tar form for Docker, or an uncompressed registry blob): zstd.
 """
 
