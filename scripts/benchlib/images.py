@@ -236,6 +236,20 @@ def expected_output(version: str) -> str:
 # full mode: mmdebstrap
 
 
+def app_images(base: Callable[[str], LayerBlob], python: Callable[[str], LayerBlob],
+               app: Callable[[str, str], LayerBlob], run_app: Dict[str, Any],
+               e1: int, e3: int) -> Dict[str, "BenchImage"]:
+    """app v1, v2 (two files edited in the top layer) and v3 (rebuilt on the updated base)."""
+    return {
+        "v1": BenchImage("bench/app", "v1", [base("v1"), python("v1"), app("v1", "v1")], run_app, e1,
+                         expect=expected_output("v1")),
+        "v2": BenchImage("bench/app", "v2", [base("v1"), python("v1"), app("v1", "v2")], run_app, e1,
+                         expect=expected_output("v2")),
+        "v3": BenchImage("bench/app", "v3", [base("v3"), python("v3"), app("v3", "v3")], run_app, e3,
+                         expect=expected_output("v3")),
+    }
+
+
 def _tar_excludes() -> str:
     return " ".join(f"--exclude=./{d}/*" for d in R.DROP_CHILDREN_OF)
 
@@ -349,14 +363,7 @@ def full_set(cache: Path, log: Callable[[str], None]) -> ImageSet:
     t0 = time.monotonic()
     e1, e3 = ERAS["v1"][0], ERAS["v3"][0]
     run_app = {"Cmd": ["python3", "/app/main.py"]}
-    app_imgs = {
-        "v1": BenchImage("bench/app", "v1", [base("v1"), python("v1"), app("v1", "v1")], run_app, e1,
-                         expect=expected_output("v1")),
-        "v2": BenchImage("bench/app", "v2", [base("v1"), python("v1"), app("v1", "v2")], run_app, e1,
-                         expect=expected_output("v2")),
-        "v3": BenchImage("bench/app", "v3", [base("v3"), python("v3"), app("v3", "v3")], run_app, e3,
-                         expect=expected_output("v3")),
-    }
+    app_imgs = app_images(base, python, app, run_app, e1, e3)
     fleet = [
         BenchImage("bench/python", "v1", [base("v1"), python("v1")],
                    {"Cmd": ["python3", "-c", "print('edgebundle bench python')"]}, e1,
@@ -370,12 +377,11 @@ def full_set(cache: Path, log: Callable[[str], None]) -> ImageSet:
     built_s = time.monotonic() - t0
     notes: Dict[str, Any] = {"eras": eras, "layers_seconds": round(built_s, 1)}
     # What the security rebuild really changed (package versions), for the doc.
-    if True:
-        v1p = dpkg_versions(_status_only(cache, "v1"))
-        v3p = dpkg_versions(_status_only(cache, "v3"))
-        notes["security_updates"] = sorted(
-            f"{p} {v1p[p]} -> {v3p[p]}" for p in v1p if p in v3p and v1p[p] != v3p[p])
-        notes["packages"] = len(v3p)
+    v1p = dpkg_versions(_status_only(cache, "v1"))
+    v3p = dpkg_versions(_status_only(cache, "v3"))
+    notes["security_updates"] = sorted(
+        f"{p} {v1p[p]} -> {v3p[p]}" for p in v1p if p in v3p and v1p[p] != v3p[p])
+    notes["packages"] = len(v3p)
     return ImageSet("full", app_imgs, fleet, notes)
 
 
@@ -469,14 +475,7 @@ def quick_set(log: Callable[[str], None]) -> ImageSet:
 
     run_app = {"Cmd": ["/bin/sh", "/app/main.sh"]}
     e1, e3 = epoch("v1"), epoch("v3")
-    app_imgs = {
-        "v1": BenchImage("bench/app", "v1", [base("v1"), python("v1"), app("v1", "v1")], run_app, e1,
-                         expect=expected_output("v1")),
-        "v2": BenchImage("bench/app", "v2", [base("v1"), python("v1"), app("v1", "v2")], run_app, e1,
-                         expect=expected_output("v2")),
-        "v3": BenchImage("bench/app", "v3", [base("v3"), python("v3"), app("v3", "v3")], run_app, e3,
-                         expect=expected_output("v3")),
-    }
+    app_imgs = app_images(base, python, app, run_app, e1, e3)
     fleet = [
         BenchImage("bench/python", "v1", [base("v1"), python("v1")],
                    {"Cmd": ["/bin/echo", "edgebundle bench python"]}, e1, expect="edgebundle bench python"),
