@@ -1,4 +1,4 @@
-"""The packer's content-addressed blob cache under ``$EDGEBUNDLE_HOME/blobs``.
+"""The packer's content-addressed blob cache under ``$EDGEBUNDLE_HOME/cache``.
 
 Layout (like an OCI layout's ``blobs/``)::
 
@@ -15,12 +15,16 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import BinaryIO, Iterator, Optional, Tuple
 
-from .model import check_digest, sha256_digest
+from .errors import CacheError
+from .files import atomic_file, atomic_write
+from .oci import check_digest, sha256_digest
+
+log = logging.getLogger(__name__)
 
 
 class DigestMismatch(ValueError):
@@ -30,9 +34,12 @@ class DigestMismatch(ValueError):
 class BlobCache:
     def __init__(self, root: "os.PathLike[str] | str") -> None:
         self.root = Path(root)
-        (self.root / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
-        (self.root / "layers" / "sha256").mkdir(parents=True, exist_ok=True)
-        (self.root / "tmp").mkdir(parents=True, exist_ok=True)
+        try:
+            for sub in ("blobs/sha256", "layers/sha256", "tmp"):
+                (self.root / sub).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CacheError(f"cannot create the packer cache at {self.root}: {exc.strerror}",
+                             "pass --home (or set EDGEBUNDLE_HOME) to a writable directory") from None
 
     def path(self, digest: str) -> Path:
         check_digest(digest)
@@ -42,10 +49,33 @@ class BlobCache:
         return self.path(digest).is_file()
 
     def open(self, digest: str) -> BinaryIO:
-        return open(self.path(digest), "rb")
+        """The cached blob, for streaming; a missing one is a ``CacheError``."""
+        try:
+            return open(self.path(digest), "rb")
+        except FileNotFoundError:
+            raise CacheError(f"blob {digest} is missing from the packer cache ({self.root})",
+                             "something removed it while edgebundle ran; run the command again "
+                             "to fetch it") from None
+        except OSError as exc:
+            raise CacheError(f"cannot read blob {digest} from the packer cache: {exc.strerror}",
+                             f"check the permissions of {self.root}") from None
 
     def read_bytes(self, digest: str) -> bytes:
-        return self.path(digest).read_bytes()
+        """A small (JSON) blob, verified; a damaged one is removed and reported."""
+        with self.open(digest) as fh:
+            data = fh.read()
+        if sha256_digest(data) != digest:
+            raise self.damaged(digest)
+        return data
+
+    def damaged(self, digest: str) -> CacheError:
+        """Remove a blob whose bytes are not its digest; the error to raise for it."""
+        log.warning("blob %s in the packer cache is damaged; removing it", digest)
+        with contextlib.suppress(OSError):
+            self.path(digest).unlink()
+        return CacheError(f"blob {digest} in the packer cache ({self.root}) was damaged and "
+                          "has been removed", "run the command again to fetch it afresh; if "
+                          "this recurs, check the disk")
 
     def size(self, digest: str) -> int:
         return self.path(digest).stat().st_size
@@ -56,26 +86,15 @@ class BlobCache:
 
         Raises ``DigestMismatch`` on exit if they do not (the temp file is removed).
         """
-        final = self.path(digest)
-        fd, tmp = tempfile.mkstemp(dir=self.root / "tmp", prefix="blob-")
         hasher = hashlib.sha256()
-        written = 0
-        try:
-            with os.fdopen(fd, "wb") as raw:
-                sink = _HashingWriter(raw, hasher)
-                yield sink  # type: ignore[misc]
-                written = sink.count
-                raw.flush()
-                os.fsync(raw.fileno())
+        with atomic_file(self.path(digest), tmp_dir=self.root / "tmp") as raw:
+            sink = _HashingWriter(raw, hasher)
+            yield sink  # type: ignore[misc]  # _HashingWriter is the write() of a BinaryIO
             actual = "sha256:" + hasher.hexdigest()
             if actual != digest:
                 raise DigestMismatch(f"blob {digest} arrived with digest {actual}")
-            if size is not None and written != size:
-                raise DigestMismatch(f"blob {digest} arrived with {written} bytes, expected {size}")
-            os.replace(tmp, final)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+            if size is not None and sink.count != size:
+                raise DigestMismatch(f"blob {digest} arrived with {sink.count} bytes, expected {size}")
 
     def put_bytes(self, data: bytes, digest: Optional[str] = None) -> str:
         """Store ``data``; if ``digest`` is given it must match."""
@@ -87,20 +106,20 @@ class BlobCache:
             raise DigestMismatch(f"blob {digest} does not match its content")
         return digest
 
+    def _info_path(self, digest: str) -> Path:
+        return self.root / "layers" / "sha256" / (check_digest(digest)[7:] + ".json")
+
     def layer_info(self, digest: str) -> Optional[Tuple[str, int]]:
         """(diff_id, tar_size) recorded for a layer blob, if it was decompressed before."""
-        path = self.root / "layers" / "sha256" / (check_digest(digest)[7:] + ".json")
         try:
-            obj = json.loads(path.read_text())
-            return str(obj["diff_id"]), int(obj["tar_size"])
-        except (FileNotFoundError, ValueError, KeyError):
-            return None
+            obj = json.loads(self._info_path(digest).read_text())
+            return check_digest(obj["diff_id"]), int(obj["tar_size"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None  # absent or damaged: the layer is simply decompressed again
 
     def set_layer_info(self, digest: str, diff_id: str, tar_size: int) -> None:
-        path = self.root / "layers" / "sha256" / (check_digest(digest)[7:] + ".json")
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"diff_id": diff_id, "tar_size": tar_size}))
-        os.replace(tmp, path)
+        atomic_write(self._info_path(digest),
+                     json.dumps({"diff_id": diff_id, "tar_size": tar_size}).encode())
 
 
 class _HashingWriter:

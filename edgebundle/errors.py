@@ -16,6 +16,8 @@ and a non-zero exit code chosen by the error family:
     +-- LoadError                   8  the runtime refused the import
     +-- TransportError              9  SSH / file transfer
     +-- InventoryError             10  report or inventory store
+    +-- CacheError                 11  the packer's blob cache
+    +-- OutputError                12  an output file or stream cannot be written
 """
 
 from __future__ import annotations
@@ -79,6 +81,18 @@ class TransportError(EdgebundleError):
 
 class InventoryError(EdgebundleError):
     exit_code = 10
+
+
+class CacheError(EdgebundleError):
+    """A blob in the packer's cache is missing or damaged (it is removed, so a rerun refetches)."""
+
+    exit_code = 11
+
+
+class OutputError(EdgebundleError):
+    """Writing an output (bundle, report) failed: disk full, permissions, a closed pipe."""
+
+    exit_code = 12
 
 
 def type_name(value: object, *, mapping: str = "object", sequence: str = "array") -> str:

@@ -20,8 +20,10 @@ from typing import Dict, Iterable, List, Optional, Tuple, Union
 import yaml
 
 from .errors import ManifestError, UsageError, type_name
-from .inventory import SITE_NAME_RE
-from .model import RUNTIMES, ImageSpec, ManifestList, Platform, RegistryConfig, SiteSpec
+from .sources import SOURCE_KINDS
+from .format import RUNTIMES
+from .oci import Platform
+from .specs import SITE_NAME_HINT, SITE_NAME_RE, ImageSpec, ManifestList, RegistryConfig, SiteSpec
 from .reference import DEFAULT_DOMAIN, LEGACY_DEFAULT_DOMAIN, parse_reference
 
 MANIFEST_VERSION = 1
@@ -30,7 +32,6 @@ TOP_KEYS = ("version", "registries", "images", "sites")
 IMAGE_KEYS = ("ref", "source", "platform", "sites")
 SITE_KEYS = ("runtime", "platform", "namespace", "ssh", "report_command")
 REGISTRY_KEYS = ("insecure", "mirrors")
-SOURCE_KINDS = ("docker-archive", "oci-layout")
 DEFAULT_NAMESPACE = "default"
 
 # containerd's namespace rule (namespaces.Validate): labels of [A-Za-z0-9] joined by . _ -
@@ -289,8 +290,7 @@ def _parse_sites(ctx: _Ctx, value: object, line: int) -> Dict[str, SiteSpec]:
 def _parse_site(ctx: _Ctx, name: object, body: object, line: int) -> SiteSpec:
     name = _want_str(ctx, name, line, "site name")
     if not SITE_NAME_RE.match(name):
-        raise ctx.error(line, f"invalid site name {name!r}",
-                        "site names are letters, digits, '.', '_' and '-', starting with a letter or digit")
+        raise ctx.error(line, f"invalid site name {name!r}", SITE_NAME_HINT)
     entry = _want_map(ctx, body, line, f"site {name!r}", allow_null=False)
     _check_keys(ctx, entry, SITE_KEYS, f"site {name!r}", line)
     runtime = _site_runtime(ctx, name, entry, line)

@@ -1,4 +1,4 @@
-"""Plan + blob cache -> bundle file, only through ``edgebundle.format``.
+"""Plan + blob cache -> bundle bytes, only through ``edgebundle.format``.
 
 Entry encoding, decided per entry from what it is:
 
@@ -6,30 +6,42 @@ Entry encoding, decided per entry from what it is:
 * a layer shipped as its registry blob that is already gzip/zstd-compressed: stored as
   is, since recompressing compressed bytes gains ~2% and costs a lot of CPU (see BENCHMARKS.md);
 * an uncompressed layer (tar form for Docker, or an uncompressed registry blob): zstd.
+
+``write_bundle`` writes to any sink, front to back; where the bytes go (a file replaced
+atomically, a pipe, stdout) is the caller's business (``files.open_output``).
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
+import logging
+import zlib
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, BinaryIO, Callable, Dict, Iterator, Optional
+from typing import BinaryIO, Callable, Iterator, Optional, Set
 
+import zstandard
+
+from . import __version__
 from .cache import BlobCache
-from .compression import decompress_stream
-from .format import CODEC_STORED, CODEC_ZSTD, LAYER_FORM_TAR, BundleWriter
-from .model import MT_OCI_LAYER, Descriptor, Layer, ResolvedImage
+from .compression import MAGIC_BYTES, NONE, classify, decompress_stream
+from .errors import CacheError
+from .files import read_pieces
+from .format import (CODEC_STORED, CODEC_ZSTD, LAYER_FORM_TAR, BundleWriter, Header, ImageRecord,
+                     ImageSummary, LayerRecord)
+from .format.writer import EntryMismatch, Sink
+from .image import Layer, ResolvedImage
+from .oci import MT_OCI_LAYER, Descriptor
 from .plan import Plan
+from .report import now_rfc3339
 
-READ_SIZE = 1024 * 1024
+log = logging.getLogger(__name__)
+
 Progress = Callable[[int], None]
 
 
 @dataclass(frozen=True)
-class PackResult:
-    path: str
+class PackStats:
+    """What a written bundle holds and cost."""
+
     bundle_bytes: int
     entries: int
     images: int
@@ -37,107 +49,59 @@ class PackResult:
     full_registry_bytes: int  # registry size of every image in full
 
 
-def image_record(image: ResolvedImage, form: str) -> Dict[str, Any]:
+def image_record(image: ResolvedImage, form: str) -> ImageRecord:
     """The index's record for one image (FORMAT.md, "Image record")."""
-    return {
-        "name": image.name,
-        "ref": str(image.ref),
-        "platform": str(image.platform),
-        "top": image.top.to_json(),
-        "manifest": image.manifest.to_json(),
-        "config": image.config.to_json(),
-        "layers": [{"mediaType": l.media_type, "digest": l.digest, "size": l.size,
-                    "diff_id": l.diff_id, "tar_size": l.tar_size, "form": form}
-                   for l in image.layers],
-    }
+    return ImageRecord(
+        name=image.name, ref=str(image.ref), platform=str(image.platform), top=image.top,
+        manifest=image.manifest, config=image.config,
+        layers=tuple(LayerRecord(l.media_type, l.digest, l.size, l.diff_id, l.tar_size, form)
+                     for l in image.layers))
 
 
-def _is_compressed(media_type: str) -> bool:
-    return media_type.endswith(("gzip", "+zstd", ".zstd"))
+def bundle_header(plan: Plan, created: Optional[str] = None) -> Header:
+    """The header for ``plan``'s bundle; ``created`` defaults to now."""
+    return Header(
+        site=plan.site, runtime=plan.runtime, namespace=plan.namespace, platform=plan.platform,
+        layer_form=plan.layer_form, prerequisites=plan.prerequisites,
+        images=tuple(ImageSummary(p.image.name, p.image.top.digest, p.image.config.digest)
+                     for p in plan.to_ship),
+        content_bytes=content_bytes(plan), created=created or now_rfc3339(),
+        tool=f"edgebundle {__version__}")
 
 
-def _file_pieces(fh: BinaryIO, progress: Optional[Progress]) -> Iterator[bytes]:
-    while True:
-        piece = fh.read(READ_SIZE)
-        if not piece:
-            return
-        if progress:
-            progress(len(piece))
-        yield piece
-
-
-def decompressed_pieces(fh: BinaryIO, media_type: str,
-                        progress: Optional[Progress] = None) -> Iterator[bytes]:
-    """The uncompressed tar of a layer blob, streamed (progress counts blob bytes)."""
-    kind = "gzip" if media_type.endswith("gzip") else \
-        "zstd" if _is_compressed(media_type) else "none"
-    counted = _Counted(fh, progress) if progress else fh
-    return decompress_stream(counted, kind)  # type: ignore[arg-type]
-
-
-class _Counted:
-    def __init__(self, fh: BinaryIO, progress: Progress) -> None:
-        self._fh = fh
-        self._progress = progress
-
-    def read(self, n: int = -1) -> bytes:
-        data = self._fh.read(n)
-        self._progress(len(data))
-        return data
-
-
-def write_bundle(plan: Plan, cache: BlobCache, output: "os.PathLike[str] | str", *,
-                 level: int = 16, threads: int = 1,
-                 progress: Optional[Progress] = None) -> PackResult:
-    """Write the bundle for ``plan`` to ``output`` atomically (temp file + rename).
-
-    Every blob the plan ships must be in ``cache`` (``resolve.fetch_layers``).
-    """
-    out_path = Path(output)
-    header = {
-        "content_bytes": _content_bytes(plan),
-        "site": plan.site,
-        "runtime": plan.runtime,
-        "namespace": plan.namespace,
-        "platform": plan.platform,
-        "layer_form": plan.layer_form,
-        "prerequisites": [p.to_json() for p in plan.prerequisites],
-        "images": [{"name": p.image.name, "top": p.image.top.digest,
-                    "config": p.image.config.digest} for p in plan.to_ship],
-    }
-    fd, tmp = tempfile.mkstemp(dir=out_path.parent or ".", prefix=out_path.name + ".", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            writer = BundleWriter(fh, header, level=level, threads=threads)
-            written: set = set()
-            for ip in plan.to_ship:
-                for desc in reversed(ip.image.json_blobs):  # config, manifest, index
-                    if desc.digest not in written:
-                        _add_json(writer, cache, desc)
-                        written.add(desc.digest)
-                for lp in ip.layers:
-                    if lp.ship and lp.entry not in written:
-                        _add_layer(writer, cache, lp.layer, plan.layer_form, progress)
-                        written.add(lp.entry)
-            total = writer.finish([image_record(p.image, plan.layer_form) for p in plan.to_ship])
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, out_path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-    return PackResult(str(out_path), total, len(writer.entries), len(plan.to_ship),
-                      plan.ship_bytes, plan.full_bytes)
-
-
-def _content_bytes(plan: Plan) -> int:
+def content_bytes(plan: Plan) -> int:
     """Decoded bytes of every entry the bundle will carry (the importer's progress total)."""
     total = 0
     for layer, size in plan.shipped().values():
-        tar = layer is not None and plan.layer_form == LAYER_FORM_TAR and \
-            _is_compressed(layer.media_type)
-        total += layer.tar_size if tar and layer is not None else size
+        as_tar = layer is not None and plan.layer_form == LAYER_FORM_TAR and \
+            classify(layer.media_type) != NONE
+        total += layer.tar_size if as_tar and layer is not None else size
     return total
+
+
+def write_bundle(plan: Plan, cache: BlobCache, out: Sink, *, level: int = 16, threads: int = 1,
+                 created: Optional[str] = None, progress: Optional[Progress] = None) -> PackStats:
+    """Write the bundle for ``plan`` to ``out``.
+
+    Every blob the plan ships must be in ``cache`` (``resolve.fetch_layers``); a missing
+    or damaged one raises ``CacheError`` (a damaged one is removed, so a rerun refetches).
+    """
+    writer = BundleWriter(out, bundle_header(plan, created), level=level, threads=threads)
+    written: Set[str] = set()
+    for ip in plan.to_ship:
+        for desc in reversed(ip.image.json_blobs):  # config, manifest, index
+            if desc.digest not in written:
+                _add_json(writer, cache, desc)
+                written.add(desc.digest)
+        for lp in ip.layers:
+            if lp.ship and lp.entry not in written:
+                log.debug("pack: layer %s as %s (%d bytes)", lp.layer.digest, plan.layer_form,
+                          lp.layer.size)
+                _add_layer(writer, cache, lp.layer, plan.layer_form, progress)
+                written.add(lp.entry)
+    total = writer.finish([image_record(p.image, plan.layer_form) for p in plan.to_ship])
+    return PackStats(total, len(writer.entries), len(plan.to_ship), plan.ship_bytes,
+                     plan.full_bytes)
 
 
 def _add_json(writer: BundleWriter, cache: BlobCache, desc: Descriptor) -> None:
@@ -148,16 +112,48 @@ def _add_json(writer: BundleWriter, cache: BlobCache, desc: Descriptor) -> None:
 def _add_layer(writer: BundleWriter, cache: BlobCache, layer: Layer, form: str,
                progress: Optional[Progress]) -> None:
     with cache.open(layer.digest) as fh:
-        if form == LAYER_FORM_TAR and _is_compressed(layer.media_type):
-            if layer.tar_size < 0:
-                raise ValueError(f"layer {layer.digest} has no recorded tar size; fetch it first")
-            writer.add_blob(layer.diff_id, layer.tar_size,
-                            decompressed_pieces(fh, layer.media_type, progress),
-                            codec=CODEC_ZSTD, media_type=MT_OCI_LAYER)
-        elif form == LAYER_FORM_TAR or not _is_compressed(layer.media_type):
-            # Already an uncompressed tar: its blob digest is its diff_id.
-            writer.add_blob(layer.digest, layer.size, _file_pieces(fh, progress),
-                            codec=CODEC_ZSTD, media_type=layer.media_type)
-        else:
-            writer.add_blob(layer.digest, layer.size, _file_pieces(fh, progress),
-                            codec=CODEC_STORED, media_type=layer.media_type)
+        kind = classify(layer.media_type, fh.read(MAGIC_BYTES))
+        fh.seek(0)
+        try:
+            if form == LAYER_FORM_TAR and kind != NONE:
+                if layer.tar_size < 0:
+                    raise ValueError(f"layer {layer.digest} has no recorded tar size; fetch it first")
+                writer.add_blob(layer.diff_id, layer.tar_size,
+                                _decompressed(fh, kind, layer.digest, cache, progress),
+                                codec=CODEC_ZSTD, media_type=MT_OCI_LAYER)
+            elif kind == NONE:
+                # Already an uncompressed tar: its blob digest is its diff_id.
+                writer.add_blob(layer.digest, layer.size, read_pieces(fh, progress),
+                                codec=CODEC_ZSTD, media_type=layer.media_type)
+            else:
+                writer.add_blob(layer.digest, layer.size, read_pieces(fh, progress),
+                                codec=CODEC_STORED, media_type=layer.media_type)
+        except EntryMismatch:
+            # The writer hashes what it packs: a cache blob that is not its digest is caught.
+            raise cache.damaged(layer.digest) from None
+
+
+def _decompressed(fh: BinaryIO, kind: str, digest: str, cache: BlobCache,
+                  progress: Optional[Progress]) -> Iterator[bytes]:
+    """The layer's tar, streamed; progress counts blob bytes read."""
+    try:
+        yield from decompress_stream(_Counted(fh, progress), kind)
+    except (zlib.error, zstandard.ZstdError, EOFError):
+        raise cache.damaged(digest) from None
+    except OSError as exc:
+        raise CacheError(f"cannot read layer {digest} from the packer cache: {exc.strerror or exc}",
+                         "check the disk the cache is on") from None
+
+
+class _Counted:
+    """A reader that reports how many bytes pass through it."""
+
+    def __init__(self, fh: BinaryIO, progress: Optional[Progress]) -> None:
+        self._fh = fh
+        self._progress = progress
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._fh.read(n)
+        if self._progress is not None:
+            self._progress(len(data))
+        return data

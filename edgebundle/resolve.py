@@ -20,17 +20,17 @@ from typing import AbstractSet, Any, BinaryIO, Callable, Dict, Iterable, List, M
 import zstandard
 
 from .cache import BlobCache
-from .compression import decompress_stream
-from .errors import ResolveError
-from .model import INDEX_TYPES, MANIFEST_TYPES, Descriptor, ImageSpec, Layer, Platform, ResolvedImage, \
-    check_digest
+from .compression import MAGIC_BYTES, classify, decompress_stream
+from .errors import CacheError, ResolveError
+from .image import Layer, ResolvedImage
+from .oci import INDEX_TYPES, MANIFEST_TYPES, Descriptor, Platform, check_digest
 from .reference import Reference
+from .specs import ImageSpec
 from .registry.client import RegistryClient, guess_media_type
 from .sources import OfflineSource, open_source
 
 log = logging.getLogger(__name__)
 
-CHUNK = 1024 * 1024
 
 
 class ProgressBar(Protocol):
@@ -193,7 +193,7 @@ class Resolver:
             if ref.digest and digest != ref.digest:
                 raise ResolveError(f"{spec.source} holds {digest} for {ref.repository}, not the pinned "
                                    f"{ref.digest}", "update the digest in ref:, or use the matching archive")
-        elif ref.digest and self.cache.has(ref.digest):
+        elif ref.digest and self._cached(ref.digest) is not None:
             # Content addressed: a cached pinned manifest is the answer, no network needed.
             data, digest = self.cache.read_bytes(ref.digest), ref.digest
             media_type = guess_media_type(_json_object(data, f"manifest {digest} of {ref}"))
@@ -206,16 +206,26 @@ class Resolver:
 
     def _small_blob(self, desc: Descriptor, origin: _Origin, ref: Reference, *, is_manifest: bool) -> bytes:
         """A manifest or config: from the cache, else from ``origin`` into the cache."""
-        if not self.cache.has(desc.digest):
+        data = self._cached(desc.digest)
+        if data is None:
             if is_manifest:
                 self.cache.put_bytes(origin.manifest(desc.digest), desc.digest)
             else:
                 origin.blob_into_cache(desc.digest, desc.size, self.cache, None)
-        data = self.cache.read_bytes(desc.digest)
+            data = self.cache.read_bytes(desc.digest)
         if len(data) != desc.size:
             raise ResolveError(f"blob {desc.digest} of {ref} is {len(data)} bytes, but its descriptor says "
                                f"{desc.size}", "the image is malformed; rebuild and re-push it")
         return data
+
+    def _cached(self, digest: str) -> Optional[bytes]:
+        """A cached small blob, or None when absent or damaged (a damaged one is dropped)."""
+        if not self.cache.has(digest):
+            return None
+        try:
+            return self.cache.read_bytes(digest)
+        except CacheError:
+            return None  # removed by the cache: fetch it again
 
     def _layers(self, ref: Reference, manifest: Descriptor, manifest_obj: Mapping[str, Any],
                 config_obj: Mapping[str, Any]) -> Tuple[Layer, ...]:
@@ -356,10 +366,8 @@ def _diff_ids(config: Mapping[str, Any], ref: Reference) -> List[str]:
 
 def _descriptor(obj: object, what: str) -> Descriptor:
     try:
-        if not isinstance(obj, dict):
-            raise ValueError("not an object")
         return Descriptor.from_json(obj)
-    except (ValueError, KeyError, TypeError) as exc:
+    except ValueError as exc:
         raise ResolveError(f"{what} is not a valid descriptor: {exc}",
                            "the image is malformed; rebuild and re-push it") from None
 
@@ -391,30 +399,15 @@ def _close(bar: object) -> None:
         close()
 
 
-def compression_of(media_type: str, head: bytes) -> str:
-    """``gzip``, ``zstd`` or ``none`` for a layer blob, by media type, else by magic bytes."""
-    if media_type.endswith(("+gzip", ".gzip")):
-        return "gzip"
-    if media_type.endswith(("+zstd", ".zstd")):
-        return "zstd"
-    if media_type.endswith((".tar", "+tar", "v1.tar", "diff.tar")):
-        return "none"
-    if head[:2] == b"\x1f\x8b":
-        return "gzip"
-    if head[:4] == b"\x28\xb5\x2f\xfd":
-        return "zstd"
-    return "none"
-
-
 def uncompressed_digest(fh: BinaryIO, media_type: str, what: str = "layer") -> Tuple[str, int]:
     """``(sha256 digest, length)`` of the tar inside a layer blob, streamed.
 
     Raises:
         ResolveError: the blob does not decompress as its media type says.
     """
-    head = fh.read(4)
+    head = fh.read(MAGIC_BYTES)
     fh.seek(0)
-    kind = compression_of(media_type, head)
+    kind = classify(media_type, head)
     hasher = hashlib.sha256()
     total = 0
     try:

@@ -28,14 +28,14 @@ from typing import BinaryIO, Callable, Dict, List, Mapping, Optional, Tuple, cas
 
 from .cache import BlobCache, DigestMismatch
 from .errors import ResolveError, UsageError
-from .model import MT_DOCKER_CONFIG, MT_DOCKER_LAYER_GZIP, MT_DOCKER_MANIFEST, MT_OCI_INDEX, \
-    MT_OCI_LAYER_ZSTD, sha256_digest
+from .compression import GZIP, MAGIC_BYTES, NONE, classify
+from .files import read_pieces
+from .oci import MT_DOCKER_CONFIG, MT_DOCKER_LAYER_GZIP, MT_DOCKER_LAYER_TAR, MT_DOCKER_MANIFEST, \
+    MT_OCI_INDEX, MT_OCI_LAYER_ZSTD, sha256_digest
 from .reference import SHA256_RE, Reference, parse_reference
 
-MT_DOCKER_LAYER_TAR = "application/vnd.docker.image.rootfs.diff.tar"
 REF_NAME = "org.opencontainers.image.ref.name"
 CONTAINERD_NAME = "io.containerd.image.name"
-CHUNK = 1024 * 1024
 # Manifests, indexes and configs are read into memory; nothing legitimate is this big.
 MAX_JSON_BYTES = 64 * 1024 * 1024
 
@@ -201,7 +201,7 @@ class OfflineSource(abc.ABC):
         copied = 0
         try:
             with self._files.open(name) as src, cache.writer(digest, size) as out:
-                for chunk in iter(lambda: src.read(CHUNK), b""):
+                for chunk in read_pieces(src):
                     out.write(chunk)
                     copied += len(chunk)
                     if progress:
@@ -386,15 +386,16 @@ class DockerArchiveSource(OfflineSource):
         try:
             size = self._files.size(name)
             with self._files.open(name) as fh:
-                head = fh.read(4)
+                head = fh.read(MAGIC_BYTES)
         except FileNotFoundError:
             raise ResolveError(f"{self.spec} lacks layer {name!r}, which its manifest.json lists", _RECREATE) from None
         except (OSError, tarfile.TarError) as exc:
             raise ResolveError(f"layer {name} in {self.spec} unreadable: {exc}", _RECREATE) from None
-        if head[:2] == b"\x1f\x8b" or head == b"\x28\xb5\x2f\xfd":
+        kind = classify("", head)  # the archive says nothing of a layer's compression
+        if kind != NONE:
             # A compressed layer file (some tools write them): its digest is its own hash.
             digest = self._hash_file(name)
-            media_type = MT_DOCKER_LAYER_GZIP if head[:2] == b"\x1f\x8b" else MT_OCI_LAYER_ZSTD
+            media_type = MT_DOCKER_LAYER_GZIP if kind == GZIP else MT_OCI_LAYER_ZSTD
         else:
             # docker save writes the uncompressed tar, whose digest is the diff_id;
             # copy_blob verifies that on the way into the cache.
@@ -405,7 +406,7 @@ class DockerArchiveSource(OfflineSource):
     def _hash_file(self, name: str) -> str:
         hasher = hashlib.sha256()
         with self._files.open(name) as fh:
-            for chunk in iter(lambda: fh.read(CHUNK), b""):
+            for chunk in read_pieces(fh):
                 hasher.update(chunk)
         return "sha256:" + hasher.hexdigest()
 

@@ -9,19 +9,37 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
+import traceback
 from typing import Any, Callable, List, Optional
 
 from .. import __version__
 from ..errors import EdgebundleError, UsageError
+from ..logs import redact, setup_logging
 
 EPILOG = """\
 packer:  plan, pack, inventory record|pull|show
 device:  import, report, verify, inspect
 
+Every command takes -v (what happens) and --debug (more, with library requests).
+
 Exit codes: 0 ok, 1 error, 2 usage, 3 manifest, 4 resolve, 5 bundle format,
-6 prerequisite missing, 7 runtime unreachable, 8 load failed, 9 transport, 10 inventory.
+6 prerequisite missing, 7 runtime unreachable, 8 load failed, 9 transport, 10 inventory,
+11 packer cache, 12 output not writable.
 """
+
+log = logging.getLogger("edgebundle")
+
+
+def _logging_args(p: argparse.ArgumentParser, top: bool) -> None:
+    # On the top parser and on every subcommand, so `edgebundle -v pack` and
+    # `edgebundle pack ... -v` both work; SUPPRESS keeps a subcommand from resetting it.
+    default: Any = 0 if top else argparse.SUPPRESS
+    p.add_argument("-v", "--verbose", action="count", default=default,
+                   help="say what happens (logging to stderr)")
+    p.add_argument("--debug", action="store_true", default=False if top else argparse.SUPPRESS,
+                   help="log everything, library requests included (secrets are redacted)")
 
 
 def _runtime_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -45,19 +63,24 @@ def build_parser() -> argparse.ArgumentParser:
         description="Ship container images to edge devices as verified, delta-sized bundles.",
         epilog=EPILOG)
     parser.add_argument("--version", action="version", version=f"edgebundle {__version__}")
+    _logging_args(parser, top=True)
     parser.add_argument("--home", help="packer state directory (default: $EDGEBUNDLE_HOME, "
                         "else $XDG_DATA_HOME/edgebundle or ~/.local/share/edgebundle)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    common = argparse.ArgumentParser(add_help=False)
+    _logging_args(common, top=False)
 
-    p = sub.add_parser("plan", help="dry run: what a site lacks and what would ship")
+    p = sub.add_parser("plan", parents=[common], help="dry run: what a site lacks and what would ship")
     p.add_argument("manifest", help="manifest list YAML")
     p.add_argument("--site", required=True, help="site name from the manifest")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
-    p = sub.add_parser("pack", help="resolve, fetch and write the bundle a site needs")
+    p = sub.add_parser("pack", parents=[common], help="resolve, fetch and write the bundle a site needs")
     p.add_argument("manifest", help="manifest list YAML")
     p.add_argument("--site", required=True, help="site name from the manifest")
-    p.add_argument("-o", "--output", required=True, help="bundle file to write")
+    p.add_argument("-o", "--output", required=True,
+                   help="bundle file to write (replaced atomically), or - for standard output; "
+                   "a FIFO or device is written in place")
     p.add_argument("--level", type=int, default=16, choices=range(1, 23), metavar="1-22",
                    help="zstd level for compressible entries (Docker sites' layers, JSON); "
                    "16 is the smallest level that optimally parses, see docs/BENCHMARKS.md "
@@ -69,35 +92,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable summary")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
-    p = sub.add_parser("import", help="verify a bundle and load it into the runtime")
+    p = sub.add_parser("import", parents=[common], help="verify a bundle and load it into the runtime")
     p.add_argument("bundle", help="bundle file, or - for standard input")
     _runtime_args(p)
     p.add_argument("--report", metavar="PATH", help="also write the inventory report here")
     p.add_argument("--json", action="store_true", help="machine-readable summary")
     p.add_argument("--no-progress", action="store_true", help="no progress display")
 
-    p = sub.add_parser("report", help="write what the runtime really holds (inventory report)")
+    p = sub.add_parser("report", parents=[common], help="write what the runtime really holds (inventory report)")
     _runtime_args(p)
     p.add_argument("-o", "--output", metavar="PATH", help="write the report to PATH")
     p.add_argument("--site", help="site name to put in the report")
     p.add_argument("--json", action="store_true", help="print the report JSON to stdout")
 
-    p = sub.add_parser("verify", help="check a bundle completely without importing it")
+    p = sub.add_parser("verify", parents=[common], help="check a bundle completely without importing it")
     p.add_argument("bundle", help="bundle file, or - for standard input")
     p.add_argument("--json", action="store_true")
 
-    p = sub.add_parser("inspect", help="show a bundle's header and index")
+    p = sub.add_parser("inspect", parents=[common], help="show a bundle's header and index")
     p.add_argument("bundle", help="bundle file")
     p.add_argument("--json", action="store_true")
 
-    p = sub.add_parser("inventory", help="the packer's record of what each site holds")
+    p = sub.add_parser("inventory", parents=[common], help="the packer's record of what each site holds")
     isub = p.add_subparsers(dest="inventory_command", metavar="ACTION")
-    q = isub.add_parser("record", help="record a report brought back from a device")
+    q = isub.add_parser("record", parents=[common], help="record a report brought back from a device")
     q.add_argument("site")
     q.add_argument("report", help="report JSON file (from `edgebundle report`/`import --report`)")
     q.add_argument("-m", "--manifest", help="manifest list, to check the report fits the site")
     q.add_argument("--json", action="store_true")
-    q = isub.add_parser("pull", help="fetch a site's report over SSH and record it")
+    q = isub.add_parser("pull", parents=[common], help="fetch a site's report over SSH and record it")
     q.add_argument("site")
     q.add_argument("-m", "--manifest", help="manifest list naming the site (default: the one "
                    "last used to plan or pack it)")
@@ -111,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--path", help="fetch this report file over SFTP instead of running "
                    "`edgebundle report` on the device")
     q.add_argument("--json", action="store_true")
-    q = isub.add_parser("show", help="print a site's recorded inventory")
+    q = isub.add_parser("show", parents=[common], help="print a site's recorded inventory")
     q.add_argument("site")
     q.add_argument("--json", action="store_true")
     return parser
@@ -125,18 +148,27 @@ def emit_json(obj: Any) -> None:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    setup_logging(args.verbose, args.debug)
     if not args.command:
         parser.print_help()
         return 2
     try:
         return dispatch(args)
     except EdgebundleError as exc:
-        sys.stderr.write(f"edgebundle: error: {exc}\n")
+        log.debug("failed with %s", type(exc).__name__, exc_info=args.debug)
+        sys.stderr.write(f"edgebundle: error: {redact(str(exc))}\n")
         return exc.exit_code
     except KeyboardInterrupt:
         sys.stderr.write("edgebundle: interrupted\n")
         return 130
     except BrokenPipeError:
+        # The reader of our stdout went away (`edgebundle plan | head`): not our error.
+        return 1
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: never a traceback
+        if args.debug:
+            traceback.print_exc()
+        sys.stderr.write(f"edgebundle: internal error: {type(exc).__name__}: {redact(str(exc))} "
+                         "(hint: this is a bug; rerun with --debug and report it with that output)\n")
         return 1
 
 

@@ -1,22 +1,24 @@
-"""Packer commands: plan, pack, inventory. Needs the ``packer`` extra."""
+"""Packer commands: plan, pack, inventory. Needs the ``packer`` extra.
+
+Arguments in, printing out; the work is ``usecases.packer``'s.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Optional
 
 from tqdm import tqdm
 
-from ..cache import BlobCache, default_home
-from ..errors import ManifestError, UsageError
-from ..inventory import InventoryStore, inventory_from_json, inventory_to_json
-from ..manifest import load_manifest
-from ..model import Inventory, ManifestList, ResolvedImage, SiteSpec
-from ..plan import Plan, plan_bundle
+from ..cache import default_home
+from ..errors import UsageError
+from ..holdings import Inventory
+from ..plan import Plan
+from ..report import inventory_to_json
+from ..usecases import packer as usecases
 from .main import emit_json
 
 
@@ -24,25 +26,19 @@ def _home(args: argparse.Namespace) -> Path:
     return Path(args.home) if args.home else default_home()
 
 
-def _site(manifest: ManifestList, name: str) -> SiteSpec:
-    site = manifest.sites.get(name)
-    if site is None:
-        known = ", ".join(sorted(manifest.sites)) or "none"
-        raise UsageError(f"site {name!r} is not declared in {manifest.path} (sites: {known})",
-                         "add it under `sites:` or pick one of those")
-    return site
+def _created() -> Optional[str]:
+    """``SOURCE_DATE_EPOCH`` (reproducible builds) as the bundle's creation time."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    if not epoch:
+        return None
+    import datetime
 
-
-def _remember_manifest(home: Path, site: str, manifest_path: str) -> None:
-    """So `inventory pull SITE` can find the site's SSH address without -m."""
-    d = home / "sites" / site
-    d.mkdir(parents=True, exist_ok=True)
-    (d / "manifest").write_text(os.path.abspath(manifest_path) + "\n")
-
-
-def _remembered_manifest(home: Path, site: str) -> Optional[str]:
-    p = home / "sites" / site / "manifest"
-    return p.read_text().strip() if p.is_file() else None
+    try:
+        when = datetime.datetime.fromtimestamp(int(epoch), datetime.timezone.utc)
+    except (ValueError, OverflowError, OSError):
+        raise UsageError(f"SOURCE_DATE_EPOCH={epoch!r} is not a Unix time",
+                         "set it to seconds since 1970, e.g. $(git log -1 --format=%ct)") from None
+    return when.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class _Bars:
@@ -56,48 +52,12 @@ class _Bars:
                     leave=False, file=sys.stderr, disable=not self.enabled)
 
 
-def _resolve(manifest: ManifestList, site: SiteSpec, cache: BlobCache) -> Tuple[Any, List[ResolvedImage]]:
-    from ..registry.auth import CredentialStore, docker_config_path
-    from ..registry.client import RegistryClient
-    from ..resolve import Resolver
-
-    if site.runtime == "containerd":
-        for spec in manifest.images_for(site.name):
-            if spec.platform is not None and not spec.platform.matches(site.platform):
-                raise ManifestError(
-                    f"{manifest.path}:{spec.line}: image {spec.ref} asks for {spec.platform} but "
-                    f"containerd site {site.name} is {site.platform}",
-                    "a containerd import unpacks one platform: drop `platform:` for this image "
-                    "or declare a separate site")
-    client = RegistryClient(manifest.registries, CredentialStore.load(docker_config_path()))
-    resolver = Resolver(cache, client)
-    images = [resolver.resolve(spec, spec.platform or site.platform)
-              for spec in manifest.images_for(site.name)]
-    return resolver, images
-
-
-def _make_plan(args: argparse.Namespace, full: bool = False
-               ) -> Tuple[Plan, Any, BlobCache, Path, SiteSpec, ManifestList]:
-    manifest = load_manifest(args.manifest)
-    site = _site(manifest, args.site)
-    home = _home(args)
-    cache = BlobCache(home / "cache")
-    resolver, images = _resolve(manifest, site, cache)
-    store = InventoryStore(home)
-    inv = Inventory.empty(site.runtime, site.namespace) if full else \
-        store.load(site.name, site.runtime, site.namespace)
-    plan = plan_bundle(site.name, images, inv, runtime=site.runtime,
-                       namespace=site.namespace, platform=str(site.platform))
-    _remember_manifest(home, site.name, args.manifest)
-    return plan, resolver, cache, home, site, manifest
-
-
 def plan_json(plan: Plan) -> Dict[str, Any]:
     return {
         "site": plan.site, "runtime": plan.runtime, "namespace": plan.namespace,
         "platform": plan.platform, "layer_form": plan.layer_form,
         "ship_bytes": plan.ship_bytes, "full_bytes": plan.full_bytes,
-        "prerequisites": [p.to_json() for p in plan.prerequisites],
+        "prerequisites": [p.to_wire() for p in plan.prerequisites],
         "images": [{
             "name": ip.image.name, "status": "up-to-date" if ip.up_to_date else "ship",
             "top": ip.image.top.digest, "config": ip.image.config.digest,
@@ -113,87 +73,64 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:.2f} MB"
 
 
-def _print_plan(plan: Plan) -> None:
+def _print_plan(plan: Plan, out: Any) -> None:
     ns = f", namespace {plan.namespace}" if plan.namespace else ""
-    print(f"site {plan.site}: {plan.runtime}{ns}, {plan.platform}, layers as {plan.layer_form}")
+    print(f"site {plan.site}: {plan.runtime}{ns}, {plan.platform}, layers as {plan.layer_form}",
+          file=out)
     for ip in plan.images:
         shipped = sum(1 for lp in ip.layers if lp.ship)
         status = "up to date" if ip.up_to_date else \
             f"ship {_mb(ip.ship_bytes)}: {shipped} of {len(ip.layers)} layers"
-        print(f"  {ip.image.name}  [{ip.image.platform}]  {status}")
+        print(f"  {ip.image.name}  [{ip.image.platform}]  {status}", file=out)
     full = plan.full_bytes
     pct = f" ({100 * plan.ship_bytes / full:.1f}%)" if full else ""
     print(f"ships {_mb(plan.ship_bytes)} of {_mb(full)} for a full transfer{pct}; "
-          f"{len(plan.prerequisites)} layers already on the site")
+          f"{len(plan.prerequisites)} layers already on the site", file=out)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    plan = _make_plan(args)[0]
+    plan = usecases.plan_site(_home(args), args.manifest, args.site)
     if args.json:
         emit_json(plan_json(plan))
     else:
-        _print_plan(plan)
+        _print_plan(plan, sys.stdout)
     return 0
 
 
 def cmd_pack(args: argparse.Namespace) -> int:
-    from ..pack import write_bundle
-
-    plan, resolver, cache, home, site, _ = _make_plan(args, full=args.full)
+    to_stdout = args.output == "-"
+    if to_stdout and args.json:
+        raise UsageError("--json and -o - both want standard output",
+                         "write the bundle to a file, or drop --json (the summary goes to stderr)")
+    if args.threads < 0:
+        raise UsageError(f"--threads {args.threads} is negative", "pass 0 (one per CPU) or more")
     show = not args.no_progress and sys.stderr.isatty() and not args.json
-    needed = {lp.layer.digest for ip in plan.to_ship for lp in ip.layers if lp.ship}
-    images = resolver.fetch_layers([ip.image for ip in plan.to_ship], needed,
-                                   progress_factory=_Bars(show))
-    # Re-plan with the fetched layers' tar sizes filled in (same decisions, same inventory).
-    by_name = {img.name: img for img in images}
-    store = InventoryStore(home)
-    inv = Inventory.empty(site.runtime, site.namespace) if args.full else \
-        store.load(site.name, site.runtime, site.namespace)
-    plan = plan_bundle(site.name, [by_name.get(ip.image.name, ip.image) for ip in plan.images],
-                       inv, runtime=site.runtime, namespace=site.namespace,
-                       platform=str(site.platform))
-    total = sum((lp.layer.size for ip in plan.to_ship for lp in ip.layers if lp.ship), 0)
-    bar = tqdm(total=total, desc="pack", unit="B", unit_scale=True, unit_divisor=1024,
-               leave=False, file=sys.stderr, disable=not show)
+    bar = tqdm(desc="pack", unit="B", unit_scale=True, unit_divisor=1024, leave=False,
+               file=sys.stderr, disable=not show)
+    def advance(n: int) -> None:
+        bar.update(n)
+
     try:
-        threads = args.threads if args.threads > 0 else (os.cpu_count() or 1)
-        result = write_bundle(plan, cache, args.output, level=args.level, threads=threads,
-                              progress=bar.update)
+        outcome = usecases.pack_site(_home(args), args.manifest, args.site, args.output,
+                                     full=args.full, level=args.level, threads=args.threads,
+                                     created=_created(), progress=advance, bars=_Bars(show))
     finally:
         bar.close()
-    out = {"bundle": result.path, "bundle_bytes": result.bundle_bytes, "entries": result.entries,
-           "images": result.images, "ship_registry_bytes": result.ship_registry_bytes,
-           "full_registry_bytes": result.full_registry_bytes, "plan": plan_json(plan)}
+    stats, plan = outcome.stats, outcome.plan
     if args.json:
-        emit_json(out)
-    else:
-        _print_plan(plan)
-        full = result.full_registry_bytes
-        pct = f" = {100 * result.bundle_bytes / full:.1f}% of a full transfer" if full else ""
-        print(f"wrote {result.path}: {result.bundle_bytes} bytes, {result.entries} entries, "
-              f"{result.images} images{pct} ({full} bytes)")
+        emit_json({"bundle": outcome.output, "bundle_bytes": stats.bundle_bytes,
+                   "entries": stats.entries, "images": stats.images,
+                   "ship_registry_bytes": stats.ship_registry_bytes,
+                   "full_registry_bytes": stats.full_registry_bytes, "plan": plan_json(plan)})
+        return 0
+    out = sys.stderr if to_stdout else sys.stdout  # stdout carries the bundle
+    _print_plan(plan, out)
+    full = stats.full_registry_bytes
+    pct = f" = {100 * stats.bundle_bytes / full:.1f}% of a full transfer" if full else ""
+    where = "standard output" if to_stdout else outcome.output
+    print(f"wrote {where}: {stats.bundle_bytes} bytes, {stats.entries} entries, "
+          f"{stats.images} images{pct} ({full} bytes)", file=out)
     return 0
-
-
-def _manifest_for(args: argparse.Namespace, home: Path) -> Optional[ManifestList]:
-    path = args.manifest or _remembered_manifest(home, args.site)
-    return load_manifest(path) if path else None
-
-
-def cmd_inventory_record(args: argparse.Namespace) -> int:
-    home = _home(args)
-    manifest = _manifest_for(args, home)
-    spec = _site(manifest, args.site) if manifest else None
-    try:
-        obj = json.loads(Path(args.report).read_text())
-    except OSError as exc:
-        raise UsageError(f"cannot read report {args.report}: {exc.strerror}") from None
-    except ValueError as exc:
-        from ..errors import InventoryError
-        raise InventoryError(f"report {args.report} is not JSON: {exc}",
-                             "use the file written by `edgebundle report -o`") from None
-    inv = InventoryStore(home).record(args.site, obj, spec)
-    return _print_recorded(args, inv)
 
 
 def _print_recorded(args: argparse.Namespace, inv: Inventory) -> int:
@@ -206,33 +143,25 @@ def _print_recorded(args: argparse.Namespace, inv: Inventory) -> int:
     return 0
 
 
-def cmd_inventory_pull(args: argparse.Namespace) -> int:
-    from ..transfer.ssh import pull_report
+def cmd_inventory_record(args: argparse.Namespace) -> int:
+    inv = usecases.record_report(_home(args), args.site, args.report, args.manifest)
+    return _print_recorded(args, inv)
 
-    home = _home(args)
-    manifest = _manifest_for(args, home)
-    if manifest is None:
-        raise UsageError(f"no manifest known for site {args.site}",
-                         "pass -m MANIFEST (or plan/pack the site once)")
-    spec = _site(manifest, args.site)
-    obj = pull_report(spec, ssh_config_path=args.ssh_config, known_hosts=args.known_hosts,
-                      allow_unknown_host=args.accept_new_host_key, key_filename=args.identity,
-                      timeout=args.timeout, path=args.path)
-    inv = InventoryStore(home).record(args.site, obj, spec)
+
+def cmd_inventory_pull(args: argparse.Namespace) -> int:
+    inv = usecases.pull_inventory(
+        _home(args), args.site, args.manifest, ssh_config_path=args.ssh_config,
+        known_hosts=args.known_hosts, allow_unknown_host=args.accept_new_host_key,
+        key_filename=args.identity, timeout=args.timeout, path=args.path)
     return _print_recorded(args, inv)
 
 
 def cmd_inventory_show(args: argparse.Namespace) -> int:
-    store = InventoryStore(_home(args))
-    if not store.path(args.site).is_file():
-        raise UsageError(f"no inventory recorded for site {args.site}",
-                         "run `edgebundle inventory record` or `inventory pull` first")
-    inv = inventory_from_json(json.loads(store.path(args.site).read_text()))
+    inv = usecases.show_inventory(_home(args), args.site)
     if args.json:
         emit_json(inventory_to_json(inv, args.site))
-    else:
-        for img in inv.images:
-            mark = "" if img.complete else "  (incomplete: not counted)"
-            print(f"{img.name}  {img.target.digest if img.target else img.config}{mark}")
-        _print_recorded(args, inv)
-    return 0
+        return 0
+    for img in inv.images:
+        mark = "" if img.complete else "  (incomplete: not counted)"
+        print(f"{img.name}  {img.target.digest if img.target else img.config}{mark}")
+    return _print_recorded(args, inv)

@@ -6,6 +6,8 @@ the two together, so change both or neither.
 
 from __future__ import annotations
 
+from typing import FrozenSet
+
 MAGIC = b"\x89EBD\r\n\x1a\n"
 FORMAT_VERSION = 1
 SUPPORTED_VERSIONS = (1,)
@@ -28,6 +30,10 @@ LAYER_FORM_BLOB = "blob"  # the registry's compressed blob, byte for byte
 LAYER_FORM_TAR = "tar"  # the uncompressed layer tar (identity: diff_id)
 LAYER_FORMS = (LAYER_FORM_BLOB, LAYER_FORM_TAR)
 
+RUNTIME_CONTAINERD = "containerd"
+RUNTIME_DOCKER = "docker"
+RUNTIMES = (RUNTIME_CONTAINERD, RUNTIME_DOCKER)
+
 MAX_RECORD_SIZE = 64 * 1024 * 1024  # header, entry header or index msgpack
 MAX_CHUNK_SIZE = 4 * 1024 * 1024  # stored bytes in one chunk
 DEFAULT_CHUNK_SIZE = 1024 * 1024
@@ -36,13 +42,19 @@ DEFAULT_WINDOW_LOG = 23  # writers cap the window at 8 MiB to keep devices' memo
 
 # Required features this reader understands. A bundle naming any other feature in
 # its header's "required_features" is refused before any entry is read.
-KNOWN_FEATURES: frozenset = frozenset()
+KNOWN_FEATURES: FrozenSet[str] = frozenset()
 
-from .reader import BundleReader, Entry, read_index  # noqa: E402
-from .writer import BundleWriter, EntryInfo  # noqa: E402
+# The typed model and the streams that read and write it; they import the constants
+# above, so they come after them.
+from .records import (EntryHead, Header, ImageRecord, ImageSummary, Index,  # noqa: E402
+                      IndexEntry, LayerRecord, Prerequisite)
+from .reader import BundleInfo, BundleReader, Entry, read_index  # noqa: E402
+from .writer import BundleWriter  # noqa: E402
 
 __all__ = [
-    "BundleReader", "BundleWriter", "Entry", "EntryInfo", "read_index",
+    "BundleInfo", "BundleReader", "BundleWriter", "Entry", "read_index",
+    "EntryHead", "Header", "ImageRecord", "ImageSummary", "Index", "IndexEntry", "LayerRecord",
+    "Prerequisite",
     "MAGIC", "FORMAT_VERSION", "SUPPORTED_VERSIONS", "CODEC_STORED", "CODEC_ZSTD",
-    "KIND_BLOB", "LAYER_FORM_BLOB", "LAYER_FORM_TAR",
+    "KIND_BLOB", "LAYER_FORM_BLOB", "LAYER_FORM_TAR", "RUNTIMES",
 ]

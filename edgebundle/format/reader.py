@@ -14,22 +14,22 @@ from __future__ import annotations
 
 import hashlib
 import os
+from dataclasses import dataclass
 from typing import Any, BinaryIO, Dict, Iterator, List, Optional, Set
 
 import xxhash
 import zstandard
 
 from ..errors import BundleFormatError
-from ..model import check_digest
-from . import (CODEC_STORED, CODEC_ZSTD, END_MAGIC, FOOTER_SIZE, FORMAT_VERSION, KIND_BLOB,
-               KNOWN_FEATURES, MAGIC, MAX_CHUNK_SIZE, MAX_RECORD_SIZE, MAX_WINDOW_LOG,
-               SUPPORTED_VERSIONS, TAG_ENTRY, TAG_FOOTER, TAG_HEADER, TAG_INDEX)
+from . import (CODEC_STORED, END_MAGIC, FOOTER_SIZE, FORMAT_VERSION, MAGIC, MAX_CHUNK_SIZE,
+               MAX_RECORD_SIZE, MAX_WINDOW_LOG, SUPPORTED_VERSIONS, TAG_ENTRY, TAG_FOOTER,
+               TAG_HEADER, TAG_INDEX)
+from .framing import U32, U64, unpack_body
+from .records import (EntryHead, Header, Index, IndexEntry, check_index, parse_entry_head,
+                      parse_header, parse_index)
 from .zstdframe import FrameWalker
-from .records import U32, U64, unpack_body
 
 _HINT = "the file is damaged or incomplete: copy it again, or check it with `edgebundle verify`"
-
-
 class _In:
     """Exact reads from the source, counting offset and hashing for the footer."""
 
@@ -76,38 +76,31 @@ def _read_record_body(src: _In, what: str) -> Dict[str, Any]:
     return unpack_body(body, what)
 
 
-def _need(obj: Dict[str, Any], key: str, typ: type, what: str) -> Any:
-    value = obj.get(key)
-    if not isinstance(value, typ) or isinstance(value, bool) and typ is int:
-        raise BundleFormatError(f"bundle {what} field {key!r} is missing or not {typ.__name__}")
-    return value
-
-
 class Entry:
     """One entry being read. Iterate ``chunks()`` once for the decoded, verified bytes."""
 
-    def __init__(self, reader: "BundleReader", head: Dict[str, Any], offset: int) -> None:
+    def __init__(self, reader: "BundleReader", head: EntryHead, offset: int) -> None:
         self._reader = reader
-        self.kind: str = _need(head, "kind", str, "entry")
-        digest = _need(head, "digest", str, "entry")
-        try:
-            self.digest = check_digest(digest, "entry digest")
-        except ValueError as exc:
-            raise BundleFormatError(f"bundle entry at byte {offset}: {exc}") from None
-        self.size: int = _need(head, "size", int, "entry")
-        self.codec: int = _need(head, "codec", int, "entry")
-        self.media_type: Optional[str] = head.get("media_type")
+        self.head = head
         self.offset = offset
         self.stored_size = 0
         self.consumed = False
-        if self.kind != KIND_BLOB:
-            raise BundleFormatError(f"bundle entry {self.digest} has unknown kind {self.kind!r}",
-                                    "this bundle needs a newer edgebundle")
-        if self.codec not in (CODEC_STORED, CODEC_ZSTD):
-            raise BundleFormatError(f"bundle entry {self.digest} has unknown codec {self.codec}",
-                                    "this bundle needs a newer edgebundle")
-        if self.size < 0:
-            raise BundleFormatError(f"bundle entry {self.digest} has negative size")
+
+    @property
+    def digest(self) -> str:
+        return self.head.digest
+
+    @property
+    def size(self) -> int:
+        return self.head.size
+
+    @property
+    def codec(self) -> int:
+        return self.head.codec
+
+    @property
+    def media_type(self) -> Optional[str]:
+        return self.head.media_type
 
     def _raw_chunks(self) -> Iterator[bytes]:
         src = self._reader._src
@@ -149,7 +142,9 @@ class Entry:
         if total != self.size or actual != self.digest:
             raise BundleFormatError(f"bundle entry {self.digest} is corrupt: content hashes to "
                                     f"{actual} ({total} of {self.size} bytes)", _HINT)
-        self._reader._seen.append(self)
+        h = self.head
+        self._reader._seen.append(IndexEntry(h.digest, h.kind, h.size, h.codec,
+                                             self.stored_size, self.offset))
 
     def _zstd(self, raw: Iterator[bytes]) -> Iterator[bytes]:
         dctx = zstandard.ZstdDecompressor(max_window_size=1 << MAX_WINDOW_LOG)
@@ -206,39 +201,22 @@ class _ChunkStream:
 class BundleReader:
     """Read a bundle front to back.
 
-    ``header`` is available at once; iterate ``entries()`` (each entry must be read or
-    skipped before the next arrives); ``index`` is available after the iteration ends,
-    by which time the whole bundle has been verified.
+    ``header`` (a checked ``Header``) is available at once; iterate ``entries()`` (each
+    entry must be read or skipped before the next arrives); ``index`` (a checked
+    ``Index``) is available after the iteration ends, by which time the whole bundle has
+    been verified: every chunk, every entry's sha256, the footer, and every rule of
+    FORMAT.md about the records.
     """
 
     def __init__(self, stream: BinaryIO, name: str = "<stream>") -> None:
         self._src = _In(stream, name)
         self.name = name
-        self._seen: List[Entry] = []
+        self._seen: List[IndexEntry] = []
         self._digests: Set[str] = set()
-        self.index: Optional[Dict[str, Any]] = None
+        self.index: Optional[Index] = None
         self.total_size: Optional[int] = None
-        magic = self._src.read_exact(len(MAGIC), "magic")
-        if magic != MAGIC:
-            raise BundleFormatError(f"{name} is not an edgebundle bundle (bad magic)",
-                                    "pass a file written by `edgebundle pack`")
-        version = int.from_bytes(self._src.read_exact(2, "version"), "big")
-        if version not in SUPPORTED_VERSIONS:
-            raise BundleFormatError(
-                f"bundle {name} is format version {version}; this edgebundle reads "
-                f"{', '.join(map(str, SUPPORTED_VERSIONS))}",
-                "upgrade edgebundle on this device" if version > FORMAT_VERSION else None)
-        self.version = version
-        self.header = _read_record(self._src, TAG_HEADER, "header")
-        features = self.header.get("required_features", [])
-        if not isinstance(features, list):
-            raise BundleFormatError(f"bundle {name} header field 'required_features' is not a list")
-        if not all(isinstance(f, str) for f in features):
-            raise BundleFormatError(f"bundle {name} header field 'required_features' must list strings")
-        unknown = sorted(f for f in features if f not in KNOWN_FEATURES)
-        if unknown:
-            raise BundleFormatError(f"bundle {name} requires unsupported features: "
-                                    f"{', '.join(unknown)}", "upgrade edgebundle on this device")
+        self.version = _read_preamble(self._src, name)
+        self.header: Header = parse_header(_read_record(self._src, TAG_HEADER, "header"), name)
 
     def entries(self) -> Iterator[Entry]:
         """Yield entries in bundle order, then read and check the index and footer."""
@@ -247,24 +225,25 @@ class BundleReader:
             offset = src.offset
             (tag,) = src.read_exact(1, "entry or index")
             if tag == TAG_INDEX:
-                # Put the tag back into the record parse: re-read length etc. by hand.
                 self._read_index_after_tag(offset)
                 return
             if tag != TAG_ENTRY:
                 raise BundleFormatError(f"bundle {self.name}: unexpected tag 0x{tag:02x} at "
                                         f"byte {offset}", _HINT)
-            entry = Entry(self, _read_record_body(src, "entry header"), offset)
-            if entry.digest in self._digests:
-                raise BundleFormatError(f"bundle {self.name}: entry {entry.digest} appears twice "
+            head = parse_entry_head(_read_record_body(src, "entry header"),
+                                    f"bundle {self.name} entry at byte {offset}")
+            if head.digest in self._digests:
+                raise BundleFormatError(f"bundle {self.name}: entry {head.digest} appears twice "
                                         f"(second at byte {offset})", _HINT)
-            self._digests.add(entry.digest)
+            self._digests.add(head.digest)
+            entry = Entry(self, head, offset)
             yield entry
             if not entry.consumed:
                 entry.skip()
 
     def _read_index_after_tag(self, offset: int) -> None:
         src = self._src
-        index = _read_record_body(src, "index")
+        body = _read_record_body(src, "index")
         tail = src.read_exact(9, "footer")
         expected = src.hasher.digest()
         rest = src.read_exact(24, "footer")
@@ -277,28 +256,46 @@ class BundleReader:
         if src.raw.read(1):
             raise BundleFormatError(f"bundle {self.name} has data after its footer", _HINT)
         self.total_size = src.offset
-        _check_index(index, self._seen, self.name)
+        index = parse_index(body, self.name)
+        check_index(index, self.header, self.name, self._seen)
         self.index = index
 
 
-def _check_index(index: Dict[str, Any], seen: List[Entry], name: str) -> None:
-    """The index must describe exactly the entries the stream carried, in order."""
-    listed = _need(index, "entries", list, "index")
-    _need(index, "images", list, "index")
-    if len(listed) != len(seen):
-        raise BundleFormatError(f"bundle {name}: index lists {len(listed)} entries, "
-                                f"stream carried {len(seen)}", _HINT)
-    for rec, entry in zip(listed, seen):
-        if not isinstance(rec, dict) or rec.get("digest") != entry.digest or \
-                rec.get("size") != entry.size or rec.get("offset") != entry.offset or \
-                rec.get("stored_size") != entry.stored_size:
-            raise BundleFormatError(f"bundle {name}: index disagrees with entry {entry.digest}", _HINT)
+def _read_preamble(src: _In, name: str) -> int:
+    """Magic and version; returns the version."""
+    magic = src.read_exact(len(MAGIC), "magic")
+    if magic != MAGIC:
+        raise BundleFormatError(f"{name} is not an edgebundle bundle (bad magic)",
+                                "pass a file written by `edgebundle pack`")
+    version = int.from_bytes(src.read_exact(2, "version"), "big")
+    if version not in SUPPORTED_VERSIONS:
+        raise BundleFormatError(
+            f"bundle {name} is format version {version}; this edgebundle reads "
+            f"{', '.join(map(str, SUPPORTED_VERSIONS))}",
+            "upgrade edgebundle on this device" if version > FORMAT_VERSION else None)
+    return version
 
 
-def read_index(path: "os.PathLike[str] | str") -> Dict[str, Any]:
+@dataclass(frozen=True)
+class BundleInfo:
+    """Header and index of a bundle file, read by seeking (``read_index``)."""
+
+    path: str
+    version: int
+    header: Header
+    index: Index
+    size: int
+
+    def to_json(self) -> Dict[str, Any]:
+        return {"header": self.header.to_wire(), "version": self.version,
+                "index": self.index.to_wire(), "size": self.size}
+
+
+def read_index(path: "os.PathLike[str] | str") -> BundleInfo:
     """Random access: header and index of a bundle file without reading its entries.
 
-    Checks structure and record checksums only; ``BundleReader`` does the full check.
+    Checks structure, record checksums and every record rule that needs no entry bytes
+    (the index against the header); ``BundleReader`` does the full check.
     """
     name = os.fspath(path)
     with open(path, "rb") as fh:
@@ -316,5 +313,6 @@ def read_index(path: "os.PathLike[str] | str") -> Dict[str, Any]:
             raise BundleFormatError(f"bundle {name}: footer points past the end", _HINT)
         fh.seek(index_offset)
         src = _In(fh, name)
-        index = _read_record(src, TAG_INDEX, "index")
-        return {"header": reader.header, "version": reader.version, "index": index, "size": end}
+        index = parse_index(_read_record(src, TAG_INDEX, "index"), name)
+        check_index(index, reader.header, name)
+        return BundleInfo(name, reader.version, reader.header, index, end)

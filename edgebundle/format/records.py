@@ -1,40 +1,486 @@
-"""Framing shared by writer and reader: records, chunks, msgpack with fixed options.
+"""The bundle's records as typed values, and the one parser that builds them.
 
-    Record := Tag(u8) || Length(u32be) || msgpack[Length] || xxh3_64(msgpack)(u64be)
-    Chunk  := Length(u32be, 1..MAX_CHUNK_SIZE) || xxh3_64(data)(u64be) || data
-    End    := u32be 0
+Every rule of docs/FORMAT.md about what a record may contain lives here: field types,
+enumerations, ``volume`` nil, digests, the header/index agreement and the coverage of
+every image record by entries or prerequisites. ``parse_header``, ``parse_entry_head``,
+``parse_index`` and ``check_index`` raise only ``BundleFormatError``, naming the field.
+``verify``, ``import`` and ``inspect`` all read bundles through them, so a bundle is
+judged the same way everywhere.
+
+Records are frozen dataclasses with ``to_wire()`` (the msgpack map the writer emits) and
+a parser for the other direction. New kinds slot in here: a new entry kind is a new
+head class registered in ``_ENTRY_PARSERS`` behind a required feature, a new header
+field (``volume``, signatures) a new typed field with its own check.
 """
 
 from __future__ import annotations
 
-import struct
-from typing import Any, Dict
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, FrozenSet, List, Optional, Sequence, Set, Tuple
 
-import msgpack
-import xxhash
+from ..errors import BundleFormatError, UsageError
+from ..oci import Descriptor, Platform, chain_ids, check_digest
+from ..reference import parse_reference
+from . import (CODECS, KIND_BLOB, KNOWN_FEATURES, LAYER_FORM_BLOB, LAYER_FORM_TAR, LAYER_FORMS,
+               RUNTIMES)
 
-from ..errors import BundleFormatError
-from . import MAX_RECORD_SIZE
-
-U32 = struct.Struct(">I")
-U64 = struct.Struct(">Q")
-CHUNK_HEAD = struct.Struct(">IQ")
-RECORD_HEAD = struct.Struct(">BI")
-
-
-def pack_record(tag: int, obj: Dict[str, Any]) -> bytes:
-    body = msgpack.packb(obj, use_bin_type=True)
-    if len(body) > MAX_RECORD_SIZE:
-        raise ValueError(f"record of {len(body)} bytes exceeds the {MAX_RECORD_SIZE} limit")
-    return RECORD_HEAD.pack(tag, len(body)) + body + U64.pack(xxhash.xxh3_64_intdigest(body))
+SPEC_HINT = ("the bundle breaks docs/FORMAT.md, so it was not written by a compatible "
+             "edgebundle (or was altered after packing): repack it")
+UPGRADE_HINT = "upgrade edgebundle on this device"
 
 
-def unpack_body(body: bytes, what: str) -> Dict[str, Any]:
-    """Decode a record body; any malformation becomes ``BundleFormatError``."""
-    try:
-        obj = msgpack.unpackb(body, raw=False, strict_map_key=True, use_list=True)
-    except Exception as exc:  # msgpack raises a zoo of types; all mean the same here
-        raise BundleFormatError(f"bundle {what} is not valid msgpack: {exc}") from None
-    if not isinstance(obj, dict):
-        raise BundleFormatError(f"bundle {what} is not a map")
-    return obj
+# ---------------------------------------------------------------------------
+# Typed records
+
+
+@dataclass(frozen=True)
+class Prerequisite:
+    """A layer the site must already hold: satisfied by the blob or by the chain."""
+
+    chain_id: str
+    diff_id: str
+    digest: str
+
+    def to_wire(self) -> Dict[str, Any]:
+        return {"chain_id": self.chain_id, "diff_id": self.diff_id, "digest": self.digest}
+
+
+@dataclass(frozen=True)
+class ImageSummary:
+    """The header's short form of an image record: enough to decide before any entry."""
+
+    name: str
+    top: str
+    config: str
+
+    def to_wire(self) -> Dict[str, Any]:
+        return {"name": self.name, "top": self.top, "config": self.config}
+
+
+@dataclass(frozen=True)
+class Header:
+    """Everything a device needs to decide before the first entry arrives."""
+
+    site: Optional[str]
+    runtime: str
+    namespace: Optional[str]
+    platform: str
+    layer_form: str
+    prerequisites: Tuple[Prerequisite, ...]
+    images: Tuple[ImageSummary, ...]
+    content_bytes: int
+    created: str
+    tool: str
+    required_features: Tuple[str, ...] = ()
+    volume: None = None  # reserved for multi-volume bundles; nil in version 1
+
+    def to_wire(self) -> Dict[str, Any]:
+        return {
+            "content_bytes": self.content_bytes,
+            "site": self.site,
+            "runtime": self.runtime,
+            "namespace": self.namespace,
+            "platform": self.platform,
+            "layer_form": self.layer_form,
+            "prerequisites": [p.to_wire() for p in self.prerequisites],
+            "images": [i.to_wire() for i in self.images],
+            "created": self.created,
+            "tool": self.tool,
+            "required_features": list(self.required_features),
+            "volume": self.volume,
+        }
+
+
+@dataclass(frozen=True)
+class EntryHead:
+    """The record in front of an entry's chunks."""
+
+    kind: str
+    digest: str
+    size: int  # decoded bytes
+    codec: int
+    level: Optional[int] = None  # zstd level, informational
+    media_type: Optional[str] = None
+
+    def to_wire(self) -> Dict[str, Any]:
+        out: Dict[str, Any] = {"kind": self.kind, "digest": self.digest, "size": self.size,
+                               "codec": self.codec}
+        if self.level is not None:
+            out["level"] = self.level
+        if self.media_type:
+            out["media_type"] = self.media_type
+        return out
+
+
+@dataclass(frozen=True)
+class IndexEntry:
+    """Where an entry landed and what it cost (the index's entry table)."""
+
+    digest: str
+    kind: str
+    size: int
+    codec: int
+    stored_size: int  # bytes of chunk payload in the bundle
+    offset: int  # of the entry record's tag byte
+
+    def to_wire(self) -> Dict[str, Any]:
+        return {"digest": self.digest, "kind": self.kind, "size": self.size, "codec": self.codec,
+                "stored_size": self.stored_size, "offset": self.offset}
+
+
+@dataclass(frozen=True)
+class LayerRecord:
+    """One layer of an image record, in rootfs order."""
+
+    media_type: str
+    digest: str  # the registry blob
+    size: int
+    diff_id: str  # the uncompressed tar
+    tar_size: int  # -1 when the packer never decompressed it
+    form: str  # LAYER_FORM_BLOB | LAYER_FORM_TAR
+
+    @property
+    def entry(self) -> str:
+        """The digest of the bundle entry that carries this layer, if one does."""
+        return self.diff_id if self.form == LAYER_FORM_TAR else self.digest
+
+    def to_wire(self) -> Dict[str, Any]:
+        return {"mediaType": self.media_type, "digest": self.digest, "size": self.size,
+                "diff_id": self.diff_id, "tar_size": self.tar_size, "form": self.form}
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """What the importer creates for one image (FORMAT.md, "Image record")."""
+
+    name: str  # the device name: repo:tag, or repo@sha256:... when pinned
+    ref: str
+    platform: str
+    top: Descriptor
+    manifest: Descriptor
+    config: Descriptor
+    layers: Tuple[LayerRecord, ...]
+
+    @property
+    def summary(self) -> ImageSummary:
+        return ImageSummary(self.name, self.top.digest, self.config.digest)
+
+    @property
+    def json_blobs(self) -> Tuple[Descriptor, ...]:
+        """Index (if any), manifest and config, each once."""
+        blobs = [self.top] if self.top.digest != self.manifest.digest else []
+        return tuple(blobs + [self.manifest, self.config])
+
+    @property
+    def chain_ids(self) -> Tuple[str, ...]:
+        return chain_ids(layer.diff_id for layer in self.layers)
+
+    def to_wire(self) -> Dict[str, Any]:
+        return {"name": self.name, "ref": self.ref, "platform": self.platform,
+                "top": self.top.to_json(), "manifest": self.manifest.to_json(),
+                "config": self.config.to_json(), "layers": [l.to_wire() for l in self.layers]}
+
+
+@dataclass(frozen=True)
+class Index:
+    """The record after the last entry: the entry table and the image records."""
+
+    entries: Tuple[IndexEntry, ...]
+    images: Tuple[ImageRecord, ...]
+
+    @property
+    def carried(self) -> FrozenSet[str]:
+        """Digests of every entry the bundle carries."""
+        return frozenset(e.digest for e in self.entries)
+
+    def to_wire(self) -> Dict[str, Any]:
+        return {"entries": [e.to_wire() for e in self.entries],
+                "images": [i.to_wire() for i in self.images]}
+
+
+# ---------------------------------------------------------------------------
+# Field access that names what is wrong
+
+
+def _kind(value: object) -> str:
+    if value is None:
+        return "nil"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a float"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, (bytes, bytearray)):
+        return "binary"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a map"
+    return type(value).__name__
+
+
+class _Fields:
+    """Typed reads of one msgpack map; failures name the record and the field."""
+
+    def __init__(self, obj: object, where: str) -> None:
+        if not isinstance(obj, dict):
+            raise BundleFormatError(f"{where} is {_kind(obj)}, not a map", SPEC_HINT)
+        self.obj: Dict[str, Any] = obj
+        self.where = where
+
+    def fail(self, key: str, problem: str, hint: str = SPEC_HINT) -> BundleFormatError:
+        return BundleFormatError(f"{self.where} field {key!r} {problem}", hint)
+
+    def _get(self, key: str) -> Any:
+        if key not in self.obj:
+            raise self.fail(key, "is missing")
+        return self.obj[key]
+
+    def string(self, key: str, *, nullable: bool = False, optional: bool = False) -> Optional[str]:
+        if optional and key not in self.obj:
+            return None
+        value = self._get(key)
+        if value is None and nullable:
+            return None
+        if not isinstance(value, str):
+            raise self.fail(key, f"is {_kind(value)}, not a string" + (" or nil" if nullable else ""))
+        return value
+
+    def text(self, key: str) -> str:
+        value = self.string(key)
+        assert value is not None
+        return value
+
+    def integer(self, key: str, *, minimum: int = 0, optional: bool = False) -> Optional[int]:
+        if optional and key not in self.obj:
+            return None
+        value = self._get(key)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise self.fail(key, f"is {_kind(value)}, not an integer")
+        if value < minimum:
+            raise self.fail(key, f"is {value}, below the minimum {minimum}")
+        return value
+
+    def count(self, key: str, *, minimum: int = 0) -> int:
+        value = self.integer(key, minimum=minimum)
+        assert value is not None
+        return value
+
+    def digest(self, key: str) -> str:
+        value = self._get(key)
+        try:
+            return check_digest(value)
+        except ValueError:
+            raise self.fail(key, f"is {value!r}, not sha256:<64 lowercase hex>") from None
+
+    def choice(self, key: str, choices: Sequence[Any], hint: str = SPEC_HINT) -> Any:
+        value = self._get(key)
+        if isinstance(value, bool) or value not in choices:
+            allowed = ", ".join(repr(c) for c in choices)
+            raise self.fail(key, f"is {value!r}, not one of {allowed}", hint)
+        return value
+
+    def items(self, key: str) -> List[Any]:
+        value = self._get(key)
+        if not isinstance(value, list):
+            raise self.fail(key, f"is {_kind(value)}, not a list")
+        return value
+
+    def nil(self, key: str, why: str) -> None:
+        value = self._get(key)
+        if value is not None:
+            raise self.fail(key, f"is {_kind(value)}; {why}")
+
+    def descriptor(self, key: str) -> Descriptor:
+        sub = _Fields(self._get(key), f"{self.where} field {key!r}")
+        return Descriptor(sub.text("mediaType"), sub.digest("digest"), sub.count("size"))
+
+    def platform(self, key: str) -> str:
+        value = self.text(key)
+        try:
+            Platform.parse(value)
+        except UsageError:
+            raise self.fail(key, f"is {value!r}, not os/arch[/variant]") from None
+        return value
+
+    def image_name(self, key: str) -> str:
+        value = self.text(key)
+        try:
+            parse_reference(value)
+        except UsageError as exc:
+            raise self.fail(key, f"is not a valid image name: {exc.message}") from None
+        return value
+
+
+# ---------------------------------------------------------------------------
+# Parsers
+
+
+def check_features(obj: object, name: str) -> Tuple[str, ...]:
+    """The header's ``required_features``; any this reader lacks refuses the bundle.
+
+    Checked before every other header field: a bundle of a newer kind must say
+    "upgrade", not "malformed".
+    """
+    fields = _Fields(obj, f"bundle {name} header")
+    features = fields.items("required_features")
+    if not all(isinstance(f, str) for f in features):
+        raise fields.fail("required_features", "must list strings")
+    unknown = sorted(f for f in features if f not in KNOWN_FEATURES)
+    if unknown:
+        raise BundleFormatError(f"bundle {name} requires unsupported features: {', '.join(unknown)}",
+                                UPGRADE_HINT)
+    return tuple(features)
+
+
+def parse_header(obj: object, name: str) -> Header:
+    """The header record, every field checked (FORMAT.md, "Header")."""
+    features = check_features(obj, name)
+    f = _Fields(obj, f"bundle {name} header")
+    f.nil("volume", "format version 1 has no multi-volume bundles (it must be nil)")
+    runtime = f.choice("runtime", RUNTIMES)
+    layer_form = f.choice("layer_form", LAYER_FORMS)
+    if runtime == "containerd" and layer_form != LAYER_FORM_BLOB:
+        raise f.fail("layer_form", f"is {layer_form!r}, but containerd bundles carry layers as "
+                     f"{LAYER_FORM_BLOB!r} (the registry's blobs keep their digests)")
+    prerequisites = tuple(_prerequisite(item, f"bundle {name} header prerequisites[{i}]")
+                          for i, item in enumerate(f.items("prerequisites")))
+    images = tuple(_summary(item, f"bundle {name} header images[{i}]")
+                   for i, item in enumerate(f.items("images")))
+    names = [i.name for i in images]
+    if len(set(names)) != len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise f.fail("images", f"names {', '.join(twice)} more than once")
+    return Header(
+        site=f.string("site", nullable=True),
+        runtime=runtime,
+        namespace=f.string("namespace", nullable=True),
+        platform=f.platform("platform"),
+        layer_form=layer_form,
+        prerequisites=prerequisites,
+        images=images,
+        content_bytes=f.count("content_bytes"),
+        created=f.text("created"),
+        tool=f.text("tool"),
+        required_features=features,
+    )
+
+
+def _prerequisite(obj: object, where: str) -> Prerequisite:
+    f = _Fields(obj, where)
+    return Prerequisite(f.digest("chain_id"), f.digest("diff_id"), f.digest("digest"))
+
+
+def _summary(obj: object, where: str) -> ImageSummary:
+    f = _Fields(obj, where)
+    return ImageSummary(f.image_name("name"), f.digest("top"), f.digest("config"))
+
+
+def _blob_head(f: _Fields) -> EntryHead:
+    return EntryHead(kind=KIND_BLOB, digest=f.digest("digest"), size=f.count("size"),
+                     codec=f.choice("codec", CODECS, "this bundle needs a newer edgebundle"),
+                     level=f.integer("level", minimum=-(1 << 17), optional=True),
+                     media_type=f.string("media_type", nullable=True, optional=True))
+
+
+# Entry kinds this reader understands, by name. A kind a required feature adds (deltas)
+# registers its parser here; any other kind is refused.
+_ENTRY_PARSERS: Dict[str, Callable[[_Fields], EntryHead]] = {KIND_BLOB: _blob_head}
+
+
+def parse_entry_head(obj: object, where: str) -> EntryHead:
+    f = _Fields(obj, where)
+    kind = f.text("kind")
+    parser = _ENTRY_PARSERS.get(kind)
+    if parser is None:
+        raise f.fail("kind", f"is {kind!r}, an entry kind this edgebundle does not know",
+                     "this bundle needs a newer edgebundle")
+    return parser(f)
+
+
+def _index_entry(obj: object, where: str) -> IndexEntry:
+    f = _Fields(obj, where)
+    return IndexEntry(digest=f.digest("digest"), kind=f.text("kind"), size=f.count("size"),
+                      codec=f.count("codec"), stored_size=f.count("stored_size"),
+                      offset=f.count("offset"))
+
+
+def _layer(obj: object, where: str) -> LayerRecord:
+    f = _Fields(obj, where)
+    return LayerRecord(media_type=f.text("mediaType"), digest=f.digest("digest"),
+                       size=f.count("size"), diff_id=f.digest("diff_id"),
+                       tar_size=f.count("tar_size", minimum=-1), form=f.choice("form", LAYER_FORMS))
+
+
+def _image(obj: object, where: str) -> ImageRecord:
+    f = _Fields(obj, where)
+    name = f.image_name("name")
+    f.where = f"{where} ({name})"
+    layers = tuple(_layer(item, f"{f.where} layers[{i}]") for i, item in enumerate(f.items("layers")))
+    return ImageRecord(name=name, ref=f.image_name("ref"), platform=f.platform("platform"),
+                       top=f.descriptor("top"), manifest=f.descriptor("manifest"),
+                       config=f.descriptor("config"), layers=layers)
+
+
+def parse_index(obj: object, name: str) -> Index:
+    """The index record's shapes (agreement is ``check_index``'s job)."""
+    f = _Fields(obj, f"bundle {name} index")
+    entries = tuple(_index_entry(item, f"bundle {name} index entries[{i}]")
+                    for i, item in enumerate(f.items("entries")))
+    images = tuple(_image(item, f"bundle {name} index images[{i}]")
+                   for i, item in enumerate(f.items("images")))
+    return Index(entries, images)
+
+
+def check_index(index: Index, header: Header, name: str,
+                seen: Optional[Sequence[IndexEntry]] = None) -> None:
+    """The index agrees with the header and (when ``seen`` is given) with the stream.
+
+    Invariants (FORMAT.md): the index lists exactly the entries the stream carried; its
+    image records are the header's images, in order, with the same top and config;
+    each record's layers are in the header's layer form; each record's index, manifest
+    and config are entries; each layer is an entry or is named by a prerequisite.
+    """
+    where = f"bundle {name}"
+    if seen is not None:
+        if len(index.entries) != len(seen):
+            raise BundleFormatError(f"{where}: index lists {len(index.entries)} entries, the "
+                                    f"stream carried {len(seen)}", SPEC_HINT)
+        for listed, actual in zip(index.entries, seen):
+            if listed != actual:
+                raise BundleFormatError(f"{where}: index disagrees with entry {actual.digest} "
+                                        f"(index says {listed}, stream had {actual})", SPEC_HINT)
+    names = [r.name for r in index.images]
+    wanted = [s.name for s in header.images]
+    if names != wanted:
+        raise BundleFormatError(f"{where}: index images {names} disagree with the header's "
+                                f"{wanted}", SPEC_HINT)
+    carried = index.carried
+    prereqs: Set[Tuple[str, str, str]] = {(p.chain_id, p.diff_id, p.digest)
+                                          for p in header.prerequisites}
+    for i, (rec, summary) in enumerate(zip(index.images, header.images)):
+        what = f"{where} index images[{i}] ({rec.name})"
+        if rec.summary != summary:
+            raise BundleFormatError(f"{what} differs from the header: top {rec.top.digest}, config "
+                                    f"{rec.config.digest} vs {summary.top}, {summary.config}", SPEC_HINT)
+        for blob in rec.json_blobs:
+            if blob.digest not in carried:
+                raise BundleFormatError(f"{what} needs {blob.digest} ({blob.media_type}), which "
+                                        "the bundle does not carry", SPEC_HINT)
+        for j, (layer, chain) in enumerate(zip(rec.layers, rec.chain_ids)):
+            if layer.form != header.layer_form:
+                raise BundleFormatError(f"{what} layers[{j}] field 'form' is {layer.form!r}, but the "
+                                        f"header's layer_form is {header.layer_form!r}", SPEC_HINT)
+            if layer.entry not in carried and (chain, layer.diff_id, layer.digest) not in prereqs:
+                raise BundleFormatError(f"{what} layers[{j}] ({layer.entry}) is neither an entry "
+                                        "of the bundle nor a prerequisite", SPEC_HINT)
+
+
+__all__ = [
+    "EntryHead", "Header", "ImageRecord", "ImageSummary", "Index", "IndexEntry", "LayerRecord",
+    "Prerequisite", "check_features", "check_index", "parse_entry_head", "parse_header",
+    "parse_index",
+]

@@ -7,37 +7,29 @@ announced with; the writer never emits an entry it has not verified.
 
 from __future__ import annotations
 
-import datetime
 import hashlib
-from dataclasses import dataclass
-from typing import Any, BinaryIO, Dict, Iterable, List, Optional
+from typing import Any, Iterable, List, Optional, Protocol, Sequence, Set
 
 import xxhash
 import zstandard
 
-from .. import __version__
-from ..model import check_digest
+from ..errors import BundleFormatError
+from ..oci import check_digest
 from . import (CODEC_STORED, CODEC_ZSTD, CODECS, DEFAULT_CHUNK_SIZE, DEFAULT_WINDOW_LOG,
-               FORMAT_VERSION, KIND_BLOB, MAGIC, MAX_CHUNK_SIZE, TAG_ENTRY, TAG_FOOTER,
-               TAG_HEADER, TAG_INDEX, END_MAGIC)
-from .records import CHUNK_HEAD, U32, U64, pack_record
+               END_MAGIC, FORMAT_VERSION, KIND_BLOB, MAGIC, MAX_CHUNK_SIZE, TAG_ENTRY, TAG_FOOTER,
+               TAG_HEADER, TAG_INDEX)
+from .framing import CHUNK_HEAD, U32, U64, pack_record
+from .records import EntryHead, Header, ImageRecord, Index, IndexEntry, check_index
 
 
-@dataclass(frozen=True)
-class EntryInfo:
-    """Where an entry landed and what it cost."""
-
-    digest: str
-    size: int  # decoded bytes
-    codec: int
-    stored_size: int  # bytes of chunk payload in the bundle
-    offset: int  # of the entry record's tag byte
+class Sink(Protocol):
+    def write(self, data: bytes) -> Any: ...
 
 
 class _Out:
     """Counts and hashes everything written (the footer's whole-bundle xxh3-128)."""
 
-    def __init__(self, raw: BinaryIO) -> None:
+    def __init__(self, raw: Sink) -> None:
         self.raw = raw
         self.offset = 0
         self.hasher = xxhash.xxh3_128()
@@ -52,46 +44,39 @@ class BundleWriter:
     """Write one bundle: header, then ``add_blob`` per entry, then ``finish``.
 
     Args:
-        out: binary sink, written sequentially.
-        header: header fields (``site``, ``runtime``, ``platform``, ``prerequisites``,
-            ``images``...); ``created``, ``tool`` and ``required_features`` are filled in.
+        out: binary sink, written sequentially (a file, a pipe, a socket).
+        header: the header record, complete.
         level: zstd level for ``CODEC_ZSTD`` entries.
-        threads: zstd worker threads, at least 1. zstd's multi-threaded mode writes the
-            same bytes whatever the number of workers (its single-threaded mode does
-            not), so a bundle packed on any machine is byte-identical.
+        threads: zstd worker threads; below 1 counts as 1. zstd's multi-threaded mode
+            writes the same bytes whatever the number of workers (its single-threaded
+            mode does not), so a bundle packed on any machine is byte-identical.
     """
 
-    def __init__(self, out: BinaryIO, header: Dict[str, Any], *, level: int = 16,
+    def __init__(self, out: Sink, header: Header, *, level: int = 16,
                  threads: int = 1, chunk_size: int = DEFAULT_CHUNK_SIZE,
                  window_log: int = DEFAULT_WINDOW_LOG) -> None:
         if not 0 < chunk_size <= MAX_CHUNK_SIZE:
             raise ValueError(f"chunk_size must be 1..{MAX_CHUNK_SIZE}")
         self._out = _Out(out)
         self._chunk_size = chunk_size
-        self._entries: List[EntryInfo] = []
-        self._digests: set = set()
+        self._entries: List[IndexEntry] = []
+        self._digests: Set[str] = set()
         params = zstandard.ZstdCompressionParameters.from_level(
             level, window_log=window_log, threads=max(1, threads), write_checksum=0,
             write_content_size=1)
         self._cctx = zstandard.ZstdCompressor(compression_params=params)
         self.level = level
-        full = dict(header)
-        full.setdefault("created", datetime.datetime.now(datetime.timezone.utc)
-                        .strftime("%Y-%m-%dT%H:%M:%SZ"))
-        full.setdefault("tool", f"edgebundle {__version__}")
-        full.setdefault("required_features", [])
-        full.setdefault("volume", None)
-        self.header = full
+        self.header = header
         self._out.write(MAGIC + FORMAT_VERSION.to_bytes(2, "big"))
-        self._out.write(pack_record(TAG_HEADER, full))
+        self._out.write(pack_record(TAG_HEADER, header.to_wire()))
         self._finished = False
 
     @property
-    def entries(self) -> List[EntryInfo]:
+    def entries(self) -> List[IndexEntry]:
         return list(self._entries)
 
     def add_blob(self, digest: str, size: int, data: Iterable[bytes], *, codec: int,
-                 media_type: Optional[str] = None) -> EntryInfo:
+                 media_type: Optional[str] = None) -> IndexEntry:
         """Append one content-addressed blob.
 
         ``data`` yields the decoded bytes; they must hash to ``digest`` and total
@@ -104,22 +89,26 @@ class BundleWriter:
         if digest in self._digests:
             raise ValueError(f"entry {digest} written twice")
         offset = self._out.offset
-        head: Dict[str, Any] = {"kind": KIND_BLOB, "digest": digest, "size": size, "codec": codec}
-        if codec == CODEC_ZSTD:
-            head["level"] = self.level
-        if media_type:
-            head["media_type"] = media_type
-        self._out.write(pack_record(TAG_ENTRY, head))
+        head = EntryHead(KIND_BLOB, digest, size, codec,
+                         level=self.level if codec == CODEC_ZSTD else None, media_type=media_type)
+        self._out.write(pack_record(TAG_ENTRY, head.to_wire()))
         hasher = hashlib.sha256()
         seen = 0
         stored = 0
 
         def counted() -> Iterable[bytes]:
+            # Checked as the bytes pass, so a wrong blob is named before zstd (which was
+            # promised ``size`` bytes) fails on it with a message of its own.
             nonlocal seen
             for piece in data:
                 hasher.update(piece)
                 seen += len(piece)
+                if seen > size:
+                    raise EntryMismatch(digest, size, "(more bytes)", seen)
                 yield piece
+            actual = "sha256:" + hasher.hexdigest()
+            if actual != digest or seen != size:
+                raise EntryMismatch(digest, size, actual, seen)
 
         if codec == CODEC_STORED:
             chunks = _rechunk(counted(), self._chunk_size)
@@ -130,25 +119,26 @@ class BundleWriter:
             self._out.write(chunk)
             stored += len(chunk)
         self._out.write(U32.pack(0))
-        actual = "sha256:" + hasher.hexdigest()
-        if actual != digest or seen != size:
-            raise ValueError(f"entry {digest} ({size} bytes) got content {actual} ({seen} bytes)")
-        info = EntryInfo(digest, size, codec, stored, offset)
+        info = IndexEntry(digest, KIND_BLOB, size, codec, stored, offset)
         self._entries.append(info)
         self._digests.add(digest)
         return info
 
-    def finish(self, images: List[Dict[str, Any]]) -> int:
-        """Write the index (image records + entry table) and the footer; return total bytes."""
+    def finish(self, images: Sequence[ImageRecord]) -> int:
+        """Write the index (image records + entry table) and the footer; return total bytes.
+
+        The index is held to the same rules a reader checks: a writer never emits a
+        bundle that ``edgebundle verify`` would refuse.
+        """
         if self._finished:
             raise ValueError("bundle already finished")
+        index = Index(tuple(self._entries), tuple(images))
+        try:
+            check_index(index, self.header, "being written", self._entries)
+        except BundleFormatError as exc:
+            raise ValueError(f"refusing to finish a bundle that breaks the format: {exc.message}") from None
         index_offset = self._out.offset
-        index = {
-            "entries": [{"digest": e.digest, "kind": KIND_BLOB, "size": e.size, "codec": e.codec,
-                         "stored_size": e.stored_size, "offset": e.offset} for e in self._entries],
-            "images": images,
-        }
-        self._out.write(pack_record(TAG_INDEX, index))
+        self._out.write(pack_record(TAG_INDEX, index.to_wire()))
         tail = bytes([TAG_FOOTER]) + U64.pack(index_offset)
         self._out.write(tail)
         # The footer digest covers every byte before it, including its own tag+offset.
@@ -156,6 +146,14 @@ class BundleWriter:
         self._out.offset += 24
         self._finished = True
         return self._out.offset
+
+
+class EntryMismatch(ValueError):
+    """The bytes handed to ``add_blob`` are not the blob they were announced as."""
+
+    def __init__(self, digest: str, size: int, actual: str, seen: int) -> None:
+        super().__init__(f"entry {digest} ({size} bytes) got content {actual} ({seen} bytes)")
+        self.digest = digest
 
 
 def _rechunk(pieces: Iterable[bytes], size: int) -> Iterable[bytes]:
@@ -183,4 +181,4 @@ def _zstd_chunks(cctx: zstandard.ZstdCompressor, pieces: Iterable[bytes], chunk_
     chunker = cctx.chunker(size=size, chunk_size=chunk_size)
     for piece in pieces:
         yield from chunker.compress(piece)
-    yield from chunker.finish()
+    yield from chunker.finish()  # type: ignore[no-untyped-call]  # zstandard's stub lacks it

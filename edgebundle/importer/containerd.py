@@ -2,7 +2,8 @@
 
 Why ``ctr`` and not the gRPC API: every containerd device has it (k3s ships it as
 ``k3s ctr``), and it keeps the device side free of grpc/protobuf. Argument building
-and output parsing are pure functions next to the one class that runs processes.
+and output parsing are pure functions; processes are run by a ``Runner`` (the one I/O
+seam: ``SubprocessRunner`` in production, a recorded-output fake in the tests).
 
 Import protocol (never a half-imported image under its real name):
 
@@ -18,18 +19,23 @@ Import protocol (never a half-imported image under its real name):
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import shlex
 import subprocess
 import tempfile
 from dataclasses import dataclass
-from typing import IO, Dict, FrozenSet, Iterator, List, Optional, Sequence, Tuple
+from typing import IO, Any, Dict, FrozenSet, Iterator, List, Mapping, Optional, Protocol, \
+    Sequence, Tuple
 
-from ..errors import LoadError, RuntimeUnavailableError
-from ..model import (INDEX_TYPES, Descriptor, HeldImage, HeldLayer, Inventory, Platform,
-                     chain_ids)
+from ..errors import LoadError, RuntimeUnavailableError, UsageError
+from ..format import EntryHead, ImageRecord
+from ..holdings import HeldImage, HeldLayer, Inventory
+from ..oci import INDEX_TYPES, Descriptor, Platform, chain_ids, check_digest
 from .tarstream import TarStream, ThreadedSink, blob_path, last_line
+
+log = logging.getLogger(__name__)
 
 TEMP_PREFIX = "import.edgebundle.invalid/"
 ANNOTATION_IMAGE_NAME = "io.containerd.image.name"
@@ -72,12 +78,24 @@ class ImageTree:
     layers: Tuple[Tuple[str, int, str], ...]  # (digest, size, diff_id)
 
 
-def select_manifest(index: dict, platform: Optional[Platform],
+_NO_TREE = ImageTree(None, None, None, ())
+
+
+def select_manifest(index: Mapping[str, Any], platform: Optional[Platform],
                     present: FrozenSet[str]) -> Optional[Tuple[Descriptor, Optional[str]]]:
-    """From an index, the manifest for ``platform`` (or the first one held, if None)."""
-    for m in index.get("manifests", []):
-        desc = Descriptor.from_json(m)
-        plat = Platform.from_json(m["platform"]) if isinstance(m.get("platform"), dict) else None
+    """From an index, the manifest for ``platform`` (or the first one held, if None).
+
+    Entries we cannot read (another digest algorithm, no size) are skipped: they can
+    name nothing this device was given by edgebundle.
+    """
+    manifests = index.get("manifests")
+    for m in manifests if isinstance(manifests, list) else []:
+        try:
+            desc = Descriptor.from_json(m)
+        except ValueError:
+            continue
+        raw = m.get("platform")
+        plat = Platform.from_json(raw) if isinstance(raw, dict) else None
         if platform is not None:
             if plat is not None and plat.matches(platform):
                 return desc, str(plat)
@@ -89,78 +107,52 @@ def select_manifest(index: dict, platform: Optional[Platform],
 # --- the process seam ---------------------------------------------------------------
 
 
-class Ctr:
-    """Runs ``ctr`` against one containerd address and namespace."""
+@dataclass(frozen=True)
+class Completed:
+    returncode: int
+    stdout: bytes
+    stderr: bytes
 
-    def __init__(self, address: str, namespace: str = "default", ctr: str = "ctr",
-                 snapshotter: str = "overlayfs", timeout: float = 600.0) -> None:
-        self.address = address
-        self.namespace = namespace
-        self.argv0 = shlex.split(ctr)
-        self.snapshotter = snapshotter
-        self.timeout = timeout
 
-    def argv(self, *args: str) -> List[str]:
-        return self.argv0 + ["--address", self.address, "--namespace", self.namespace, *args]
+class Process(Protocol):
+    """A started ``ctr images import`` (what ``subprocess.Popen`` offers)."""
 
-    def run(self, *args: str, input: Optional[bytes] = None, check: bool = True) -> bytes:
-        if "://" not in self.address and not os.path.exists(self.address):
-            # ctr would spend 10 s dialling a socket that is not there.
-            raise RuntimeUnavailableError(f"containerd socket {self.address} does not exist",
-                                          "check --address and that containerd is running "
-                                          "(k3s: /run/k3s/containerd/containerd.sock)")
+    @property
+    def stdin(self) -> Optional[IO[bytes]]: ...
+
+    @property
+    def returncode(self) -> Optional[int]: ...
+
+    def wait(self, timeout: Optional[float] = None) -> int: ...
+
+    def kill(self) -> None: ...
+
+
+class Runner(Protocol):
+    """Runs ``ctr``: the I/O seam between edgebundle and containerd."""
+
+    def run(self, argv: Sequence[str], input: Optional[bytes], timeout: float) -> Completed:
+        """Run to completion; raise FileNotFoundError if the program does not exist."""
+
+    def start(self, argv: Sequence[str], stderr: IO[bytes]) -> Process:
+        """Start with a pipe on stdin, stdout discarded, stderr to ``stderr``."""
+
+
+class SubprocessRunner:
+    def run(self, argv: Sequence[str], input: Optional[bytes], timeout: float) -> Completed:
         try:
-            proc = subprocess.run(self.argv(*args), input=input, capture_output=True,
-                                  timeout=self.timeout, env=_env())
-        except FileNotFoundError:
-            raise RuntimeUnavailableError(f"containerd client {self.argv0[0]!r} not found",
-                                          "install containerd's ctr or pass --ctr PATH "
-                                          "(k3s: --ctr 'k3s ctr')") from None
-        if check and proc.returncode != 0:
-            err = last_line(proc.stderr.decode(errors="replace"))
-            if "connection refused" in err or "no such file" in err.lower() or \
-                    "failed to dial" in err or "permission denied" in err.lower():
-                raise RuntimeUnavailableError(f"containerd at {self.address} is unreachable: {err}",
-                                              "check --address and that containerd is running")
-            raise LoadError(f"ctr {' '.join(args[:2])} failed: {err}")
-        return proc.stdout
+            proc = subprocess.run(list(argv), input=input, capture_output=True, timeout=timeout,
+                                  env=_env())
+        except subprocess.TimeoutExpired:
+            raise RuntimeUnavailableError(f"`{shlex.join(list(argv[:1]) + list(argv[5:7]))}` did not finish "
+                                          f"within {timeout:.0f}s", "check that containerd is healthy") from None
+        return Completed(proc.returncode, proc.stdout, proc.stderr)
 
-    def ping(self) -> None:
-        self.run("version")
-
-    def images(self) -> List[Tuple[str, str, str]]:
-        return parse_images_ls(self.run("images", "ls").decode())
-
-    def content(self) -> FrozenSet[str]:
-        return parse_content_ls_quiet(self.run("content", "ls", "-q").decode())
-
-    def snapshots(self) -> FrozenSet[str]:
-        return parse_snapshots_ls(self.run("snapshots", "--snapshotter", self.snapshotter, "ls").decode())
-
-    def get(self, digest: str) -> bytes:
-        return self.run("content", "get", digest)
-
-    def tag(self, source: str, target: str) -> None:
-        self.run("images", "tag", "--force", source, target)
-
-    def remove(self, *names: str) -> None:
-        if names:
-            self.run("images", "rm", *names, check=False)
-
-    def start_import(self, platform: str, stderr: "IO[bytes]") -> "subprocess.Popen[bytes]":
-        """``ctr images import`` reading a tar on stdin.
-
-        stdout is discarded and stderr goes to a file: nobody reads pipes while we
-        stream, and a full pipe would stall ctr (and so the whole import).
-        """
-        argv = self.argv("images", "import", "--platform", platform,
-                         "--snapshotter", self.snapshotter, "-")
-        try:
-            return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                    stderr=stderr, env=_env())
-        except FileNotFoundError:
-            raise RuntimeUnavailableError(f"containerd client {self.argv0[0]!r} not found",
-                                          "pass --ctr PATH") from None
+    def start(self, argv: Sequence[str], stderr: IO[bytes]) -> Process:
+        # stdout is discarded and stderr goes to a file: nobody reads pipes while we
+        # stream, and a full pipe would stall ctr (and so the whole import).
+        return subprocess.Popen(list(argv), stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                stderr=stderr, env=_env())
 
 
 def _env() -> Dict[str, str]:
@@ -171,7 +163,108 @@ def _env() -> Dict[str, str]:
     return env
 
 
+_UNREACHABLE = ("connection refused", "no such file", "failed to dial", "permission denied",
+                "context deadline exceeded")
+
+
+class Ctr:
+    """Runs ``ctr`` against one containerd address and namespace."""
+
+    def __init__(self, address: str, namespace: str = "default", ctr: str = "ctr",
+                 snapshotter: str = "overlayfs", timeout: float = 600.0,
+                 runner: Optional[Runner] = None) -> None:
+        self.address = address
+        self.namespace = namespace
+        try:
+            self.argv0 = shlex.split(ctr)
+        except ValueError as exc:
+            raise UsageError(f"--ctr {ctr!r} is not a command line: {exc}",
+                             "quote it like a shell word list, e.g. --ctr 'k3s ctr'") from None
+        if not self.argv0:
+            raise UsageError("--ctr is empty", "pass the ctr command, e.g. --ctr ctr")
+        self.snapshotter = snapshotter
+        self.timeout = timeout
+        self.runner: Runner = runner or SubprocessRunner()
+
+    def argv(self, *args: str) -> List[str]:
+        return self.argv0 + ["--address", self.address, "--namespace", self.namespace, *args]
+
+    def _check_socket(self) -> None:
+        if "://" not in self.address and not os.path.exists(self.address):
+            # ctr would spend 10 s dialling a socket that is not there.
+            raise RuntimeUnavailableError(f"containerd socket {self.address} does not exist",
+                                          "check --address and that containerd is running "
+                                          "(k3s: /run/k3s/containerd/containerd.sock)")
+
+    def run(self, *args: str, input: Optional[bytes] = None, check: bool = True) -> bytes:
+        self._check_socket()
+        argv = self.argv(*args)
+        log.debug("run: %s", shlex.join(argv))
+        try:
+            proc = self.runner.run(argv, input, self.timeout)
+        except FileNotFoundError:
+            raise RuntimeUnavailableError(f"containerd client {self.argv0[0]!r} not found",
+                                          "install containerd's ctr or pass --ctr PATH "
+                                          "(k3s: --ctr 'k3s ctr')") from None
+        if check and proc.returncode != 0:
+            err = last_line(proc.stderr.decode(errors="replace"))
+            if any(marker in err.lower() for marker in _UNREACHABLE):
+                raise RuntimeUnavailableError(f"containerd at {self.address} is unreachable: {err}",
+                                              "check --address and that containerd is running")
+            raise LoadError(f"ctr {' '.join(args[:2])} failed: {err}",
+                            "check containerd's logs; run `edgebundle report` to see its state")
+        return proc.stdout
+
+    def ping(self) -> None:
+        self.run("version")
+
+    def images(self) -> List[Tuple[str, str, str]]:
+        return parse_images_ls(self.run("images", "ls").decode(errors="replace"))
+
+    def content(self) -> FrozenSet[str]:
+        return parse_content_ls_quiet(self.run("content", "ls", "-q").decode(errors="replace"))
+
+    def snapshots(self) -> FrozenSet[str]:
+        return parse_snapshots_ls(self.run("snapshots", "--snapshotter", self.snapshotter, "ls")
+                                  .decode(errors="replace"))
+
+    def get(self, digest: str) -> bytes:
+        return self.run("content", "get", digest)
+
+    def tag(self, source: str, target: str) -> None:
+        self.run("images", "tag", "--force", source, target)
+
+    def remove(self, *names: str) -> None:
+        """Best effort (cleanup of temporary names): failures are logged, never raised."""
+        if not names:
+            return
+        try:
+            self.run("images", "rm", *names, check=False)
+        except (RuntimeUnavailableError, LoadError) as exc:
+            log.warning("could not remove %s: %s", ", ".join(names), exc)
+
+    def start_import(self, platform: str, stderr: IO[bytes]) -> Process:
+        """``ctr images import`` reading an OCI layout tar on stdin."""
+        self._check_socket()
+        argv = self.argv("images", "import", "--platform", platform,
+                         "--snapshotter", self.snapshotter, "-")
+        log.debug("run: %s", shlex.join(argv))
+        try:
+            return self.runner.start(argv, stderr)
+        except FileNotFoundError:
+            raise RuntimeUnavailableError(f"containerd client {self.argv0[0]!r} not found",
+                                          "pass --ctr PATH") from None
+
+
 # --- the runtime ---------------------------------------------------------------------
+
+
+def _json(data: bytes) -> Optional[Dict[str, Any]]:
+    try:
+        obj = json.loads(data)
+    except ValueError:
+        return None
+    return obj if isinstance(obj, dict) else None
 
 
 class ContainerdRuntime:
@@ -179,7 +272,7 @@ class ContainerdRuntime:
 
     def __init__(self, ctr: Ctr) -> None:
         self.ctr = ctr
-        self.namespace = ctr.namespace
+        self.namespace: Optional[str] = ctr.namespace
         self._blobs: Dict[str, bytes] = {}
 
     def _get(self, digest: str) -> bytes:
@@ -191,31 +284,37 @@ class ContainerdRuntime:
 
     def _tree(self, media_type: str, digest: str, present: FrozenSet[str],
               platform: Optional[Platform]) -> ImageTree:
-        """Walk target -> manifest -> config; missing pieces come back as None."""
+        """Walk target -> manifest -> config; missing or unreadable pieces end the walk.
+
+        Whatever the content store holds, this never raises for its shape: an image
+        whose tree cannot be read is simply reported incomplete.
+        """
         if digest not in present:
-            return ImageTree(None, None, None, ())
+            return _NO_TREE
         data = self._get(digest)
-        obj = json.loads(data)
+        obj = _json(data)
+        if obj is None:
+            return _NO_TREE
         manifest = Descriptor(media_type, digest, len(data))
         plat: Optional[str] = None
         if media_type in INDEX_TYPES or "manifests" in obj:
             chosen = select_manifest(obj, platform, present)
             if chosen is None or chosen[0].digest not in present:
-                return ImageTree(None, None, None, ())
+                return _NO_TREE
             manifest, plat = chosen
-            obj = json.loads(self._get(manifest.digest))
-        config = obj.get("config", {}).get("digest")
-        if not config or config not in present:
+            obj = _json(self._get(manifest.digest))
+            if obj is None:
+                return ImageTree(manifest, plat, None, ())
+        config_desc = obj.get("config")
+        config = config_desc.get("digest") if isinstance(config_desc, dict) else None
+        if not isinstance(config, str) or config not in present:
             return ImageTree(manifest, plat, None, ())
-        cfg = json.loads(self._get(config))
+        cfg = _json(self._get(config))
+        if cfg is None:
+            return ImageTree(manifest, plat, None, ())
         if plat is None:
             plat = str(Platform.from_json(cfg))
-        diff_ids = cfg.get("rootfs", {}).get("diff_ids", [])
-        layers = tuple((l["digest"], int(l["size"]), d)
-                       for l, d in zip(obj.get("layers", []), diff_ids))
-        if len(layers) != len(diff_ids):
-            return ImageTree(manifest, plat, config, ())
-        return ImageTree(manifest, plat, config, layers)
+        return ImageTree(manifest, plat, config, _layers(obj, cfg) or ())
 
     def held_image(self, name: str, media_type: str, digest: str, present: FrozenSet[str],
                    snaps: FrozenSet[str], platform: Optional[Platform] = None) -> HeldImage:
@@ -238,7 +337,7 @@ class ContainerdRuntime:
         images = []
         for name, media_type, digest in self.ctr.images():
             if name.startswith(TEMP_PREFIX) and not include_temp:
-                continue
+                continue  # an import in progress (or one that died): never reported
             images.append(self.held_image(name, media_type, digest, present, snaps))
         return Inventory(runtime="containerd", namespace=self.namespace, images=tuple(images),
                          blobs=present, chains=snaps,
@@ -246,6 +345,23 @@ class ContainerdRuntime:
 
     def loader(self, inv: Inventory, platform: str) -> "ContainerdLoader":
         return ContainerdLoader(self, inv, platform)
+
+
+def _layers(manifest: Mapping[str, Any], config: Mapping[str, Any]) -> Optional[Tuple[Tuple[str, int, str], ...]]:
+    """(digest, size, diff_id) per layer, or None when manifest and config disagree."""
+    rootfs = config.get("rootfs")
+    diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
+    descs = manifest.get("layers")
+    if not isinstance(diff_ids, list) or not isinstance(descs, list) or len(descs) != len(diff_ids):
+        return None
+    out = []
+    for desc, diff_id in zip(descs, diff_ids):
+        try:
+            layer = Descriptor.from_json(desc)
+            out.append((layer.digest, layer.size, check_digest(diff_id)))
+        except ValueError:
+            return None
+    return tuple(out)
 
 
 class ContainerdLoader:
@@ -256,7 +372,7 @@ class ContainerdLoader:
         self.platform = platform
         self._present = inv.blobs
         self._nonce = secrets.token_hex(6)
-        self._proc: Optional["subprocess.Popen[bytes]"] = None
+        self._proc: Optional[Process] = None
         self._tar: Optional[TarStream] = None
         self._sink: Optional[ThreadedSink] = None
         self._temp_names: List[str] = []
@@ -270,14 +386,35 @@ class ContainerdLoader:
             self._tar = TarStream(self._sink)
         return self._tar
 
-    def wants(self, digest: str, media_type: Optional[str]) -> bool:
+    def wants(self, head: EntryHead) -> bool:
         """Blobs already in the content store are not sent again."""
-        return digest not in self._present
+        return head.digest not in self._present
 
     def add(self, digest: str, size: int, pieces: Iterator[bytes]) -> None:
-        self._ensure().add(blob_path(digest), size, pieces)
+        tar = self._ensure()
+        try:
+            tar.add(blob_path(digest), size, pieces)
+        except OSError as exc:  # ctr stopped reading: it died, or refused the stream
+            raise self._died(exc) from None
 
-    def commit(self, records: Sequence[dict]) -> List[str]:
+    def _died(self, exc: OSError) -> LoadError:
+        """ctr closed its stdin early: reap it and say what it printed."""
+        proc = self._proc
+        if proc is not None:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        return LoadError(f"ctr images import stopped reading the image stream ({exc.strerror or exc}): "
+                         f"{self._stderr_line() or 'no message'}",
+                         "check containerd's logs and free disk space; nothing was imported")
+
+    def _stderr_line(self) -> str:
+        self._stderr.seek(0)
+        return last_line(self._stderr.read().decode(errors="replace"))
+
+    def commit(self, records: Sequence[ImageRecord]) -> List[str]:
         """Write index.json naming each image temporarily, finish ctr, check, rename.
 
         Returns the names now complete; raises LoadError (after cleaning up) otherwise.
@@ -287,54 +424,62 @@ class ContainerdLoader:
         for i, rec in enumerate(records):
             temp = f"{TEMP_PREFIX}{self._nonce}/{i}:pending"
             self._temp_names.append(temp)
-            desc = dict(rec["top"])
-            desc["annotations"] = {ANNOTATION_IMAGE_NAME: temp}
-            manifests.append(desc)
+            manifests.append(dict(rec.top.to_json(), annotations={ANNOTATION_IMAGE_NAME: temp}))
         index = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
                  "manifests": manifests}
-        tar.add_bytes("oci-layout", b'{"imageLayoutVersion":"1.0.0"}')
-        tar.add_bytes("index.json", json.dumps(index).encode())
-        tar.close()
         proc = self._proc
         assert proc is not None and proc.stdin is not None and self._sink is not None
         try:
-            self._sink.close()
-            proc.stdin.close()
-            proc.wait(timeout=self.runtime.ctr.timeout)
-            self._stderr.seek(0)
-            err = self._stderr.read()
+            try:
+                tar.add_bytes("oci-layout", b'{"imageLayoutVersion":"1.0.0"}')
+                tar.add_bytes("index.json", json.dumps(index).encode())
+                tar.close()
+                self._sink.close()
+                proc.stdin.close()
+            except OSError as exc:
+                raise self._died(exc) from None
+            try:
+                proc.wait(timeout=self.runtime.ctr.timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                raise LoadError(f"ctr images import did not finish within "
+                                f"{self.runtime.ctr.timeout:.0f}s", "check containerd's health") from None
             try:
                 if proc.returncode != 0:
-                    raise LoadError(f"containerd refused the import: "
-                                    f"{last_line(err.decode(errors='replace'))}",
+                    raise LoadError(f"containerd refused the import: {self._stderr_line()}",
                                     "run `edgebundle report` to see what the device holds")
+                log.info("ctr images import finished; checking %d image(s) before naming them",
+                         len(records))
                 return self._publish(records)
             finally:
                 self.runtime.ctr.remove(*self._temp_names)
         finally:
             self._proc = None
+            self._stderr.close()
 
-    def _publish(self, records: Sequence[dict]) -> List[str]:
+    def _publish(self, records: Sequence[ImageRecord]) -> List[str]:
         present = self.runtime.ctr.content()
         snaps = self.runtime.ctr.snapshots()
         listed = {name: (mt, dg) for name, mt, dg in self.runtime.ctr.images()}
         done, broken = [], []
         for temp, rec in zip(self._temp_names, records):
             if temp not in listed:
-                broken.append(rec["name"])
+                broken.append(rec.name)
                 continue
             mt, dg = listed[temp]
             held = self.runtime.held_image(temp, mt, dg, present, snaps,
-                                           Platform.parse(rec["platform"]))
-            if held.complete and dg == rec["top"]["digest"]:
-                done.append((temp, rec["name"]))
+                                           Platform.parse(rec.platform))
+            if held.complete and dg == rec.top.digest:
+                done.append((temp, rec.name))
             else:
-                broken.append(rec["name"])
+                broken.append(rec.name)
         if broken:
             raise LoadError(f"containerd import left incomplete: {', '.join(broken)}; "
                             "nothing was renamed", "check `ctr images ls`/containerd logs; the "
                             "bundle may lack a layer the device discarded")
         for temp, name in done:
+            log.info("image %s is complete: naming it", name)
             self.runtime.ctr.tag(temp, name)
         return [name for _, name in done]
 
@@ -346,4 +491,6 @@ class ContainerdLoader:
             if self._sink is not None:
                 self._sink.abort()
             self._proc = None
+        if not self._stderr.closed:
+            self._stderr.close()
         self.runtime.ctr.remove(*self._temp_names)

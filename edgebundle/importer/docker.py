@@ -14,44 +14,60 @@ from __future__ import annotations
 
 import http.client
 import json
+import logging
 import socket
-from typing import Any, Iterator, List, Optional, Sequence, Set
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Set
 
-from ..errors import LoadError, RuntimeUnavailableError
-from ..model import (MT_DOCKER_CONFIG, MT_OCI_CONFIG, HeldImage, HeldLayer, Inventory, Platform,
-                     chain_ids, docker_tag)
+from ..errors import LoadError, RuntimeUnavailableError, UsageError
+from ..format import EntryHead, ImageRecord
+from ..holdings import HeldImage, HeldLayer, Inventory
+from ..naming import docker_tag
+from ..oci import Platform, chain_ids, is_manifest_or_index
 from ..reference import parse_reference
 from .tarstream import TarStream, ThreadedSink, blob_path
 
+log = logging.getLogger(__name__)
+
 DEFAULT_HOST = "unix:///var/run/docker.sock"
-CONFIG_TYPES = {MT_DOCKER_CONFIG, MT_OCI_CONFIG}
+
+#: Opens a connected stream socket to the daemon (the one I/O seam; tests pass their own).
+Dial = Callable[[], socket.socket]
 
 
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float) -> None:
+class _Connection(http.client.HTTPConnection):
+    def __init__(self, dial: Dial, timeout: float) -> None:
         super().__init__("localhost", timeout=timeout)
-        self._path = path
+        self._dial = dial
 
     def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        sock.connect(self._path)
-        self.sock = sock
+        self.sock = self._dial()
 
 
 class DockerAPI:
     """Minimal Engine API client for what import and report need."""
 
-    def __init__(self, host: str = DEFAULT_HOST, timeout: float = 600.0) -> None:
+    def __init__(self, host: str = DEFAULT_HOST, timeout: float = 600.0,
+                 dial: Optional[Dial] = None) -> None:
         if not host.startswith("unix://"):
             raise RuntimeUnavailableError(f"docker host {host!r} is not a unix socket",
                                           "pass --host unix:///path/to/docker.sock")
         self.host = host
         self.path = host[len("unix://"):]
         self.timeout = timeout
+        self._dial = dial or self._dial_unix
 
-    def connection(self) -> _UnixConnection:
-        conn = _UnixConnection(self.path, self.timeout)
+    def _dial_unix(self) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.path)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def connection(self) -> _Connection:
+        conn = _Connection(self._dial, self.timeout)
         try:
             conn.connect()
         except OSError as exc:
@@ -60,20 +76,28 @@ class DockerAPI:
         return conn
 
     def get_json(self, path: str) -> Any:
+        """GET ``path``; the parsed JSON body, or None on 404."""
+        log.debug("docker API: GET %s", path)
         conn = self.connection()
         try:
             conn.request("GET", path)
             resp = conn.getresponse()
             body = resp.read()
-        except OSError as exc:
-            raise RuntimeUnavailableError(f"docker daemon at {self.host} failed: {exc}") from None
+        except (OSError, http.client.HTTPException) as exc:
+            raise RuntimeUnavailableError(f"docker daemon at {self.host} failed: {exc}",
+                                          "check that dockerd is running and healthy") from None
         finally:
             conn.close()
         if resp.status == 404:
             return None
         if resp.status != 200:
-            raise LoadError(f"docker API GET {path} returned {resp.status}: {body[:200]!r}")
-        return json.loads(body)
+            raise LoadError(f"docker API GET {path} returned {resp.status}: {body[:200]!r}",
+                            "check the docker daemon's logs")
+        try:
+            return json.loads(body)
+        except ValueError:
+            raise LoadError(f"docker API GET {path} answered something that is not JSON: "
+                            f"{body[:100]!r}", f"check that {self.host} is a docker daemon") from None
 
     def ping(self) -> None:
         self.get_json("/version")
@@ -83,7 +107,7 @@ class _ChunkedBody:
     """Sends HTTP/1.1 chunked transfer encoding: small writes are coalesced, large
     pieces go out as their own chunk without being copied into a buffer first."""
 
-    def __init__(self, conn: _UnixConnection, coalesce: int = 64 * 1024) -> None:
+    def __init__(self, conn: _Connection, coalesce: int = 64 * 1024) -> None:
         self._conn = conn
         self._buf = bytearray()
         self._coalesce = coalesce
@@ -118,7 +142,11 @@ class _ChunkedBody:
 
 
 def parse_load_response(body: bytes) -> List[str]:
-    """Lines of ``{"stream": ...}`` / ``{"errorDetail": ...}``; raise on an error line."""
+    """Lines of ``{"stream": ...}`` / ``{"errorDetail": ...}``; raise on an error line.
+
+    The daemon answers 200 before it has read the archive, so a failed load is an
+    error *line* in a 200 response, not a status.
+    """
     loaded = []
     for line in body.splitlines():
         if not line.strip():
@@ -127,9 +155,12 @@ def parse_load_response(body: bytes) -> List[str]:
             msg = json.loads(line)
         except ValueError:
             continue
+        if not isinstance(msg, dict):
+            continue
         if "error" in msg or "errorDetail" in msg:
-            detail = msg.get("errorDetail", {}).get("message") or msg.get("error")
-            raise LoadError(f"docker refused the load: {detail}",
+            detail = msg.get("errorDetail")
+            text = detail.get("message") if isinstance(detail, dict) else None
+            raise LoadError(f"docker refused the load: {text or msg.get('error')}",
                             "run `edgebundle report` to see what the device holds")
         stream = str(msg.get("stream", "")).strip()
         if stream:
@@ -139,7 +170,7 @@ def parse_load_response(body: bytes) -> List[str]:
 
 class DockerRuntime:
     kind = "docker"
-    namespace = None
+    namespace: Optional[str] = None  # Docker has no namespaces
 
     def __init__(self, api: DockerAPI) -> None:
         self.api = api
@@ -147,25 +178,42 @@ class DockerRuntime:
     def inventory(self) -> Inventory:
         images = []
         chains: Set[str] = set()
-        for summary in self.api.get_json("/images/json?all=1") or []:
-            detail = self.api.get_json(f"/images/{summary['Id']}/json")
-            if detail is None:  # removed while we looked
+        summaries = self.api.get_json("/images/json?all=1") or []
+        if not isinstance(summaries, list):
+            raise LoadError(f"docker API /images/json answered {type(summaries).__name__}, not a list",
+                            f"check that {self.api.host} is a docker daemon")
+        for summary in summaries:
+            image_id = summary.get("Id") if isinstance(summary, dict) else None
+            if not isinstance(image_id, str):
                 continue
-            diff_ids = list((detail.get("RootFS") or {}).get("Layers") or [])
+            detail = self.api.get_json(f"/images/{image_id}/json")
+            if not isinstance(detail, dict):  # removed while we looked
+                continue
+            diff_ids = [str(d) for d in (detail.get("RootFS") or {}).get("Layers") or []]
             ids = chain_ids(diff_ids)
             chains.update(ids)
-            plat = str(Platform(detail.get("Os", ""), detail.get("Architecture", ""),
-                                detail.get("Variant", "") or "").normalized())
+            plat = str(Platform(str(detail.get("Os") or ""), str(detail.get("Architecture") or ""),
+                                str(detail.get("Variant") or "")).normalized())
             layers = tuple(HeldLayer(diff_id=d, unpacked=True) for d in diff_ids)
             for tag in summary.get("RepoTags") or []:
-                if tag == "<none>:<none>":
-                    continue
-                images.append(HeldImage(name=str(parse_reference(tag)), config=summary["Id"],
-                                        platform=plat, complete=True, layers=layers))
+                name = _tag_name(tag)
+                if name is not None:
+                    images.append(HeldImage(name=name, config=image_id, platform=plat,
+                                            complete=True, layers=layers))
         return Inventory(runtime="docker", images=tuple(images), chains=frozenset(chains))
 
     def loader(self, inv: Inventory, platform: str) -> "DockerLoader":
         return DockerLoader(self)
+
+
+def _tag_name(tag: object) -> Optional[str]:
+    """A RepoTags entry as a normalised name; None for ``<none>:<none>`` and oddities."""
+    if not isinstance(tag, str) or tag == "<none>:<none>":
+        return None
+    try:
+        return str(parse_reference(tag))
+    except UsageError:
+        return None
 
 
 class DockerLoader:
@@ -173,13 +221,14 @@ class DockerLoader:
 
     def __init__(self, runtime: DockerRuntime) -> None:
         self.runtime = runtime
-        self._conn: Optional[_UnixConnection] = None
+        self._conn: Optional[_Connection] = None
         self._body: Optional[_ChunkedBody] = None
         self._sink: Optional[ThreadedSink] = None
         self._tar: Optional[TarStream] = None
 
     def _ensure(self) -> TarStream:
         if self._tar is None:
+            log.debug("docker API: POST /images/load?quiet=1 (streamed docker-archive)")
             conn = self.runtime.api.connection()
             conn.putrequest("POST", "/images/load?quiet=1")
             conn.putheader("Content-Type", "application/x-tar")
@@ -191,48 +240,53 @@ class DockerLoader:
             self._tar = TarStream(self._sink)
         return self._tar
 
-    def wants(self, digest: str, media_type: Optional[str]) -> bool:
+    def wants(self, head: EntryHead) -> bool:
         # Manifests and indexes mean nothing to docker load; configs and layers do.
-        return not (media_type and ("manifest" in media_type or "index" in media_type))
+        return not is_manifest_or_index(head.media_type or "")
 
     def add(self, digest: str, size: int, pieces: Iterator[bytes]) -> None:
-        self._ensure().add(blob_path(digest), size, pieces)
-
-    def commit(self, records: Sequence[dict]) -> List[str]:
         tar = self._ensure()
-        manifest = []
-        for rec in records:
-            layers = []
-            for layer in rec["layers"]:
-                entry = layer["diff_id"] if layer["form"] == "tar" else layer["digest"]
-                layers.append(blob_path(entry))
-            manifest.append({"Config": blob_path(rec["config"]["digest"]),
-                             "RepoTags": [docker_tag(rec["name"])], "Layers": layers})
-        tar.add_bytes("manifest.json", json.dumps(manifest).encode())
-        tar.close()
+        try:
+            tar.add(blob_path(digest), size, pieces)
+        except OSError as exc:  # the daemon hung up mid-archive
+            raise LoadError(f"docker daemon closed the load stream: {exc.strerror or exc}",
+                            "check the docker daemon's logs and free disk space; nothing was "
+                            "loaded") from None
+
+    def commit(self, records: Sequence[ImageRecord]) -> List[str]:
+        tar = self._ensure()
+        manifest = [{"Config": blob_path(rec.config.digest), "RepoTags": [docker_tag(rec.name)],
+                     "Layers": [blob_path(layer.entry) for layer in rec.layers]}
+                    for rec in records]
         assert self._body is not None and self._conn is not None and self._sink is not None
         try:
+            tar.add_bytes("manifest.json", json.dumps(manifest).encode())
+            tar.close()
             self._sink.close()
             self._body.close()
             resp = self._conn.getresponse()
             body = resp.read()
-        except OSError as exc:
-            raise LoadError(f"docker load failed: {exc}") from None
+        except (OSError, http.client.HTTPException) as exc:
+            raise LoadError(f"docker load failed: {exc}",
+                            "check the docker daemon's logs and free disk space") from None
         finally:
             self._conn.close()
             self._conn = None
         if resp.status != 200:
-            raise LoadError(f"docker load returned HTTP {resp.status}: {body[:300]!r}")
-        parse_load_response(body)
-        return [rec["name"] for rec in records]
+            raise LoadError(f"docker load returned HTTP {resp.status}: {body[:300]!r}",
+                            "check the docker daemon's logs")
+        for line in parse_load_response(body):
+            log.info("docker: %s", line)
+        return [rec.name for rec in records]
 
     def abort(self) -> None:
         """Drop the connection mid-archive: the daemon sees a broken tar and loads nothing."""
         if self._conn is not None:
-            try:
-                self._conn.sock.shutdown(socket.SHUT_RDWR)  # type: ignore[union-attr]
-            except OSError:
-                pass
+            if self._conn.sock is not None:
+                try:
+                    self._conn.sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
             if self._sink is not None:
                 self._sink.abort()
             self._conn.close()

@@ -26,8 +26,10 @@ import httpx
 from .. import __version__
 from ..cache import BlobCache, DigestMismatch
 from ..errors import ResolveError
-from ..model import INDEX_TYPES, MANIFEST_TYPES, MT_DOCKER_LIST, MT_DOCKER_MANIFEST, MT_OCI_INDEX, \
-    MT_OCI_MANIFEST, RegistryConfig, sha256_digest
+from ..files import IO_CHUNK
+from ..oci import INDEX_TYPES, MANIFEST_TYPES, MT_DOCKER_LIST, MT_DOCKER_MANIFEST, MT_OCI_INDEX, \
+    MT_OCI_MANIFEST, sha256_digest
+from ..specs import RegistryConfig
 from ..reference import DEFAULT_DOMAIN, SHA256_RE, Reference
 from .auth import AuthFailed, Authenticator, CredentialStore, normalize_host
 
@@ -41,7 +43,6 @@ SCHEMA1_TYPES = frozenset({
 })
 # containerd refuses manifests above 4 MiB; so do we, rather than buffer anything a server sends.
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
-CHUNK = 1024 * 1024
 
 Progress = Callable[[int], None]
 T = TypeVar("T")
@@ -237,7 +238,7 @@ class RegistryClient:
                            "garbage-collected); re-push the image", exc.code) from None
         try:
             with cache.writer(digest, size) as out:
-                for chunk in resp.iter_bytes(CHUNK):
+                for chunk in resp.iter_bytes(IO_CHUNK):
                     out.write(chunk)
                     reported += len(chunk)
                     if size is not None and reported > size:
@@ -421,7 +422,7 @@ def _schema1(ref: Reference, host: str) -> ResolveError:
 def _read_limited(resp: httpx.Response, limit: int, too_big: Callable[[], ResolveError]) -> bytes:
     parts: List[bytes] = []
     total = 0
-    for chunk in resp.iter_bytes(CHUNK):
+    for chunk in resp.iter_bytes(IO_CHUNK):
         total += len(chunk)
         if total > limit:
             raise too_big()

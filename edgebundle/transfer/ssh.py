@@ -27,8 +27,8 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import paramiko
 
 from ..errors import InventoryError, TransportError
-from ..inventory import inventory_from_json
-from ..model import SiteSpec
+from ..report import inventory_from_json
+from ..specs import SiteSpec
 
 DEFAULT_PORT = 22
 DEFAULT_TIMEOUT = 15.0  # connect, banner and auth: a device on a slow cellular link

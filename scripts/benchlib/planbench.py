@@ -17,8 +17,10 @@ import random
 import time
 from typing import Any, Dict, List, Tuple
 
-from edgebundle.model import (MT_OCI_CONFIG, MT_OCI_LAYER_GZIP, MT_OCI_MANIFEST, Descriptor, HeldImage,
-                              HeldLayer, Inventory, Layer, Platform, ResolvedImage, chain_ids, docker_tag)
+from edgebundle.holdings import HeldImage, HeldLayer, Inventory
+from edgebundle.image import Layer, ResolvedImage
+from edgebundle.naming import docker_tag
+from edgebundle.oci import Descriptor, MT_OCI_CONFIG, MT_OCI_LAYER_GZIP, MT_OCI_MANIFEST, Platform, chain_ids
 from edgebundle.plan import plan_bundle
 from edgebundle.reference import parse_reference
 

@@ -20,7 +20,9 @@ import imagefactory
 import services
 from edgebundle.cache import BlobCache
 from edgebundle.errors import ResolveError
-from edgebundle.model import ImageSpec, Platform, RegistryConfig, ResolvedImage
+from edgebundle.image import ResolvedImage
+from edgebundle.oci import Platform
+from edgebundle.specs import ImageSpec, RegistryConfig
 from edgebundle.reference import parse_reference
 from edgebundle.registry import CredentialStore, RegistryClient
 from edgebundle.resolve import Resolver

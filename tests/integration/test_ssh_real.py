@@ -19,8 +19,10 @@ import pytest
 from services import Sshd, clean_env
 
 from edgebundle.errors import TransportError
-from edgebundle.inventory import inventory_to_json
-from edgebundle.model import HeldImage, HeldLayer, Inventory, Platform, SiteSpec
+from edgebundle.report import inventory_to_json
+from edgebundle.holdings import HeldImage, HeldLayer, Inventory
+from edgebundle.oci import Platform
+from edgebundle.specs import SiteSpec
 from edgebundle.transfer.ssh import pull_report
 
 REPORT = inventory_to_json(

@@ -26,7 +26,16 @@ from edgebundle.format import (
     BundleReader,
     BundleWriter,
 )
-from edgebundle.format.records import CHUNK_HEAD, U32, U64, pack_record
+from edgebundle.format.framing import CHUNK_HEAD, U32, U64, pack_record
+from edgebundle.format.records import Header, parse_header
+
+
+def header_of(fields: Dict[str, Any]) -> Header:
+    """A typed header from wire fields (the writer fills nothing in any more)."""
+    wire = {"created": "2026-01-01T00:00:00Z", "tool": "test", "required_features": [],
+            "volume": None, "content_bytes": 0}
+    wire.update(fields)
+    return parse_header(wire, "test")
 
 # Fixed examples (derandomize) and no example database: the same cases on every run.
 BASE_SETTINGS = settings(derandomize=True, database=None, deadline=None,
@@ -37,7 +46,7 @@ def prop(examples: int) -> settings:
     return settings(BASE_SETTINGS, max_examples=examples)
 
 HEADER = {"site": "gw-01", "runtime": "docker", "namespace": None, "platform": "linux/amd64",
-          "layer_form": "tar", "prerequisites": [], "images": []}
+          "layer_form": "tar", "prerequisites": [], "images": [], "content_bytes": 0}
 
 
 def sha(data: bytes) -> str:
@@ -46,15 +55,15 @@ def sha(data: bytes) -> str:
 
 def write(blobs: Sequence[Tuple[bytes, int]], chunk_size: int, piece: int, level: int = 1) -> bytes:
     out = io.BytesIO()
-    w = BundleWriter(out, dict(HEADER), level=level, chunk_size=chunk_size)
+    w = BundleWriter(out, header_of(HEADER), level=level, chunk_size=chunk_size)
     for data, codec in blobs:
         w.add_blob(sha(data), len(data), (data[i:i + piece] for i in range(0, len(data), piece)),
                    codec=codec)
-    w.finish([{"name": "example.test/app:v1"}])
+    w.finish([])
     return out.getvalue()
 
 
-def read(data: bytes) -> Tuple[Dict[str, Any], List[Tuple[str, bytes]], Dict[str, Any]]:
+def read(data: bytes) -> Tuple[Any, List[Tuple[str, bytes]], Any]:
     reader = BundleReader(io.BytesIO(data), "prop.ebundle")
     got = [(e.digest, b"".join(e.chunks())) for e in reader.entries()]
     assert reader.index is not None
@@ -88,13 +97,13 @@ def test_round_trip(blobs: List[Tuple[bytes, int]], chunk_size: int, piece: int)
     raw = write(blobs, chunk_size, piece)
     header, got, index = read(raw)
     assert got == [(sha(d), d) for d, _ in blobs]
-    assert header["runtime"] == "docker"
-    assert [(e["digest"], e["size"], e["codec"]) for e in index["entries"]] == \
+    assert header.runtime == "docker"
+    assert [(e.digest, e.size, e.codec) for e in index.entries] == \
         [(sha(d), len(d), c) for d, c in blobs]
-    for e, (d, c) in zip(index["entries"], blobs):
+    for e, (d, c) in zip(index.entries, blobs):
         if c == CODEC_STORED:
-            assert e["stored_size"] == len(d)
-    assert index["images"] == [{"name": "example.test/app:v1"}]
+            assert e.stored_size == len(d)
+    assert index.images == ()
 
 
 # ---------------------------------------------------------------------------
@@ -179,12 +188,14 @@ value = st.recursive(scalar, lambda inner: st.one_of(
 hashable = st.one_of(st.none(), st.booleans(), st.integers(-5, 5), st.text(max_size=12),
                      st.binary(max_size=12))
 
+WIRE = header_of(HEADER).to_wire()
 ENTRY_KEYS = ["kind", "digest", "size", "codec", "level", "media_type"]
 INDEX_KEYS = ["entries", "images"]
 
 
 def framed(entries: Sequence[Tuple[Dict[str, Any], Sequence[bytes]]],
-           index: Optional[Dict[str, Any]], header: Dict[str, Any]) -> bytes:
+           index: Optional[Dict[str, Any]], header: Dict[str, Any],
+           images: Sequence[Any] = ()) -> bytes:
     """A well-framed bundle; ``index=None`` lists the entries correctly."""
     out = bytearray(MAGIC + FORMAT_VERSION.to_bytes(2, "big"))
     out += pack_record(TAG_HEADER, header)
@@ -198,7 +209,7 @@ def framed(entries: Sequence[Tuple[Dict[str, Any], Sequence[bytes]]],
             out += CHUNK_HEAD.pack(len(c), xxhash.xxh3_64_intdigest(c)) + c
         out += U32.pack(0)
     if index is None:
-        index = {"entries": listed, "images": []}
+        index = {"entries": listed, "images": list(images)}
     index_offset = len(out)
     out += pack_record(TAG_INDEX, index)
     out += bytes([TAG_FOOTER]) + U64.pack(index_offset)
@@ -239,7 +250,7 @@ def test_hostile_entries_and_index_raise_only_format_errors(
 def test_hostile_index_for_valid_entries(entries: List[Dict[str, Any]], images: Any) -> None:
     data = b"entry"
     raw = framed([({"kind": "blob", "digest": sha(data), "size": 5, "codec": 0}, [data])],
-                 {"entries": entries, "images": images}, dict(HEADER))
+                 {"entries": entries, "images": images}, WIRE)
     ok = read_expecting_only_format_errors(raw)
     if ok:
         assert isinstance(images, list)
@@ -248,9 +259,55 @@ def test_hostile_index_for_valid_entries(entries: List[Dict[str, Any]], images: 
 
 @prop(300)
 @given(header=st.fixed_dictionaries({"required_features": st.lists(value, max_size=4)},
-                                    optional={k: value for k in HEADER}))
+                                    optional={k: value for k in WIRE if k != "required_features"}))
 def test_hostile_header_raises_only_format_errors(header: Dict[str, Any]) -> None:
     read_expecting_only_format_errors(framed([], {"entries": [], "images": []}, header))
+
+
+@prop(300)
+@given(key=st.sampled_from(sorted(WIRE)), new=value)
+def test_one_hostile_header_field_raises_only_format_errors(key: str, new: Any) -> None:
+    """A valid header with one field replaced: past the first checks, into each field's."""
+    read_expecting_only_format_errors(framed([], {"entries": [], "images": []},
+                                             dict(WIRE, **{key: new})))
+
+
+JSON = b"{}"
+DIGEST = sha(JSON)
+RECORD = {"name": "example.test/app:v1", "ref": "example.test/app:v1", "platform": "linux/amd64",
+          "top": {"mediaType": "m", "digest": DIGEST, "size": 1},
+          "manifest": {"mediaType": "m", "digest": DIGEST, "size": 1},
+          "config": {"mediaType": "c", "digest": DIGEST, "size": 1},
+          "layers": [{"mediaType": "l", "digest": DIGEST, "size": 1, "diff_id": DIGEST,
+                      "tar_size": 1, "form": "tar"}]}
+RECORD_HEADER = dict(WIRE, images=[{"name": RECORD["name"], "top": DIGEST, "config": DIGEST}])
+JSON_ENTRY = ({"kind": "blob", "digest": DIGEST, "size": len(JSON), "codec": 0}, [JSON])
+
+
+def test_base_image_record_is_valid() -> None:
+    header, _, index = read(framed([JSON_ENTRY], None, RECORD_HEADER, [RECORD]))
+    assert index.images[0].name == RECORD["name"] and index.images[0].layers[0].form == "tar"
+
+
+def _replace(obj: Any, path: List[Any], new: Any) -> Any:
+    if not path:
+        return new
+    out = dict(obj) if isinstance(obj, dict) else list(obj)
+    out[path[0]] = _replace(obj[path[0]], path[1:], new)
+    return out
+
+
+RECORD_PATHS = [[k] for k in RECORD] + [[k, f] for k in ("top", "manifest", "config")
+                                         for f in ("mediaType", "digest", "size")] + \
+    [["layers", 0, f] for f in RECORD["layers"][0]]
+
+
+@prop(400)
+@given(path=st.sampled_from(RECORD_PATHS), new=value)
+def test_hostile_image_record_raises_only_format_errors(path: List[Any], new: Any) -> None:
+    """An image record that agrees with the header except in one field."""
+    record = _replace(RECORD, path, new)
+    read_expecting_only_format_errors(framed([JSON_ENTRY], None, RECORD_HEADER, [record]))
 
 
 # ---------------------------------------------------------------------------
@@ -294,7 +351,7 @@ def test_any_single_valid_zstd_frame_is_accepted(data: bytes, params: Dict[str, 
                                                  piece: int) -> None:
     frame = compress(data, params)
     head = {"kind": "blob", "digest": sha(data), "size": len(data), "codec": CODEC_ZSTD}
-    _, got, _ = read(framed([(head, split(frame, piece))], None, dict(HEADER)))
+    _, got, _ = read(framed([(head, split(frame, piece))], None, WIRE))
     assert got == [(sha(data), data)]
 
 
@@ -308,6 +365,6 @@ def test_damaged_zstd_frame_with_valid_chunk_checksums(data: bytes, params: Dict
     frame = compress(data, params)
     bad = apply(frame, [(op, pos % (len(frame) + 1), arg) for op, pos, arg in ops])
     head = {"kind": "blob", "digest": sha(data), "size": len(data), "codec": CODEC_ZSTD}
-    raw = framed([(head, split(bad, piece))], None, dict(HEADER))
+    raw = framed([(head, split(bad, piece))], None, WIRE)
     if read_expecting_only_format_errors(raw):
         assert read(raw)[1] == [(sha(data), data)]

@@ -16,18 +16,10 @@ import pytest
 import edgebundle.format as fmt
 from edgebundle.cache import BlobCache
 from edgebundle.format import BundleReader
-from edgebundle.model import (
-    MT_DOCKER_CONFIG,
-    MT_DOCKER_LAYER_GZIP,
-    MT_DOCKER_MANIFEST,
-    MT_OCI_INDEX,
-    RUNTIMES,
-    Descriptor,
-    Inventory,
-    Layer,
-    Platform,
-    ResolvedImage,
-)
+from edgebundle.format import RUNTIMES
+from edgebundle.holdings import Inventory
+from edgebundle.image import Layer, ResolvedImage
+from edgebundle.oci import Descriptor, MT_DOCKER_CONFIG, MT_DOCKER_LAYER_GZIP, MT_DOCKER_MANIFEST, MT_OCI_INDEX, Platform
 from edgebundle.pack import image_record, write_bundle
 from edgebundle.plan import plan_bundle
 from edgebundle.reference import parse_reference
@@ -190,20 +182,28 @@ def packed(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Any]:
                        platform="linux/amd64")
     assert plan.prerequisites
     out = tmp / "b.ebundle"
-    write_bundle(plan, cache, out, level=3)
+    with open(out, "wb") as fh:
+        write_bundle(plan, cache, fh, level=3)
     entries = []
     raw = out.read_bytes()
     with open(out, "rb") as fh:
         reader = BundleReader(fh)
         for entry in reader.entries():
             entry.skip()
-    from edgebundle.format.records import unpack_body
-    for rec in reader.index["entries"]:
-        off = rec["offset"]
+    from edgebundle.format.framing import unpack_body
+
+    def body(off: int) -> Dict[str, Any]:
         n = int.from_bytes(raw[off + 1:off + 5], "big")
-        entries.append(unpack_body(raw[off + 5:off + 5 + n], "entry"))
-    return {"header": reader.header, "index": reader.index, "entries": entries,
-            "record": image_record(image, "blob")}
+        return unpack_body(raw[off + 5:off + 5 + n], "record")
+
+    assert reader.index is not None
+    for rec in reader.index.entries:
+        entries.append(body(rec.offset))
+    # The wire form, as the bytes say, not as the typed model re-serialises it.
+    header = body(10)  # after magic (8) and version (2)
+    index = body(int.from_bytes(raw[-33:][1:9], "big"))  # the footer points at it
+    return {"header": header, "index": index, "entries": entries,
+            "record": image_record(image, "blob").to_wire()}
 
 
 def test_header_keys_emitted_are_specified(packed: Dict[str, Any]) -> None:
@@ -268,12 +268,39 @@ def test_image_record_keys(packed: Dict[str, Any]) -> None:
     assert {rec_layer["form"] for rec_layer in record["layers"]} <= set(fmt.LAYER_FORMS)
 
 
+def _keys_of(table_title: str) -> Set[str]:
+    text = section("## Inventory report (JSON, version 1)")
+    part = text[text.index(table_title):]
+    return {unquote(r[0]) for r in table(part)}
+
+
+def test_inventory_report_keys_match_the_code() -> None:
+    """FORMAT.md's report key tables are what inventory_to_json writes, key for key."""
+    from edgebundle.holdings import HeldImage, HeldLayer
+    from edgebundle.report import inventory_to_json
+    inv = Inventory(runtime="containerd", namespace="k8s.io", images=(HeldImage(
+        "example.test/a:v1", "sha256:" + "1" * 64,
+        target=Descriptor(MT_OCI_INDEX, "sha256:" + "2" * 64, 10), manifest="sha256:" + "3" * 64,
+        platform="linux/amd64", layers=(HeldLayer("sha256:" + "4" * 64, "sha256:" + "5" * 64, 3,
+                                                  True, True),)),),
+        blobs=frozenset({"sha256:" + "5" * 64}), chains=frozenset({"sha256:" + "4" * 64}),
+        extra={"snapshotter": "overlayfs"})
+    obj = inventory_to_json(inv, "gw-01")
+    assert set(obj) == _keys_of("Top-level keys:")
+    assert set(obj["images"][0]) == _keys_of("Image keys:")
+    assert set(obj["images"][0]["layers"][0]) == _keys_of("Layer keys:")
+    runtime_row = next(r for r in table(section("## Inventory report (JSON, version 1)"))
+                       if unquote(r[0]) == "runtime")
+    m = re.search(r"`\{([^}]*)\}`", runtime_row[2])
+    assert m and {k.strip() for k in m.group(1).split(",")} == set(obj["runtime"])
+
+
 def test_inventory_report_example_keys() -> None:
     """The report example in FORMAT.md is valid JSON once the ellipses are filled in."""
     text = section("## Inventory report (JSON, version 1)")
     block = text.split("```json", 1)[1].split("```", 1)[0]
     obj = json.loads(block.replace("sha256:…", "sha256:" + "0" * 64).replace("…", "x"))
     assert obj["version"] == 1 and obj["kind"] == "edgebundle-inventory"
-    from edgebundle.inventory import inventory_from_json
+    from edgebundle.report import inventory_from_json
     inv = inventory_from_json(obj)
     assert inv.runtime == "containerd" and inv.namespace == "k8s.io"

@@ -9,7 +9,7 @@ import pytest
 
 from edgebundle.errors import ManifestError
 from edgebundle.manifest import load_manifest, parse_manifest
-from edgebundle.model import Platform
+from edgebundle.oci import Platform
 from edgebundle.reference import Reference
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -1,4 +1,4 @@
-"""Pure logic of edgebundle.plan with hand-built ResolvedImages and Inventories."""
+"""Pure logic of edgebundle.plan and edgebundle.holdings with hand-built images and inventories."""
 
 from __future__ import annotations
 
@@ -7,28 +7,21 @@ from typing import Optional, Sequence
 
 import pytest
 
-from edgebundle.model import (
-    MT_DOCKER_CONFIG,
-    MT_DOCKER_LAYER_GZIP,
-    MT_DOCKER_MANIFEST,
-    MT_OCI_INDEX,
-    Descriptor,
-    HeldImage,
-    Inventory,
-    Layer,
-    Platform,
-    ResolvedImage,
-    chain_ids,
-)
-from edgebundle.plan import (
-    Prerequisite,
-    default_layer_form,
-    image_present,
-    missing_prerequisites,
-    plan_bundle,
-    shipped_entries,
-)
+from edgebundle.holdings import HeldImage, Inventory
+from edgebundle.image import Layer, ResolvedImage
+from edgebundle.oci import Descriptor, MT_DOCKER_CONFIG, MT_DOCKER_LAYER_GZIP, MT_DOCKER_MANIFEST, MT_OCI_INDEX, Platform, chain_ids
+from edgebundle.format import Prerequisite
+from edgebundle.holdings import Holdings
+from edgebundle.plan import Plan, default_layer_form, plan_bundle, with_layer_info
 from edgebundle.reference import parse_reference
+
+
+def shipped_entries(p: Plan) -> frozenset:
+    return frozenset(lp.entry for ip in p.images for lp in ip.layers if lp.ship)
+
+
+def image_present(inv: Inventory, img: ResolvedImage) -> Optional[HeldImage]:
+    return Holdings(inv).image(img.name, img.top.digest, img.config.digest)
 
 
 def d(n: int) -> str:
@@ -270,24 +263,26 @@ def test_prerequisites_dedup_by_chain() -> None:
     assert len(chains) == len(set(chains)) == 2
     assert set(chains) == {a.chain_ids[0], c.chain_ids[1]}
     assert all(pr.digest == d(1) and pr.diff_id == d(10_001) for pr in p.prerequisites)
-    assert p.prerequisites[0].to_json() == {"chain_id": a.chain_ids[0], "diff_id": d(10_001),
+    assert p.prerequisites[0].to_wire() == {"chain_id": a.chain_ids[0], "diff_id": d(10_001),
                                             "digest": d(1)}
 
 
 def test_missing_prerequisites() -> None:
     img = image("example.test/shop/app:v1", [1, 2, 3])
     chains = img.chain_ids
-    prereqs = [Prerequisite(c, l.diff_id, l.digest).to_json() for c, l in zip(chains, img.layers)]
+    prereqs = [Prerequisite(c, l.diff_id, l.digest) for c, l in zip(chains, img.layers)]
     ctr = Inventory(runtime="containerd", blobs=frozenset({d(1)}), chains=frozenset({chains[2]}))
-    assert missing_prerequisites(prereqs, ctr, "containerd") == [prereqs[1]]
+    assert Holdings(ctr).missing(prereqs) == [prereqs[1]]
+    assert Holdings(ctr).missing_names(prereqs) == [d(2)]
     docker = Inventory(runtime="docker", blobs=frozenset({d(1), d(2), d(3)}),
                        chains=frozenset({chains[1]}))
-    assert missing_prerequisites(prereqs, docker, "docker") == [prereqs[0], prereqs[2]]
-    assert missing_prerequisites([], CTR, "containerd") == []
-    assert missing_prerequisites(prereqs, CTR, "containerd") == prereqs
+    assert Holdings(docker).missing(prereqs) == [prereqs[0], prereqs[2]]
+    assert Holdings(docker).missing_names(prereqs) == [d(10_001), d(10_003)]
+    assert Holdings(CTR).missing([]) == []
+    assert Holdings(CTR).missing(prereqs) == prereqs
 
 
-def test_plan_round_trips_through_missing_prerequisites() -> None:
+def test_plan_round_trips_through_the_device_check() -> None:
     """What the packer assumed held, the device check finds held (same inventory)."""
     img = image("example.test/shop/app:v1", [1, 2, 3, 4])
     chains = img.chain_ids
@@ -296,11 +291,9 @@ def test_plan_round_trips_through_missing_prerequisites() -> None:
                 Inventory(runtime="docker", chains=frozenset(chains[:3]))):
         p = plan([img], inv)
         assert p.prerequisites
-        assert missing_prerequisites([x.to_json() for x in p.prerequisites], inv,
-                                     inv.runtime) == []
-        assert missing_prerequisites([x.to_json() for x in p.prerequisites],
-                                     Inventory.empty(inv.runtime), inv.runtime) == \
-            [x.to_json() for x in p.prerequisites]
+        assert Holdings(inv).missing(p.prerequisites) == []
+        assert Holdings(Inventory.empty(inv.runtime)).missing(p.prerequisites) == \
+            list(p.prerequisites)
 
 
 # --- arithmetic ----------------------------------------------------------------
@@ -327,3 +320,21 @@ def test_ship_bytes_never_exceed_full_bytes_for_two_tags_of_one_image() -> None:
     p = plan([a, b], CTR)
     assert p.full_bytes == 60 + 50 + 1000 + 2000
     assert p.ship_bytes == p.full_bytes
+
+
+def test_with_layer_info_keeps_decisions_and_fills_tar_sizes() -> None:
+    """Pack plans once: fetched layer info refines the plan without re-deciding anything."""
+    a = image("example.test/shop/app:v1", [1, 2, 3])
+    unknown = ResolvedImage(a.ref, a.top, a.platform, a.manifest, a.config,
+                            tuple(Layer(l.media_type, l.digest, l.size, l.diff_id, -1) for l in a.layers))
+    inv = Inventory(runtime="docker", chains=frozenset(a.chain_ids[:1]))
+    p = plan([unknown], inv, runtime="docker")
+    refined = with_layer_info(p, [a])
+    assert [lp.ship for lp in refined.images[0].layers] == [lp.ship for lp in p.images[0].layers]
+    assert refined.prerequisites == p.prerequisites
+    assert [l.tar_size for l in refined.images[0].image.layers] == [3000, 6000, 9000]
+    assert [lp.layer.tar_size for lp in refined.images[0].layers] == [3000, 6000, 9000]
+    # A layer with another diff_id under the same digest is not taken over.
+    odd = ResolvedImage(a.ref, a.top, a.platform, a.manifest, a.config,
+                        (Layer(MT_DOCKER_LAYER_GZIP, d(1), 1000, d(99), 5),) + a.layers[1:])
+    assert with_layer_info(p, [odd]).images[0].layers[0].layer.tar_size == -1

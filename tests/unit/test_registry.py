@@ -12,7 +12,8 @@ import pytest
 
 from edgebundle.cache import BlobCache
 from edgebundle.errors import ResolveError
-from edgebundle.model import MT_DOCKER_MANIFEST, MT_OCI_INDEX, MT_OCI_MANIFEST, RegistryConfig, sha256_digest
+from edgebundle.oci import MT_DOCKER_MANIFEST, MT_OCI_INDEX, MT_OCI_MANIFEST, sha256_digest
+from edgebundle.specs import RegistryConfig
 from edgebundle.reference import parse_reference
 from edgebundle.registry import CredentialStore, RegistryClient
 from edgebundle.registry.client import MANIFEST_ACCEPT

@@ -16,8 +16,9 @@ import zstandard
 
 from edgebundle.cache import BlobCache
 from edgebundle.errors import ResolveError
-from edgebundle.model import MT_DOCKER_LIST, MT_DOCKER_MANIFEST, MT_OCI_INDEX, MT_OCI_LAYER, MT_OCI_LAYER_GZIP, \
-    MT_OCI_LAYER_ZSTD, MT_OCI_MANIFEST, ImageSpec, Platform, sha256_digest
+from edgebundle.oci import MT_DOCKER_LIST, MT_DOCKER_MANIFEST, MT_OCI_INDEX, MT_OCI_LAYER, MT_OCI_LAYER_GZIP, \
+    MT_OCI_LAYER_ZSTD, MT_OCI_MANIFEST, Platform, sha256_digest
+from edgebundle.specs import ImageSpec
 from edgebundle.reference import parse_reference
 from edgebundle.registry import RegistryClient
 from edgebundle.resolve import Resolver, uncompressed_digest

@@ -18,7 +18,8 @@ from edgebundle.importer.containerd import (
 )
 from edgebundle.importer.docker import parse_load_response
 from edgebundle.importer.tarstream import TarStream, blob_path, last_line
-from edgebundle.model import Descriptor, Platform, docker_tag
+from edgebundle.naming import docker_tag
+from edgebundle.oci import Descriptor, Platform
 
 # --- containerd 1.6.20 `ctr` output ----------------------------------------------
 

@@ -13,10 +13,10 @@ import pytest
 
 from edgebundle.cache import BlobCache
 from edgebundle.errors import ResolveError
-from edgebundle.model import MT_DOCKER_LAYER_GZIP, MT_DOCKER_MANIFEST, MT_OCI_INDEX, MT_OCI_MANIFEST, \
-    sha256_digest
+from edgebundle.oci import MT_DOCKER_LAYER_GZIP, MT_DOCKER_LAYER_TAR, MT_DOCKER_MANIFEST, MT_OCI_INDEX, \
+    MT_OCI_MANIFEST, sha256_digest
 from edgebundle.reference import parse_reference
-from edgebundle.sources import MT_DOCKER_LAYER_TAR, DockerArchiveSource, OciLayoutSource, open_source
+from edgebundle.sources import DockerArchiveSource, OciLayoutSource, open_source
 
 
 def layer_tar(files: Dict[str, bytes]) -> bytes:

@@ -26,8 +26,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edgebundle.errors import InventoryError, TransportError
-from edgebundle.inventory import inventory_to_json
-from edgebundle.model import HeldImage, Inventory, Platform, SiteSpec
+from edgebundle.report import inventory_to_json
+from edgebundle.holdings import HeldImage, Inventory
+from edgebundle.oci import Platform
+from edgebundle.specs import SiteSpec
 from edgebundle.transfer.ssh import (
     default_report_command,
     fingerprint,

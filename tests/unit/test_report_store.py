@@ -1,4 +1,4 @@
-"""Tests for edgebundle.inventory: the report JSON codec and the per-site store."""
+"""Tests for edgebundle.report (the report JSON codec) and edgebundle.store (the per-site store)."""
 
 from __future__ import annotations
 
@@ -13,16 +13,12 @@ from typing import Any, Dict
 import pytest
 
 from edgebundle.errors import InventoryError
-from edgebundle.inventory import (
-    REPORT_KIND,
-    InventoryStore,
-    check_site_name,
-    inventory_from_json,
-    inventory_to_json,
-    now_rfc3339,
-    report_site,
-)
-from edgebundle.model import Descriptor, HeldImage, HeldLayer, Inventory, Platform, SiteSpec
+from edgebundle.report import REPORT_KIND, inventory_from_json, inventory_to_json, now_rfc3339, report_site
+from edgebundle.specs import check_site_name
+from edgebundle.store import InventoryStore
+from edgebundle.holdings import HeldImage, HeldLayer, Inventory
+from edgebundle.oci import Descriptor, Platform
+from edgebundle.specs import SiteSpec
 
 
 def d(n: int) -> str:
@@ -168,7 +164,7 @@ def test_invalid_report_shapes(obj: Any, expect: str) -> None:
 
 def test_codec_module_is_device_safe() -> None:
     # The device imports this module: it must not pull in packer-only dependencies.
-    code = ("import sys, edgebundle.inventory; "
+    code = ("import sys, edgebundle.report; "
             "bad = [m for m in sys.modules if m.split('.')[0] in ('yaml', 'paramiko', 'httpx', 'tqdm')]; "
             "print(bad); sys.exit(1 if bad else 0)")
     root = Path(__file__).resolve().parents[2]

@@ -1,0 +1,228 @@
+"""Local files: the one atomic-replace helper, output targets, and the I/O chunk size.
+
+Every file edgebundle replaces (bundles, reports, inventories, cache blobs) goes through
+``atomic_file``: a uniquely named temp file in the target's directory, fsync of the
+file, rename over the target, fsync of the directory. A crash or an error leaves the old
+file or the new one, never a mix, and never a stray temp file.
+
+``open_output`` is for outputs the user names (``pack -o``, ``report -o``): a regular
+file (or a path that does not exist yet) is replaced atomically, but anything else (a
+FIFO, ``/dev/stdout``, a tty, ``-``) is a stream and is written in place. Renaming a
+temp file over a device node or a FIFO would silently replace it with a regular file.
+
+Device-safe: standard library only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import stat
+import sys
+import tempfile
+from pathlib import Path
+from typing import BinaryIO, Callable, Iterator, Optional, Protocol, Union
+
+from .errors import OutputError
+
+#: Bytes per read or write when streaming files, blobs and responses (one home for it).
+IO_CHUNK = 1024 * 1024
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+class Sink(Protocol):
+    """Where streamed output goes: a file, a pipe, a socket wrapper."""
+
+    def write(self, data: bytes) -> int: ...
+
+    def flush(self) -> None: ...
+
+
+def fsync_dir(directory: PathLike) -> None:
+    """Make a rename in ``directory`` durable (the entry itself must reach the disk)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems (and /proc) refuse fsync on directories: nothing to do
+    finally:
+        os.close(fd)
+
+
+def _new_file_mode(existing: Optional[Path]) -> int:
+    """The mode a replaced file keeps, or what ``open()`` would give a new one."""
+    if existing is not None:
+        try:
+            return stat.S_IMODE(os.stat(existing).st_mode)
+        except OSError:
+            pass
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+@contextlib.contextmanager
+def atomic_file(path: PathLike, *, tmp_dir: Optional[PathLike] = None) -> Iterator[BinaryIO]:
+    """Write ``path`` whole or not at all.
+
+    Yields a binary file. When the block ends normally the file is flushed, fsynced and
+    renamed over ``path`` (whose directory is then fsynced); when it raises, the temp
+    file is removed and ``path`` is untouched. ``tmp_dir`` must be on the same
+    filesystem as ``path`` (default: ``path``'s directory).
+    """
+    target = Path(path)
+    directory = Path(tmp_dir) if tmp_dir is not None else (target.parent or Path("."))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + target.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            yield out
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(tmp, _new_file_mode(target if target.exists() else None))
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(target.parent)
+
+
+def atomic_write(path: PathLike, data: bytes) -> None:
+    """Replace ``path`` with ``data`` atomically (see ``atomic_file``)."""
+    with atomic_file(path) as out:
+        out.write(data)
+
+
+def read_pieces(fh: BinaryIO, progress: Optional[Callable[[int], None]] = None,
+                size: int = IO_CHUNK) -> Iterator[bytes]:
+    """Read ``fh`` to its end in pieces of at most ``size`` bytes."""
+    while True:
+        piece = fh.read(size)
+        if not piece:
+            return
+        if progress is not None:
+            progress(len(piece))
+        yield piece
+
+
+# ---------------------------------------------------------------------------
+# Outputs the user names
+
+
+def _why(exc: OSError) -> str:
+    if exc.errno == errno.ENOSPC:
+        return "no space left on the device"
+    if exc.errno == errno.EDQUOT:
+        return "disk quota exceeded"
+    return exc.strerror or str(exc)
+
+
+def _hint(exc: OSError) -> str:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "free some space or write the output somewhere else"
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "check that the directory is writable (and not a read-only mount)"
+    if exc.errno == errno.ENOENT:
+        return "create the directory first, or fix the path"
+    if exc.errno == errno.EPIPE:
+        return "the reader of the output went away; check the command it is piped into"
+    return "check the path and the device it is on"
+
+
+def output_error(what: str, exc: OSError) -> OutputError:
+    """A one-line error for a failed write to ``what``."""
+    return OutputError(f"cannot write {what}: {_why(exc)}", _hint(exc))
+
+
+class _GuardedWriter:
+    """Writes to the output; an OSError there becomes an ``OutputError`` naming it.
+
+    Only errors of *this* file are translated: an OSError elsewhere in the block (say, a
+    cache blob that cannot be read) must not be blamed on the output.
+    """
+
+    def __init__(self, raw: BinaryIO, what: str) -> None:
+        self._raw = raw
+        self._what = what
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self._raw.write(data)
+        except OSError as exc:
+            raise output_error(self._what, exc) from None
+
+    def flush(self) -> None:
+        try:
+            self._raw.flush()
+        except OSError as exc:
+            raise output_error(self._what, exc) from None
+
+
+def is_stream_target(path: str) -> bool:
+    """True when writing ``path`` must stream into it rather than replace it."""
+    if path == "-":
+        return True
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    if stat.S_ISREG(st.st_mode):
+        return False
+    if stat.S_ISLNK(st.st_mode):
+        real = os.path.realpath(path)
+        # /dev/stdout -> /proc/self/fd/1 -> wherever stdout points: never rename over it.
+        if real.startswith(("/proc/", "/dev/")):
+            return True
+        try:
+            return not stat.S_ISREG(os.stat(real).st_mode) and os.path.exists(real)
+        except OSError:
+            return False
+    return True  # FIFO, character or block device, socket
+
+
+@contextlib.contextmanager
+def open_output(path: str, what: str) -> Iterator[Sink]:
+    """Open a user-named output for writing; see the module docstring for the rules.
+
+    ``what`` names it in errors ("bundle gw-01.ebundle"). Errors writing it become
+    ``OutputError``; a directory is refused up front.
+    """
+    if path != "-" and os.path.isdir(path):
+        raise OutputError(f"cannot write {what}: {path} is a directory", "name a file inside it")
+    if path == "-":
+        out = sys.stdout.buffer
+        guarded = _GuardedWriter(out, what)
+        yield guarded
+        guarded.flush()
+        return
+    if is_stream_target(path):
+        try:
+            stream = open(path, "wb")
+        except OSError as exc:
+            raise output_error(what, exc) from None
+        with stream:
+            guarded = _GuardedWriter(stream, what)
+            yield guarded
+            guarded.flush()
+        return
+    # A symlink to a regular file: replace the file it points at, keep the link.
+    real = Path(os.path.realpath(path))
+    try:
+        cm = atomic_file(real)
+        raw = cm.__enter__()
+    except OSError as exc:
+        raise output_error(what, exc) from None
+    try:
+        yield _GuardedWriter(raw, what)
+    except BaseException:
+        cm.__exit__(*sys.exc_info())
+        raise
+    try:
+        cm.__exit__(None, None, None)
+    except OSError as exc:
+        raise output_error(what, exc) from None

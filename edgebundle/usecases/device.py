@@ -1,0 +1,133 @@
+"""Device use cases: import a bundle, report what the runtime holds, verify, inspect.
+
+Standard library plus zstandard, msgpack and xxhash only: this runs on the device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import socket
+import sys
+from dataclasses import dataclass
+from typing import Any, BinaryIO, Iterator, List, Optional
+
+from ..errors import UsageError
+from ..files import open_output
+from ..format import BundleInfo, BundleReader, read_index
+from ..holdings import Inventory
+from ..importer import ImportResult, ProgressFactory, Runtime, import_bundle
+from ..report import inventory_to_json, now_rfc3339
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RuntimeAddress:
+    """Where the device's runtime listens (the ``--runtime`` group of flags)."""
+
+    kind: str  # "containerd" | "docker"
+    address: str = "/run/containerd/containerd.sock"
+    namespace: str = "default"
+    ctr: str = "ctr"
+    snapshotter: str = "overlayfs"
+    host: str = "unix:///var/run/docker.sock"
+
+
+def open_runtime(where: RuntimeAddress) -> Runtime:
+    if where.kind == "containerd":
+        from ..importer.containerd import ContainerdRuntime, Ctr
+
+        return ContainerdRuntime(Ctr(where.address, where.namespace, where.ctr, where.snapshotter))
+    if where.kind == "docker":
+        from ..importer.docker import DockerAPI, DockerRuntime
+
+        return DockerRuntime(DockerAPI(where.host))
+    raise UsageError(f"unknown runtime {where.kind!r}", "pass --runtime containerd or --runtime docker")
+
+
+@contextlib.contextmanager
+def open_bundle(path: str) -> Iterator[BinaryIO]:
+    """A bundle to read front to back: a file, or ``-`` for standard input."""
+    if path == "-":
+        yield sys.stdin.buffer
+        return
+    try:
+        fh = open(path, "rb")
+    except IsADirectoryError:
+        raise UsageError(f"bundle {path} is a directory", "pass the .ebundle file itself") from None
+    except OSError as exc:
+        raise UsageError(f"cannot open bundle {path}: {exc.strerror}",
+                         "check the path (on a USB stick: is it mounted?)") from None
+    with fh:
+        yield fh
+
+
+def stamped(inv: Inventory) -> Inventory:
+    """The report says when and where it was read."""
+    return dataclasses.replace(inv, generated_at=now_rfc3339(), host=socket.gethostname())
+
+
+def write_report(path: str, inv: Inventory, site: Optional[str]) -> None:
+    """Write the report JSON to ``path`` (replaced atomically; ``-`` is stdout)."""
+    data = (json.dumps(inventory_to_json(inv, site), indent=2, sort_keys=True) + "\n").encode()
+    with open_output(path, f"report {path}") as out:
+        out.write(data)
+
+
+def import_file(path: str, runtime: Runtime, *, progress: Optional[ProgressFactory] = None,
+                report: Optional[str] = None) -> ImportResult:
+    """``edgebundle import``: verify and load a bundle; optionally write the report after."""
+    with open_bundle(path) as fh:
+        result = import_bundle(fh, path, runtime, progress=progress)
+    if report is not None:
+        assert result.inventory is not None
+        write_report(report, stamped(result.inventory), result.site)
+        log.info("report written to %s", report)
+    return result
+
+
+def take_report(runtime: Runtime) -> Inventory:
+    """``edgebundle report``: what the runtime holds now, stamped with time and host."""
+    return stamped(runtime.inventory())
+
+
+@dataclass(frozen=True)
+class Verified:
+    bundle: str
+    version: int
+    entries: int
+    images: List[str]
+    bytes: int
+    site: Optional[str]
+
+    def to_json(self) -> Any:
+        return {"bundle": self.bundle, "ok": True, "version": self.version, "entries": self.entries,
+                "images": self.images, "bytes": self.bytes, "site": self.site}
+
+
+def verify_bundle(path: str) -> Verified:
+    """``edgebundle verify``: every byte and every rule of FORMAT.md, without a runtime."""
+    with open_bundle(path) as fh:
+        reader = BundleReader(fh, path)
+        count = 0
+        for entry in reader.entries():
+            entry.skip()
+            count += 1
+    assert reader.index is not None
+    return Verified(path, reader.version, count, [r.name for r in reader.index.images],
+                    reader.total_size or 0, reader.header.site)
+
+
+def inspect_bundle(path: str) -> BundleInfo:
+    """``edgebundle inspect``: header and index by seeking, entries not read."""
+    if path == "-" or not os.path.isfile(path):
+        raise UsageError(f"bundle {path} is not a file",
+                         "inspect needs a seekable file; `edgebundle verify -` reads a stream")
+    try:
+        return read_index(path)
+    except OSError as exc:
+        raise UsageError(f"cannot read bundle {path}: {exc.strerror}", "check the path") from None

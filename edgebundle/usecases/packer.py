@@ -1,0 +1,237 @@
+"""Packer use cases: plan a site, pack a site, record or pull a report, show an inventory.
+
+``PackerSession`` owns what one run opens (the registry client, offline sources, the
+blob cache and the inventory store) and closes it in ``__exit__``; a site is resolved
+once per session and planned once per pack. The CLI parses arguments and prints; fleet
+sync runs many sites through one session, so each image is resolved once for all.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+from ..cache import BlobCache
+from ..errors import InventoryError, ManifestError, UsageError
+from ..files import open_output
+from ..holdings import Inventory
+from ..image import ResolvedImage
+from ..manifest import load_manifest
+from ..pack import PackStats, write_bundle
+from ..plan import Plan, plan_bundle, with_layer_info
+from ..registry.auth import CredentialStore, docker_config_path
+from ..registry.client import RegistryClient
+from ..resolve import ProgressFactory, Resolver
+from ..specs import ManifestList, SiteSpec
+from ..store import InventoryStore
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class PackOutcome:
+    """A written bundle: where, its plan, and what it cost."""
+
+    output: str
+    plan: Plan
+    stats: PackStats
+
+
+class PackerSession:
+    """One packer run over one manifest list (use as a context manager).
+
+    Args:
+        home: packer state directory (``cache/`` and ``sites/`` below it).
+        manifest: the manifest list.
+        client: registry access; by default one is made from the manifest's registries
+            and the docker credentials, and closed with the session.
+        progress: makes the download bars (``resolve.ProgressFactory``).
+    """
+
+    def __init__(self, home: Path, manifest: ManifestList, *,
+                 client: Optional[RegistryClient] = None,
+                 progress: Optional[ProgressFactory] = None) -> None:
+        self.home = home
+        self.manifest = manifest
+        self.cache = BlobCache(home / "cache")
+        self.store = InventoryStore(home)
+        self._own_client = client is None
+        self.client = client or RegistryClient(manifest.registries,
+                                               CredentialStore.load(docker_config_path()))
+        self.resolver = Resolver(self.cache, self.client)
+        self._progress = progress
+        self._resolved: Dict[str, List[ResolvedImage]] = {}
+
+    def close(self) -> None:
+        self.resolver.close()
+        if self._own_client:
+            self.client.close()
+
+    def __enter__(self) -> "PackerSession":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- steps -----------------------------------------------------------------
+
+    def site(self, name: str) -> SiteSpec:
+        site = self.manifest.sites.get(name)
+        if site is None:
+            known = ", ".join(sorted(self.manifest.sites)) or "none"
+            raise UsageError(f"site {name!r} is not declared in {self.manifest.path} (sites: {known})",
+                             "add it under `sites:` or pick one of those")
+        return site
+
+    def resolve(self, site: SiteSpec) -> List[ResolvedImage]:
+        """The site's images, pinned to content for its platform (once per session)."""
+        if site.name in self._resolved:
+            return self._resolved[site.name]
+        specs = self.manifest.images_for(site.name)
+        if site.runtime == "containerd":
+            for spec in specs:
+                if spec.platform is not None and not spec.platform.matches(site.platform):
+                    raise ManifestError(
+                        f"{self.manifest.path}:{spec.line}: image {spec.ref} asks for {spec.platform} "
+                        f"but containerd site {site.name} is {site.platform}",
+                        "a containerd import unpacks one platform: drop `platform:` for this image "
+                        "or declare a separate site")
+        images = []
+        for spec in specs:
+            image = self.resolver.resolve(spec, spec.platform or site.platform)
+            log.info("resolved %s for %s: %s", spec.ref, image.platform, image.top.digest)
+            images.append(image)
+        self._resolved[site.name] = images
+        return images
+
+    def inventory(self, site: SiteSpec, *, full: bool = False) -> Inventory:
+        """What the site last reported (empty with ``full``: ship everything)."""
+        if full:
+            log.info("site %s: --full, ignoring its inventory", site.name)
+            return Inventory.empty(site.runtime, site.namespace)
+        return self.store.load(site.name, site.runtime, site.namespace)
+
+    def plan(self, site: SiteSpec, *, full: bool = False) -> Plan:
+        images = self.resolve(site)
+        plan = plan_bundle(site.name, images, self.inventory(site, full=full),
+                           runtime=site.runtime, namespace=site.namespace,
+                           platform=str(site.platform))
+        for ip in plan.images:
+            shipped = sum(1 for lp in ip.layers if lp.ship)
+            log.info("plan %s: %s", ip.image.name, "up to date" if ip.up_to_date else
+                     f"ship {shipped} of {len(ip.layers)} layers")
+        self.store.remember_manifest(site.name, self.manifest.path)
+        return plan
+
+    def pack(self, site: SiteSpec, output: str, *, full: bool = False, level: int = 16,
+             threads: int = 0, created: Optional[str] = None,
+             progress: Optional[Progress] = None) -> PackOutcome:
+        """Plan once, fetch what ships, write the bundle to ``output`` (``-``: stdout).
+
+        ``threads`` 0 means one zstd worker per CPU; the bytes are the same for any count.
+        """
+        plan = self.plan(site, full=full)
+        needed = {lp.layer.digest for ip in plan.to_ship for lp in ip.layers if lp.ship}
+        fetched = self.resolver.fetch_layers([ip.image for ip in plan.to_ship], needed,
+                                             progress_factory=self._progress)
+        plan = with_layer_info(plan, fetched)
+        workers = threads if threads > 0 else (os.cpu_count() or 1)
+        what = "bundle to standard output" if output == "-" else f"bundle {output}"
+        with open_output(output, what) as out:
+            stats = write_bundle(plan, self.cache, out, level=level, threads=workers,
+                                 created=created, progress=progress)
+        log.info("wrote %s: %d bytes, %d entries", what, stats.bundle_bytes, stats.entries)
+        return PackOutcome(output, plan, stats)
+
+
+def plan_site(home: Path, manifest_path: str, site: str, *, full: bool = False) -> Plan:
+    """``edgebundle plan``: what ``site`` lacks, from the manifest list and its inventory."""
+    with PackerSession(home, load_manifest(manifest_path)) as session:
+        return session.plan(session.site(site), full=full)
+
+
+def pack_site(home: Path, manifest_path: str, site: str, output: str, *, full: bool = False,
+              level: int = 16, threads: int = 0, created: Optional[str] = None,
+              progress: Optional[Progress] = None,
+              bars: Optional[ProgressFactory] = None) -> PackOutcome:
+    """``edgebundle pack``: write the bundle ``site`` needs to ``output``."""
+    with PackerSession(home, load_manifest(manifest_path), progress=bars) as session:
+        return session.pack(session.site(site), output, full=full, level=level, threads=threads,
+                            created=created, progress=progress)
+
+
+# ---------------------------------------------------------------------------
+# Inventories
+
+
+def _manifest_site(home: Path, site: str, manifest_path: Optional[str]) -> Optional[SiteSpec]:
+    """The site as the manifest list declares it (given, or the one last used for it)."""
+    path = manifest_path or InventoryStore(home).remembered_manifest(site)
+    if path is None:
+        return None
+    manifest = load_manifest(path)
+    spec = manifest.sites.get(site)
+    if spec is None:
+        known = ", ".join(sorted(manifest.sites)) or "none"
+        raise UsageError(f"site {site!r} is not declared in {path} (sites: {known})",
+                         "add it under `sites:` or pick one of those")
+    return spec
+
+
+def read_report_file(path: str) -> Dict[str, Any]:
+    """A report JSON file brought back from a device (validated when recorded)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"cannot read report {path}: {exc.strerror}",
+                         "check the path (on a USB stick: is it mounted?)") from None
+    except UnicodeDecodeError:
+        raise InventoryError(f"report {path} is not UTF-8 text",
+                             "use the file written by `edgebundle report -o`") from None
+    try:
+        obj = json.loads(text)
+    except ValueError as exc:
+        raise InventoryError(f"report {path} is not JSON: {exc}",
+                             "use the file written by `edgebundle report -o`") from None
+    if not isinstance(obj, dict):
+        raise InventoryError(f"report {path} is not a JSON object",
+                             "use the file written by `edgebundle report -o`")
+    return obj
+
+
+def record_report(home: Path, site: str, report_path: str,
+                  manifest_path: Optional[str] = None) -> Inventory:
+    """``inventory record``: make a report brought back by hand the site's inventory."""
+    spec = _manifest_site(home, site, manifest_path)
+    return InventoryStore(home).record(site, read_report_file(report_path), spec)
+
+
+def pull_inventory(home: Path, site: str, manifest_path: Optional[str] = None,
+                   **ssh: Any) -> Inventory:
+    """``inventory pull``: fetch the site's report over SSH and record it.
+
+    ``ssh`` are ``transfer.ssh.pull_report``'s options (known hosts, identity, timeout).
+    """
+    from ..transfer.ssh import pull_report
+
+    spec = _manifest_site(home, site, manifest_path)
+    if spec is None:
+        raise UsageError(f"no manifest known for site {site}",
+                         "pass -m MANIFEST (or plan/pack the site once)")
+    obj = pull_report(spec, **ssh)
+    return InventoryStore(home).record(site, obj, spec)
+
+
+def show_inventory(home: Path, site: str) -> Inventory:
+    """``inventory show``: what the packer believes ``site`` holds."""
+    store = InventoryStore(home)
+    if not store.path(site).is_file():
+        raise UsageError(f"no inventory recorded for site {site}",
+                         "run `edgebundle inventory record` or `inventory pull` first")
+    return store.load(site)
