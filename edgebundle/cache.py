@@ -70,7 +70,7 @@ class BlobCache:
 
     def damaged(self, digest: str) -> CacheError:
         """Remove a blob whose bytes are not its digest; the error to raise for it."""
-        log.warning("blob %s in the packer cache is damaged; removing it", digest)
+        log.info("blob %s in the packer cache is damaged; removing it", digest)
         with contextlib.suppress(OSError):
             self.path(digest).unlink()
         return CacheError(f"blob {digest} in the packer cache ({self.root}) was damaged and "

@@ -45,10 +45,6 @@ def classify(media_type: str = "", head: bytes = b"") -> str:
     return NONE
 
 
-def is_compressed(media_type: str = "", head: bytes = b"") -> bool:
-    return classify(media_type, head) != NONE
-
-
 class Readable(Protocol):
     def read(self, n: int = -1) -> bytes: ...
 
@@ -61,9 +57,8 @@ def decompress_stream(fh: Readable, kind: str) -> Iterator[bytes]:
     if kind == GZIP:
         yield from _gunzip(fh)
     elif kind == ZSTD:
-        # zstandard wants a file object; anything with read() is one to it.
         reader = zstandard.ZstdDecompressor().stream_reader(
-            fh, read_across_frames=True)  # type: ignore[arg-type]
+            fh, read_across_frames=True)  # type: ignore[arg-type]  # any read() will do; the stub wants IO
         while True:
             out = reader.read(IO_CHUNK)
             if not out:

@@ -174,15 +174,44 @@ def is_stream_target(path: str) -> bool:
     if stat.S_ISREG(st.st_mode):
         return False
     if stat.S_ISLNK(st.st_mode):
-        real = os.path.realpath(path)
-        # /dev/stdout -> /proc/self/fd/1 -> wherever stdout points: never rename over it.
-        if real.startswith(("/proc/", "/dev/")):
+        # /dev/stdout -> /proc/self/fd/1 -> wherever stdout points: never rename over it,
+        # even when stdout is a regular file (the shell's open file would keep the old one).
+        if _links_through_proc(path):
             return True
         try:
-            return not stat.S_ISREG(os.stat(real).st_mode) and os.path.exists(real)
+            return not stat.S_ISREG(os.stat(path).st_mode)
         except OSError:
-            return False
+            return False  # a dangling link: it names the file to create
     return True  # FIFO, character or block device, socket
+
+
+def _links_through_proc(path: str) -> bool:
+    """Whether following ``path``'s symlinks passes through /proc or /dev/fd."""
+    current = os.path.abspath(path)
+    for _ in range(40):  # the kernel's own limit on a symlink chain
+        if current.startswith(("/proc/", "/dev/fd/")):
+            return True
+        try:
+            target = os.readlink(current)
+        except OSError:
+            return False  # not a link (any more): the chain ends here
+        current = os.path.normpath(os.path.join(os.path.dirname(current), target))
+    return False
+
+
+def check_output(path: str, what: str) -> None:
+    """Refuse up front an output that cannot be written (before hours of work, not after)."""
+    if path == "-":
+        return
+    if os.path.isdir(path):
+        raise OutputError(f"cannot write {what}: {path} is a directory", "name a file inside it")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise OutputError(f"cannot write {what}: directory {parent} does not exist",
+                          "create the directory first, or fix the path")
+    if not os.path.exists(path) and not os.access(parent, os.W_OK):
+        raise OutputError(f"cannot write {what}: directory {parent} is not writable",
+                          "check that the directory is writable (and not a read-only mount)")
 
 
 @contextlib.contextmanager
@@ -192,8 +221,7 @@ def open_output(path: str, what: str) -> Iterator[Sink]:
     ``what`` names it in errors ("bundle gw-01.ebundle"). Errors writing it become
     ``OutputError``; a directory is refused up front.
     """
-    if path != "-" and os.path.isdir(path):
-        raise OutputError(f"cannot write {what}: {path} is a directory", "name a file inside it")
+    check_output(path, what)
     if path == "-":
         out = sys.stdout.buffer
         guarded = _GuardedWriter(out, what)
@@ -205,10 +233,18 @@ def open_output(path: str, what: str) -> Iterator[Sink]:
             stream = open(path, "wb")
         except OSError as exc:
             raise output_error(what, exc) from None
-        with stream:
+        try:
             guarded = _GuardedWriter(stream, what)
             yield guarded
             guarded.flush()
+        except BaseException:
+            with contextlib.suppress(OSError):  # closing retries the failed flush
+                stream.close()
+            raise
+        try:
+            stream.close()
+        except OSError as exc:
+            raise output_error(what, exc) from None
         return
     # A symlink to a regular file: replace the file it points at, keep the link.
     real = Path(os.path.realpath(path))

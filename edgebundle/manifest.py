@@ -15,7 +15,7 @@ import difflib
 import os
 import re
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 import yaml
 
@@ -42,14 +42,14 @@ _HOST_RE = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa
 _SSH_RE = re.compile(r"^(?:[^@\s]+@)?(?:\[[^\]\s]+\]|[^@:\s\[\]]+)(?::([0-9]+))?$")
 
 
-class _Map(dict):  # type: ignore[type-arg]
+class _Map(Dict[Any, Any]):
     """A YAML mapping that remembers its own line and the line of each key."""
 
     line: int = 0
     key_lines: Dict[object, int]
 
 
-class _Seq(list):  # type: ignore[type-arg]
+class _Seq(List[Any]):
     """A YAML sequence that remembers its own line and the line of each item."""
 
     line: int = 0

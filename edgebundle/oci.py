@@ -27,7 +27,6 @@ MT_OCI_LAYER_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
 
 MANIFEST_TYPES = frozenset({MT_DOCKER_MANIFEST, MT_OCI_MANIFEST})
 INDEX_TYPES = frozenset({MT_DOCKER_LIST, MT_OCI_INDEX})
-CONFIG_TYPES = frozenset({MT_DOCKER_CONFIG, MT_OCI_CONFIG})
 
 
 def sha256_digest(data: bytes) -> str:

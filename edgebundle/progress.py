@@ -7,7 +7,20 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Any, Optional
+from typing import Any, Optional, Protocol
+
+
+class Bar(Protocol):
+    """What progress is reported to: tqdm, the plain meter below, or a test's counter."""
+
+    def update(self, n: int) -> Any: ...
+
+
+def close_bar(bar: object) -> None:
+    """Close ``bar`` if it can be closed (tqdm can; a test's counter need not)."""
+    close = getattr(bar, "close", None)
+    if callable(close):
+        close()
 
 
 class _Plain:
@@ -35,6 +48,9 @@ class _Null:
 
     def close(self) -> None:
         pass
+
+
+NULL_BAR = _Null()
 
 
 def progress_bar(total: Optional[int], desc: str, enabled: bool = True) -> Any:

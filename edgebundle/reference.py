@@ -69,17 +69,6 @@ class Reference:
             out += "@" + self.digest
         return out
 
-    def familiar(self) -> str:
-        """The short form Docker prints (``alpine:3.19``, ``me/app:v1``)."""
-        name = self.repository
-        if self.domain == DEFAULT_DOMAIN:
-            name = self.path[len(OFFICIAL_REPO_PREFIX):] if self.path.startswith(OFFICIAL_REPO_PREFIX) else self.path
-        if self.tag:
-            name += ":" + self.tag
-        if self.digest:
-            name += "@" + self.digest
-        return name
-
     def with_digest(self, digest: str) -> "Reference":
         return Reference(self.domain, self.path, self.tag, digest)
 

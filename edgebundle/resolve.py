@@ -23,6 +23,7 @@ from .cache import BlobCache
 from .compression import MAGIC_BYTES, classify, decompress_stream
 from .errors import CacheError, ResolveError
 from .image import Layer, ResolvedImage
+from .progress import NULL_BAR, Bar, close_bar
 from .oci import INDEX_TYPES, MANIFEST_TYPES, Descriptor, Platform, check_digest
 from .reference import Reference
 from .specs import ImageSpec
@@ -33,22 +34,13 @@ log = logging.getLogger(__name__)
 
 
 
-class ProgressBar(Protocol):
-    def update(self, n: int) -> Any: ...
-
-
-#: ``progress_factory(total_bytes, description)`` -> something with ``update(n)``
+#: ``progress_factory(total_bytes, description)`` -> a bar with ``update(n)``
 #: (``tqdm`` fits; ``close()`` is called when it exists).
-ProgressFactory = Callable[[int, str], ProgressBar]
+ProgressFactory = Callable[[int, str], Bar]
 
 
-class _NoProgress:
-    def update(self, n: int) -> None:
-        """Ignore progress."""
-
-
-def _no_progress(total: int, desc: str) -> ProgressBar:
-    return _NoProgress()
+def _no_progress(total: int, desc: str) -> Bar:
+    return NULL_BAR
 
 
 # ---------------------------------------------------------------------------
@@ -293,9 +285,10 @@ class Resolver:
         try:
             for layer, ref in missing:
                 origin = self._origins.get(layer.digest) or self._origin(ImageSpec(str(ref), ref))
+                log.info("fetching layer %s of %s (%d bytes)", layer.digest, ref, layer.size)
                 origin.blob_into_cache(layer.digest, layer.size, self.cache, bar.update)
         finally:
-            _close(bar)
+            close_bar(bar)
 
     def _inspect(self, layers: List[Tuple[Layer, Reference]], factory: ProgressFactory) -> None:
         bar = factory(sum(layer.size for layer, _ in layers), "checking layers")
@@ -305,10 +298,11 @@ class Resolver:
                     diff_id, tar_size = uncompressed_digest(fh, layer.media_type, f"layer {layer.digest} of {ref}")
                 if diff_id != layer.diff_id:
                     raise _diff_mismatch(layer, ref, diff_id)
+                log.debug("layer %s decompresses to %s (%d bytes)", layer.digest, diff_id, tar_size)
                 self.cache.set_layer_info(layer.digest, diff_id, tar_size)
                 bar.update(layer.size)
         finally:
-            _close(bar)
+            close_bar(bar)
 
 
 # ---------------------------------------------------------------------------
@@ -391,12 +385,6 @@ def _check_layer_info(cache: BlobCache, layer: Layer, ref: Reference) -> None:
 def _diff_mismatch(layer: Layer, ref: Reference, actual: str) -> ResolveError:
     return ResolveError(f"layer {layer.digest} of {ref} decompresses to {actual}, but its config says "
                         f"{layer.diff_id}", "the image is corrupt; rebuild and re-push it")
-
-
-def _close(bar: object) -> None:
-    close = getattr(bar, "close", None)
-    if callable(close):
-        close()
 
 
 def uncompressed_digest(fh: BinaryIO, media_type: str, what: str = "layer") -> Tuple[str, int]:

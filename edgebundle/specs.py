@@ -72,6 +72,3 @@ class ManifestList:
 
     def images_for(self, site: str) -> Tuple[ImageSpec, ...]:
         return tuple(i for i in self.images if not i.sites or site in i.sites)
-
-    def registry(self, host: str) -> RegistryConfig:
-        return self.registries.get(host) or RegistryConfig(host)

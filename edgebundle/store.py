@@ -121,7 +121,10 @@ class InventoryStore:
         except ValueError as exc:
             raise InventoryError(f"inventory of site {site!r} ({path}) is not valid JSON: {exc}",
                                  f"pull the report again; the previous one is {path.name[:-5]}.prev.json") from None
-        return obj  # type: ignore[no-any-return]
+        if not isinstance(obj, dict):
+            raise InventoryError(f"inventory of site {site!r} ({path}) is not a JSON object",
+                                 f"pull the report again; the previous one is {path.name[:-5]}.prev.json")
+        return obj
 
     def load(self, site: str, runtime: Optional[str] = None, namespace: Optional[str] = None) -> Inventory:
         """The recorded inventory of ``site``.

@@ -155,7 +155,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return dispatch(args)
     except EdgebundleError as exc:
-        log.debug("failed with %s", type(exc).__name__, exc_info=args.debug)
+        log.debug("failed with %s (exit %d)", type(exc).__name__, exc.exit_code)
         sys.stderr.write(f"edgebundle: error: {redact(str(exc))}\n")
         return exc.exit_code
     except KeyboardInterrupt:
@@ -185,7 +185,8 @@ def dispatch(args: argparse.Namespace) -> int:
                              "is not installed)", "pip install 'edgebundle[packer]'") from None
         if args.command == "inventory":
             if not args.inventory_command:
-                raise UsageError("inventory needs an action: record, pull or show")
+                raise UsageError("inventory needs an action: record, pull or show",
+                                 "e.g. `edgebundle inventory show SITE`; see `edgebundle inventory --help`")
             handler = getattr(packer, "cmd_inventory_" + args.inventory_command)
         else:
             handler = getattr(packer, "cmd_" + args.command)

@@ -159,8 +159,8 @@ class Entry:
         # A stream reader hands back bounded pieces, so a small chunk that inflates
         # hugely cannot blow up memory.
         # read_size >= any chunk: the source hands over whole chunks, never slices.
-        reader = dctx.stream_reader(_ChunkStream(framed()), read_size=MAX_CHUNK_SIZE,  # type: ignore[arg-type]
-                                    read_across_frames=False)
+        source: Any = _ChunkStream(framed())  # zstandard calls only read(); its stub wants IO
+        reader = dctx.stream_reader(source, read_size=MAX_CHUNK_SIZE, read_across_frames=False)
         try:
             while True:
                 piece = reader.read(256 * 1024)

@@ -27,6 +27,7 @@ from ..errors import LoadError, PrerequisiteError
 from ..format import (LAYER_FORM_TAR, RUNTIME_CONTAINERD, BundleReader, EntryHead, ImageRecord,
                       ImageSummary)
 from ..holdings import Holdings, Inventory
+from ..progress import Bar
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +55,6 @@ class Runtime(Protocol):
     def inventory(self) -> Inventory: ...
 
     def loader(self, inv: Inventory, platform: str) -> Loader: ...
-
-
-class Bar(Protocol):
-    def update(self, n: int) -> Any: ...
 
 
 #: ``progress(total_decoded_bytes)`` -> a bar with ``update(n)``.

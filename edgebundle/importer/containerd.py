@@ -215,9 +215,6 @@ class Ctr:
                             "check containerd's logs; run `edgebundle report` to see its state")
         return proc.stdout
 
-    def ping(self) -> None:
-        self.run("version")
-
     def images(self) -> List[Tuple[str, str, str]]:
         return parse_images_ls(self.run("images", "ls").decode(errors="replace"))
 
@@ -275,12 +272,24 @@ class ContainerdRuntime:
         self.namespace: Optional[str] = ctr.namespace
         self._blobs: Dict[str, bytes] = {}
 
-    def _get(self, digest: str) -> bytes:
-        """Content-addressed, so a blob read once never changes: keep it."""
+    def _get(self, digest: str) -> Optional[bytes]:
+        """A blob of the content store, or None if it went away since it was listed.
+
+        Content-addressed, so a blob read once never changes: keep it. (A GC between
+        ``content ls`` and ``content get`` is real; the image is then incomplete.)
+        """
         data = self._blobs.get(digest)
         if data is None:
-            data = self._blobs[digest] = self.ctr.get(digest)
+            try:
+                data = self._blobs[digest] = self.ctr.get(digest)
+            except LoadError as exc:
+                log.info("content %s unreadable: %s", digest, exc.message)
+                return None
         return data
+
+    def _get_json(self, digest: str) -> Optional[Dict[str, Any]]:
+        data = self._get(digest)
+        return _json(data) if data is not None else None
 
     def _tree(self, media_type: str, digest: str, present: FrozenSet[str],
               platform: Optional[Platform]) -> ImageTree:
@@ -289,11 +298,9 @@ class ContainerdRuntime:
         Whatever the content store holds, this never raises for its shape: an image
         whose tree cannot be read is simply reported incomplete.
         """
-        if digest not in present:
-            return _NO_TREE
-        data = self._get(digest)
-        obj = _json(data)
-        if obj is None:
+        data = self._get(digest) if digest in present else None
+        obj = _json(data) if data is not None else None
+        if data is None or obj is None:
             return _NO_TREE
         manifest = Descriptor(media_type, digest, len(data))
         plat: Optional[str] = None
@@ -302,14 +309,14 @@ class ContainerdRuntime:
             if chosen is None or chosen[0].digest not in present:
                 return _NO_TREE
             manifest, plat = chosen
-            obj = _json(self._get(manifest.digest))
+            obj = self._get_json(manifest.digest)
             if obj is None:
                 return ImageTree(manifest, plat, None, ())
         config_desc = obj.get("config")
         config = config_desc.get("digest") if isinstance(config_desc, dict) else None
         if not isinstance(config, str) or config not in present:
             return ImageTree(manifest, plat, None, ())
-        cfg = _json(self._get(config))
+        cfg = self._get_json(config)
         if cfg is None:
             return ImageTree(manifest, plat, None, ())
         if plat is None:
@@ -319,7 +326,8 @@ class ContainerdRuntime:
     def held_image(self, name: str, media_type: str, digest: str, present: FrozenSet[str],
                    snaps: FrozenSet[str], platform: Optional[Platform] = None) -> HeldImage:
         tree = self._tree(media_type, digest, present, platform)
-        target = Descriptor(media_type, digest, len(self._get(digest))) if digest in present else None
+        data = self._get(digest) if digest in present else None
+        target = Descriptor(media_type, digest, len(data)) if data is not None else None
         chains = chain_ids(d for _, _, d in tree.layers)
         layers = tuple(HeldLayer(diff_id=d, digest=dg, size=sz, blob=dg in present,
                                  unpacked=c in snaps)

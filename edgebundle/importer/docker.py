@@ -99,10 +99,6 @@ class DockerAPI:
             raise LoadError(f"docker API GET {path} answered something that is not JSON: "
                             f"{body[:100]!r}", f"check that {self.host} is a docker daemon") from None
 
-    def ping(self) -> None:
-        self.get_json("/version")
-
-
 class _ChunkedBody:
     """Sends HTTP/1.1 chunked transfer encoding: small writes are coalesced, large
     pieces go out as their own chunk without being copied into a buffer first."""

@@ -42,6 +42,7 @@ USER_SSH_CONFIG = "~/.ssh/config"
 # last-resort handler would print tracebacks next to our one-line error. Apps that
 # configure logging still get the records through propagation.
 logging.getLogger("paramiko").addHandler(logging.NullHandler())
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -208,6 +209,7 @@ def pull_report(
     client = paramiko.SSHClient()
     try:
         with _translate_errors(client, site, target, files, timeout):
+            log.info("site %s: connecting to %s as %s", site.name, target.address, target.user)
             revoked = _load_host_keys(client, files)
             client.set_missing_host_key_policy(_HostKeyPolicy(target, save_to, allow_unknown_host))
             client.connect(target.hostname, port=target.port, username=target.user,
@@ -220,8 +222,10 @@ def pull_report(
                 what = f"report file {path} on site {site.name}"
             else:
                 command = site.report_command or default_report_command(site)
+                log.info("site %s: running %s", site.name, command)
                 data = _run_command(client, site, command, timeout, command_timeout)
                 what = f"output of `{command}` on site {site.name}"
+            log.info("site %s: got %d bytes of report", site.name, len(data))
     finally:
         client.close()
     return _parse_report(data, what)
@@ -504,5 +508,6 @@ def _parse_report(data: bytes, what: str) -> Dict[str, Any]:
         raise InventoryError(f"{what} is not JSON ({exc}); it starts with {start!r}",
                              "run the report command by hand on the device and check that it prints the "
                              "report with --json") from None
-    inventory_from_json(obj)
-    return obj  # type: ignore[no-any-return]
+    inventory_from_json(obj)  # raises unless obj is a valid report (so, a dict)
+    assert isinstance(obj, dict)
+    return obj

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO, Iterator, List, Optional
 
 from ..errors import UsageError
-from ..files import open_output
+from ..files import check_output, open_output
 from ..format import BundleInfo, BundleReader, read_index
 from ..holdings import Inventory
 from ..importer import ImportResult, ProgressFactory, Runtime, import_bundle
@@ -81,6 +81,8 @@ def write_report(path: str, inv: Inventory, site: Optional[str]) -> None:
 def import_file(path: str, runtime: Runtime, *, progress: Optional[ProgressFactory] = None,
                 report: Optional[str] = None) -> ImportResult:
     """``edgebundle import``: verify and load a bundle; optionally write the report after."""
+    if report is not None:
+        check_output(report, f"report {report}")
     with open_bundle(path) as fh:
         result = import_bundle(fh, path, runtime, progress=progress)
     if report is not None:

@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 from ..cache import BlobCache
 from ..errors import InventoryError, ManifestError, UsageError
-from ..files import open_output
+from ..files import check_output, open_output
 from ..holdings import Inventory
 from ..image import ResolvedImage
 from ..manifest import load_manifest
@@ -136,13 +136,14 @@ class PackerSession:
 
         ``threads`` 0 means one zstd worker per CPU; the bytes are the same for any count.
         """
+        what = "bundle to standard output" if output == "-" else f"bundle {output}"
+        check_output(output, what)  # before any download, not after
         plan = self.plan(site, full=full)
         needed = {lp.layer.digest for ip in plan.to_ship for lp in ip.layers if lp.ship}
         fetched = self.resolver.fetch_layers([ip.image for ip in plan.to_ship], needed,
                                              progress_factory=self._progress)
         plan = with_layer_info(plan, fetched)
         workers = threads if threads > 0 else (os.cpu_count() or 1)
-        what = "bundle to standard output" if output == "-" else f"bundle {output}"
         with open_output(output, what) as out:
             stats = write_bundle(plan, self.cache, out, level=level, threads=workers,
                                  created=created, progress=progress)

@@ -373,6 +373,9 @@ class FakeEngine:
 
     def dial(self) -> socket.socket:
         ours, theirs = socket.socketpair()
+        # A request framed wrongly leaves the daemon waiting for bytes that never come:
+        # give up (and fail the test) instead of hanging it.
+        theirs.settimeout(10)
         t = threading.Thread(target=self._serve, args=(theirs,), daemon=True)
         t.start()
         self._threads.append(t)

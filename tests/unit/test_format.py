@@ -26,6 +26,7 @@ from edgebundle.format import (
     FORMAT_VERSION,
     MAGIC,
     MAX_CHUNK_SIZE,
+    DEFAULT_WINDOW_LOG,
     MAX_RECORD_SIZE,
     MAX_WINDOW_LOG,
     TAG_ENTRY,
@@ -61,11 +62,11 @@ def sha(data: bytes) -> str:
 
 def write_bundle(blobs: Sequence[Tuple[bytes, int]], *, chunk_size: int = 64, level: int = 3,
                  header: Optional[Dict[str, Any]] = None, images: Optional[List[Any]] = None,
-                 piece: int = 17) -> bytes:
+                 piece: int = 17, threads: int = 1) -> bytes:
     """A bundle of ``blobs`` [(data, codec)], data fed to the writer in ``piece``-byte pieces."""
     out = io.BytesIO()
     w = BundleWriter(out, header_of(HEADER if header is None else header), level=level,
-                     chunk_size=chunk_size)
+                     chunk_size=chunk_size, threads=threads)
     for data, codec in blobs:
         pieces = [data[i:i + piece] for i in range(0, len(data), piece)]
         w.add_blob(sha(data), len(data), pieces, codec=codec, media_type="application/x-test")
@@ -886,3 +887,47 @@ def test_read_index_refuses_damage(tmp_path: Any, small: bytes) -> None:
     path.write_bytes(refooter(body))
     with pytest.raises(BundleFormatError, match="past the end"):
         read_index(path)
+
+
+# ---------------------------------------------------------------------------
+# Byte-identical on any machine
+
+
+def _big_compressible() -> bytes:
+    rng = random.Random(1)
+    words = [bytes(rng.choice(b"abcdefghij") for _ in range(rng.randint(3, 9))) for _ in range(3000)]
+    return b" ".join(rng.choice(words) for _ in range(2_600_000))  # ~18 MB: several zstd jobs
+
+
+@pytest.fixture(scope="module")
+def big() -> bytes:
+    return _big_compressible()
+
+
+def _entry_frame(raw: bytes) -> bytes:
+    lay = parse_layout(raw)
+    (entry,) = lay["entries"]
+    return b"".join(raw[p:p + n] for _, p, n in entry["chunks"])
+
+
+def test_writer_output_is_the_same_for_any_thread_count(big: bytes) -> None:
+    outs = {t: write_bundle([(big, CODEC_ZSTD)], chunk_size=1 << 20, level=1, piece=1 << 20,
+                            threads=t) for t in (0, 1, 3)}
+    assert outs[0] == outs[1] == outs[3]
+
+
+def test_writer_uses_zstd_multithreaded_mode(big: bytes) -> None:
+    """FORMAT.md: multi-threaded mode (its output does not depend on the worker count;
+    single-threaded mode writes other bytes, so a writer on one CPU must not use it)."""
+    def streamed(threads: int) -> bytes:
+        params = zstandard.ZstdCompressionParameters.from_level(
+            1, window_log=DEFAULT_WINDOW_LOG, threads=threads, write_checksum=0, write_content_size=1)
+        chunker = zstandard.ZstdCompressor(compression_params=params).chunker(size=len(big))
+        out = [c for i in range(0, len(big), 65536) for c in chunker.compress(big[i:i + 65536])]
+        return b"".join(out + list(chunker.finish()))
+
+    reference = streamed(2)
+    assert streamed(0) != reference  # the input is big enough to tell the modes apart
+    frame = _entry_frame(write_bundle([(big, CODEC_ZSTD)], chunk_size=1 << 20, level=1,
+                                      piece=1 << 20, threads=1))
+    assert frame == reference

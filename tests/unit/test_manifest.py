@@ -11,6 +11,15 @@ from edgebundle.errors import ManifestError
 from edgebundle.manifest import load_manifest, parse_manifest
 from edgebundle.oci import Platform
 from edgebundle.reference import Reference
+from edgebundle.registry import RegistryClient
+from edgebundle.specs import ManifestList, RegistryConfig
+
+
+def registry_config(ml: ManifestList, host: str) -> RegistryConfig:
+    """What the client will use for ``host`` (undeclared hosts get the defaults)."""
+    with RegistryClient(ml.registries) as client:
+        return client.config(host)
+
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DIGEST = "sha256:" + "ab" * 32
@@ -86,10 +95,10 @@ def test_sites_and_registries(tmp_path: Path) -> None:
                                                                "root@gw-01:22")
     assert gw.line == 16
     assert (line3.runtime, line3.namespace, line3.ssh) == ("docker", None, None)
-    assert ml.registry("127.0.0.1:5555").insecure is True
-    assert ml.registry("docker.io").mirrors == ("mirror.internal:5000",)
-    assert ml.registry("docker.io").insecure is False
-    assert ml.registry("elsewhere.io").insecure is False  # undeclared: HTTPS only
+    assert registry_config(ml, "127.0.0.1:5555").insecure is True
+    assert registry_config(ml, "docker.io").mirrors == ("mirror.internal:5000",)
+    assert registry_config(ml, "docker.io").insecure is False
+    assert registry_config(ml, "elsewhere.io").insecure is False  # undeclared: HTTPS only
     assert [i.ref for i in ml.images_for("line-3")] == [
         "127.0.0.1:5555/shop/app:v2", f"127.0.0.1:5555/shop/base@{DIGEST}", "factory.local/scada:1", "alpine:3.19"]
     assert len(ml.images_for("gw-01")) == 5
@@ -129,7 +138,7 @@ def test_legacy_docker_hub_registry_key_is_normalised(tmp_path: Path) -> None:
           index.docker.io: {mirrors: [m.local]}
         images: [alpine]
         """))
-    assert ml.registry("docker.io").mirrors == ("m.local",)
+    assert registry_config(ml, "docker.io").mirrors == ("m.local",)
 
 
 def test_same_ref_allowed_for_disjoint_sites(tmp_path: Path) -> None:

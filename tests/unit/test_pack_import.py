@@ -40,66 +40,7 @@ from edgebundle.reference import parse_reference
 from fake_runtimes import FakeContainerd, FakeEngine
 
 
-def sha(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-# ---------------------------------------------------------------------------
-# Real, tiny images
-
-
-def layer_tar(files: Dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
-        for name, data in sorted(files.items()):
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            info.mtime = 0
-            info.mode = 0o644
-            tf.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
-
-BASE = {"etc/os-release": b"ID=test\n", "bin/sh": b"#!fake shell\n" * 20}
-APP = {"app/main.py": b"print('v1')\n"}
-TOOL = {"usr/bin/tool": b"tool binary " * 30}
-EXTRA = {"app/data.bin": bytes(range(256)) * 4}
-
-
-class Images:
-    """Builds images into a cache and remembers every tar and blob it made."""
-
-    def __init__(self, cache: BlobCache) -> None:
-        self.cache = cache
-        self.tars: Dict[str, bytes] = {}  # diff_id -> tar
-
-    def layer(self, files: Dict[str, bytes]) -> Layer:
-        tar = layer_tar(files)
-        gz = gzip.compress(tar, mtime=0)
-        digest = self.cache.put_bytes(gz)
-        self.tars[sha(tar)] = tar
-        return Layer(MT_DOCKER_LAYER_GZIP, digest, len(gz), sha(tar), len(tar))
-
-    def image(self, name: str, layer_files: Sequence[Dict[str, bytes]], *, index: bool = False,
-              pinned: bool = False) -> ResolvedImage:
-        layers = tuple(self.layer(f) for f in layer_files)
-        config = json.dumps({"architecture": "amd64", "os": "linux", "config": {"Cmd": [name]},
-                             "rootfs": {"type": "layers",
-                                        "diff_ids": [l.diff_id for l in layers]}},
-                            sort_keys=True).encode()
-        cdesc = Descriptor(MT_DOCKER_CONFIG, self.cache.put_bytes(config), len(config))
-        manifest = json.dumps({"schemaVersion": 2, "mediaType": MT_DOCKER_MANIFEST,
-                               "config": cdesc.to_json(),
-                               "layers": [{"mediaType": l.media_type, "digest": l.digest,
-                                           "size": l.size} for l in layers]}).encode()
-        mdesc = Descriptor(MT_DOCKER_MANIFEST, self.cache.put_bytes(manifest), len(manifest))
-        top = mdesc
-        if index:
-            idx = json.dumps({"schemaVersion": 2, "mediaType": MT_OCI_INDEX, "manifests": [
-                dict(mdesc.to_json(), platform={"os": "linux", "architecture": "amd64"})]}).encode()
-            top = Descriptor(MT_OCI_INDEX, self.cache.put_bytes(idx), len(idx))
-        ref = parse_reference(f"{name}@{top.digest}" if pinned else name)
-        return ResolvedImage(ref, top, Platform.parse("linux/amd64"), mdesc, cdesc, layers)
+from tiny_images import APP, BASE, EXTRA, TOOL, Images, sha  # noqa: E402
 
 
 # ---------------------------------------------------------------------------

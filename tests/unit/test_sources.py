@@ -293,3 +293,25 @@ def test_oci_layout_pinned_digest_must_exist(tmp_path: Path) -> None:
     other = sha256_digest(b"other")
     with pytest.raises(ResolveError, match=f"has no image {other}"):
         src.top(parse_reference(f"shop/app:v1@{other}"))
+
+
+def test_oci_layout_dir_never_reads_outside_itself(tmp_path: Path) -> None:
+    """A blob that is a symlink out of the layout (say, to a secret) is treated as missing."""
+    members, digests = oci_members(["v1"])
+    manifest = json.loads(members[f"blobs/sha256/{digests[0][7:]}"])
+    layer = manifest["layers"][0]
+    layout = write_dir(tmp_path / "l", members)
+    secret = tmp_path / "secret"
+    secret.write_bytes(members[f"blobs/sha256/{layer['digest'][7:]}"])  # even with the right bytes
+    blob = layout / "blobs" / "sha256" / layer["digest"][7:]
+    blob.unlink()
+    blob.symlink_to(secret)
+    src = open_source(f"oci-layout:{layout}")
+    with pytest.raises(ResolveError, match="missing from"):
+        src.copy_blob(layer["digest"], layer["size"], BlobCache(tmp_path / "cache"))
+    from edgebundle.sources import _DirFiles
+    files = _DirFiles(layout)
+    for name in ("../secret", "blobs/../../secret", "/etc/passwd"):
+        with pytest.raises(FileNotFoundError):
+            files.open(name)
+        assert not files.exists(name)

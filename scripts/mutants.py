@@ -1,0 +1,189 @@
+#!/usr/bin/env python3
+"""Break each guarded behaviour once, in a scratch copy, and check that a test fails.
+
+"No test that cannot fail": every entry below is a one-line change that undoes a rule the
+tests claim to cover (from the model-and-seams review), plus the tests that must then
+fail. The tree under test is copied to a temp dir, so the checkout is never touched.
+
+    .venv/bin/python scripts/mutants.py            # all, ~3 minutes
+    .venv/bin/python scripts/mutants.py docker     # those whose name contains "docker"
+
+Exit 0 when every mutant is killed; otherwise the survivors are listed.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    path: str
+    old: str
+    new: str
+    tests: str  # pytest selection (paths and -k), relative to the checkout
+
+
+MUTANTS: List[Mutant] = [
+    # verify checks every rule of FORMAT.md
+    Mutant("header volume may be set", "edgebundle/format/records.py",
+           '    f.nil("volume", ', '    (lambda *a: None)("volume", ', "tests/unit/test_cli.py -k spec_breaking"),
+    Mutant("header runtime unchecked", "edgebundle/format/records.py",
+           'runtime = f.choice("runtime", RUNTIMES)', 'runtime = f.text("runtime")',
+           "tests/unit/test_cli.py -k spec_breaking"),
+    Mutant("header layer_form unchecked", "edgebundle/format/records.py",
+           'layer_form = f.choice("layer_form", LAYER_FORMS)', 'layer_form = f.text("layer_form")',
+           "tests/unit/test_cli.py -k spec_breaking"),
+    Mutant("header prerequisites shape unchecked", "edgebundle/format/records.py",
+           'for i, item in enumerate(f.items("prerequisites")))',
+           'for i, item in enumerate(f.obj["prerequisites"] if isinstance(f.obj["prerequisites"], list) else []))',
+           "tests/unit/test_cli.py -k spec_breaking"),
+    Mutant("record layers shape unchecked", "edgebundle/format/records.py",
+           'for i, item in enumerate(f.items("layers")))',
+           'for i, item in enumerate(f.obj["layers"] if isinstance(f.obj["layers"], list) else []))',
+           "tests/unit/test_cli.py -k spec_breaking"),
+    Mutant("record may differ from header", "edgebundle/format/records.py",
+           "        if rec.summary != summary:", "        if False:",
+           "tests/unit/test_cli.py tests/unit/test_pack_import.py -k 'spec_breaking or mismatch'"),
+    Mutant("layer coverage unchecked", "edgebundle/format/records.py",
+           "if layer.entry not in carried and (chain, layer.diff_id, layer.digest) not in prereqs:",
+           "if False:", "tests/unit/test_pack_import.py -k absent_content"),
+    # the real loaders, through their seams
+    Mutant("docker tag for pinned images", "edgebundle/importer/docker.py",
+           '"RepoTags": [docker_tag(rec.name)]', '"RepoTags": [rec.name]',
+           "tests/unit/test_pack_import.py -k docker"),
+    Mutant("docker load gets manifests", "edgebundle/importer/docker.py",
+           'return not is_manifest_or_index(head.media_type or "")', "return True",
+           "tests/unit/test_pack_import.py tests/unit/test_loaders.py -k docker"),
+    Mutant("containerd imports under real names", "edgebundle/importer/containerd.py",
+           "annotations={ANNOTATION_IMAGE_NAME: temp}", "annotations={ANNOTATION_IMAGE_NAME: rec.name}",
+           "tests/unit/test_pack_import.py -k containerd"),
+    Mutant("containerd publishes without the completeness check", "edgebundle/importer/containerd.py",
+           "if held.complete and dg == rec.top.digest:", "if True:",
+           "tests/unit/test_pack_import.py -k incomplete"),
+    Mutant("containerd report: every image complete", "edgebundle/importer/containerd.py",
+           "complete = bool(tree.config and layers and chains[-1] in snaps",
+           "complete = True or bool(tree.config and layers and chains[-1] in snaps",
+           "tests/unit/test_loaders.py -k containerd"),
+    Mutant("docker report without chains", "edgebundle/importer/docker.py",
+           "            chains.update(ids)", "            pass",
+           "tests/unit/test_loaders.py -k docker_report"),
+    Mutant("temporary names in the report", "edgebundle/importer/containerd.py",
+           "if name.startswith(TEMP_PREFIX) and not include_temp:", "if False:",
+           "tests/unit/test_loaders.py -k temporary"),
+    Mutant("pack --full ignored", "edgebundle/usecases/packer.py",
+           "        if full:\n", "        if False:\n", "tests/unit/test_cli.py -k full"),
+    Mutant("offline-source path traversal", "edgebundle/sources.py",
+           "        if self.root.resolve() not in path.parents:", "        if False:",
+           "tests/unit/test_sources.py -k outside"),
+    Mutant("docker chunked framing", "edgebundle/importer/docker.py",
+           'sock.sendall(b"%x\\r\\n" % len(data))', 'sock.sendall(b"%d\\r\\n" % len(data))',
+           "tests/unit/test_pack_import.py -k docker"),
+    Mutant("single-threaded zstd", "edgebundle/format/writer.py",
+           "threads=max(1, threads)", "threads=0", "tests/unit/test_format.py -k thread"),
+    Mutant("report key drifts from FORMAT.md", "edgebundle/report.py",
+           '"generated_at": inv.generated_at,', '"generated": inv.generated_at,',
+           "tests/unit/test_format_spec.py -k report_keys"),
+    # no traceback
+    Mutant("corrupt stored inventory", "edgebundle/store.py",
+           "            obj = json.loads(text)\n        except ValueError as exc:",
+           "            obj = json.loads(text)\n        except KeyError as exc:",
+           "tests/unit/test_cli.py -k corrupt"),
+    Mutant("non-sha256 digest in a containerd index", "edgebundle/importer/containerd.py",
+           "            desc = Descriptor.from_json(m)\n        except ValueError:\n            continue",
+           "            desc = Descriptor.from_json(m)\n        except KeyError:\n            continue",
+           "tests/unit/test_loaders.py tests/unit/test_cli.py -k 'odd or sha256'"),
+    Mutant("damaged cache blob", "edgebundle/pack.py",
+           "        except EntryMismatch:", "        except KeyError:",
+           "tests/unit/test_pack_import.py -k damaged"),
+    Mutant("missing cache blob", "edgebundle/cache.py",
+           "        except FileNotFoundError:\n            raise CacheError",
+           "        except KeyError:\n            raise CacheError",
+           "tests/unit/test_pack_import.py -k missing_cache"),
+    # one home per concept, outputs, logging
+    Mutant("a second classifier", "edgebundle/pack.py",
+           "kind = classify(layer.media_type, fh.read(MAGIC_BYTES))",
+           'kind = "gzip" if layer.media_type.endswith("gzip") else classify(layer.media_type, fh.read(MAGIC_BYTES))',
+           "tests/unit/test_compression.py"),
+    Mutant("a hand-rolled atomic write", "edgebundle/store.py",
+           "        atomic_write(path, text.encode())",
+           "        path.with_suffix('.tmp').write_text(text); os.replace(path.with_suffix('.tmp'), path)",
+           "tests/unit/test_files.py"),
+    Mutant("pack -o renames over a FIFO", "edgebundle/files.py",
+           "    return True  # FIFO, character or block device, socket",
+           "    return False  # FIFO, character or block device, socket",
+           "tests/unit/test_files.py tests/unit/test_cli.py -k 'fifo or stream or dev_full'"),
+    Mutant("-v shows nothing", "edgebundle/logs.py",
+           "logging.INFO if verbose else logging.WARNING", "logging.WARNING",
+           "tests/unit/test_cli.py -k verbose"),
+    Mutant("secrets in logs", "edgebundle/logs.py",
+           "    for pattern, replacement in _SECRETS:", "    for pattern, replacement in []:",
+           "tests/unit/test_cli.py -k secret"),
+    Mutant("a secret pattern missing", "edgebundle/logs.py",
+           '(re.compile(r"(?i)\\b(bearer|basic)\\s+[A-Za-z0-9._~+/=-]{8,}"), r"\\1 ***"),', "",
+           "tests/unit/test_cli.py -k secret"),
+    Mutant("plan and importer disagree on held layers", "edgebundle/holdings.py",
+           "        return digest in self.inventory.blobs or chain_id in self.inventory.chains",
+           "        return digest in self.inventory.blobs",
+           "tests/unit/test_plan.py tests/unit/test_pack_import.py"),
+]
+
+
+def run(mutant: Mutant, scratch: Path) -> bool:
+    """True when the mutant is killed (some selected test fails)."""
+    target = scratch / mutant.path
+    original = target.read_text()
+    if original.count(mutant.old) != 1:
+        raise SystemExit(f"mutant {mutant.name!r}: the text to change occurs "
+                         f"{original.count(mutant.old)} times in {mutant.path}")
+    target.write_text(original.replace(mutant.old, mutant.new))
+    try:
+        proc = subprocess.run(f"{sys.executable} -m pytest -q -x -p no:cacheprovider {mutant.tests}",
+                              shell=True, cwd=scratch, capture_output=True, text=True, timeout=300,
+                              env={"PYTHONPATH": str(scratch), "PATH": "/usr/bin:/bin",
+                                   "HOME": str(scratch)})
+    except subprocess.TimeoutExpired:
+        return True  # a hang is a failing test too (the suite would time out)
+    finally:
+        target.write_text(original)
+    return proc.returncode != 0
+
+
+def main() -> int:
+    wanted = sys.argv[1] if len(sys.argv) > 1 else ""
+    selected = [m for m in MUTANTS if wanted in m.name]
+    with tempfile.TemporaryDirectory(prefix="edgebundle-mutants-") as tmp:
+        scratch = Path(tmp) / "tree"
+        shutil.copytree(ROOT, scratch, ignore=shutil.ignore_patterns(".venv", ".git", "__pycache__"))
+        # The unmutated tree must pass, or a "kill" proves nothing.
+        proc = subprocess.run(f"{sys.executable} -m pytest -q -p no:cacheprovider tests/unit",
+                              shell=True, cwd=scratch, capture_output=True, text=True,
+                              env={"PYTHONPATH": str(scratch), "PATH": "/usr/bin:/bin",
+                                   "HOME": str(scratch)})
+        if proc.returncode != 0:
+            print(f"the unmutated unit tests fail:\n{proc.stdout[-3000:]}")
+            return 2
+        survivors = []
+        for mutant in selected:
+            start = time.monotonic()
+            killed = run(mutant, scratch)
+            print(f"{'killed ' if killed else 'SURVIVED'}  {mutant.name}  ({time.monotonic() - start:.1f}s)",
+                  flush=True)
+            if not killed:
+                survivors.append(mutant.name)
+    print(f"{len(selected) - len(survivors)} of {len(selected)} mutants killed")
+    return 1 if survivors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
