@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Tuple
 
 from .naming import device_name
-from .oci import Descriptor, Platform, chain_ids
+from .oci import Descriptor, Platform, chain_ids, describing_blobs
 from .reference import Reference
 
 
@@ -62,5 +62,4 @@ class ResolvedImage:
     @property
     def json_blobs(self) -> Tuple[Descriptor, ...]:
         """Index (if any), manifest and config: the small blobs that describe the image."""
-        blobs = [self.top] if self.top.digest != self.manifest.digest else []
-        return tuple(blobs + [self.manifest, self.config])
+        return describing_blobs(self.top, self.manifest, self.config)

@@ -54,6 +54,12 @@ def chain_ids(diff_ids: Iterable[str]) -> Tuple[str, ...]:
     return tuple(out)
 
 
+def describing_blobs(top: "Descriptor", manifest: "Descriptor",
+                     config: "Descriptor") -> Tuple["Descriptor", ...]:
+    """Index (if the top is one), manifest and config, each once: what describes an image."""
+    return ((top,) if top.digest != manifest.digest else ()) + (manifest, config)
+
+
 def is_manifest_or_index(media_type: str) -> bool:
     """A manifest or index media type (Docker or OCI, or an unknown one shaped like it)."""
     return media_type in MANIFEST_TYPES or media_type in INDEX_TYPES or \

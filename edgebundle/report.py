@@ -9,6 +9,7 @@ and a test holds the two together.
 from __future__ import annotations
 
 import datetime
+import json
 from typing import Any, Dict, List, Mapping, Optional
 
 from .errors import InventoryError, UsageError, type_name
@@ -26,6 +27,17 @@ _REPORT_HINT = "regenerate it on the device with `edgebundle report --json` (sam
 def now_rfc3339() -> str:
     """The current UTC time as RFC 3339 (``2024-05-01T12:00:00Z``), for ``generated_at``."""
     return datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_json_object(text: str, what: str, hint: str) -> Dict[str, Any]:
+    """``text`` as a JSON object; anything else is an ``InventoryError`` naming ``what``."""
+    try:
+        obj = json.loads(text)
+    except ValueError as exc:
+        raise InventoryError(f"{what} is not valid JSON: {exc}", hint) from None
+    if not isinstance(obj, dict):
+        raise InventoryError(f"{what} is not a JSON object", hint)
+    return obj
 
 
 def inventory_to_json(inv: Inventory, site: Optional[str] = None) -> Dict[str, Any]:

@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Mapping, Optional, Union
 from .errors import InventoryError
 from .files import atomic_write
 from .holdings import Inventory
-from .report import inventory_from_json, inventory_to_json, report_site
+from .report import inventory_from_json, inventory_to_json, parse_json_object, report_site
 from .specs import SITE_NAME_RE, SiteSpec, check_site_name
 
 
@@ -116,15 +116,8 @@ class InventoryStore:
         except (OSError, UnicodeDecodeError) as exc:
             raise InventoryError(f"cannot read inventory of site {site!r} ({path}): {exc}",
                                  "check the file's permissions, or pull the report again") from None
-        try:
-            obj = json.loads(text)
-        except ValueError as exc:
-            raise InventoryError(f"inventory of site {site!r} ({path}) is not valid JSON: {exc}",
-                                 f"pull the report again; the previous one is {path.name[:-5]}.prev.json") from None
-        if not isinstance(obj, dict):
-            raise InventoryError(f"inventory of site {site!r} ({path}) is not a JSON object",
+        return parse_json_object(text, f"inventory of site {site!r} ({path})",
                                  f"pull the report again; the previous one is {path.name[:-5]}.prev.json")
-        return obj
 
     def load(self, site: str, runtime: Optional[str] = None, namespace: Optional[str] = None) -> Inventory:
         """The recorded inventory of ``site``.

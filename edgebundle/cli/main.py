@@ -31,6 +31,9 @@ Exit codes: 0 ok, 1 error, 2 usage, 3 manifest, 4 resolve, 5 bundle format,
 
 log = logging.getLogger("edgebundle")
 
+# What `pip install 'edgebundle[packer]'` adds (pyproject.toml); yaml is PyYAML's module.
+PACKER_EXTRA = ("httpx", "paramiko", "yaml", "tqdm")
+
 
 def _logging_args(p: argparse.ArgumentParser, top: bool) -> None:
     # On the top parser and on every subcommand, so `edgebundle -v pack` and
@@ -181,6 +184,8 @@ def dispatch(args: argparse.Namespace) -> int:
         try:
             from . import packer
         except ImportError as exc:
+            if (exc.name or "").split(".")[0] not in PACKER_EXTRA:
+                raise  # our own bug, not a missing extra: the last-resort handler says so
             raise UsageError(f"`edgebundle {args.command}` needs the packer extra ({exc.name} "
                              "is not installed)", "pip install 'edgebundle[packer]'") from None
         if args.command == "inventory":

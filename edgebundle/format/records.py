@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, FrozenSet, List, Optional, Sequence, Set, Tuple
 
 from ..errors import BundleFormatError, UsageError
-from ..oci import Descriptor, Platform, chain_ids, check_digest
+from ..oci import Descriptor, Platform, chain_ids, check_digest, describing_blobs
 from ..reference import parse_reference
 from . import (CODECS, KIND_BLOB, KNOWN_FEATURES, LAYER_FORM_BLOB, LAYER_FORM_TAR, LAYER_FORMS,
                RUNTIMES)
@@ -168,8 +168,7 @@ class ImageRecord:
     @property
     def json_blobs(self) -> Tuple[Descriptor, ...]:
         """Index (if any), manifest and config, each once."""
-        blobs = [self.top] if self.top.digest != self.manifest.digest else []
-        return tuple(blobs + [self.manifest, self.config])
+        return describing_blobs(self.top, self.manifest, self.config)
 
     @property
     def chain_ids(self) -> Tuple[str, ...]:

@@ -8,7 +8,6 @@ sync runs many sites through one session, so each image is resolved once for all
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from ..image import ResolvedImage
 from ..manifest import load_manifest
 from ..pack import PackStats, write_bundle
 from ..plan import Plan, plan_bundle, with_layer_info
+from ..report import parse_json_object
 from ..registry.auth import CredentialStore, docker_config_path
 from ..registry.client import RegistryClient
 from ..resolve import ProgressFactory, Resolver
@@ -195,15 +195,7 @@ def read_report_file(path: str) -> Dict[str, Any]:
     except UnicodeDecodeError:
         raise InventoryError(f"report {path} is not UTF-8 text",
                              "use the file written by `edgebundle report -o`") from None
-    try:
-        obj = json.loads(text)
-    except ValueError as exc:
-        raise InventoryError(f"report {path} is not JSON: {exc}",
-                             "use the file written by `edgebundle report -o`") from None
-    if not isinstance(obj, dict):
-        raise InventoryError(f"report {path} is not a JSON object",
-                             "use the file written by `edgebundle report -o`")
-    return obj
+    return parse_json_object(text, f"report {path}", "use the file written by `edgebundle report -o`")
 
 
 def record_report(home: Path, site: str, report_path: str,

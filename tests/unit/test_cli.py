@@ -14,15 +14,13 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import pytest
+import xxhash
 
 from edgebundle.cache import BlobCache
 from edgebundle.cli.main import main
 from edgebundle.format import read_index
 from edgebundle.format.framing import U32, U64, pack_record, unpack_body
-from edgebundle.naming import device_name
 from tiny_images import APP, BASE, TOOL, Images, write_oci_layout
-
-import xxhash
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -391,7 +389,8 @@ BROKEN: List[Tuple[str, Callable[[World], List[str]], int, str]] = [
                                       ["inspect", str(w.tmp / "cut.ebundle")])[1], 5, "truncated"),
     ("inspect: junk", lambda w: ["inspect", str(w.manifest)], 5, "not an edgebundle"),
     ("record: no report file", lambda w: ["inventory", "record", "gw", str(w.tmp / "none.json")], 2, "none.json"),
-    ("record: not JSON", lambda w: ["inventory", "record", "gw", _bad_report(w, "nope")], 10, "not JSON"),
+    ("record: not JSON", lambda w: ["inventory", "record", "gw", _bad_report(w, "nope")], 10,
+     "not valid JSON"),
     ("record: a list", lambda w: ["inventory", "record", "gw", _bad_report(w, "[]")], 10, "not a JSON object"),
     ("record: wrong kind", lambda w: ["inventory", "record", "gw", _bad_report(w, '{"kind": "x"}')],
      10, "kind"),

@@ -8,7 +8,7 @@ from typing import Iterator, List, Optional, Tuple
 
 import pytest
 
-from device_side import PACKER_ONLY, PKG, ROOT, device_files, loaded
+from device_side import PKG, ROOT, device_files, loaded
 
 
 def test_device_side_is_what_we_expect() -> None:

@@ -17,7 +17,6 @@ import pytest
 
 from edgebundle.errors import LoadError, RuntimeUnavailableError
 from edgebundle.format import EntryHead
-from edgebundle.holdings import Inventory
 from edgebundle.importer.containerd import TEMP_PREFIX, Completed, ContainerdRuntime, Ctr
 from edgebundle.importer.docker import DockerAPI, DockerLoader, DockerRuntime
 from edgebundle.oci import MT_DOCKER_CONFIG, MT_DOCKER_MANIFEST, MT_OCI_INDEX, chain_ids

@@ -11,7 +11,6 @@ all in a ``BlobCache``.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
 import json
 import tarfile
@@ -19,7 +18,6 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 import pytest
-
 import xxhash
 
 from edgebundle.cache import BlobCache
@@ -27,20 +25,16 @@ from edgebundle.errors import BundleFormatError, CacheError, LoadError, Prerequi
 from edgebundle.format import (CODEC_STORED, CODEC_ZSTD, END_MAGIC, FORMAT_VERSION, MAGIC, TAG_ENTRY,
                                TAG_FOOTER, TAG_HEADER, TAG_INDEX, BundleReader, read_index)
 from edgebundle.format.framing import CHUNK_HEAD, U32, U64, pack_record
+from edgebundle.holdings import Inventory
+from edgebundle.image import ResolvedImage
 from edgebundle.importer import import_bundle
 from edgebundle.importer.containerd import TEMP_PREFIX, ContainerdRuntime, Ctr
 from edgebundle.importer.docker import DockerAPI, DockerRuntime
-from edgebundle.holdings import HeldImage, Inventory
-from edgebundle.image import Layer, ResolvedImage
-from edgebundle.naming import docker_tag
-from edgebundle.oci import Descriptor, MT_DOCKER_CONFIG, MT_DOCKER_LAYER_GZIP, MT_DOCKER_MANIFEST, MT_OCI_INDEX, Platform, chain_ids
-from edgebundle.pack import bundle_header, image_record, write_bundle
+from edgebundle.oci import MT_DOCKER_CONFIG, MT_DOCKER_LAYER_GZIP, MT_OCI_INDEX, Descriptor
+from edgebundle.pack import image_record, write_bundle
 from edgebundle.plan import Plan, plan_bundle
-from edgebundle.reference import parse_reference
 from fake_runtimes import FakeContainerd, FakeEngine
-
-
-from tiny_images import APP, BASE, EXTRA, TOOL, Images, sha  # noqa: E402
+from tiny_images import APP, BASE, EXTRA, TOOL, Images
 
 
 # ---------------------------------------------------------------------------
@@ -66,29 +60,6 @@ class Site:
             return self.ctr.real_names()
         return {t for img in self.engine.images.values() for t in img.tags}
 
-    def received(self) -> Dict[str, bytes]:
-        """Blob files the runtime was sent, over all imports (tar members by digest)."""
-        out: Dict[str, bytes] = {}
-        if self.kind == "containerd":
-            for imp in self.ctr.imports:
-                pass
-            out.update({d: b for d, b in self.ctr.content.items() if d in self._sent()})
-        else:
-            for load in self.engine.loads:
-                out.update({"sha256:" + n.rsplit("/", 1)[1]: b for n, b in load
-                            if n.startswith("blobs/")})
-        return out
-
-    def _sent(self) -> Set[str]:
-        return {"sha256:" + m.rsplit("/", 1)[1] for imp in self.ctr.imports for m in imp.members
-                if m.startswith("blobs/")}
-
-    def runtime_streams(self) -> int:
-        """How many import streams (ctr processes / load requests) were opened."""
-        if self.kind == "containerd":
-            return len(self.ctr.imports)
-        return len(self.engine.loads)
-
 
 def do_import(path: Path, site: Site) -> Any:
     with open(path, "rb") as fh:
@@ -110,13 +81,6 @@ def make_plan(images: Sequence[ResolvedImage], runtime: str,
 @pytest.fixture
 def built(tmp_path: Path) -> Images:
     return Images(BlobCache(tmp_path / "cache"))
-
-
-def make_plan(images: Sequence[ResolvedImage], runtime: str,
-              inv: Optional[Inventory] = None) -> Plan:
-    ns = "k8s.io" if runtime == "containerd" else None
-    return plan_bundle("gw-01", images, inv or Inventory.empty(runtime, ns), runtime=runtime,
-                       namespace=ns, platform="linux/amd64")
 
 
 def entry_digests(path: Path) -> List[str]:
@@ -225,9 +189,6 @@ def test_containerd_failed_unpack_leaves_no_image(tmp_path: Path, built: Images)
     pack(make_plan([a], "containerd", inv), built.cache, out)
     site = Site("containerd", tmp_path)
     site.ctr.content[a.layers[2].digest] = built.cache.read_bytes(a.layers[2].digest)
-
-    def lose(model: FakeContainerd) -> None:
-        pass
 
     # The device held it at report time, but it vanishes once the prerequisite check passed.
     original = site.ctr._unpack
@@ -468,26 +429,23 @@ def test_import_checks_the_runtime_afterwards(tmp_path: Path, built: Images) -> 
     assert len(site.engine.loads) == 1
 
 
-def test_docker_daemon_hanging_up_is_a_load_error(tmp_path: Path, built: Images) -> None:
+@pytest.mark.parametrize("runtime,message", [
+    ("docker", "closed the load stream|docker load failed"),  # the daemon hangs up
+    ("containerd", "stopped reading"),  # ctr dies
+])
+def test_runtime_going_away_mid_stream_is_a_load_error(tmp_path: Path, built: Images,
+                                                       runtime: str, message: str) -> None:
     a = built.image("example.test/shop/app:v1", [BASE, {"big": bytes(range(256)) * 8192}])
     out = tmp_path / "b.ebundle"
-    pack(make_plan([a], "docker"), built.cache, out)
-    site = Site("docker", tmp_path)
-    site.engine.hang_up_after = 4096
-    with pytest.raises(LoadError, match="closed the load stream|docker load failed"):
+    pack(make_plan([a], runtime), built.cache, out)
+    site = Site(runtime, tmp_path)
+    if runtime == "docker":
+        site.engine.hang_up_after = 4096
+    else:
+        site.ctr.import_dies_after = 4096
+    with pytest.raises(LoadError, match=message):
         do_import(out, site)
-    assert site.engine.images == {}
-
-
-def test_ctr_dying_mid_stream_is_a_load_error(tmp_path: Path, built: Images) -> None:
-    a = built.image("example.test/shop/app:v1", [BASE, {"big": bytes(range(256)) * 8192}])
-    out = tmp_path / "b.ebundle"
-    pack(make_plan([a], "containerd"), built.cache, out)
-    site = Site("containerd", tmp_path)
-    site.ctr.import_dies_after = 4096
-    with pytest.raises(LoadError, match="stopped reading"):
-        do_import(out, site)
-    assert site.ctr.images == {}
+    assert site.names() == set()
 
 
 def test_missing_cache_blob_is_a_cache_error(tmp_path: Path, built: Images) -> None:
