@@ -221,6 +221,12 @@ def _kind(value: object) -> str:
     return type(value).__name__
 
 
+def _show(value: object, limit: int = 80) -> str:
+    """``repr(value)``, cut short: a hostile field must not make a megabyte of message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 class _Fields:
     """Typed reads of one msgpack map; failures name the record and the field."""
 
@@ -273,13 +279,13 @@ class _Fields:
         try:
             return check_digest(value)
         except ValueError:
-            raise self.fail(key, f"is {value!r}, not sha256:<64 lowercase hex>") from None
+            raise self.fail(key, f"is {_show(value)}, not sha256:<64 lowercase hex>") from None
 
     def choice(self, key: str, choices: Sequence[Any], hint: str = SPEC_HINT) -> Any:
         value = self._get(key)
         if isinstance(value, bool) or value not in choices:
             allowed = ", ".join(repr(c) for c in choices)
-            raise self.fail(key, f"is {value!r}, not one of {allowed}", hint)
+            raise self.fail(key, f"is {_show(value)}, not one of {allowed}", hint)
         return value
 
     def items(self, key: str) -> List[Any]:
@@ -302,11 +308,13 @@ class _Fields:
         try:
             Platform.parse(value)
         except UsageError:
-            raise self.fail(key, f"is {value!r}, not os/arch[/variant]") from None
+            raise self.fail(key, f"is {_show(value)}, not os/arch[/variant]") from None
         return value
 
     def image_name(self, key: str) -> str:
         value = self.text(key)
+        if len(value) > 512:  # name (255) + tag (128) + digest (71), with room to spare
+            raise self.fail(key, f"is {len(value)} characters long, not an image name")
         try:
             parse_reference(value)
         except UsageError as exc:
@@ -330,7 +338,8 @@ def check_features(obj: object, name: str) -> Tuple[str, ...]:
         raise fields.fail("required_features", "must list strings")
     unknown = sorted(f for f in features if f not in KNOWN_FEATURES)
     if unknown:
-        raise BundleFormatError(f"bundle {name} requires unsupported features: {', '.join(unknown)}",
+        raise BundleFormatError(f"bundle {name} requires unsupported features: "
+                                f"{_show(', '.join(unknown), 200)}",
                                 UPGRADE_HINT)
     return tuple(features)
 
@@ -395,7 +404,7 @@ def parse_entry_head(obj: object, where: str) -> EntryHead:
     kind = f.text("kind")
     parser = _ENTRY_PARSERS.get(kind)
     if parser is None:
-        raise f.fail("kind", f"is {kind!r}, an entry kind this edgebundle does not know",
+        raise f.fail("kind", f"is {_show(kind)}, an entry kind this edgebundle does not know",
                      "this bundle needs a newer edgebundle")
     return parser(f)
 
