@@ -24,9 +24,14 @@ REPORT_KIND = "edgebundle-inventory"
 _REPORT_HINT = "regenerate it on the device with `edgebundle report --json` (same edgebundle version as the packer)"
 
 
+def rfc3339(when: datetime.datetime) -> str:
+    """``when`` (aware) as RFC 3339 UTC to the second: ``2024-05-01T12:00:00Z``."""
+    return when.astimezone(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def now_rfc3339() -> str:
-    """The current UTC time as RFC 3339 (``2024-05-01T12:00:00Z``), for ``generated_at``."""
-    return datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
+    """The current UTC time as RFC 3339, for ``generated_at`` and a bundle's ``created``."""
+    return rfc3339(datetime.datetime.now(datetime.timezone.utc))
 
 
 def parse_json_object(text: str, what: str, hint: str) -> Dict[str, Any]:

@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
-from .errors import InventoryError
+from .errors import InventoryError, UsageError
 from .oci import Platform
 from .reference import Reference
 
@@ -72,3 +72,12 @@ class ManifestList:
 
     def images_for(self, site: str) -> Tuple[ImageSpec, ...]:
         return tuple(i for i in self.images if not i.sites or site in i.sites)
+
+    def site(self, name: str) -> SiteSpec:
+        """The site declared as ``name``; an undeclared one is a ``UsageError``."""
+        site = self.sites.get(name)
+        if site is None:
+            known = ", ".join(sorted(self.sites)) or "none"
+            raise UsageError(f"site {name!r} is not declared in {self.path} (sites: {known})",
+                             "add it under `sites:` or pick one of those")
+        return site

@@ -9,6 +9,7 @@ import argparse
 import sys
 from typing import Any, List, Optional
 
+from ..importer import Runtime
 from ..progress import progress_bar
 from ..report import inventory_to_json
 from ..usecases.device import (RuntimeAddress, import_file, inspect_bundle, open_runtime,
@@ -16,7 +17,7 @@ from ..usecases.device import (RuntimeAddress, import_file, inspect_bundle, open
 from .main import emit_json
 
 
-def _runtime(args: argparse.Namespace) -> Any:
+def _runtime(args: argparse.Namespace) -> Runtime:
     return open_runtime(RuntimeAddress(args.runtime, args.address, args.namespace, args.ctr,
                                        args.snapshotter, args.host))
 

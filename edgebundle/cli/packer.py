@@ -6,6 +6,7 @@ Arguments in, printing out; the work is ``usecases.packer``'s.
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ from ..cache import default_home
 from ..errors import UsageError
 from ..holdings import Inventory
 from ..plan import Plan
-from ..report import inventory_to_json
+from ..report import inventory_to_json, rfc3339
 from ..usecases import packer as usecases
 from .main import emit_json
 
@@ -31,14 +32,12 @@ def _created() -> Optional[str]:
     epoch = os.environ.get("SOURCE_DATE_EPOCH")
     if not epoch:
         return None
-    import datetime
-
     try:
         when = datetime.datetime.fromtimestamp(int(epoch), datetime.timezone.utc)
     except (ValueError, OverflowError, OSError):
         raise UsageError(f"SOURCE_DATE_EPOCH={epoch!r} is not a Unix time",
                          "set it to seconds since 1970, e.g. $(git log -1 --format=%ct)") from None
-    return when.strftime("%Y-%m-%dT%H:%M:%SZ")
+    return rfc3339(when)
 
 
 class _Bars:
@@ -105,17 +104,9 @@ def cmd_pack(args: argparse.Namespace) -> int:
     if args.threads < 0:
         raise UsageError(f"--threads {args.threads} is negative", "pass 0 (one per CPU) or more")
     show = not args.no_progress and sys.stderr.isatty() and not args.json
-    bar = tqdm(desc="pack", unit="B", unit_scale=True, unit_divisor=1024, leave=False,
-               file=sys.stderr, disable=not show)
-    def advance(n: int) -> None:
-        bar.update(n)
-
-    try:
-        outcome = usecases.pack_site(_home(args), args.manifest, args.site, args.output,
-                                     full=args.full, level=args.level, threads=args.threads,
-                                     created=_created(), progress=advance, bars=_Bars(show))
-    finally:
-        bar.close()
+    outcome = usecases.pack_site(_home(args), args.manifest, args.site, args.output,
+                                 full=args.full, level=args.level, threads=args.threads,
+                                 created=_created(), progress=_Bars(show))
     stats, plan = outcome.stats, outcome.plan
     if args.json:
         emit_json({"bundle": outcome.output, "bundle_bytes": stats.bundle_bytes,

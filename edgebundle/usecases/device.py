@@ -30,11 +30,11 @@ class RuntimeAddress:
     """Where the device's runtime listens (the ``--runtime`` group of flags)."""
 
     kind: str  # "containerd" | "docker"
-    address: str = "/run/containerd/containerd.sock"
-    namespace: str = "default"
-    ctr: str = "ctr"
-    snapshotter: str = "overlayfs"
-    host: str = "unix:///var/run/docker.sock"
+    address: str  # containerd socket
+    namespace: str  # containerd namespace
+    ctr: str  # the ctr command line, e.g. "k3s ctr"
+    snapshotter: str
+    host: str  # Docker Engine socket, unix://...
 
 
 def open_runtime(where: RuntimeAddress) -> Runtime:

@@ -12,7 +12,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 from ..cache import BlobCache
 from ..errors import InventoryError, ManifestError, UsageError
@@ -22,6 +22,7 @@ from ..image import ResolvedImage
 from ..manifest import load_manifest
 from ..pack import PackStats, write_bundle
 from ..plan import Plan, plan_bundle, with_layer_info
+from ..progress import NULL_BAR, Bar, close_bar
 from ..report import parse_json_object
 from ..registry.auth import CredentialStore, docker_config_path
 from ..registry.client import RegistryClient
@@ -30,9 +31,6 @@ from ..specs import ManifestList, SiteSpec
 from ..store import InventoryStore
 
 log = logging.getLogger(__name__)
-
-Progress = Callable[[int], None]
-
 
 @dataclass(frozen=True)
 class PackOutcome:
@@ -51,7 +49,8 @@ class PackerSession:
         manifest: the manifest list.
         client: registry access; by default one is made from the manifest's registries
             and the docker credentials, and closed with the session.
-        progress: makes the download bars (``resolve.ProgressFactory``).
+        progress: makes the progress bars (``resolve.ProgressFactory``): downloads,
+            layer checks, and the pack itself.
     """
 
     def __init__(self, home: Path, manifest: ManifestList, *,
@@ -82,12 +81,7 @@ class PackerSession:
     # -- steps -----------------------------------------------------------------
 
     def site(self, name: str) -> SiteSpec:
-        site = self.manifest.sites.get(name)
-        if site is None:
-            known = ", ".join(sorted(self.manifest.sites)) or "none"
-            raise UsageError(f"site {name!r} is not declared in {self.manifest.path} (sites: {known})",
-                             "add it under `sites:` or pick one of those")
-        return site
+        return self.manifest.site(name)
 
     def resolve(self, site: SiteSpec) -> List[ResolvedImage]:
         """The site's images, pinned to content for its platform (once per session)."""
@@ -130,8 +124,7 @@ class PackerSession:
         return plan
 
     def pack(self, site: SiteSpec, output: str, *, full: bool = False, level: int = 16,
-             threads: int = 0, created: Optional[str] = None,
-             progress: Optional[Progress] = None) -> PackOutcome:
+             threads: int = 0, created: Optional[str] = None) -> PackOutcome:
         """Plan once, fetch what ships, write the bundle to ``output`` (``-``: stdout).
 
         ``threads`` 0 means one zstd worker per CPU; the bytes are the same for any count.
@@ -144,11 +137,20 @@ class PackerSession:
                                              progress_factory=self._progress)
         plan = with_layer_info(plan, fetched)
         workers = threads if threads > 0 else (os.cpu_count() or 1)
-        with open_output(output, what) as out:
-            stats = write_bundle(plan, self.cache, out, level=level, threads=workers,
-                                 created=created, progress=progress)
+        shipped = sum(lp.layer.size for ip in plan.to_ship for lp in ip.layers if lp.ship)
+        bar = (self._progress or _no_bar)(shipped, "pack")
+        try:
+            with open_output(output, what) as out:
+                stats = write_bundle(plan, self.cache, out, level=level, threads=workers,
+                                     created=created, progress=bar.update)
+        finally:
+            close_bar(bar)
         log.info("wrote %s: %d bytes, %d entries", what, stats.bundle_bytes, stats.entries)
         return PackOutcome(output, plan, stats)
+
+
+def _no_bar(total: int, desc: str) -> Bar:
+    return NULL_BAR
 
 
 def plan_site(home: Path, manifest_path: str, site: str, *, full: bool = False) -> Plan:
@@ -159,12 +161,14 @@ def plan_site(home: Path, manifest_path: str, site: str, *, full: bool = False) 
 
 def pack_site(home: Path, manifest_path: str, site: str, output: str, *, full: bool = False,
               level: int = 16, threads: int = 0, created: Optional[str] = None,
-              progress: Optional[Progress] = None,
-              bars: Optional[ProgressFactory] = None) -> PackOutcome:
-    """``edgebundle pack``: write the bundle ``site`` needs to ``output``."""
-    with PackerSession(home, load_manifest(manifest_path), progress=bars) as session:
+              progress: Optional[ProgressFactory] = None) -> PackOutcome:
+    """``edgebundle pack``: write the bundle ``site`` needs to ``output``.
+
+    ``progress`` makes a bar per step (fetching, checking, packing), as in ``PackerSession``.
+    """
+    with PackerSession(home, load_manifest(manifest_path), progress=progress) as session:
         return session.pack(session.site(site), output, full=full, level=level, threads=threads,
-                            created=created, progress=progress)
+                            created=created)
 
 
 # ---------------------------------------------------------------------------
@@ -176,13 +180,7 @@ def _manifest_site(home: Path, site: str, manifest_path: Optional[str]) -> Optio
     path = manifest_path or InventoryStore(home).remembered_manifest(site)
     if path is None:
         return None
-    manifest = load_manifest(path)
-    spec = manifest.sites.get(site)
-    if spec is None:
-        known = ", ".join(sorted(manifest.sites)) or "none"
-        raise UsageError(f"site {site!r} is not declared in {path} (sites: {known})",
-                         "add it under `sites:` or pick one of those")
-    return spec
+    return load_manifest(path).site(site)
 
 
 def read_report_file(path: str) -> Dict[str, Any]:
