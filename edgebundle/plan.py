@@ -106,7 +106,9 @@ def plan_bundle(site: str, images: Sequence[ResolvedImage], inv: Inventory, *, r
             if up_to_date:
                 layer_plans.append(LayerPlan(layer, chain, False, entry))
             elif holdings.layer(layer.digest, chain):
-                prereqs.setdefault((chain, layer.digest), Prerequisite(chain, layer.diff_id, layer.digest))
+                key = (chain, layer.digest)
+                if key not in prereqs:  # no object built per held layer: fleets hit this a lot
+                    prereqs[key] = Prerequisite(chain, layer.diff_id, layer.digest)
                 layer_plans.append(LayerPlan(layer, chain, False, entry))
             else:
                 layer_plans.append(LayerPlan(layer, chain, entry not in shipped, entry))
