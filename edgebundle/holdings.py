@@ -59,6 +59,9 @@ class Inventory:
     chains: FrozenSet[str] = frozenset()  # applied layer chains (snapshots / docker layers)
     generated_at: str = ""
     host: str = ""
+    # Bundle features the device's edgebundle reads (report key "features"); a packer
+    # sends a delta only to a device that lists "tar-delta-v1".
+    features: FrozenSet[str] = frozenset()
     extra: Dict[str, object] = field(default_factory=dict, compare=False, hash=False)
 
     @classmethod

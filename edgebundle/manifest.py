@@ -30,7 +30,7 @@ MANIFEST_VERSION = 1
 
 TOP_KEYS = ("version", "registries", "images", "sites")
 IMAGE_KEYS = ("ref", "source", "platform", "sites")
-SITE_KEYS = ("runtime", "platform", "namespace", "ssh", "report_command")
+SITE_KEYS = ("runtime", "platform", "namespace", "ssh", "report_command", "deltas")
 REGISTRY_KEYS = ("insecure", "mirrors")
 DEFAULT_NAMESPACE = "default"
 
@@ -305,8 +305,17 @@ def _parse_site(ctx: _Ctx, name: object, body: object, line: int) -> SiteSpec:
         namespace=_site_namespace(ctx, name, runtime, entry),
         ssh=_site_ssh(ctx, name, entry),
         report_command=_optional_str(ctx, entry, "report_command", f"site {name!r} report_command"),
+        deltas=_site_deltas(ctx, name, entry),
         line=line,
     )
+
+
+def _site_deltas(ctx: _Ctx, name: str, entry: _Map) -> bool:
+    value = entry.get("deltas", True)
+    if not isinstance(value, bool):
+        raise ctx.error(entry.key_lines["deltas"], f"site {name!r}: deltas is {value!r}, not a boolean",
+                        "write `deltas: false` to ship changed layers whole, or leave it out")
+    return value
 
 
 def _site_runtime(ctx: _Ctx, name: str, entry: _Map, line: int) -> str:

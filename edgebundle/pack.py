@@ -66,25 +66,36 @@ def bundle_header(plan: Plan, created: Optional[str] = None) -> Header:
         images=tuple(ImageSummary(p.image.name, p.image.top.digest, p.image.config.digest)
                      for p in plan.to_ship),
         content_bytes=content_bytes(plan), created=created or now_rfc3339(),
-        tool=f"edgebundle {__version__}")
+        tool=f"edgebundle {__version__}", required_features=plan.required_features)
 
 
 def content_bytes(plan: Plan) -> int:
     """Decoded bytes of every entry the bundle will carry (the importer's progress total)."""
     total = 0
-    for layer, size in plan.shipped().values():
-        as_tar = layer is not None and plan.layer_form == LAYER_FORM_TAR and \
-            classify(layer.media_type) != NONE
-        total += layer.tar_size if as_tar and layer is not None else size
+    for lp, size in plan.shipped().values():
+        if lp is None:
+            total += size
+        elif lp.delta is not None:
+            total += lp.delta.head.target_size  # the device counts the rebuilt tar
+        elif plan.layer_form == LAYER_FORM_TAR and classify(lp.layer.media_type) != NONE:
+            total += lp.layer.tar_size
+        else:
+            total += lp.layer.size
     return total
 
 
+#: The op stream of a planned delta, by its entry digest (``deltas.DeltaStore.ops``).
+DeltaOps = Callable[[str], Iterator[bytes]]
+
+
 def write_bundle(plan: Plan, cache: BlobCache, out: Sink, *, level: int = 16, threads: int = 1,
-                 created: Optional[str] = None, progress: Optional[Progress] = None) -> PackStats:
+                 created: Optional[str] = None, progress: Optional[Progress] = None,
+                 delta_ops: Optional[DeltaOps] = None) -> PackStats:
     """Write the bundle for ``plan`` to ``out``.
 
     Every blob the plan ships must be in ``cache`` (``resolve.fetch_layers``); a missing
     or damaged one raises ``CacheError`` (a damaged one is removed, so a rerun refetches).
+    A layer planned as a delta is written from ``delta_ops``.
     """
     writer = BundleWriter(out, bundle_header(plan, created), level=level, threads=threads)
     written: Set[str] = set()
@@ -94,7 +105,16 @@ def write_bundle(plan: Plan, cache: BlobCache, out: Sink, *, level: int = 16, th
                 _add_json(writer, cache, desc)
                 written.add(desc.digest)
         for lp in ip.layers:
-            if lp.ship and lp.entry not in written:
+            if lp.ship and lp.delta is not None and lp.delta.entry not in written:
+                if delta_ops is None:
+                    raise ValueError("the plan has deltas but no delta_ops was given")
+                log.debug("pack: layer %s as a delta (%d bytes of ops)", lp.layer.digest,
+                          lp.delta.size)
+                writer.add_delta(lp.delta.head, lp.delta.entry, lp.delta.size,
+                                 _counting(delta_ops(lp.delta.entry), lp.layer.size,
+                                           lp.delta.size, progress))
+                written.add(lp.delta.entry)
+            elif lp.ship and lp.delta is None and lp.entry not in written:
                 log.debug("pack: layer %s as %s (%d bytes)", lp.layer.digest, plan.layer_form,
                           lp.layer.size)
                 _add_layer(writer, cache, lp.layer, plan.layer_form, progress)
@@ -143,6 +163,18 @@ def _decompressed(fh: BinaryIO, kind: str, digest: str, cache: BlobCache,
     except OSError as exc:
         raise CacheError(f"cannot read layer {digest} from the packer cache: {exc.strerror or exc}",
                          "check the disk the cache is on") from None
+
+
+def _counting(pieces: Iterator[bytes], whole: int, size: int,
+              progress: Optional[Progress]) -> Iterator[bytes]:
+    """Progress for a delta in the bar's units (registry bytes of the layer it replaces)."""
+    done = 0
+    for piece in pieces:
+        if progress is not None and size:
+            step = (done + len(piece)) * whole // size - done * whole // size
+            progress(step)
+        done += len(piece)
+        yield piece
 
 
 class _Counted:

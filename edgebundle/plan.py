@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
-from .format import LAYER_FORM_BLOB, LAYER_FORM_TAR, RUNTIME_CONTAINERD, RUNTIME_DOCKER, Prerequisite
+from .format import (FEATURE_DELTA, LAYER_FORM_BLOB, LAYER_FORM_TAR, RUNTIME_CONTAINERD,
+                     RUNTIME_DOCKER, DeltaHead, Prerequisite)
 from .holdings import Holdings, Inventory
 from .image import Layer, ResolvedImage
 
@@ -21,11 +22,31 @@ def default_layer_form(runtime: str) -> str:
 
 
 @dataclass(frozen=True)
+class DeltaChoice:
+    """A layer shipped as a delta against files the site holds (``delta.encode``)."""
+
+    head: DeltaHead
+    entry: str  # digest of the op stream: the bundle entry
+    size: int  # op stream bytes
+    stored: int  # its size zstd-compressed, as the bundle will carry it (estimate)
+    bases: Tuple[Prerequisite, ...]  # the layers it reads files from
+
+
+@dataclass(frozen=True)
 class LayerPlan:
     layer: Layer
     chain_id: str
     ship: bool  # False: the site holds it (a prerequisite), or an earlier image ships it
     entry: str  # bundle entry digest carrying it: the blob digest or, as a tar, the diff_id
+    delta: Optional[DeltaChoice] = None  # shipped as a delta instead of whole
+    note: str = ""  # why a shipped layer goes whole, when deltas were considered
+
+    @property
+    def ship_bytes(self) -> int:
+        """What shipping this layer costs in the bundle (registry size when whole)."""
+        if not self.ship:
+            return 0
+        return self.delta.stored if self.delta is not None else self.layer.size
 
 
 @dataclass(frozen=True)
@@ -43,8 +64,7 @@ class ImagePlan:
     def ship_bytes(self) -> int:
         if self.up_to_date:
             return 0
-        return sum(d.size for d in self.image.json_blobs) + sum(
-            lp.layer.size for lp in self.layers if lp.ship)
+        return sum(d.size for d in self.image.json_blobs) + sum(lp.ship_bytes for lp in self.layers)
 
 
 @dataclass(frozen=True)
@@ -58,19 +78,34 @@ class Plan:
     prerequisites: Tuple[Prerequisite, ...]
 
     @property
+    def required_features(self) -> Tuple[str, ...]:
+        return (FEATURE_DELTA,) if any(lp.delta for lp in self.shipped_layers()) else ()
+
+    def shipped_layers(self) -> Tuple[LayerPlan, ...]:
+        return tuple(lp for p in self.to_ship for lp in p.layers if lp.ship)
+
+    @property
     def to_ship(self) -> Tuple[ImagePlan, ...]:
         return tuple(p for p in self.images if not p.up_to_date)
 
-    def shipped(self) -> Dict[str, Tuple[Optional[Layer], int]]:
-        """Each entry the bundle carries, once: digest -> (layer or None for JSON, registry size)."""
-        out: Dict[str, Tuple[Optional[Layer], int]] = {}
+    def shipped(self) -> Dict[str, Tuple[Optional[LayerPlan], int]]:
+        """Each entry the bundle carries, once: digest -> (layer plan or None for JSON, bytes).
+
+        Bytes are registry sizes, or for a delta its estimated size in the bundle.
+        """
+        out: Dict[str, Tuple[Optional[LayerPlan], int]] = {}
         for p in self.to_ship:
             for d in p.image.json_blobs:
                 out[d.digest] = (None, d.size)
             for lp in p.layers:
                 if lp.ship:
-                    out[lp.entry] = (lp.layer, lp.layer.size)
+                    out[lp.delta.entry if lp.delta else lp.entry] = (lp, lp.ship_bytes)
         return out
+
+    @property
+    def whole_bytes(self) -> int:
+        """What the shipped layers would cost without deltas (registry sizes)."""
+        return sum(size if lp is None else lp.layer.size for lp, size in self.shipped().values())
 
     @property
     def ship_bytes(self) -> int:
@@ -116,6 +151,30 @@ def plan_bundle(site: str, images: Sequence[ResolvedImage], inv: Inventory, *, r
         plans.append(ImagePlan(image, up_to_date, tuple(layer_plans)))
     return Plan(site, runtime, namespace, platform, form, tuple(plans),
                 tuple(prereqs.values()))
+
+
+def with_deltas(plan: Plan, choices: Dict[str, DeltaChoice], notes: Dict[str, str]) -> Plan:
+    """``plan`` with the layers in ``choices`` (by diff_id) shipped as deltas.
+
+    Each delta's bases become prerequisites, so a device that lacks one refuses the
+    bundle before it touches the runtime. ``notes`` say why other layers go whole.
+    """
+    prereqs: Dict[Tuple[str, str], Prerequisite] = {(p.chain_id, p.digest): p
+                                                    for p in plan.prerequisites}
+    out = []
+    for ip in plan.images:
+        layer_plans = []
+        for lp in ip.layers:
+            choice = choices.get(lp.layer.diff_id) if lp.ship else None
+            if choice is not None:
+                for base in choice.bases:
+                    prereqs.setdefault((base.chain_id, base.digest), base)
+                lp = replace(lp, delta=choice)
+            elif lp.ship and lp.layer.diff_id in notes:
+                lp = replace(lp, note=notes[lp.layer.diff_id])
+            layer_plans.append(lp)
+        out.append(replace(ip, layers=tuple(layer_plans)))
+    return replace(plan, images=tuple(out), prerequisites=tuple(prereqs.values()))
 
 
 def with_layer_info(plan: Plan, images: Iterable[ResolvedImage]) -> Plan:

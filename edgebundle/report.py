@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime
 import json
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, FrozenSet, List, Mapping, Optional
 
 from .errors import InventoryError, UsageError, type_name
 from .format import RUNTIMES
@@ -68,6 +68,7 @@ def inventory_to_json(inv: Inventory, site: Optional[str] = None) -> Dict[str, A
         "images": [_image_to_json(image) for image in inv.images],
         "blobs": sorted(inv.blobs),
         "chains": sorted(inv.chains),
+        "features": sorted(inv.features),
         "extra": dict(inv.extra),
     }
 
@@ -123,8 +124,17 @@ def inventory_from_json(obj: object) -> Inventory:
         chains=frozenset(_digest_list(obj, "chains")),
         generated_at=_field(obj, "generated_at", str, "generated_at", required=False) or "",
         host=_field(obj, "host", str, "host", required=False) or "",
+        features=_features(obj),
         extra=dict(extra),
     )
+
+
+def _features(obj: Mapping[str, Any]) -> FrozenSet[str]:
+    """Absent in reports of devices older than deltas: they read no optional feature."""
+    items = _field(obj, "features", list, "features", required=False) or []
+    if not all(isinstance(f, str) for f in items):
+        raise _bad("features", "must list strings")
+    return frozenset(items)
 
 
 def report_site(obj: Mapping[str, Any]) -> Optional[str]:

@@ -60,6 +60,7 @@ class SiteSpec:
     namespace: Optional[str] = None  # containerd only; default "default"
     ssh: Optional[str] = None  # [user@]host[:port] or a ~/.ssh/config Host alias
     report_command: Optional[str] = None  # run over SSH by `inventory pull`
+    deltas: bool = True  # ship changed layers as content deltas where clearly smaller
     line: int = 0
 
 

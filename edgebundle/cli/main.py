@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", parents=[common], help="dry run: what a site lacks and what would ship")
     p.add_argument("manifest", help="manifest list YAML")
     p.add_argument("--site", required=True, help="site name from the manifest")
+    p.add_argument("--no-delta", action="store_true",
+                   help="plan changed layers whole, never as content deltas")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = sub.add_parser("pack", parents=[common], help="resolve, fetch and write the bundle a site needs")
@@ -92,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "one per CPU; the output is identical for any count)")
     p.add_argument("--full", action="store_true",
                    help="ignore the site's inventory: ship everything (factory seeding)")
+    p.add_argument("--no-delta", action="store_true",
+                   help="ship changed layers whole, never as content deltas")
     p.add_argument("--json", action="store_true", help="machine-readable summary")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 

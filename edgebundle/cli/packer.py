@@ -10,14 +10,14 @@ import datetime
 import os
 import sys
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Set
 
 from tqdm import tqdm
 
 from ..cache import default_home
 from ..errors import UsageError
 from ..holdings import Inventory
-from ..plan import Plan
+from ..plan import LayerPlan, Plan
 from ..report import inventory_to_json, rfc3339
 from ..usecases import packer as usecases
 from .main import emit_json
@@ -52,6 +52,7 @@ class _Bars:
 
 
 def plan_json(plan: Plan) -> Dict[str, Any]:
+    held = {p.chain_id for p in plan.prerequisites}
     return {
         "site": plan.site, "runtime": plan.runtime, "namespace": plan.namespace,
         "platform": plan.platform, "layer_form": plan.layer_form,
@@ -62,10 +63,27 @@ def plan_json(plan: Plan) -> Dict[str, Any]:
             "top": ip.image.top.digest, "config": ip.image.config.digest,
             "platform": str(ip.image.platform),
             "ship_bytes": ip.ship_bytes, "full_bytes": ip.full_bytes,
-            "layers": [{"digest": lp.layer.digest, "diff_id": lp.layer.diff_id,
-                        "size": lp.layer.size, "ship": lp.ship} for lp in ip.layers],
+            "layers": [_layer_json(lp, held) for lp in ip.layers],
         } for ip in plan.images],
     }
+
+
+def _layer_json(lp: LayerPlan, held: Set[str]) -> Dict[str, Any]:
+    out: Dict[str, Any] = {"digest": lp.layer.digest, "diff_id": lp.layer.diff_id,
+                           "size": lp.layer.size, "ship": lp.ship, "how": _how(lp, held)}
+    if lp.delta is not None:
+        out["delta"] = {"entry": lp.delta.entry, "bytes": lp.delta.stored,
+                        "bases": [b.diff_id for b in lp.delta.bases]}
+    if lp.note:
+        out["note"] = lp.note
+    return out
+
+
+def _how(lp: LayerPlan, held: Set[str]) -> str:
+    """delta | whole | held | shared (shipped with an earlier image of the bundle)."""
+    if lp.ship:
+        return "delta" if lp.delta is not None else "whole"
+    return "shared" if lp.chain_id not in held and lp.entry else "held"
 
 
 def _mb(n: int) -> str:
@@ -81,6 +99,19 @@ def _print_plan(plan: Plan, out: Any) -> None:
         status = "up to date" if ip.up_to_date else \
             f"ship {_mb(ip.ship_bytes)}: {shipped} of {len(ip.layers)} layers"
         print(f"  {ip.image.name}  [{ip.image.platform}]  {status}", file=out)
+        if ip.up_to_date:
+            continue
+        for lp in ip.layers:
+            if not lp.ship:
+                continue
+            short = lp.layer.digest[7:19]
+            if lp.delta is not None:
+                bases = ", ".join(b.diff_id[7:19] for b in lp.delta.bases)
+                print(f"    {short}  delta {_mb(lp.delta.stored)} (whole {_mb(lp.layer.size)}) "
+                      f"against {bases}", file=out)
+            else:
+                why = f" ({lp.note[len('whole: '):]})" if lp.note.startswith("whole: ") else ""
+                print(f"    {short}  whole {_mb(lp.layer.size)}{why}", file=out)
     full = plan.full_bytes
     pct = f" ({100 * plan.ship_bytes / full:.1f}%)" if full else ""
     print(f"ships {_mb(plan.ship_bytes)} of {_mb(full)} for a full transfer{pct}; "
@@ -88,7 +119,9 @@ def _print_plan(plan: Plan, out: Any) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    plan = usecases.plan_site(_home(args), args.manifest, args.site)
+    show = sys.stderr.isatty() and not args.json
+    plan = usecases.plan_site(_home(args), args.manifest, args.site, deltas=not args.no_delta,
+                              progress=_Bars(show))
     if args.json:
         emit_json(plan_json(plan))
     else:
@@ -106,7 +139,8 @@ def cmd_pack(args: argparse.Namespace) -> int:
     show = not args.no_progress and sys.stderr.isatty() and not args.json
     outcome = usecases.pack_site(_home(args), args.manifest, args.site, args.output,
                                  full=args.full, level=args.level, threads=args.threads,
-                                 created=_created(), progress=_Bars(show))
+                                 created=_created(), progress=_Bars(show),
+                                 deltas=not args.no_delta)
     stats, plan = outcome.stats, outcome.plan
     if args.json:
         emit_json({"bundle": outcome.output, "bundle_bytes": stats.bundle_bytes,

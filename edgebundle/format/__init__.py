@@ -24,7 +24,20 @@ CODEC_ZSTD = 1
 CODECS = (CODEC_STORED, CODEC_ZSTD)
 
 KIND_BLOB = "blob"
-ENTRY_KINDS = (KIND_BLOB,)
+KIND_DELTA = "delta"  # rebuilds a layer's uncompressed tar from the site's own files
+ENTRY_KINDS = (KIND_BLOB, KIND_DELTA)
+
+# The feature a bundle with delta entries requires (FORMAT.md, "Delta entries").
+FEATURE_DELTA = "tar-delta-v1"
+
+# Delta op codes and bounds: what a device must hold in memory per op.
+OP_LITERAL = 0  # [0, bytes]
+OP_COPY = 1  # [1, file]
+OP_PATCH = 2  # [2, file, offset, length, size, frame]
+MAX_LITERAL = 1024 * 1024  # bytes of one literal op
+MAX_PATCH_WINDOW = 8 * 1024 * 1024  # base bytes one patch op may use as its dictionary
+MAX_PATCH_OUTPUT = 8 * 1024 * 1024  # bytes one patch op may produce
+MAX_PATCH_WINDOW_LOG = 24  # patch frames needing more than 16 MiB of window are refused
 
 LAYER_FORM_BLOB = "blob"  # the registry's compressed blob, byte for byte
 LAYER_FORM_TAR = "tar"  # the uncompressed layer tar (identity: diff_id)
@@ -42,19 +55,19 @@ DEFAULT_WINDOW_LOG = 23  # writers cap the window at 8 MiB to keep devices' memo
 
 # Required features this reader understands. A bundle naming any other feature in
 # its header's "required_features" is refused before any entry is read.
-KNOWN_FEATURES: FrozenSet[str] = frozenset()
+KNOWN_FEATURES: FrozenSet[str] = frozenset({FEATURE_DELTA})
 
 # The typed model and the streams that read and write it; they import the constants
 # above, so they come after them.
-from .records import (EntryHead, Header, ImageRecord, ImageSummary, Index,  # noqa: E402
-                      IndexEntry, LayerRecord, Prerequisite)
+from .records import (BaseFile, BaseLayer, DeltaHead, EntryHead, Header,  # noqa: E402
+                      ImageRecord, ImageSummary, Index, IndexEntry, LayerRecord, Prerequisite)
 from .reader import BundleInfo, BundleReader, Entry, read_index  # noqa: E402
 from .writer import BundleWriter  # noqa: E402
 
 __all__ = [
     "BundleInfo", "BundleReader", "BundleWriter", "Entry", "read_index",
-    "EntryHead", "Header", "ImageRecord", "ImageSummary", "Index", "IndexEntry", "LayerRecord",
+    "BaseFile", "BaseLayer", "DeltaHead", "EntryHead", "Header", "ImageRecord", "ImageSummary", "Index", "IndexEntry", "LayerRecord",
     "Prerequisite",
     "MAGIC", "FORMAT_VERSION", "SUPPORTED_VERSIONS", "CODEC_STORED", "CODEC_ZSTD",
-    "KIND_BLOB", "LAYER_FORM_BLOB", "LAYER_FORM_TAR", "RUNTIMES",
+    "KIND_BLOB", "KIND_DELTA", "FEATURE_DELTA", "LAYER_FORM_BLOB", "LAYER_FORM_TAR", "RUNTIMES",
 ]

@@ -25,8 +25,8 @@ from . import (CODEC_STORED, END_MAGIC, FOOTER_SIZE, FORMAT_VERSION, MAGIC, MAX_
                MAX_RECORD_SIZE, MAX_WINDOW_LOG, SUPPORTED_VERSIONS, TAG_ENTRY, TAG_FOOTER,
                TAG_HEADER, TAG_INDEX)
 from .framing import U32, U64, unpack_body
-from .records import (EntryHead, Header, Index, IndexEntry, check_index, parse_entry_head,
-                      parse_header, parse_index)
+from .records import (EntryHead, Header, Index, IndexEntry, check_entry, check_index,
+                      parse_entry_head, parse_header, parse_index)
 from .zstdframe import FrameWalker
 
 _HINT = "the file is damaged or incomplete: copy it again, or check it with `edgebundle verify`"
@@ -142,9 +142,7 @@ class Entry:
         if total != self.size or actual != self.digest:
             raise BundleFormatError(f"bundle entry {self.digest} is corrupt: content hashes to "
                                     f"{actual} ({total} of {self.size} bytes)", _HINT)
-        h = self.head
-        self._reader._seen.append(IndexEntry(h.digest, h.kind, h.size, h.codec,
-                                             self.stored_size, self.offset))
+        self._reader._seen.append(IndexEntry.of(self.head, self.stored_size, self.offset))
 
     def _zstd(self, raw: Iterator[bytes]) -> Iterator[bytes]:
         dctx = zstandard.ZstdDecompressor(max_window_size=1 << MAX_WINDOW_LOG)
@@ -230,8 +228,9 @@ class BundleReader:
             if tag != TAG_ENTRY:
                 raise BundleFormatError(f"bundle {self.name}: unexpected tag 0x{tag:02x} at "
                                         f"byte {offset}", _HINT)
-            head = parse_entry_head(_read_record_body(src, "entry header"),
-                                    f"bundle {self.name} entry at byte {offset}")
+            where = f"bundle {self.name} entry at byte {offset}"
+            head = parse_entry_head(_read_record_body(src, "entry header"), where)
+            check_entry(head, self.header, where)
             if head.digest in self._digests:
                 raise BundleFormatError(f"bundle {self.name}: entry {head.digest} appears twice "
                                         f"(second at byte {offset})", _HINT)

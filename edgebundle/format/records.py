@@ -21,8 +21,8 @@ from typing import Any, Callable, Dict, FrozenSet, List, Optional, Sequence, Set
 from ..errors import BundleFormatError, UsageError
 from ..oci import Descriptor, Platform, chain_ids, check_digest, describing_blobs
 from ..reference import parse_reference
-from . import (CODECS, KIND_BLOB, KNOWN_FEATURES, LAYER_FORM_BLOB, LAYER_FORM_TAR, LAYER_FORMS,
-               RUNTIMES)
+from . import (CODECS, FEATURE_DELTA, KIND_BLOB, KIND_DELTA, KNOWN_FEATURES, LAYER_FORM_BLOB,
+               LAYER_FORM_TAR, LAYER_FORMS, RUNTIMES)
 
 SPEC_HINT = ("the bundle breaks docs/FORMAT.md, so it was not written by a compatible "
              "edgebundle (or was altered after packing): repack it")
@@ -92,6 +92,45 @@ class Header:
 
 
 @dataclass(frozen=True)
+class BaseLayer:
+    """A layer the site holds that a delta reads files from (named by its chain)."""
+
+    chain_id: str
+    diff_id: str
+
+    def to_wire(self) -> Dict[str, Any]:
+        return {"chain_id": self.chain_id, "diff_id": self.diff_id}
+
+
+@dataclass(frozen=True)
+class BaseFile:
+    """One regular file of a base layer; verified (size, sha256) before it is used."""
+
+    base: int  # index into DeltaHead.bases
+    path: str  # relative, normalised: no leading '/' or './', no '..' component
+    size: int
+    digest: str  # sha256 of the file's content
+
+    def to_wire(self) -> Dict[str, Any]:
+        return {"base": self.base, "path": self.path, "size": self.size, "digest": self.digest}
+
+
+@dataclass(frozen=True)
+class DeltaHead:
+    """What a delta entry rebuilds (``target``) and what it reads from (FORMAT.md)."""
+
+    target: str  # diff_id of the rebuilt tar: checked before the layer is committed
+    target_size: int
+    bases: Tuple[BaseLayer, ...]
+    files: Tuple[BaseFile, ...]
+
+    def to_wire(self) -> Dict[str, Any]:
+        return {"target": self.target, "target_size": self.target_size,
+                "bases": [b.to_wire() for b in self.bases],
+                "files": [f.to_wire() for f in self.files]}
+
+
+@dataclass(frozen=True)
 class EntryHead:
     """The record in front of an entry's chunks."""
 
@@ -101,6 +140,7 @@ class EntryHead:
     codec: int
     level: Optional[int] = None  # zstd level, informational
     media_type: Optional[str] = None
+    delta: Optional[DeltaHead] = None  # kind "delta" only
 
     def to_wire(self) -> Dict[str, Any]:
         out: Dict[str, Any] = {"kind": self.kind, "digest": self.digest, "size": self.size,
@@ -109,7 +149,14 @@ class EntryHead:
             out["level"] = self.level
         if self.media_type:
             out["media_type"] = self.media_type
+        if self.delta is not None:
+            out.update(self.delta.to_wire())
         return out
+
+    @property
+    def layer(self) -> str:
+        """The layer identity this entry gives the runtime: its digest, or a delta's target."""
+        return self.delta.target if self.delta is not None else self.digest
 
 
 @dataclass(frozen=True)
@@ -122,10 +169,20 @@ class IndexEntry:
     codec: int
     stored_size: int  # bytes of chunk payload in the bundle
     offset: int  # of the entry record's tag byte
+    target: Optional[str] = None  # kind "delta": the diff_id it rebuilds
 
     def to_wire(self) -> Dict[str, Any]:
-        return {"digest": self.digest, "kind": self.kind, "size": self.size, "codec": self.codec,
-                "stored_size": self.stored_size, "offset": self.offset}
+        out: Dict[str, Any] = {"digest": self.digest, "kind": self.kind, "size": self.size,
+                               "codec": self.codec, "stored_size": self.stored_size,
+                               "offset": self.offset}
+        if self.target is not None:
+            out["target"] = self.target
+        return out
+
+    @classmethod
+    def of(cls, head: EntryHead, stored_size: int, offset: int) -> "IndexEntry":
+        return cls(head.digest, head.kind, head.size, head.codec, stored_size, offset,
+                   head.delta.target if head.delta is not None else None)
 
 
 @dataclass(frozen=True)
@@ -191,6 +248,11 @@ class Index:
     def carried(self) -> FrozenSet[str]:
         """Digests of every entry the bundle carries."""
         return frozenset(e.digest for e in self.entries)
+
+    @property
+    def rebuilt(self) -> FrozenSet[str]:
+        """diff_ids of the layer tars the bundle's delta entries rebuild."""
+        return frozenset(e.target for e in self.entries if e.target is not None)
 
     def to_wire(self) -> Dict[str, Any]:
         return {"entries": [e.to_wire() for e in self.entries],
@@ -394,9 +456,39 @@ def _blob_head(f: _Fields) -> EntryHead:
                      media_type=f.string("media_type", nullable=True, optional=True))
 
 
-# Entry kinds this reader understands, by name. A kind a required feature adds (deltas)
-# registers its parser here; any other kind is refused.
-_ENTRY_PARSERS: Dict[str, Callable[[_Fields], EntryHead]] = {KIND_BLOB: _blob_head}
+def _base_path(f: _Fields, key: str) -> str:
+    value = f.text(key)
+    parts = value.split("/")
+    if (not value or len(value) > 4096 or "\0" in value or value.startswith("/")
+            or any(p in ("", ".", "..") for p in parts)):
+        raise f.fail(key, f"is {_show(value)}, not a relative path without '.', '..' or "
+                          "empty components")
+    return value
+
+
+def _delta_head(f: _Fields) -> EntryHead:
+    bases = []
+    for i, item in enumerate(f.items("bases")):
+        b = _Fields(item, f"{f.where} bases[{i}]")
+        bases.append(BaseLayer(b.digest("chain_id"), b.digest("diff_id")))
+    files = []
+    for i, item in enumerate(f.items("files")):
+        g = _Fields(item, f"{f.where} files[{i}]")
+        base = g.count("base")
+        if base >= len(bases):
+            raise g.fail("base", f"is {base}, but the entry names {len(bases)} base(s)")
+        files.append(BaseFile(base, _base_path(g, "path"), g.count("size"), g.digest("digest")))
+    delta = DeltaHead(f.digest("target"), f.count("target_size"), tuple(bases), tuple(files))
+    return EntryHead(kind=KIND_DELTA, digest=f.digest("digest"), size=f.count("size"),
+                     codec=f.choice("codec", CODECS, "this bundle needs a newer edgebundle"),
+                     level=f.integer("level", minimum=-(1 << 17), optional=True),
+                     media_type=f.string("media_type", nullable=True, optional=True), delta=delta)
+
+
+# Entry kinds this reader understands, by name. A kind a required feature adds registers
+# its parser here; any other kind is refused.
+_ENTRY_PARSERS: Dict[str, Callable[[_Fields], EntryHead]] = {KIND_BLOB: _blob_head,
+                                                             KIND_DELTA: _delta_head}
 
 
 def parse_entry_head(obj: object, where: str) -> EntryHead:
@@ -409,11 +501,31 @@ def parse_entry_head(obj: object, where: str) -> EntryHead:
     return parser(f)
 
 
+def check_entry(head: EntryHead, header: Header, where: str) -> None:
+    """An entry head agrees with its header: a delta is announced and builds on prerequisites.
+
+    A delta's bases must be header prerequisites, so a device that lacks one refuses the
+    bundle before it touches the runtime, with the full list.
+    """
+    if head.delta is None:
+        return
+    if FEATURE_DELTA not in header.required_features:
+        raise BundleFormatError(f"{where} is a delta entry, but the header does not require "
+                                f"{FEATURE_DELTA!r}", SPEC_HINT)
+    held = {(p.chain_id, p.diff_id) for p in header.prerequisites}
+    for i, base in enumerate(head.delta.bases):
+        if (base.chain_id, base.diff_id) not in held:
+            raise BundleFormatError(f"{where} bases[{i}] (chain {base.chain_id}) is not a "
+                                    "prerequisite of the bundle", SPEC_HINT)
+
+
 def _index_entry(obj: object, where: str) -> IndexEntry:
     f = _Fields(obj, where)
-    return IndexEntry(digest=f.digest("digest"), kind=f.text("kind"), size=f.count("size"),
+    kind = f.text("kind")
+    return IndexEntry(digest=f.digest("digest"), kind=kind, size=f.count("size"),
                       codec=f.count("codec"), stored_size=f.count("stored_size"),
-                      offset=f.count("offset"))
+                      offset=f.count("offset"),
+                      target=f.digest("target") if kind == KIND_DELTA else None)
 
 
 def _layer(obj: object, where: str) -> LayerRecord:
@@ -466,7 +578,7 @@ def check_index(index: Index, header: Header, name: str,
     if names != wanted:
         raise BundleFormatError(f"{where}: index images {names} disagree with the header's "
                                 f"{wanted}", SPEC_HINT)
-    carried = index.carried
+    carried = index.carried | index.rebuilt
     prereqs: Set[Tuple[str, str, str]] = {(p.chain_id, p.diff_id, p.digest)
                                           for p in header.prerequisites}
     for i, (rec, summary) in enumerate(zip(index.images, header.images)):
@@ -482,13 +594,21 @@ def check_index(index: Index, header: Header, name: str,
             if layer.form != header.layer_form:
                 raise BundleFormatError(f"{what} layers[{j}] field 'form' is {layer.form!r}, but the "
                                         f"header's layer_form is {header.layer_form!r}", SPEC_HINT)
-            if layer.entry not in carried and (chain, layer.diff_id, layer.digest) not in prereqs:
+            if (layer.entry not in carried and layer.diff_id not in carried
+                    and (chain, layer.diff_id, layer.digest) not in prereqs):
                 raise BundleFormatError(f"{what} layers[{j}] ({layer.entry}) is neither an entry "
-                                        "of the bundle nor a prerequisite", SPEC_HINT)
+                                        "of the bundle, nor rebuilt by one, nor a prerequisite",
+                                        SPEC_HINT)
+    layers = {layer.diff_id for rec in index.images for layer in rec.layers}
+    for entry in index.entries:
+        if entry.target is not None and entry.target not in layers:
+            raise BundleFormatError(f"{where}: delta entry {entry.digest} rebuilds {entry.target}, "
+                                    "a layer of no image in the bundle", SPEC_HINT)
 
 
 __all__ = [
-    "EntryHead", "Header", "ImageRecord", "ImageSummary", "Index", "IndexEntry", "LayerRecord",
-    "Prerequisite", "check_features", "check_index", "parse_entry_head", "parse_header",
+    "BaseFile", "BaseLayer", "DeltaHead", "EntryHead", "Header", "ImageRecord", "ImageSummary",
+    "Index", "IndexEntry", "LayerRecord", "Prerequisite", "check_entry", "check_features",
+    "check_index", "parse_entry_head", "parse_header",
     "parse_index",
 ]

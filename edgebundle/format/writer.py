@@ -16,10 +16,11 @@ import zstandard
 from ..errors import BundleFormatError
 from ..oci import check_digest
 from . import (CODEC_STORED, CODEC_ZSTD, CODECS, DEFAULT_CHUNK_SIZE, DEFAULT_WINDOW_LOG,
-               END_MAGIC, FORMAT_VERSION, KIND_BLOB, MAGIC, MAX_CHUNK_SIZE, TAG_ENTRY, TAG_FOOTER,
+               END_MAGIC, FORMAT_VERSION, KIND_BLOB, KIND_DELTA, MAGIC, MAX_CHUNK_SIZE, TAG_ENTRY, TAG_FOOTER,
                TAG_HEADER, TAG_INDEX)
 from .framing import CHUNK_HEAD, U32, U64, pack_record
-from .records import EntryHead, Header, ImageRecord, Index, IndexEntry, check_index
+from .records import (DeltaHead, EntryHead, Header, ImageRecord, Index, IndexEntry, check_entry,
+                      check_index)
 
 
 class Sink(Protocol):
@@ -83,14 +84,28 @@ class BundleWriter:
         ``size`` or ``ValueError`` is raised (the bundle is then unusable: write to a
         temporary file and discard it on error).
         """
+        head = EntryHead(KIND_BLOB, digest, size, codec,
+                         level=self.level if codec == CODEC_ZSTD else None, media_type=media_type)
+        return self._add(head, data)
+
+    def add_delta(self, delta: DeltaHead, digest: str, size: int, data: Iterable[bytes]) -> IndexEntry:
+        """Append a delta entry: ``data`` is its op stream (``digest``, ``size``), zstd-coded."""
+        check_digest(delta.target)
+        head = EntryHead(KIND_DELTA, digest, size, CODEC_ZSTD, level=self.level, delta=delta)
+        try:
+            check_entry(head, self.header, f"delta entry {digest}")
+        except BundleFormatError as exc:
+            raise ValueError(f"refusing a delta the header does not allow: {exc.message}") from None
+        return self._add(head, data)
+
+    def _add(self, head: EntryHead, data: Iterable[bytes]) -> IndexEntry:
+        digest, size, codec = head.digest, head.size, head.codec
         check_digest(digest)
         if codec not in CODECS:
             raise ValueError(f"unknown codec {codec}")
         if digest in self._digests:
             raise ValueError(f"entry {digest} written twice")
         offset = self._out.offset
-        head = EntryHead(KIND_BLOB, digest, size, codec,
-                         level=self.level if codec == CODEC_ZSTD else None, media_type=media_type)
         self._out.write(pack_record(TAG_ENTRY, head.to_wire()))
         hasher = hashlib.sha256()
         seen = 0
@@ -119,7 +134,7 @@ class BundleWriter:
             self._out.write(chunk)
             stored += len(chunk)
         self._out.write(U32.pack(0))
-        info = IndexEntry(digest, KIND_BLOB, size, codec, stored, offset)
+        info = IndexEntry.of(head, stored, offset)
         self._entries.append(info)
         self._digests.add(digest)
         return info

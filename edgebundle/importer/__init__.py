@@ -28,6 +28,7 @@ from ..format import (LAYER_FORM_TAR, RUNTIME_CONTAINERD, BundleReader, EntryHea
                       ImageSummary)
 from ..holdings import Holdings, Inventory
 from ..progress import Bar
+from ..rebuild import BaseTree, rebuild
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,9 @@ class Loader(Protocol):
 
     def add(self, digest: str, size: int, pieces: Iterator[bytes]) -> None:
         """Stream one entry's verified bytes; the iterator must be run to its end."""
+
+    def add_rebuilt(self, diff_id: str, size: int, pieces: Iterator[bytes]) -> None:
+        """Stream a layer tar a delta rebuilds; it is verified against ``diff_id`` at its end."""
 
     def commit(self, records: Sequence[ImageRecord]) -> List[str]:
         """Create the images; return the names now present and complete."""
@@ -55,6 +59,12 @@ class Runtime(Protocol):
     def inventory(self) -> Inventory: ...
 
     def loader(self, inv: Inventory, platform: str) -> Loader: ...
+
+    def reads_bases(self) -> bool:
+        """Whether this runtime can serve layers' files as delta bases (``base_tree``)."""
+
+    def base_tree(self, chain_id: str, diff_id: str) -> BaseTree:
+        """The files of the applied layer ``chain_id``; ``PrerequisiteError`` if unreadable."""
 
 
 #: ``progress(total_decoded_bytes)`` -> a bar with ``update(n)``.
@@ -111,7 +121,16 @@ def import_bundle(stream: BinaryIO, name: str, runtime: Runtime, *,
     loader = runtime.loader(holdings.inventory, header.platform) if todo else None
     try:
         for entry in reader.entries():
-            if loader is not None and loader.wants(entry.head):
+            delta = entry.head.delta
+            if loader is not None and loader.wants(entry.head) and delta is not None:
+                where = f"bundle {name} delta entry {entry.digest}"
+                log.debug("%s: rebuilding layer %s from %d base layer(s)", where, delta.target,
+                          len(delta.bases))
+                trees = [runtime.base_tree(b.chain_id, b.diff_id) for b in delta.bases]
+                loader.add_rebuilt(delta.target, delta.target_size,
+                                   _counting(rebuild(delta, entry.chunks(), trees, where), bar))
+                result.entries_sent += 1
+            elif loader is not None and loader.wants(entry.head):
                 log.debug("entry %s (%d bytes): to the runtime", entry.digest, entry.size)
                 loader.add(entry.digest, entry.size, _counting(entry.chunks(), bar))
                 result.entries_sent += 1

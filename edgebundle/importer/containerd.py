@@ -27,12 +27,15 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 from typing import IO, Any, Dict, FrozenSet, Iterator, List, Mapping, Optional, Protocol, \
-    Sequence, Tuple
+    Sequence, Set, Tuple
 
-from ..errors import LoadError, RuntimeUnavailableError, UsageError
+from ..errors import LoadError, PrerequisiteError, RuntimeUnavailableError, UsageError
 from ..format import EntryHead, ImageRecord
 from ..holdings import HeldImage, HeldLayer, Inventory
-from ..oci import INDEX_TYPES, Descriptor, Platform, chain_ids, check_digest
+from ..oci import (INDEX_TYPES, MT_DOCKER_CONFIG, MT_DOCKER_LIST, MT_DOCKER_MANIFEST, MT_OCI_CONFIG,
+                   MT_OCI_INDEX, MT_OCI_LAYER, MT_OCI_MANIFEST, Descriptor, Platform, chain_ids,
+                   check_digest, sha256_digest)
+from ..rebuild import BASE_HINT, BaseTree, DirTree
 from .tarstream import TarStream, ThreadedSink, blob_path, last_line
 
 log = logging.getLogger(__name__)
@@ -66,6 +69,31 @@ def parse_snapshots_ls(text: str) -> FrozenSet[str]:
 
 def parse_content_ls_quiet(text: str) -> FrozenSet[str]:
     return frozenset(l.strip() for l in text.splitlines() if l.strip().startswith("sha256:"))
+
+
+def parse_view_mounts(text: str) -> Optional[str]:
+    """``ctr snapshots view --mounts`` -> the parent snapshot's own directory, if named.
+
+    A one-layer chain is a read-only bind of its directory; a longer one an overlay whose
+    first lowerdir is the chain's top layer.
+    """
+    try:
+        mounts = json.loads(text)
+    except ValueError:
+        return None
+    first = mounts[0] if isinstance(mounts, list) and mounts else None
+    if not isinstance(first, dict):
+        return None
+    kind, options = first.get("Type") or first.get("type"), first.get("Options") or first.get("options")
+    if kind == "bind":
+        source = first.get("Source") or first.get("source")
+        return source if isinstance(source, str) and source.startswith("/") else None
+    if kind == "overlay" and isinstance(options, list):
+        for option in options:
+            if isinstance(option, str) and option.startswith("lowerdir="):
+                top = option[len("lowerdir="):].split(":")[0]
+                return top if top.startswith("/") else None
+    return None
 
 
 @dataclass(frozen=True)
@@ -231,12 +259,15 @@ class Ctr:
     def tag(self, source: str, target: str) -> None:
         self.run("images", "tag", "--force", source, target)
 
-    def remove(self, *names: str) -> None:
-        """Best effort (cleanup of temporary names): failures are logged, never raised."""
+    def remove(self, *names: str, sync: bool = False) -> None:
+        """Best effort (cleanup of temporary names): failures are logged, never raised.
+
+        ``sync`` waits for the garbage collection the removal triggers.
+        """
         if not names:
             return
         try:
-            self.run("images", "rm", *names, check=False)
+            self.run("images", "rm", *(("--sync",) if sync else ()), *names, check=False)
         except (RuntimeUnavailableError, LoadError) as exc:
             log.warning("could not remove %s: %s", ", ".join(names), exc)
 
@@ -354,6 +385,39 @@ class ContainerdRuntime:
     def loader(self, inv: Inventory, platform: str) -> "ContainerdLoader":
         return ContainerdLoader(self, inv, platform)
 
+    # -- delta bases: a committed snapshot's own directory ------------------------------
+
+    def reads_bases(self) -> bool:
+        # overlayfs keeps each layer's files in a directory of their own (a view's first
+        # lowerdir, or its bind source for a one-layer chain). native copies whole trees
+        # into every view, which a GC may collect while we read: not offered.
+        return self.ctr.snapshotter == "overlayfs"
+
+    def base_tree(self, chain_id: str, diff_id: str) -> BaseTree:
+        """The directory of the committed snapshot ``chain_id``, found through a view.
+
+        The view is removed at once: its parent, the committed snapshot we read, stays as
+        long as an image holds it (the prerequisite check saw it held).
+        """
+        def unservable(why: str) -> PrerequisiteError:
+            return PrerequisiteError(f"containerd cannot serve layer {diff_id} (chain {chain_id}) "
+                                     f"as a delta base: {why}", [chain_id], BASE_HINT)
+
+        if not self.reads_bases():
+            raise unservable(f"snapshotter {self.ctr.snapshotter} does not keep layers apart")
+        key = f"edgebundle-base-{secrets.token_hex(6)}"
+        try:
+            out = self.ctr.run("snapshots", "--snapshotter", self.ctr.snapshotter, "view",
+                               "--mounts", key, chain_id)
+        except LoadError as exc:
+            raise unservable(exc.message) from None
+        finally:
+            self.ctr.run("snapshots", "--snapshotter", self.ctr.snapshotter, "rm", key, check=False)
+        path = parse_view_mounts(out.decode(errors="replace"))
+        if path is None or not os.path.isdir(path):
+            raise unservable(f"its view's mounts name no readable directory ({out[:200]!r})")
+        return DirTree(path, f"containerd snapshot {path}")
+
 
 def _layers(manifest: Mapping[str, Any], config: Mapping[str, Any]) -> Optional[Tuple[Tuple[str, int, str], ...]]:
     """(digest, size, diff_id) per layer, or None when manifest and config disagree."""
@@ -373,7 +437,18 @@ def _layers(manifest: Mapping[str, Any], config: Mapping[str, Any]) -> Optional[
 
 
 class ContainerdLoader:
-    """One ``ctr images import`` process fed a streamed OCI layout tar."""
+    """``ctr images import`` processes fed streamed OCI layout tars.
+
+    Layers a delta rebuilt are plain tars whose registry blob (gzip made by another
+    program) cannot be remade. They take the *snapshot route* (FORMAT.md, "What is
+    preserved"): the first import also names a throwaway image -- the exact config, the
+    rebuilt tars as uncompressed layers -- so containerd's own applier commits the
+    snapshots under the same chain IDs; a second import then brings the registry's
+    index/manifest/config, whose unpack finds every snapshot present. The image keeps
+    the registry's digests and runs; its rebuilt layers are snapshots without blobs, as
+    CRI's ``discard_unpacked_layers`` leaves them. The throwaway is removed (``--sync``,
+    so its tars are collected at once).
+    """
 
     def __init__(self, runtime: ContainerdRuntime, inv: Inventory, platform: str) -> None:
         self.runtime = runtime
@@ -384,10 +459,16 @@ class ContainerdLoader:
         self._tar: Optional[TarStream] = None
         self._sink: Optional[ThreadedSink] = None
         self._temp_names: List[str] = []
+        self._throwaways: List[str] = []
         self._stderr = tempfile.TemporaryFile()
+        self._rebuilt: Dict[str, int] = {}  # diff_id -> tar size, for the snapshot route
+        self._keep: Set[str] = set()  # JSON blobs to stream again to the second import
+        self._json: Dict[str, bytes] = {}
 
     def _ensure(self) -> TarStream:
         if self._tar is None:
+            self._stderr.seek(0)
+            self._stderr.truncate()
             self._proc = self.runtime.ctr.start_import(self.platform, self._stderr)
             assert self._proc.stdin is not None
             self._sink = ThreadedSink(self._proc.stdin)
@@ -395,10 +476,35 @@ class ContainerdLoader:
         return self._tar
 
     def wants(self, head: EntryHead) -> bool:
-        """Blobs already in the content store are not sent again."""
-        return head.digest not in self._present
+        """Blobs already in the content store are not sent again; rebuilt tars always are."""
+        if head.delta is not None:
+            return True
+        if head.digest in self._present:
+            return False
+        if head.media_type in _JSON_TYPES and head.size <= MAX_KEPT_JSON:
+            self._keep.add(head.digest)
+        return True
 
     def add(self, digest: str, size: int, pieces: Iterator[bytes]) -> None:
+        if digest in self._keep:
+            pieces = self._kept(digest, pieces)
+        self._add(digest, size, pieces)
+
+    def add_rebuilt(self, diff_id: str, size: int, pieces: Iterator[bytes]) -> None:
+        # ctr's content store checks the tar against its name (the diff_id) as it
+        # commits it; before that, ``rebuild`` raises at the end of a wrong one, which
+        # aborts the import before any image is named.
+        self._add(diff_id, size, pieces)
+        self._rebuilt[diff_id] = size
+
+    def _kept(self, digest: str, pieces: Iterator[bytes]) -> Iterator[bytes]:
+        parts = []
+        for piece in pieces:
+            parts.append(piece)
+            yield piece
+        self._json[digest] = b"".join(parts)
+
+    def _add(self, digest: str, size: int, pieces: Iterator[bytes]) -> None:
         tar = self._ensure()
         try:
             tar.add(blob_path(digest), size, pieces)
@@ -423,48 +529,85 @@ class ContainerdLoader:
         return last_line(self._stderr.read().decode(errors="replace"))
 
     def commit(self, records: Sequence[ImageRecord]) -> List[str]:
-        """Write index.json naming each image temporarily, finish ctr, check, rename.
+        """Name each image temporarily, finish ctr, check, rename.
 
         Returns the names now complete; raises LoadError (after cleaning up) otherwise.
         """
-        tar = self._ensure()
-        manifests = []
+        rebuilt = [r for r in records if any(l.diff_id in self._rebuilt for l in r.layers)]
         for i, rec in enumerate(records):
-            temp = f"{TEMP_PREFIX}{self._nonce}/{i}:pending"
-            self._temp_names.append(temp)
-            manifests.append(dict(rec.top.to_json(), annotations={ANNOTATION_IMAGE_NAME: temp}))
+            self._temp_names.append(f"{TEMP_PREFIX}{self._nonce}/{i}:pending")
+        names = dict(zip((r.name for r in records), self._temp_names))
+        try:
+            try:
+                tar = self._ensure()
+                first = []
+                for i, rec in enumerate(records):
+                    if rec in rebuilt:
+                        first.append(self._throwaway(tar, i, rec))
+                    else:
+                        first.append(_named(rec.top, names[rec.name]))
+                self._finish(tar, first)
+                if rebuilt:
+                    log.info("layers rebuilt from deltas are committed as snapshots; importing "
+                             "the registry's manifests of %d image(s) over them", len(rebuilt))
+                    tar = self._ensure()
+                    for rec in rebuilt:
+                        for blob in rec.json_blobs:
+                            if blob.digest in self._json:
+                                tar.add_bytes(blob_path(blob.digest), self._json[blob.digest])
+                    self._finish(tar, [_named(rec.top, names[rec.name]) for rec in rebuilt])
+            except OSError as exc:
+                raise self._died(exc) from None
+            log.info("ctr images import finished; checking %d image(s) before naming them",
+                     len(records))
+            return self._publish(records)
+        finally:
+            self._proc = None
+            self._stderr.close()
+            self.runtime.ctr.remove(*self._temp_names)
+            self.runtime.ctr.remove(*self._throwaways, sync=True)
+
+    def _throwaway(self, tar: TarStream, i: int, rec: ImageRecord) -> Dict[str, Any]:
+        """The exact config over the rebuilt tars (and the other layers as they are)."""
+        layers = []
+        for layer in rec.layers:
+            if layer.diff_id in self._rebuilt:
+                layers.append({"mediaType": MT_OCI_LAYER, "digest": layer.diff_id,
+                               "size": self._rebuilt[layer.diff_id]})
+            else:
+                layers.append({"mediaType": layer.media_type, "digest": layer.digest,
+                               "size": layer.size})
+        manifest = json.dumps({"schemaVersion": 2, "mediaType": MT_OCI_MANIFEST,
+                               "config": rec.config.to_json(), "layers": layers},
+                              sort_keys=True).encode()
+        desc = Descriptor(MT_OCI_MANIFEST, sha256_digest(manifest), len(manifest))
+        tar.add_bytes(blob_path(desc.digest), manifest)
+        name = f"{TEMP_PREFIX}{self._nonce}/{i}:snapshots"
+        self._throwaways.append(name)
+        return _named(desc, name)
+
+    def _finish(self, tar: TarStream, manifests: List[Dict[str, Any]]) -> None:
+        """index.json (naming ``manifests``) ends the stream; wait for ctr to finish."""
         index = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
                  "manifests": manifests}
         proc = self._proc
         assert proc is not None and proc.stdin is not None and self._sink is not None
+        tar.add_bytes("oci-layout", b'{"imageLayoutVersion":"1.0.0"}')
+        tar.add_bytes("index.json", json.dumps(index).encode())
+        tar.close()
+        self._sink.close()
+        proc.stdin.close()
+        self._tar = self._sink = None
         try:
-            try:
-                tar.add_bytes("oci-layout", b'{"imageLayoutVersion":"1.0.0"}')
-                tar.add_bytes("index.json", json.dumps(index).encode())
-                tar.close()
-                self._sink.close()
-                proc.stdin.close()
-            except OSError as exc:
-                raise self._died(exc) from None
-            try:
-                proc.wait(timeout=self.runtime.ctr.timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-                raise LoadError(f"ctr images import did not finish within "
-                                f"{self.runtime.ctr.timeout:.0f}s", "check containerd's health") from None
-            try:
-                if proc.returncode != 0:
-                    raise LoadError(f"containerd refused the import: {self._stderr_line()}",
-                                    "run `edgebundle report` to see what the device holds")
-                log.info("ctr images import finished; checking %d image(s) before naming them",
-                         len(records))
-                return self._publish(records)
-            finally:
-                self.runtime.ctr.remove(*self._temp_names)
-        finally:
-            self._proc = None
-            self._stderr.close()
+            proc.wait(timeout=self.runtime.ctr.timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise LoadError(f"ctr images import did not finish within "
+                            f"{self.runtime.ctr.timeout:.0f}s", "check containerd's health") from None
+        if proc.returncode != 0:
+            raise LoadError(f"containerd refused the import: {self._stderr_line()}",
+                            "run `edgebundle report` to see what the device holds")
 
     def _publish(self, records: Sequence[ImageRecord]) -> List[str]:
         present = self.runtime.ctr.content()
@@ -502,3 +645,14 @@ class ContainerdLoader:
         if not self._stderr.closed:
             self._stderr.close()
         self.runtime.ctr.remove(*self._temp_names)
+        self.runtime.ctr.remove(*self._throwaways, sync=True)
+
+
+# Kept in memory for a second import when layers take the snapshot route.
+_JSON_TYPES = frozenset({MT_OCI_MANIFEST, MT_OCI_INDEX, MT_OCI_CONFIG, MT_DOCKER_MANIFEST,
+                         MT_DOCKER_LIST, MT_DOCKER_CONFIG})
+MAX_KEPT_JSON = 4 * 1024 * 1024
+
+
+def _named(desc: Descriptor, name: str) -> Dict[str, Any]:
+    return dict(desc.to_json(), annotations={ANNOTATION_IMAGE_NAME: name})

@@ -15,20 +15,24 @@ from __future__ import annotations
 import http.client
 import json
 import logging
+import os
 import socket
-from typing import Any, Callable, Iterator, List, Optional, Sequence, Set
+from pathlib import Path
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Set, Tuple
 
-from ..errors import LoadError, RuntimeUnavailableError, UsageError
+from ..errors import LoadError, PrerequisiteError, RuntimeUnavailableError, UsageError
 from ..format import EntryHead, ImageRecord
 from ..holdings import HeldImage, HeldLayer, Inventory
 from ..naming import docker_tag
 from ..oci import Platform, chain_ids, is_manifest_or_index
 from ..reference import parse_reference
+from ..rebuild import BASE_HINT, BaseTree, DirTree
 from .tarstream import TarStream, ThreadedSink, blob_path
 
 log = logging.getLogger(__name__)
 
 DEFAULT_HOST = "unix:///var/run/docker.sock"
+BASE_DRIVERS = ("overlay2", "vfs")  # graph drivers whose layer directories we can read
 
 #: Opens a connected stream socket to the daemon (the one I/O seam; tests pass their own).
 Dial = Callable[[], socket.socket]
@@ -170,6 +174,7 @@ class DockerRuntime:
 
     def __init__(self, api: DockerAPI) -> None:
         self.api = api
+        self._info: Optional[Tuple[str, str]] = None
 
     def inventory(self) -> Inventory:
         images = []
@@ -200,6 +205,47 @@ class DockerRuntime:
 
     def loader(self, inv: Inventory, platform: str) -> "DockerLoader":
         return DockerLoader(self)
+
+    # -- delta bases: a layer's files in the daemon's graph driver -----------------
+
+    def _storage(self) -> Tuple[str, str]:
+        """(DockerRootDir, storage driver) from ``GET /info``, asked once."""
+        if self._info is None:
+            info = self.api.get_json("/info")
+            info = info if isinstance(info, dict) else {}
+            self._info = (str(info.get("DockerRootDir") or ""), str(info.get("Driver") or ""))
+        return self._info
+
+    def reads_bases(self) -> bool:
+        root, driver = self._storage()
+        return bool(root) and driver in BASE_DRIVERS and os.path.isdir(root)
+
+    def base_tree(self, chain_id: str, diff_id: str) -> BaseTree:
+        """The layer's own directory: overlay2 ``diff``, or vfs's (whole-tree) ``dir``.
+
+        Found through the layer store (``image/<driver>/layerdb/sha256/<chain>``), whose
+        ``diff`` file must name ``diff_id``: a recycled or foreign directory is refused.
+        """
+        root, driver = self._storage()
+
+        def unservable(why: str) -> PrerequisiteError:
+            return PrerequisiteError(f"docker cannot serve layer {diff_id} (chain {chain_id}) as "
+                                     f"a delta base: {why}", [chain_id], BASE_HINT)
+
+        if driver not in BASE_DRIVERS:
+            raise unservable(f"storage driver {driver or 'unknown'} is not one of "
+                             f"{', '.join(BASE_DRIVERS)}")
+        layerdb = Path(root) / "image" / driver / "layerdb" / "sha256" / chain_id[7:]
+        try:
+            recorded = (layerdb / "diff").read_text().strip()
+            cache_id = (layerdb / "cache-id").read_text().strip()
+        except OSError as exc:
+            raise unservable(f"{layerdb} is unreadable ({exc.strerror})") from None
+        if recorded != diff_id or not cache_id or "/" in cache_id or cache_id.startswith("."):
+            raise unservable(f"its layer store entry names {recorded[:80]!r}")
+        path = Path(root) / driver / cache_id / "diff" if driver == "overlay2" else \
+            Path(root) / "vfs" / "dir" / cache_id
+        return DirTree(path, f"docker layer {path}")
 
 
 def _tag_name(tag: object) -> Optional[str]:
@@ -238,7 +284,12 @@ class DockerLoader:
 
     def wants(self, head: EntryHead) -> bool:
         # Manifests and indexes mean nothing to docker load; configs and layers do.
-        return not is_manifest_or_index(head.media_type or "")
+        return head.delta is not None or not is_manifest_or_index(head.media_type or "")
+
+    def add_rebuilt(self, diff_id: str, size: int, pieces: Iterator[bytes]) -> None:
+        # docker load hashes every layer tar against the config's diff_ids itself, and
+        # a rebuilt tar that is not its diff_id raises before manifest.json is sent.
+        self.add(diff_id, size, pieces)
 
     def add(self, digest: str, size: int, pieces: Iterator[bytes]) -> None:
         tar = self._ensure()

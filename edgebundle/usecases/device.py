@@ -17,7 +17,7 @@ from typing import Any, BinaryIO, Iterator, List, Optional
 
 from ..errors import UsageError
 from ..files import check_output, open_output
-from ..format import BundleInfo, BundleReader, read_index
+from ..format import FEATURE_DELTA, KNOWN_FEATURES, BundleInfo, BundleReader, read_index
 from ..holdings import Inventory
 from ..importer import ImportResult, ProgressFactory, Runtime, import_bundle
 from ..report import inventory_to_json, now_rfc3339
@@ -66,9 +66,14 @@ def open_bundle(path: str) -> Iterator[BinaryIO]:
         yield fh
 
 
-def stamped(inv: Inventory) -> Inventory:
-    """The report says when and where it was read."""
-    return dataclasses.replace(inv, generated_at=now_rfc3339(), host=socket.gethostname())
+def stamped(inv: Inventory, runtime: Runtime) -> Inventory:
+    """The report says when and where it was read, and which bundle features it reads.
+
+    Deltas are offered only where this runtime can serve its layers' files as bases.
+    """
+    features = KNOWN_FEATURES if runtime.reads_bases() else KNOWN_FEATURES - {FEATURE_DELTA}
+    return dataclasses.replace(inv, generated_at=now_rfc3339(), host=socket.gethostname(),
+                               features=features)
 
 
 def write_report(path: str, inv: Inventory, site: Optional[str]) -> None:
@@ -87,14 +92,14 @@ def import_file(path: str, runtime: Runtime, *, progress: Optional[ProgressFacto
         result = import_bundle(fh, path, runtime, progress=progress)
     if report is not None:
         assert result.inventory is not None
-        write_report(report, stamped(result.inventory), result.site)
+        write_report(report, stamped(result.inventory, runtime), result.site)
         log.info("report written to %s", report)
     return result
 
 
 def take_report(runtime: Runtime) -> Inventory:
     """``edgebundle report``: what the runtime holds now, stamped with time and host."""
-    return stamped(runtime.inventory())
+    return stamped(runtime.inventory(), runtime)
 
 
 @dataclass(frozen=True)

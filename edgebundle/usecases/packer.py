@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from ..bases import DeltaPlanner
 from ..cache import BlobCache
 from ..errors import InventoryError, ManifestError, UsageError
 from ..files import check_output, open_output
@@ -66,8 +67,10 @@ class PackerSession:
         self.resolver = Resolver(self.cache, self.client)
         self._progress = progress
         self._resolved: Dict[str, List[ResolvedImage]] = {}
+        self.deltas = DeltaPlanner(self.cache, progress=progress)
 
     def close(self) -> None:
+        self.deltas.close()
         self.resolver.close()
         if self._own_client:
             self.client.close()
@@ -111,38 +114,48 @@ class PackerSession:
             return Inventory.empty(site.runtime, site.namespace)
         return self.store.load(site.name, site.runtime, site.namespace)
 
-    def plan(self, site: SiteSpec, *, full: bool = False) -> Plan:
+    def plan(self, site: SiteSpec, *, full: bool = False, deltas: bool = True) -> Plan:
+        """What ``site`` lacks; with ``deltas`` (and the site's ``deltas:``), as deltas
+        where clearly smaller (which fetches the layers that ship, to diff them)."""
         images = self.resolve(site)
-        plan = plan_bundle(site.name, images, self.inventory(site, full=full),
-                           runtime=site.runtime, namespace=site.namespace,
-                           platform=str(site.platform))
+        inv = self.inventory(site, full=full)
+        plan = plan_bundle(site.name, images, inv, runtime=site.runtime,
+                           namespace=site.namespace, platform=str(site.platform))
+        if deltas and site.deltas and plan.shipped_layers() and inv.images:
+            plan = self.deltas.apply(self._fetched(plan), inv)
         for ip in plan.images:
             shipped = sum(1 for lp in ip.layers if lp.ship)
+            as_delta = sum(1 for lp in ip.layers if lp.ship and lp.delta)
             log.info("plan %s: %s", ip.image.name, "up to date" if ip.up_to_date else
-                     f"ship {shipped} of {len(ip.layers)} layers")
+                     f"ship {shipped} of {len(ip.layers)} layers ({as_delta} as deltas)")
         self.store.remember_manifest(site.name, self.manifest.path)
         return plan
 
+    def _fetched(self, plan: Plan) -> Plan:
+        """Fetch every layer ``plan`` ships whole into the cache; the plan with tar sizes."""
+        needed = {lp.layer.digest for lp in plan.shipped_layers() if lp.delta is None}
+        fetched = self.resolver.fetch_layers([ip.image for ip in plan.to_ship], needed,
+                                             progress_factory=self._progress)
+        return with_layer_info(plan, fetched)
+
     def pack(self, site: SiteSpec, output: str, *, full: bool = False, level: int = 16,
-             threads: int = 0, created: Optional[str] = None) -> PackOutcome:
+             threads: int = 0, created: Optional[str] = None,
+             deltas: bool = True) -> PackOutcome:
         """Plan once, fetch what ships, write the bundle to ``output`` (``-``: stdout).
 
         ``threads`` 0 means one zstd worker per CPU; the bytes are the same for any count.
         """
         what = "bundle to standard output" if output == "-" else f"bundle {output}"
         check_output(output, what)  # before any download, not after
-        plan = self.plan(site, full=full)
-        needed = {lp.layer.digest for ip in plan.to_ship for lp in ip.layers if lp.ship}
-        fetched = self.resolver.fetch_layers([ip.image for ip in plan.to_ship], needed,
-                                             progress_factory=self._progress)
-        plan = with_layer_info(plan, fetched)
+        plan = self._fetched(self.plan(site, full=full, deltas=deltas))
         workers = threads if threads > 0 else (os.cpu_count() or 1)
-        shipped = sum(lp.layer.size for ip in plan.to_ship for lp in ip.layers if lp.ship)
+        shipped = sum(lp.layer.size for lp in plan.shipped_layers())
         bar = (self._progress or _no_bar)(shipped, "pack")
         try:
             with open_output(output, what) as out:
                 stats = write_bundle(plan, self.cache, out, level=level, threads=workers,
-                                     created=created, progress=bar.update)
+                                     created=created, progress=bar.update,
+                                     delta_ops=self.deltas.ops)
         finally:
             close_bar(bar)
         log.info("wrote %s: %d bytes, %d entries", what, stats.bundle_bytes, stats.entries)
@@ -153,22 +166,23 @@ def _no_bar(total: int, desc: str) -> Bar:
     return NULL_BAR
 
 
-def plan_site(home: Path, manifest_path: str, site: str, *, full: bool = False) -> Plan:
+def plan_site(home: Path, manifest_path: str, site: str, *, full: bool = False,
+              deltas: bool = True, progress: Optional[ProgressFactory] = None) -> Plan:
     """``edgebundle plan``: what ``site`` lacks, from the manifest list and its inventory."""
-    with PackerSession(home, load_manifest(manifest_path)) as session:
-        return session.plan(session.site(site), full=full)
+    with PackerSession(home, load_manifest(manifest_path), progress=progress) as session:
+        return session.plan(session.site(site), full=full, deltas=deltas)
 
 
 def pack_site(home: Path, manifest_path: str, site: str, output: str, *, full: bool = False,
               level: int = 16, threads: int = 0, created: Optional[str] = None,
-              progress: Optional[ProgressFactory] = None) -> PackOutcome:
+              progress: Optional[ProgressFactory] = None, deltas: bool = True) -> PackOutcome:
     """``edgebundle pack``: write the bundle ``site`` needs to ``output``.
 
     ``progress`` makes a bar per step (fetching, checking, packing), as in ``PackerSession``.
     """
     with PackerSession(home, load_manifest(manifest_path), progress=progress) as session:
         return session.pack(session.site(site), output, full=full, level=level, threads=threads,
-                            created=created)
+                            created=created, deltas=deltas)
 
 
 # ---------------------------------------------------------------------------

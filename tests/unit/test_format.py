@@ -816,7 +816,7 @@ def test_writer_caps_window() -> None:
 
 
 @pytest.mark.parametrize("over, fragment", [
-    ({"kind": "delta"}, "field 'kind' is 'delta', an entry kind this edgebundle does not know"),
+    ({"kind": "xdelta"}, "field 'kind' is 'xdelta', an entry kind this edgebundle does not know"),
     ({"codec": 2}, "field 'codec' is 2, not one of 0, 1"),
     ({"codec": True}, "codec"),
     ({"size": -1}, "field 'size' is -1, below the minimum 0"),

@@ -139,8 +139,21 @@ def test_header_enumerations_match_code() -> None:
     rows = header_table()
     assert _quoted_alternatives(rows["layer_form"][0]) == set(fmt.LAYER_FORMS)
     assert _quoted_alternatives(rows["runtime"][0]) == set(RUNTIMES)
-    assert fmt.ENTRY_KINDS == (fmt.KIND_BLOB,)
-    assert f'`kind` (`"{fmt.KIND_BLOB}"`)' in section("### Entry (`E`)")
+    assert fmt.ENTRY_KINDS == (fmt.KIND_BLOB, fmt.KIND_DELTA)
+    assert f'`kind` (`"{fmt.KIND_BLOB}"` or `"{fmt.KIND_DELTA}"`)' in section("### Entry (`E`)")
+    assert fmt.KNOWN_FEATURES == {fmt.FEATURE_DELTA}
+    assert f'`"{fmt.FEATURE_DELTA}"`' in rows["required_features"][1]
+    assert f"### Delta entries (feature `{fmt.FEATURE_DELTA}`)" in SPEC
+
+
+def test_delta_grammar_matches_op_codes() -> None:
+    grammar = section("### Delta entries (feature `tar-delta-v1`)")
+    for name in ("literal", "copy", "patch"):
+        code = getattr(fmt, f"OP_{name.upper()}")
+        assert re.search(rf"^{name}\s+= \[{code}, ", grammar, re.M), name
+    keys = {unquote(r[0]) for r in table(grammar)}
+    from edgebundle.format.records import DeltaHead
+    assert keys == set(DeltaHead("sha256:" + "0" * 64, 0, (), ()).to_wire())
 
 
 # ---------------------------------------------------------------------------

@@ -609,7 +609,7 @@ def test_index_record_needing_absent_content(tmp_path: Path, built: Images) -> N
     a = built.image("example.test/shop/app:v1", [BASE, APP])
     out = tmp_path / "m.ebundle"
     _handmade(out, built.cache, [_summary(a)], [_records_for(a)], a.json_blobs)
-    _refused(out, Site("containerd", tmp_path), "neither an entry of the bundle nor a prerequisite")
+    _refused(out, Site("containerd", tmp_path), "neither an entry of the bundle, nor rebuilt by one, nor a prerequisite")
 
 
 def test_malformed_header_images(tmp_path: Path, built: Images) -> None:

@@ -1,0 +1,318 @@
+"""Packer: which layers a site can serve as delta bases, and the deltas against them.
+
+``DeltaPlanner.apply(plan, inventory)`` turns a plan's shipped layers into deltas where
+that is clearly smaller. Its inputs are the site's report (what it holds, and whether
+its edgebundle reads deltas) and the packer's blob cache (the bases' bytes). Its work
+is kept in the cache, keyed by what decides the result, so a second plan, the pack
+after it, and every other site in the same state reuse it:
+
+    cache/scans/sha256/<diff_id hex>.json   a layer tar's regular files (tarscan)
+    cache/deltas/<key>.ops, <key>.json       an op stream and its head, checked
+
+A base must be a layer whose chain the device has applied (a containerd snapshot or a
+Docker layer): that is what the device reads base files from.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tarfile
+import tempfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Callable, Dict, Iterator, List, Optional, Tuple
+
+import zstandard
+
+from .cache import BlobCache
+from .compression import MAGIC_BYTES, NONE, classify, decompress_stream
+from .delta import MARGIN, MIN_FILE, PATCH_LEVEL, WINDOW, Base, Encoded, check, encode
+from .errors import CacheError
+from .files import IO_CHUNK, atomic_file, atomic_write
+from .format import FEATURE_DELTA, BaseFile, BaseLayer, DeltaHead, Prerequisite
+from .holdings import Inventory
+from .image import Layer
+from .oci import chain_ids, check_digest
+from .plan import DeltaChoice, Plan, with_deltas
+from .progress import NULL_BAR, Bar, close_bar
+from .tarscan import Member, TarScan, scan
+
+log = logging.getLogger(__name__)
+
+DELTA_VERSION = 1  # bump when the encoder's output for the same inputs changes
+SHIP_DELTA_BELOW = 0.75  # a delta ships only below this fraction of the whole layer
+
+ProgressFactory = Callable[[int, str], Bar]
+
+
+def site_bases(inv: Inventory) -> List[Tuple[str, str, Optional[str]]]:
+    """(chain_id, diff_id, blob digest or None) of each applied layer of a complete image."""
+    out: Dict[str, Tuple[str, str, Optional[str]]] = {}
+    for image in inv.images:
+        if not image.complete:
+            continue
+        chains = chain_ids(layer.diff_id for layer in image.layers)
+        for layer, chain in zip(image.layers, chains):
+            if chain in inv.chains and chain not in out:
+                out[chain] = (chain, layer.diff_id, layer.digest)
+    return list(out.values())
+
+
+@dataclass
+class _Tar:
+    """A layer's uncompressed tar on the packer, made on first use."""
+
+    path: Path
+    scan: TarScan
+
+
+class DeltaPlanner:
+    """Deltas for one packer session (use as a context manager: it owns a work dir)."""
+
+    def __init__(self, cache: BlobCache, *, progress: Optional[ProgressFactory] = None) -> None:
+        self.cache = cache
+        self._progress = progress
+        self._work = Path(tempfile.mkdtemp(prefix="deltas-", dir=cache.root / "tmp"))
+        self._tars: Dict[str, _Tar] = {}  # diff_id -> tar
+        self._by_diff_id: Optional[Dict[str, str]] = None
+        self._ops: Dict[str, Path] = {}  # op stream digest -> its file in the cache
+        self._base_blobs: Dict[BaseLayer, str] = {}  # the cached blob each base was read from
+        for sub in ("scans/sha256", "deltas"):
+            (cache.root / sub).mkdir(parents=True, exist_ok=True)
+
+    def close(self) -> None:
+        shutil.rmtree(self._work, ignore_errors=True)
+
+    def __enter__(self) -> "DeltaPlanner":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- the decision ---------------------------------------------------------------
+
+    def apply(self, plan: Plan, inv: Inventory) -> Plan:
+        """``plan`` with each shipped layer a delta where that is clearly smaller."""
+        layers: Dict[str, Layer] = {}
+        for lp in plan.shipped_layers():
+            layers.setdefault(lp.layer.diff_id, lp.layer)
+        if not layers:
+            return plan
+        if FEATURE_DELTA not in inv.features:
+            why = ("whole: the site holds nothing yet" if not inv.images else
+                   "whole: the site's edgebundle does not read deltas (its report lists no "
+                   f"{FEATURE_DELTA!r}); update it and send a fresh report")
+            return with_deltas(plan, {}, {d: why for d in layers})
+        bases, missing = self._bases(inv)
+        if not bases:
+            why = ("whole: the site holds no layer to build on" if not missing else
+                   "whole: no base layer of the site is in the packer cache")
+            return with_deltas(plan, {}, {d: why for d in layers})
+        choices: Dict[str, DeltaChoice] = {}
+        notes: Dict[str, str] = {}
+        held = {b.layer.diff_id for b in bases}
+        todo = [l for d, l in layers.items() if d not in held]
+        bar = (self._progress or _no_bar)(sum(max(0, l.tar_size) for l in todo), "delta")
+        try:
+            for layer in todo:
+                choice, note = self._choose(layer, bases, bar)
+                if choice is not None:
+                    choices[layer.diff_id] = choice
+                else:
+                    notes[layer.diff_id] = note
+        finally:
+            close_bar(bar)
+        return with_deltas(plan, choices, notes)
+
+    def _choose(self, layer: Layer, bases: List[Base],
+                bar: Bar) -> Tuple[Optional[DeltaChoice], str]:
+        try:
+            enc, stored = self._delta(layer, bases, bar)
+        except (tarfile.TarError, ValueError) as exc:
+            log.info("layer %s: no delta (%s)", layer.digest, exc)
+            return None, f"whole: its tar could not be read for a delta ({exc})"
+        if stored > layer.size * SHIP_DELTA_BELOW:
+            return None, (f"whole: a delta would be {stored} bytes, not clearly smaller than "
+                          f"{layer.size}")
+        by_layer = {b.layer: b for b in bases}
+        prereqs = tuple(self._prerequisite(by_layer[b]) for b in enc.head.bases)
+        log.info("layer %s: delta of %d bytes against %d base layer(s) (whole: %d)",
+                 layer.digest, stored, len(prereqs), layer.size)
+        return DeltaChoice(enc.head, enc.digest, enc.size, stored, prereqs), ""
+
+    def _prerequisite(self, base: Base) -> Prerequisite:
+        return Prerequisite(base.layer.chain_id, base.layer.diff_id, self._base_blobs[base.layer])
+
+    # -- bases ------------------------------------------------------------------------
+
+    def _bases(self, inv: Inventory) -> Tuple[List[Base], List[str]]:
+        bases: List[Base] = []
+        missing: List[str] = []
+        for chain, diff_id, digest in site_bases(inv):
+            blob = digest if digest is not None and self.cache.has(digest) else \
+                self._blob_for(diff_id)
+            if blob is None:
+                missing.append(diff_id)
+                continue
+            try:
+                tar = self._tar(diff_id, blob)
+            except (CacheError, tarfile.TarError, ValueError) as exc:
+                log.info("base %s unusable: %s", diff_id, exc)
+                missing.append(diff_id)
+                continue
+            layer = BaseLayer(chain, diff_id)
+            self._base_blobs[layer] = blob
+            bases.append(Base(layer, tar.scan, _opener(tar.path)))
+        if missing:
+            log.info("%d layer(s) the site holds are not in the packer cache; deltas cannot "
+                     "build on them", len(missing))
+        return bases, missing
+
+    def _blob_for(self, diff_id: str) -> Optional[str]:
+        """The cached blob whose tar is ``diff_id`` (the cache records it per blob)."""
+        if self._by_diff_id is None:
+            self._by_diff_id = {}
+            for info in (self.cache.root / "layers" / "sha256").glob("*.json"):
+                digest = "sha256:" + info.stem
+                known = self.cache.layer_info(digest)
+                if known is not None and self.cache.has(digest):
+                    self._by_diff_id[known[0]] = digest
+        return self._by_diff_id.get(diff_id)
+
+    def _tar(self, diff_id: str, blob: str) -> _Tar:
+        """The uncompressed tar of a cached blob, and its scan (kept in the cache)."""
+        if diff_id in self._tars:
+            return self._tars[diff_id]
+        path = self._work / (diff_id[7:] + ".tar")
+        hasher = hashlib.sha256()
+        with self.cache.open(blob) as fh, open(path, "wb") as out:
+            kind = classify("", fh.read(MAGIC_BYTES))
+            fh.seek(0)
+            try:
+                for piece in (decompress_stream(fh, kind) if kind != NONE else _pieces(fh)):
+                    hasher.update(piece)
+                    out.write(piece)
+            except (zlib.error, zstandard.ZstdError, EOFError):
+                raise self.cache.damaged(blob) from None
+        if "sha256:" + hasher.hexdigest() != diff_id:
+            raise ValueError(f"blob {blob} does not decompress to {diff_id}")
+        tar = _Tar(path, self._scan(diff_id, path))
+        self._tars[diff_id] = tar
+        return tar
+
+    def _scan(self, diff_id: str, path: Path) -> TarScan:
+        cached = self.cache.root / "scans" / "sha256" / (diff_id[7:] + ".json")
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            obj = json.loads(cached.read_text())
+            return TarScan(int(obj["size"]), tuple(
+                Member(m[0], int(m[1]), int(m[2]), check_digest(m[3])) for m in obj["files"]))
+        with open(path, "rb") as fh:
+            result = scan(fh)
+        atomic_write(cached, json.dumps({"size": result.size, "files": [
+            [m.path, m.data_offset, m.size, m.digest] for m in result.files]}).encode())
+        return result
+
+    # -- deltas ---------------------------------------------------------------------
+
+    def _key(self, layer: Layer, bases: List[Base]) -> str:
+        ident = json.dumps([DELTA_VERSION, WINDOW, MARGIN, PATCH_LEVEL, MIN_FILE, layer.diff_id,
+                            sorted([b.layer.chain_id, b.layer.diff_id] for b in bases)])
+        return hashlib.sha256(ident.encode()).hexdigest()
+
+    def _delta(self, layer: Layer, bases: List[Base], bar: Bar) -> Tuple[Encoded, int]:
+        key = self._key(layer, bases)
+        meta_path = self.cache.root / "deltas" / (key + ".json")
+        ops_path = self.cache.root / "deltas" / (key + ".ops")
+        cached = _load_meta(meta_path, ops_path)
+        if cached is not None:
+            bar.update(max(0, layer.tar_size))
+            self._ops[cached[0].digest] = ops_path
+            return cached
+        tar = self._tar(layer.diff_id, layer.digest)
+        with open(tar.path, "rb") as target, atomic_file(ops_path) as out:
+            enc = encode(target, tar.scan, layer.diff_id, bases, out, progress=bar.update)
+            out.flush()
+            # Rebuilt with the device's code against the bases: only an exact delta is kept.
+            check(enc, lambda: _pieces_at(out), bases)
+            stored = _zstd_size(_pieces_at(out))
+        atomic_write(meta_path, json.dumps({
+            "digest": enc.digest, "size": enc.size, "stored": stored,
+            "head": enc.head.to_wire()}).encode())
+        self._ops[enc.digest] = ops_path
+        return enc, stored
+
+    def ops(self, digest: str) -> Iterator[bytes]:
+        """The op stream of a delta this planner chose, for the bundle writer."""
+        path = self._ops.get(digest)
+        if path is not None and path.is_file():
+            return _checked(path, digest)
+        raise CacheError(f"delta {digest} is missing from the packer cache",
+                         "something removed it while edgebundle ran; run the command again")
+
+
+def _load_meta(meta_path: Path, ops_path: Path) -> Optional[Tuple[Encoded, int]]:
+    try:
+        obj = json.loads(meta_path.read_text())
+        if ops_path.stat().st_size != obj["size"]:
+            return None
+        head = obj["head"]
+        delta = DeltaHead(check_digest(head["target"]), int(head["target_size"]),
+                          tuple(BaseLayer(check_digest(b["chain_id"]), check_digest(b["diff_id"]))
+                                for b in head["bases"]),
+                          tuple(BaseFile(int(f["base"]), str(f["path"]), int(f["size"]),
+                                         check_digest(f["digest"])) for f in head["files"]))
+        from .delta import DeltaStats
+        return Encoded(delta, check_digest(obj["digest"]), int(obj["size"]),
+                       DeltaStats(0, 0, 0, 0, 0)), int(obj["stored"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _zstd_size(pieces: Iterator[bytes]) -> int:
+    """The op stream's size zstd-compressed: a quick level, about what the bundle carries."""
+    cobj = zstandard.ZstdCompressor(level=3, threads=-1).compressobj()
+    total = sum(len(cobj.compress(piece)) for piece in pieces)
+    return total + len(cobj.flush())
+
+
+def _pieces_at(fh: BinaryIO) -> Iterator[bytes]:
+    """A file's bytes by position, not disturbing its write offset."""
+    offset = 0
+    while True:
+        piece = os.pread(fh.fileno(), IO_CHUNK, offset)
+        if not piece:
+            return
+        offset += len(piece)
+        yield piece
+
+
+def _checked(path: Path, digest: str) -> Iterator[bytes]:
+    """A cached op stream; the bundle writer checks its digest as it writes it."""
+    yield from _pieces_of(path)
+
+
+def _opener(path: Path) -> Callable[[], BinaryIO]:
+    return lambda: open(path, "rb")
+
+
+def _pieces(fh: BinaryIO) -> Iterator[bytes]:
+    while True:
+        piece = fh.read(IO_CHUNK)
+        if not piece:
+            return
+        yield piece
+
+
+def _pieces_of(path: Path) -> Iterator[bytes]:
+    with open(path, "rb") as fh:
+        yield from _pieces(fh)
+
+
+def _no_bar(total: int, desc: str) -> Bar:
+    return NULL_BAR

@@ -1,0 +1,284 @@
+"""Packer side of deltas: a layer tar as ops against the files a site already holds.
+
+``encode`` walks the target tar once. Everything that is not a regular file's contents
+(headers of any tar dialect, padding, links, whiteouts) goes out as literal bytes. For
+each file's contents it picks the nearest base among *all* the site's layers:
+
+1. the same contents anywhere (a copy: a few bytes on the wire);
+2. the same path, a changed file (zstd patches, one per window);
+3. the same file name elsewhere with a similar size (a moved or renamed directory,
+   python3.11 -> python3.12): patches too;
+4. else the bytes themselves.
+
+Patches are cut into windows (``WINDOW`` of target against at most ``WINDOW + 2 *
+MARGIN`` of base at the matching position), so a 300 MB file costs the device no more
+memory than a small one. Each window's patch is kept only when clearly smaller than the
+window; the whole delta only when clearly smaller than the layer (the caller decides).
+
+Every delta is rebuilt here, with the device's own ``rebuild``, against the base tars,
+and checked against the target diff_id before it may ship.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import BinaryIO, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import zstandard
+
+from .format import MAX_LITERAL, MAX_PATCH_WINDOW, MAX_PATCH_WINDOW_LOG, BaseFile, BaseLayer, \
+    DeltaHead
+from .format.delta import Copy, Literal, Op, Patch, encode as encode_op
+from .rebuild import rebuild
+from .tarscan import Member, TarScan, read_range
+
+log = logging.getLogger(__name__)
+
+WINDOW = 4 * 1024 * 1024  # target bytes per patch
+MARGIN = 1024 * 1024  # base bytes either side of the matching position
+MIN_FILE = 128  # smaller contents go literal: a reference would cost about as much
+PATCH_LEVEL = 12  # measured: level 9 and below lose most matches in 6 MiB windows
+KEEP_PATCH = 0.5  # a window's patch ships only below this fraction of the window
+assert WINDOW + 2 * MARGIN <= MAX_PATCH_WINDOW
+
+
+@dataclass(frozen=True)
+class Base:
+    """A layer the site holds, with its tar on the packer."""
+
+    layer: BaseLayer
+    scan: TarScan
+    open: Callable[[], BinaryIO]  # the uncompressed tar
+
+
+@dataclass(frozen=True)
+class DeltaStats:
+    copied: int  # target bytes taken whole from base files
+    patched: int  # target bytes rebuilt from patches
+    literal: int  # target bytes shipped as they are
+    files_copied: int
+    files_patched: int
+
+
+@dataclass(frozen=True)
+class Encoded:
+    head: DeltaHead
+    digest: str  # of the op stream
+    size: int
+    stats: DeltaStats
+
+
+class _Candidates:
+    """Where to look for each target file: by contents, by path, by file name."""
+
+    def __init__(self, bases: Sequence[Base]) -> None:
+        self.by_digest: Dict[str, Tuple[int, Member]] = {}
+        self.by_path: Dict[str, List[Tuple[int, Member]]] = {}
+        self.by_name: Dict[str, List[Tuple[int, Member]]] = {}
+        for i, base in enumerate(bases):
+            for path, m in base.scan.last_by_path().items():
+                self.by_digest.setdefault(m.digest, (i, m))
+                self.by_path.setdefault(path, []).append((i, m))
+                self.by_name.setdefault(PurePosixPath(path).name, []).append((i, m))
+
+    def similar(self, m: Member) -> Optional[Tuple[int, Member]]:
+        """Same path (closest size) first, then same file name with a size within 2x."""
+        def closest(found: List[Tuple[int, Member]]) -> Tuple[int, Member]:
+            return min(found, key=lambda c: (abs(c[1].size - m.size), -c[0]))
+        if m.path is None:
+            return None
+        same = self.by_path.get(m.path)
+        if same:
+            return closest(same)
+        named = [c for c in self.by_name.get(PurePosixPath(m.path).name, ())
+                 if m.size / 2 <= c[1].size <= m.size * 2]
+        return closest(named) if named else None
+
+
+class _Writer:
+    """Ops to ``out``, hashed; base files numbered in first-use order."""
+
+    def __init__(self, out: BinaryIO, bases: Sequence[Base]) -> None:
+        self.out = out
+        self.bases = bases
+        self.hasher = hashlib.sha256()
+        self.size = 0
+        self.layers: Dict[int, int] = {}  # index in bases -> index in the head's bases
+        self.files: Dict[Tuple[int, str], int] = {}
+        self.file_list: List[BaseFile] = []
+
+    def op(self, op: Op) -> None:
+        data = encode_op(op)
+        self.hasher.update(data)
+        self.size += len(data)
+        self.out.write(data)
+
+    def literal(self, data: bytes) -> None:
+        for i in range(0, len(data), MAX_LITERAL):
+            self.op(Literal(data[i:i + MAX_LITERAL]))
+
+    def file(self, base: int, m: Member) -> int:
+        assert m.path is not None
+        key = (base, m.path)
+        if key not in self.files:
+            layer = self.layers.setdefault(base, len(self.layers))
+            self.files[key] = len(self.file_list)
+            self.file_list.append(BaseFile(layer, m.path, m.size, m.digest))
+        return self.files[key]
+
+    def head(self, target: str, target_size: int) -> DeltaHead:
+        order = sorted(self.layers, key=self.layers.__getitem__)
+        return DeltaHead(target, target_size, tuple(self.bases[i].layer for i in order),
+                         tuple(self.file_list))
+
+
+def encode(target: BinaryIO, scan: TarScan, diff_id: str, bases: Sequence[Base],
+           out: BinaryIO, *, progress: Optional[Callable[[int], None]] = None) -> Encoded:
+    """Write the op stream rebuilding ``target`` (its ``scan``, its ``diff_id``) to ``out``."""
+    cands = _Candidates(bases)
+    w = _Writer(out, bases)
+    copied = patched = files_copied = files_patched = 0
+    pos = 0
+    handles: Dict[int, BinaryIO] = {}
+
+    def base_fh(i: int) -> BinaryIO:
+        if i not in handles:
+            handles[i] = bases[i].open()
+        return handles[i]
+
+    def literal_range(start: int, end: int) -> None:
+        while start < end:
+            n = min(MAX_LITERAL, end - start)
+            w.literal(read_range(target, start, n))
+            start += n
+            if progress is not None:
+                progress(n)
+
+    try:
+        for m in scan.files:
+            if m.size < MIN_FILE:
+                continue  # literal with the headers around it
+            literal_range(pos, m.data_offset)
+            pos = m.data_offset + m.size
+            exact = cands.by_digest.get(m.digest)
+            if exact is not None and exact[1].path is not None:
+                w.op(Copy(w.file(exact[0], exact[1])))
+                copied += m.size
+                files_copied += 1
+                if progress is not None:
+                    progress(m.size)
+                continue
+            near = cands.similar(m)
+            if near is None:
+                literal_range(m.data_offset, pos)
+                continue
+            done = _patch_file(w, target, m, near[0], near[1], base_fh(near[0]), progress)
+            patched += done
+            files_patched += 1 if done else 0
+        literal_range(pos, scan.size)
+    finally:
+        for fh in handles.values():
+            fh.close()
+    literal = scan.size - copied - patched
+    head = w.head(diff_id, scan.size)
+    return Encoded(head, "sha256:" + w.hasher.hexdigest(), w.size,
+                   DeltaStats(copied, patched, literal, files_copied, files_patched))
+
+
+def _patch_file(w: _Writer, target: BinaryIO, m: Member, base: int, bm: Member, bfh: BinaryIO,
+                progress: Optional[Callable[[int], None]]) -> int:
+    """Patch ops (or literals, window by window) for one file; returns bytes patched."""
+    patched = 0
+    file_index: Optional[int] = None
+    for start in range(0, m.size, WINDOW):
+        chunk = read_range(target, m.data_offset + start, min(WINDOW, m.size - start))
+        # The base window sits where this one would in a file stretched to the base's size.
+        centre = start * bm.size // max(1, m.size)
+        lo = max(0, centre - MARGIN)
+        hi = min(bm.size, centre + len(chunk) + MARGIN)
+        window = read_range(bfh, bm.data_offset + lo, hi - lo) if hi > lo else b""
+        frame = _compress(chunk, window) if window else None
+        if frame is not None and len(frame) < len(chunk) * KEEP_PATCH:
+            if file_index is None:
+                file_index = w.file(base, bm)
+            w.op(Patch(file_index, lo, len(window), len(chunk), frame))
+            patched += len(chunk)
+        else:
+            w.literal(chunk)
+        if progress is not None:
+            progress(len(chunk))
+    return patched
+
+
+def _compress(chunk: bytes, window: bytes) -> bytes:
+    dictionary = zstandard.ZstdCompressionDict(window, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+    params = zstandard.ZstdCompressionParameters.from_level(
+        PATCH_LEVEL, window_log=MAX_PATCH_WINDOW_LOG, source_size=len(chunk),
+        dict_size=len(window), write_content_size=1, write_checksum=0)
+    frame: bytes = zstandard.ZstdCompressor(dict_data=dictionary,
+                                            compression_params=params).compress(chunk)
+    return frame
+
+
+class TarTree:
+    """A base layer's files read from its tar: the packer's stand-in for the device."""
+
+    def __init__(self, base: Base) -> None:
+        self.describe = f"the packer's copy of layer {base.layer.diff_id}"
+        self._base = base
+        self._by_path = base.scan.last_by_path()
+
+    def open(self, path: str) -> BinaryIO:
+        m = self._by_path.get(path)
+        if m is None:
+            raise FileNotFoundError(path)
+        return _Range(self._base.open(), m.data_offset, m.size)  # type: ignore[return-value]
+
+
+class _Range:
+    """One member's contents inside an open tar, as a read-only file."""
+
+    def __init__(self, fh: BinaryIO, offset: int, size: int) -> None:
+        self._fh, self._offset, self._size, self._pos = fh, offset, size, 0
+
+    def read(self, n: int = -1) -> bytes:
+        left = self._size - self._pos
+        n = left if n < 0 else min(n, left)
+        self._fh.seek(self._offset + self._pos)
+        data = self._fh.read(n)
+        self._pos += len(data)
+        return data
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        self._pos = max(0, min(self._size, pos if whence == 0 else self._pos + pos))
+        return self._pos
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def __enter__(self) -> "_Range":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def check(encoded: Encoded, ops: Callable[[], Iterator[bytes]], bases: Sequence[Base]) -> None:
+    """Rebuild the target from the op stream with the device's code; raise if not exact."""
+    by_layer = {b.layer: b for b in bases}
+    trees = [TarTree(by_layer[layer]) for layer in encoded.head.bases]
+    for _ in rebuild(encoded.head, ops(), trees, f"delta for {encoded.head.target}"):
+        pass
+
+
+def file_pieces(path: "os.PathLike[str] | str", chunk: int = 1024 * 1024) -> Iterator[bytes]:
+    with open(path, "rb") as fh:
+        while True:
+            piece = fh.read(chunk)
+            if not piece:
+                return
+            yield piece

@@ -1,0 +1,217 @@
+"""Device side of deltas: rebuild a layer's tar from a delta entry and the site's own files.
+
+A delta entry names its base layers by chain ID and the base files it reads by path,
+size and sha256 (``format.DeltaHead``). The runtime gives a ``BaseTree`` per base layer:
+that layer's files as the runtime holds them (containerd's committed snapshot, Docker's
+layer diff directory). Each base file is verified, size and sha256, before its first
+use; the rebuilt tar is hashed as it streams and must equal the target diff_id before
+the loader may commit anything. So a base that is missing or different is named in a
+``PrerequisiteError``, a damaged delta is a ``BundleFormatError``, and neither ever
+becomes a layer.
+
+Memory: one op at a time (``format`` bounds them), one read buffer, and for a patch its
+dictionary window and output: about 3 x 8 MiB at worst, whatever the file sizes.
+
+Device-safe: stdlib, zstandard, msgpack.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import stat
+from pathlib import Path
+from typing import BinaryIO, Dict, Iterable, Iterator, List, Optional, Protocol, Sequence
+
+import zstandard
+
+from .errors import BundleFormatError, PrerequisiteError
+from .files import IO_CHUNK
+from .format import MAX_PATCH_WINDOW_LOG, BaseFile, DeltaHead
+from .format.delta import Copy, Literal, Op, Patch, read_ops
+from .format.records import SPEC_HINT
+
+log = logging.getLogger(__name__)
+
+BASE_HINT = ("the device no longer holds what its last report said: send a fresh "
+             "`edgebundle report` to the packer and repack")
+
+
+class BaseTree(Protocol):
+    """The files of one base layer, as the runtime holds them."""
+
+    describe: str  # for messages: where the files are
+
+    def open(self, path: str) -> BinaryIO:
+        """The regular file at ``path`` (relative); OSError if there is none."""
+
+
+class DirTree:
+    """A directory holding a layer's files (a snapshot's ``fs``, a Docker ``diff`` dir).
+
+    Paths are walked one component at a time without following symlinks, so a link in
+    the tree can never lead outside it.
+    """
+
+    def __init__(self, root: "os.PathLike[str] | str", describe: str) -> None:
+        self.root = Path(root)
+        self.describe = describe
+
+    def open(self, path: str) -> BinaryIO:
+        parts = path.split("/")
+        nofollow = getattr(os, "O_NOFOLLOW", 0)
+        fd = os.open(self.root, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            for part in parts[:-1]:
+                nxt = os.open(part, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | nofollow,
+                              dir_fd=fd)
+                os.close(fd)
+                fd = nxt
+            leaf = os.open(parts[-1], os.O_RDONLY | nofollow, dir_fd=fd)
+        finally:
+            os.close(fd)
+        if not stat.S_ISREG(os.fstat(leaf).st_mode):
+            os.close(leaf)
+            raise OSError(errno.EINVAL, "not a regular file")
+        return os.fdopen(leaf, "rb")
+
+
+class _Files:
+    """The entry's base files: opened on demand, each verified once before first use."""
+
+    def __init__(self, head: DeltaHead, trees: Sequence[BaseTree], where: str) -> None:
+        self.head = head
+        self.trees = trees
+        self.where = where
+        self._verified: set[int] = set()
+        self._open: Optional[tuple[int, BinaryIO]] = None  # the last file used (patch runs)
+
+    def _fail(self, f: BaseFile, problem: str) -> PrerequisiteError:
+        base = self.head.bases[f.base]
+        return PrerequisiteError(
+            f"{self.where}: base file {f.path} of layer {base.diff_id} {problem} "
+            f"(in {self.trees[f.base].describe})", [base.chain_id], BASE_HINT)
+
+    def get(self, index: int) -> tuple[BaseFile, BinaryIO]:
+        if not 0 <= index < len(self.head.files):
+            raise BundleFormatError(f"{self.where}: op names base file {index}, but the entry "
+                                    f"lists {len(self.head.files)}", SPEC_HINT)
+        f = self.head.files[index]
+        if self._open is not None and self._open[0] == index:
+            return f, self._open[1]
+        self.close()
+        try:
+            fh = self.trees[f.base].open(f.path)
+        except OSError as exc:
+            raise self._fail(f, f"cannot be read: {exc.strerror or exc}") from None
+        if index not in self._verified:
+            self._verify(f, fh)
+            self._verified.add(index)
+        self._open = (index, fh)
+        return f, fh
+
+    def _verify(self, f: BaseFile, fh: BinaryIO) -> None:
+        hasher = hashlib.sha256()
+        size = 0
+        while True:
+            piece = fh.read(IO_CHUNK)
+            if not piece:
+                break
+            size += len(piece)
+            hasher.update(piece)
+        if size != f.size or "sha256:" + hasher.hexdigest() != f.digest:
+            fh.close()
+            raise self._fail(f, f"differs from the one the delta was made against "
+                                f"({size} bytes, expected {f.size})")
+        log.debug("%s: base file %s verified", self.where, f.path)
+
+    def close(self) -> None:
+        if self._open is not None:
+            self._open[1].close()
+            self._open = None
+
+
+def rebuild(head: DeltaHead, ops: Iterable[bytes], trees: Sequence[BaseTree],
+            where: str) -> Iterator[bytes]:
+    """The target tar, streamed from the op stream ``ops`` (the entry's decoded bytes).
+
+    Raises ``PrerequisiteError`` for a base file that is missing or different,
+    ``BundleFormatError`` for a malformed delta or a result that is not the target.
+    """
+    if len(trees) != len(head.bases):
+        raise ValueError("one base tree per base layer")
+    files = _Files(head, trees, where)
+    hasher = hashlib.sha256()
+    total = 0
+    dctx_cache: Dict[int, zstandard.ZstdDecompressor] = {}
+    try:
+        for op in read_ops(ops, where):
+            for piece in _apply(op, files, where, dctx_cache):
+                total += len(piece)
+                if total > head.target_size:
+                    raise BundleFormatError(f"{where}: rebuilds more than the target's "
+                                            f"{head.target_size} bytes", SPEC_HINT)
+                hasher.update(piece)
+                yield piece
+    finally:
+        files.close()
+    actual = "sha256:" + hasher.hexdigest()
+    if total != head.target_size or actual != head.target:
+        raise BundleFormatError(f"{where}: rebuilt tar hashes to {actual} ({total} bytes), not "
+                                f"its target {head.target} ({head.target_size} bytes)", SPEC_HINT)
+
+
+def _apply(op: Op, files: _Files, where: str,
+           dctx_cache: Dict[int, zstandard.ZstdDecompressor]) -> Iterator[bytes]:
+    if isinstance(op, Literal):
+        yield op.data
+        return
+    f, fh = files.get(op.file)
+    if isinstance(op, Copy):
+        fh.seek(0)
+        left = f.size
+        while left:
+            piece = fh.read(min(IO_CHUNK, left))
+            if not piece:
+                raise files._fail(f, "shrank while it was read")
+            left -= len(piece)
+            yield piece
+        return
+    assert isinstance(op, Patch)
+    if op.offset + op.length > f.size:
+        raise BundleFormatError(f"{where}: patch window {op.offset}+{op.length} lies outside "
+                                f"base file {f.path} ({f.size} bytes)", SPEC_HINT)
+    fh.seek(op.offset)
+    window = fh.read(op.length)
+    if len(window) != op.length:
+        raise files._fail(f, "shrank while it was read")
+    yield _unpatch(window, op, where)
+
+
+def _unpatch(window: bytes, op: Patch, where: str) -> bytes:
+    dictionary = zstandard.ZstdCompressionDict(window, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+    dctx = zstandard.ZstdDecompressor(dict_data=dictionary,
+                                      max_window_size=1 << MAX_PATCH_WINDOW_LOG)
+    try:
+        params = zstandard.get_frame_parameters(op.frame)
+        if params.content_size != op.size:
+            raise BundleFormatError(f"{where}: patch frame declares {params.content_size} bytes, "
+                                    f"the op {op.size}", SPEC_HINT)
+        out = dctx.decompress(op.frame, max_output_size=op.size)
+    except zstandard.ZstdError as exc:
+        raise BundleFormatError(f"{where}: patch does not decode: {exc}", SPEC_HINT) from None
+    if len(out) != op.size:
+        raise BundleFormatError(f"{where}: patch decodes to {len(out)} bytes, not {op.size}",
+                                SPEC_HINT)
+    return out
+
+
+def trees_for(head: DeltaHead, opener: "Opener") -> List[BaseTree]:
+    """One tree per base layer of ``head``, from the runtime's ``opener``."""
+    return [opener(base.chain_id, base.diff_id) for base in head.bases]
+
+
+class Opener(Protocol):
+    def __call__(self, chain_id: str, diff_id: str) -> BaseTree: ...

@@ -1,0 +1,245 @@
+"""Deltas through the packer's real code: planner decisions, bundle format rules, rebuild.
+
+The images are tiny but real (tiny_images): real tars, gzip blobs in a real BlobCache.
+The device side is ``rebuild`` over base files in a directory, as the loaders use it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+from dataclasses import replace
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import pytest
+
+from edgebundle import bases as bases_mod
+from edgebundle.bases import DeltaPlanner
+from edgebundle.cache import BlobCache
+from edgebundle.errors import BundleFormatError, ManifestError
+from edgebundle.format import FEATURE_DELTA, BundleReader, records
+from edgebundle.holdings import HeldImage, HeldLayer, Inventory
+from edgebundle.image import ResolvedImage
+from edgebundle.importer.containerd import parse_view_mounts
+from edgebundle.manifest import load_manifest
+from edgebundle.oci import chain_ids
+from edgebundle.pack import write_bundle
+from edgebundle.plan import Plan, plan_bundle
+from edgebundle.rebuild import DirTree, rebuild
+from edgebundle.report import inventory_from_json, inventory_to_json
+
+from tiny_images import BASE, Images
+
+RNG = random.Random(5)
+LIB_V1 = {f"usr/lib/m{i}.py": RNG.randbytes(3000) for i in range(20)}
+LIB_V2 = dict(LIB_V1, **{"usr/lib/m3.py": LIB_V1["usr/lib/m3.py"][:2000] + b"changed"})
+
+
+def held(img: ResolvedImage, *, features: bool = True, runtime: str = "containerd") -> Inventory:
+    """The site holds ``img`` complete, every layer applied (as a report would say)."""
+    chains = chain_ids(l.diff_id for l in img.layers)
+    layers = tuple(HeldLayer(l.diff_id, l.digest if runtime == "containerd" else None, l.size,
+                             blob=runtime == "containerd", unpacked=True) for l in img.layers)
+    image = HeldImage(img.name, img.config.digest, img.top, img.manifest.digest, "linux/amd64",
+                      True, layers)
+    return Inventory(runtime, "k8s.io" if runtime == "containerd" else None, (image,),
+                     frozenset(l.digest for l in img.layers) if runtime == "containerd" else frozenset(),
+                     frozenset(chains), features=frozenset({FEATURE_DELTA}) if features else frozenset())
+
+
+@pytest.fixture()
+def cache(tmp_path: Path) -> BlobCache:
+    return BlobCache(tmp_path / "cache")
+
+
+def plans(cache: BlobCache, inv: Inventory, v2: ResolvedImage) -> Tuple[Plan, Plan]:
+    plain = plan_bundle("gw", [v2], inv, runtime=inv.runtime, namespace=inv.namespace,
+                        platform="linux/amd64")
+    with DeltaPlanner(cache) as planner:
+        return plain, planner.apply(plain, inv)
+
+
+def test_changed_layer_ships_as_delta_against_the_site_layers(cache: BlobCache, tmp_path: Path) -> None:
+    imgs = Images(cache)
+    v1 = imgs.image("example.test/app:v1", [BASE, LIB_V1])
+    v2 = imgs.image("example.test/app:v2", [BASE, LIB_V2])
+    plain, delta = plans(cache, held(v1), v2)
+    lp = delta.images[0].layers[1]
+    assert lp.ship and lp.delta is not None and lp.delta.head.target == v2.layers[1].diff_id
+    assert lp.delta.stored < v2.layers[1].size / 10
+    assert delta.ship_bytes < plain.ship_bytes / 5
+    assert delta.required_features == (FEATURE_DELTA,)
+    # The delta's base is a prerequisite (so a device without it refuses up front).
+    assert {b.chain_id for b in lp.delta.bases} <= {p.chain_id for p in delta.prerequisites}
+    assert plain.required_features == ()
+
+    # The bundle carries it as a delta entry; verify passes; the device rebuilds the tar.
+    out = io.BytesIO()
+    with DeltaPlanner(cache) as planner:
+        delta = planner.apply(plain, held(v1))
+        write_bundle(delta, cache, out, delta_ops=planner.ops)
+    reader = BundleReader(io.BytesIO(out.getvalue()), "b")
+    assert reader.header.required_features == (FEATURE_DELTA,)
+    heads, ops = [], b""
+    for entry in reader.entries():
+        if entry.head.delta is not None:
+            heads.append(entry.head.delta)
+            ops = b"".join(entry.chunks())
+    assert reader.index is not None and reader.index.rebuilt == {v2.layers[1].diff_id}
+    (head,) = heads
+    root = tmp_path / "base"
+    for path, data in LIB_V1.items():
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_bytes(data)
+    tar = b"".join(rebuild(head, [ops], [DirTree(root, "base")], "t"))
+    assert tar == imgs.tars[v2.layers[1].diff_id]
+
+
+def test_deltas_are_cached_across_planners(cache: BlobCache, monkeypatch: pytest.MonkeyPatch) -> None:
+    imgs = Images(cache)
+    v1 = imgs.image("example.test/app:v1", [BASE, LIB_V1])
+    v2 = imgs.image("example.test/app:v2", [BASE, LIB_V2])
+    first = plans(cache, held(v1), v2)[1]
+    calls: List[int] = []
+    monkeypatch.setattr(bases_mod, "encode", lambda *a, **k: calls.append(1))  # would break
+    again = plans(cache, held(v1), v2)[1]
+    assert calls == [] and again.images[0].layers[1].delta == first.images[0].layers[1].delta
+
+
+def test_whole_with_a_reason(cache: BlobCache) -> None:
+    imgs = Images(cache)
+    v1 = imgs.image("example.test/app:v1", [BASE, LIB_V1])
+    other = {f"srv/x{i}": RNG.randbytes(3000) for i in range(20)}  # nothing in common
+    v2 = imgs.image("example.test/app:v2", [BASE, other])
+
+    old_device = plans(cache, held(v1, features=False), v2)[1]
+    assert "does not read deltas" in old_device.images[0].layers[1].note
+    assert old_device.images[0].layers[1].delta is None
+
+    unrelated = plans(cache, held(v1), v2)[1].images[0].layers[1]
+    assert unrelated.delta is None and "not clearly smaller" in unrelated.note
+
+    # A base the packer has no bytes for: say so, ship whole.
+    v2b = imgs.image("example.test/app:v2b", [BASE, LIB_V2])
+    cache.path(v1.layers[1].digest).unlink()
+    cache.path(v1.layers[0].digest).unlink()
+    missing = plans(cache, held(v1), v2b)[1].images[0].layers[1]
+    assert missing.delta is None and "no base layer of the site is in the packer cache" in missing.note
+
+
+def test_docker_site_finds_base_blobs_by_diff_id(cache: BlobCache) -> None:
+    imgs = Images(cache)
+    v1 = imgs.image("example.test/app:v1", [BASE, LIB_V1])
+    v2 = imgs.image("example.test/app:v2", [BASE, LIB_V2])
+    for l in v1.layers:  # what fetching records for every layer blob it decompressed
+        cache.set_layer_info(l.digest, l.diff_id, l.tar_size)
+    lp = plans(cache, held(v1, runtime="docker"), v2)[1].images[0].layers[1]
+    assert lp.delta is not None and lp.delta.bases[0].digest == v1.layers[1].digest
+
+
+# ---------------------------------------------------------------------------
+# Format rules for delta entries
+
+
+def _delta_bundle(cache: BlobCache) -> Tuple[bytes, Plan]:
+    imgs = Images(cache)
+    v1 = imgs.image("example.test/app:v1", [BASE, LIB_V1])
+    v2 = imgs.image("example.test/app:v2", [BASE, LIB_V2])
+    out = io.BytesIO()
+    with DeltaPlanner(cache) as planner:
+        plan = planner.apply(plan_bundle("gw", [v2], held(v1), runtime="containerd",
+                                         namespace="k8s.io", platform="linux/amd64"), held(v1))
+        write_bundle(plan, cache, out, delta_ops=planner.ops)
+    return out.getvalue(), plan
+
+
+def _read_all(data: bytes) -> None:
+    reader = BundleReader(io.BytesIO(data), "b")
+    for entry in reader.entries():
+        entry.skip()
+
+
+def test_reader_without_the_feature_says_upgrade(cache: BlobCache,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    data, _ = _delta_bundle(cache)
+    monkeypatch.setattr(records, "KNOWN_FEATURES", frozenset())  # an edgebundle 0.1 reader
+    with pytest.raises(BundleFormatError, match="requires unsupported features: .tar-delta-v1") as info:
+        BundleReader(io.BytesIO(data), "b")
+    assert "upgrade edgebundle" in str(info.value)
+
+
+def test_writer_refuses_deltas_the_header_does_not_allow(cache: BlobCache) -> None:
+    _, plan = _delta_bundle(cache)
+    lp = plan.images[0].layers[1]
+    assert lp.delta is not None
+    for broken in (replace(plan, images=()), replace(plan, prerequisites=())):
+        # Without the feature (no image ships a delta) or without the base as a prerequisite.
+        from edgebundle.format import BundleWriter
+        from edgebundle.pack import bundle_header
+        header = replace(bundle_header(broken), required_features=broken.required_features)
+        writer = BundleWriter(io.BytesIO(), header)
+        with pytest.raises(ValueError, match="refusing a delta"):
+            writer.add_delta(lp.delta.head, lp.delta.entry, lp.delta.size, [b""])
+
+
+@pytest.mark.parametrize("field,value,fragment", [
+    ("target", "sha256:zz", "'target'"),
+    ("bases", [{"chain_id": "x"}], "'chain_id'"),
+    ("files", [{"base": 9, "path": "a", "size": 1, "digest": "sha256:" + "0" * 64}], "'base' is 9"),
+    ("files", [{"base": 0, "path": "../etc/shadow", "size": 1, "digest": "sha256:" + "0" * 64}],
+     "'path'"),
+])
+def test_bad_delta_head_fields(field: str, value: object, fragment: str) -> None:
+    base = {"kind": "delta", "digest": "sha256:" + "1" * 64, "size": 1, "codec": 1,
+            "target": "sha256:" + "2" * 64, "target_size": 1,
+            "bases": [{"chain_id": "sha256:" + "3" * 64, "diff_id": "sha256:" + "4" * 64}],
+            "files": []}
+    with pytest.raises(BundleFormatError, match=fragment):
+        records.parse_entry_head(dict(base, **{field: value}), "entry")
+
+
+def test_delta_of_a_layer_no_image_has_is_refused(cache: BlobCache) -> None:
+    data, plan = _delta_bundle(cache)
+    index = records.Index((records.IndexEntry("sha256:" + "1" * 64, "delta", 1, 1, 1, 1,
+                                              "sha256:" + "5" * 64),), ())
+    header = replace(records.parse_header(BundleReader(io.BytesIO(data), "b").header.to_wire(), "b"),
+                     images=())
+    with pytest.raises(BundleFormatError, match="a layer of no image"):
+        records.check_index(index, header, "b")
+
+
+# ---------------------------------------------------------------------------
+# Inputs: the manifest switch, the report's features, ctr's view mounts
+
+
+def test_site_deltas_switch(tmp_path: Path) -> None:
+    text = ("version: 1\nimages:\n  - ref: example.test/a:1\nsites:\n"
+            "  gw: {runtime: docker, platform: linux/amd64, deltas: %s}\n")
+    (tmp_path / "m.yaml").write_text(text % "false")
+    assert load_manifest(tmp_path / "m.yaml").sites["gw"].deltas is False
+    (tmp_path / "m.yaml").write_text(text % "'no'")
+    with pytest.raises(ManifestError, match="deltas is 'no', not a boolean"):
+        load_manifest(tmp_path / "m.yaml")
+
+
+def test_report_features_round_trip_and_default() -> None:
+    inv = Inventory("docker", features=frozenset({FEATURE_DELTA}))
+    obj = inventory_to_json(inv)
+    assert obj["features"] == [FEATURE_DELTA]
+    assert inventory_from_json(obj).features == {FEATURE_DELTA}
+    del obj["features"]  # a report from edgebundle 0.1
+    assert inventory_from_json(obj).features == frozenset()
+
+
+def test_view_mounts() -> None:
+    overlay = json.dumps([{"Type": "overlay", "Source": "overlay", "Options": [
+        "index=off", "lowerdir=/var/lib/c/snapshots/4/fs:/var/lib/c/snapshots/3/fs"]}])
+    assert parse_view_mounts(overlay) == "/var/lib/c/snapshots/4/fs"
+    bind = json.dumps([{"Type": "bind", "Source": "/var/lib/c/snapshots/1/fs",
+                        "Options": ["ro", "rbind"]}])
+    assert parse_view_mounts(bind) == "/var/lib/c/snapshots/1/fs"
+    for odd in ("", "[]", "{}", json.dumps([{"Type": "bind", "Source": "relative"}]),
+                json.dumps([{"Type": "tmpfs"}])):
+        assert parse_view_mounts(odd) is None
