@@ -16,6 +16,7 @@ Docker layer): that is what the device reads base files from.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -26,41 +27,45 @@ import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, BinaryIO, Callable, Dict, Iterator, List, Optional, Tuple
 
 import zstandard
 
 from .cache import BlobCache
 from .compression import MAGIC_BYTES, NONE, classify, decompress_stream
-from .delta import MARGIN, MIN_FILE, PATCH_LEVEL, WINDOW, Base, Encoded, check, encode
+from .delta import MARGIN, MIN_FILE, MIN_RANGE, PATCH_LEVEL, WINDOW, Base, DeltaStats, Encoded, check, encode
 from .errors import CacheError
 from .files import IO_CHUNK, atomic_file, atomic_write
-from .format import FEATURE_DELTA, BaseFile, BaseLayer, DeltaHead, Prerequisite
+from .format import FEATURE_DELTA, BaseLayer, DeltaHead, Prerequisite
 from .holdings import Inventory
 from .image import Layer
 from .oci import chain_ids, check_digest
 from .plan import DeltaChoice, Plan, with_deltas
 from .progress import NULL_BAR, Bar, close_bar
-from .tarscan import Member, TarScan, scan
+from .tarscan import Member, Region, TarScan, scan
 
 log = logging.getLogger(__name__)
 
-DELTA_VERSION = 1  # bump when the encoder's output for the same inputs changes
+DELTA_VERSION = 3  # bump when the encoder's output for the same inputs changes
+SCAN_VERSION = 2  # bump when tarscan's output changes
 SHIP_DELTA_BELOW = 0.75  # a delta ships only below this fraction of the whole layer
 
 ProgressFactory = Callable[[int, str], Bar]
 
 
-def site_bases(inv: Inventory) -> List[Tuple[str, str, Optional[str]]]:
-    """(chain_id, diff_id, blob digest or None) of each applied layer of a complete image."""
-    out: Dict[str, Tuple[str, str, Optional[str]]] = {}
+def site_bases(inv: Inventory) -> List[Tuple[BaseLayer, Optional[str]]]:
+    """Each applied layer of a complete image, with its blob digest where known.
+
+    ``BaseLayer.tar``: the device can rebuild the layer's exact tar (the report's ``tar``).
+    """
+    out: Dict[str, Tuple[BaseLayer, Optional[str]]] = {}
     for image in inv.images:
         if not image.complete:
             continue
         chains = chain_ids(layer.diff_id for layer in image.layers)
         for layer, chain in zip(image.layers, chains):
             if chain in inv.chains and chain not in out:
-                out[chain] = (chain, layer.diff_id, layer.digest)
+                out[chain] = (BaseLayer(chain, layer.diff_id, layer.tar), layer.digest)
     return list(out.values())
 
 
@@ -140,11 +145,13 @@ class DeltaPlanner:
         if stored > layer.size * SHIP_DELTA_BELOW:
             return None, (f"whole: a delta would be {stored} bytes, not clearly smaller than "
                           f"{layer.size}")
-        by_layer = {b.layer: b for b in bases}
-        prereqs = tuple(self._prerequisite(by_layer[b]) for b in enc.head.bases)
+        by_chain = {b.layer.chain_id: b for b in bases}
+        prereqs = tuple(self._prerequisite(by_chain[b.chain_id]) for b in enc.head.bases)
         log.info("layer %s: delta of %d bytes against %d base layer(s) (whole: %d)",
                  layer.digest, stored, len(prereqs), layer.size)
-        return DeltaChoice(enc.head, enc.digest, enc.size, stored, prereqs), ""
+        st = enc.stats
+        return DeltaChoice(enc.head, enc.digest, enc.size, stored, prereqs, st.copied, st.patched,
+                           st.literal), ""
 
     def _prerequisite(self, base: Base) -> Prerequisite:
         return Prerequisite(base.layer.chain_id, base.layer.diff_id, self._base_blobs[base.layer])
@@ -154,7 +161,8 @@ class DeltaPlanner:
     def _bases(self, inv: Inventory) -> Tuple[List[Base], List[str]]:
         bases: List[Base] = []
         missing: List[str] = []
-        for chain, diff_id, digest in site_bases(inv):
+        for layer, digest in site_bases(inv):
+            diff_id = layer.diff_id
             blob = digest if digest is not None and self.cache.has(digest) else \
                 self._blob_for(diff_id)
             if blob is None:
@@ -166,7 +174,6 @@ class DeltaPlanner:
                 log.info("base %s unusable: %s", diff_id, exc)
                 missing.append(diff_id)
                 continue
-            layer = BaseLayer(chain, diff_id)
             self._base_blobs[layer] = blob
             bases.append(Base(layer, tar.scan, _opener(tar.path)))
         if missing:
@@ -210,19 +217,21 @@ class DeltaPlanner:
         cached = self.cache.root / "scans" / "sha256" / (diff_id[7:] + ".json")
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
             obj = json.loads(cached.read_text())
-            return TarScan(int(obj["size"]), tuple(
-                Member(m[0], int(m[1]), int(m[2]), check_digest(m[3])) for m in obj["files"]))
+            if obj.get("version") == SCAN_VERSION:
+                return TarScan(int(obj["size"]), tuple(_region(r) for r in obj["regions"]))
         with open(path, "rb") as fh:
             result = scan(fh)
-        atomic_write(cached, json.dumps({"size": result.size, "files": [
-            [m.path, m.data_offset, m.size, m.digest] for m in result.files]}).encode())
+        atomic_write(cached, json.dumps({"version": SCAN_VERSION, "size": result.size, "regions": [
+            [r.offset, r.end, r.digest] + ([f.path, f.data_offset, f.size, f.digest] if f else [])
+            for r in result.regions for f in [r.file]]}).encode())
         return result
 
     # -- deltas ---------------------------------------------------------------------
 
     def _key(self, layer: Layer, bases: List[Base]) -> str:
-        ident = json.dumps([DELTA_VERSION, WINDOW, MARGIN, PATCH_LEVEL, MIN_FILE, layer.diff_id,
-                            sorted([b.layer.chain_id, b.layer.diff_id] for b in bases)])
+        ident = json.dumps([DELTA_VERSION, WINDOW, MARGIN, PATCH_LEVEL, MIN_FILE, MIN_RANGE,
+                            layer.diff_id,
+                            sorted([b.layer.chain_id, b.layer.diff_id, b.layer.tar] for b in bases)])
         return hashlib.sha256(ident.encode()).hexdigest()
 
     def _delta(self, layer: Layer, bases: List[Base], bar: Bar) -> Tuple[Encoded, int]:
@@ -243,7 +252,7 @@ class DeltaPlanner:
             stored = _zstd_size(_pieces_at(out))
         atomic_write(meta_path, json.dumps({
             "digest": enc.digest, "size": enc.size, "stored": stored,
-            "head": enc.head.to_wire()}).encode())
+            "stats": dataclasses.asdict(enc.stats), "head": enc.head.to_wire()}).encode())
         self._ops[enc.digest] = ops_path
         return enc, stored
 
@@ -256,6 +265,11 @@ class DeltaPlanner:
                          "something removed it while edgebundle ran; run the command again")
 
 
+def _region(row: List[Any]) -> Region:
+    member = Member(row[3], int(row[4]), int(row[5]), check_digest(row[6])) if len(row) > 3 else None
+    return Region(int(row[0]), int(row[1]), check_digest(row[2]), member)
+
+
 def _load_meta(meta_path: Path, ops_path: Path) -> Optional[Tuple[Encoded, int]]:
     try:
         obj = json.loads(meta_path.read_text())
@@ -263,13 +277,10 @@ def _load_meta(meta_path: Path, ops_path: Path) -> Optional[Tuple[Encoded, int]]
             return None
         head = obj["head"]
         delta = DeltaHead(check_digest(head["target"]), int(head["target_size"]),
-                          tuple(BaseLayer(check_digest(b["chain_id"]), check_digest(b["diff_id"]))
-                                for b in head["bases"]),
-                          tuple(BaseFile(int(f["base"]), str(f["path"]), int(f["size"]),
-                                         check_digest(f["digest"])) for f in head["files"]))
-        from .delta import DeltaStats
-        return Encoded(delta, check_digest(obj["digest"]), int(obj["size"]),
-                       DeltaStats(0, 0, 0, 0, 0)), int(obj["stored"])
+                          tuple(BaseLayer(check_digest(b["chain_id"]), check_digest(b["diff_id"]),
+                                          bool(b["tar"])) for b in head["bases"]))
+        stats = DeltaStats(**{k: int(v) for k, v in obj["stats"].items()})
+        return Encoded(delta, check_digest(obj["digest"]), int(obj["size"]), stats), int(obj["stored"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
 

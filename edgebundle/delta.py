@@ -24,23 +24,23 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import PurePosixPath
-from typing import BinaryIO, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import BinaryIO, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 import zstandard
 
-from .format import MAX_LITERAL, MAX_PATCH_WINDOW, MAX_PATCH_WINDOW_LOG, BaseFile, BaseLayer, \
-    DeltaHead
-from .format.delta import Copy, Literal, Op, Patch, encode as encode_op
+from .format import MAX_LITERAL, MAX_PATCH_WINDOW, MAX_PATCH_WINDOW_LOG, BaseLayer, DeltaHead
+from .format.delta import BaseFile, Copy, Literal, Op, Patch, Range, encode as encode_op
 from .rebuild import rebuild
-from .tarscan import Member, TarScan, read_range
+from .tarscan import Member, Region, TarScan, read_range
 
 log = logging.getLogger(__name__)
 
 WINDOW = 4 * 1024 * 1024  # target bytes per patch
 MARGIN = 1024 * 1024  # base bytes either side of the matching position
 MIN_FILE = 128  # smaller contents go literal: a reference would cost about as much
+MIN_RANGE = 512  # a member region copied from a base tar (one header block at least)
 PATCH_LEVEL = 12  # measured: level 9 and below lose most matches in 6 MiB windows
 KEEP_PATCH = 0.5  # a window's patch ships only below this fraction of the window
 assert WINDOW + 2 * MARGIN <= MAX_PATCH_WINDOW
@@ -109,7 +109,7 @@ class _Writer:
         self.size = 0
         self.layers: Dict[int, int] = {}  # index in bases -> index in the head's bases
         self.files: Dict[Tuple[int, str], int] = {}
-        self.file_list: List[BaseFile] = []
+        self.tar_bases: Set[int] = set()
 
     def op(self, op: Op) -> None:
         data = encode_op(op)
@@ -126,24 +126,42 @@ class _Writer:
         key = (base, m.path)
         if key not in self.files:
             layer = self.layers.setdefault(base, len(self.layers))
-            self.files[key] = len(self.file_list)
-            self.file_list.append(BaseFile(layer, m.path, m.size, m.digest))
+            self.files[key] = len(self.files)
+            self.op(BaseFile(layer, m.path, m.size, m.digest))  # defined before its first use
         return self.files[key]
+
+    def range(self, base: int, offset: int, length: int) -> None:
+        self.tar_bases.add(base)
+        self.op(Range(self.layers.setdefault(base, len(self.layers)), offset, length))
 
     def head(self, target: str, target_size: int) -> DeltaHead:
         order = sorted(self.layers, key=self.layers.__getitem__)
-        return DeltaHead(target, target_size, tuple(self.bases[i].layer for i in order),
-                         tuple(self.file_list))
+        # A base is a tar base only if a range op reads its tar: the device then rebuilds
+        # that tar; for the others it reads files alone.
+        return DeltaHead(target, target_size,
+                         tuple(replace(self.bases[i].layer, tar=i in self.tar_bases)
+                               for i in order))
 
 
 def encode(target: BinaryIO, scan: TarScan, diff_id: str, bases: Sequence[Base],
            out: BinaryIO, *, progress: Optional[Callable[[int], None]] = None) -> Encoded:
-    """Write the op stream rebuilding ``target`` (its ``scan``, its ``diff_id``) to ``out``."""
+    """Write the op stream rebuilding ``target`` (its ``scan``, its ``diff_id``) to ``out``.
+
+    Members whose bytes (headers, contents, padding) a tar base holds unchanged are
+    copied as ranges of that base's tar, consecutive ones as one range; the others go
+    header by header and file by file.
+    """
     cands = _Candidates(bases)
+    regions: Dict[str, Tuple[int, Region]] = {}
+    for i, base in enumerate(bases):
+        if base.layer.tar:
+            for region in base.scan.regions:
+                regions.setdefault(region.digest, (i, region))
     w = _Writer(out, bases)
     copied = patched = files_copied = files_patched = 0
     pos = 0
     handles: Dict[int, BinaryIO] = {}
+    pending: List[int] = []  # [base, offset, length] of the range being extended
 
     def base_fh(i: int) -> BinaryIO:
         if i not in handles:
@@ -158,10 +176,32 @@ def encode(target: BinaryIO, scan: TarScan, diff_id: str, bases: Sequence[Base],
             if progress is not None:
                 progress(n)
 
+    def flush() -> None:
+        if pending:
+            w.range(*pending)
+            pending.clear()
+
     try:
-        for m in scan.files:
-            if m.size < MIN_FILE:
-                continue  # literal with the headers around it
+        for region in scan.regions:
+            hit = regions.get(region.digest)
+            length = region.end - region.offset
+            if hit is not None and length >= MIN_RANGE:
+                if pending and pending[0] == hit[0] and pending[1] + pending[2] == hit[1].offset \
+                        and pos == region.offset:
+                    pending[2] += length
+                else:
+                    flush()
+                    literal_range(pos, region.offset)
+                    pending.extend((hit[0], hit[1].offset, length))
+                pos = region.end
+                copied += length
+                if progress is not None:
+                    progress(length)
+                continue
+            flush()
+            m = region.file
+            if m is None or m.size < MIN_FILE:
+                continue  # literal, with the headers around it
             literal_range(pos, m.data_offset)
             pos = m.data_offset + m.size
             exact = cands.by_digest.get(m.digest)
@@ -179,6 +219,7 @@ def encode(target: BinaryIO, scan: TarScan, diff_id: str, bases: Sequence[Base],
             done = _patch_file(w, target, m, near[0], near[1], base_fh(near[0]), progress)
             patched += done
             files_patched += 1 if done else 0
+        flush()
         literal_range(pos, scan.size)
     finally:
         for fh in handles.values():
@@ -269,10 +310,17 @@ class _Range:
 
 def check(encoded: Encoded, ops: Callable[[], Iterator[bytes]], bases: Sequence[Base]) -> None:
     """Rebuild the target from the op stream with the device's code; raise if not exact."""
-    by_layer = {b.layer: b for b in bases}
-    trees = [TarTree(by_layer[layer]) for layer in encoded.head.bases]
-    for _ in rebuild(encoded.head, ops(), trees, f"delta for {encoded.head.target}"):
-        pass
+    by_chain = {b.layer.chain_id: b for b in bases}
+    used = [by_chain[layer.chain_id] for layer in encoded.head.bases]
+    tars = [b.open() if layer.tar else None for b, layer in zip(used, encoded.head.bases)]
+    try:
+        for _ in rebuild(encoded.head, ops(), [TarTree(b) for b in used],
+                         f"delta for {encoded.head.target}", tars):
+            pass
+    finally:
+        for fh in tars:
+            if fh is not None:
+                fh.close()
 
 
 def file_pieces(path: "os.PathLike[str] | str", chunk: int = 1024 * 1024) -> Iterator[bytes]:

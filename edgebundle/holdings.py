@@ -35,6 +35,9 @@ class HeldLayer:
     size: Optional[int] = None
     blob: bool = False  # the compressed blob is in the content store (containerd)
     unpacked: bool = False  # the layer's chain is applied (containerd snapshot / docker layer)
+    # the device can rebuild the layer's exact tar (containerd: from its blob; Docker:
+    # tar-split + layer dir), so a delta may copy byte ranges of it
+    tar: bool = False
 
 
 @dataclass(frozen=True)

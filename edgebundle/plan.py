@@ -30,6 +30,9 @@ class DeltaChoice:
     size: int  # op stream bytes
     stored: int  # its size zstd-compressed, as the bundle will carry it (estimate)
     bases: Tuple[Prerequisite, ...]  # the layers it reads files from
+    copied: int = 0  # target tar bytes taken whole from base files
+    patched: int = 0  # target tar bytes rebuilt from patches
+    literal: int = 0  # target tar bytes shipped as they are (headers, new contents)
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ import hashlib
 import logging
 import os
 import stat
+import tempfile
 from pathlib import Path
 from typing import BinaryIO, Dict, Iterable, Iterator, List, Optional, Protocol, Sequence
 
@@ -29,8 +30,8 @@ import zstandard
 
 from .errors import BundleFormatError, PrerequisiteError
 from .files import IO_CHUNK
-from .format import MAX_PATCH_WINDOW_LOG, BaseFile, DeltaHead
-from .format.delta import Copy, Literal, Op, Patch, read_ops
+from .format import MAX_PATCH_WINDOW_LOG, BaseLayer, DeltaHead
+from .format.delta import BaseFile, Copy, Literal, Op, Patch, Range, read_ops
 from .format.records import SPEC_HINT
 
 log = logging.getLogger(__name__)
@@ -81,10 +82,13 @@ class DirTree:
 class _Files:
     """The entry's base files: opened on demand, each verified once before first use."""
 
-    def __init__(self, head: DeltaHead, trees: Sequence[BaseTree], where: str) -> None:
+    def __init__(self, head: DeltaHead, trees: Sequence[BaseTree], where: str,
+                 tars: Sequence[Optional[BinaryIO]]) -> None:
         self.head = head
         self.trees = trees
         self.where = where
+        self.tars = tars
+        self.files: List[BaseFile] = []  # defined by file ops, in order
         self._verified: set[int] = set()
         self._open: Optional[tuple[int, BinaryIO]] = None  # the last file used (patch runs)
 
@@ -94,11 +98,17 @@ class _Files:
             f"{self.where}: base file {f.path} of layer {base.diff_id} {problem} "
             f"(in {self.trees[f.base].describe})", [base.chain_id], BASE_HINT)
 
+    def define(self, f: BaseFile) -> None:
+        if f.base >= len(self.head.bases):
+            raise BundleFormatError(f"{self.where}: a base file names base {f.base}, but the entry "
+                                    f"has {len(self.head.bases)}", SPEC_HINT)
+        self.files.append(f)
+
     def get(self, index: int) -> tuple[BaseFile, BinaryIO]:
-        if not 0 <= index < len(self.head.files):
-            raise BundleFormatError(f"{self.where}: op names base file {index}, but the entry "
-                                    f"lists {len(self.head.files)}", SPEC_HINT)
-        f = self.head.files[index]
+        if not 0 <= index < len(self.files):
+            raise BundleFormatError(f"{self.where}: op names base file {index}, but only "
+                                    f"{len(self.files)} are defined before it", SPEC_HINT)
+        f = self.files[index]
         if self._open is not None and self._open[0] == index:
             return f, self._open[1]
         self.close()
@@ -133,16 +143,19 @@ class _Files:
             self._open = None
 
 
-def rebuild(head: DeltaHead, ops: Iterable[bytes], trees: Sequence[BaseTree],
-            where: str) -> Iterator[bytes]:
+def rebuild(head: DeltaHead, ops: Iterable[bytes], trees: Sequence[BaseTree], where: str,
+            tars: Optional[Sequence[Optional[BinaryIO]]] = None) -> Iterator[bytes]:
     """The target tar, streamed from the op stream ``ops`` (the entry's decoded bytes).
 
-    Raises ``PrerequisiteError`` for a base file that is missing or different,
-    ``BundleFormatError`` for a malformed delta or a result that is not the target.
+    ``tars[i]`` is base ``i``'s own tar, verified (``verified_tar``), for each base whose
+    ``tar`` flag is set. Raises ``PrerequisiteError`` for a base file that is missing or
+    different, ``BundleFormatError`` for a malformed delta or a result that is not the
+    target.
     """
     if len(trees) != len(head.bases):
         raise ValueError("one base tree per base layer")
-    files = _Files(head, trees, where)
+    tar_list: Sequence[Optional[BinaryIO]] = tars if tars is not None else [None] * len(trees)
+    files = _Files(head, trees, where, tar_list)
     hasher = hashlib.sha256()
     total = 0
     dctx_cache: Dict[int, zstandard.ZstdDecompressor] = {}
@@ -168,6 +181,12 @@ def _apply(op: Op, files: _Files, where: str,
     if isinstance(op, Literal):
         yield op.data
         return
+    if isinstance(op, BaseFile):
+        files.define(op)
+        return
+    if isinstance(op, Range):
+        yield from _range(op, files, where)
+        return
     f, fh = files.get(op.file)
     if isinstance(op, Copy):
         fh.seek(0)
@@ -188,6 +207,47 @@ def _apply(op: Op, files: _Files, where: str,
     if len(window) != op.length:
         raise files._fail(f, "shrank while it was read")
     yield _unpatch(window, op, where)
+
+
+def _range(op: Range, files: _Files, where: str) -> Iterator[bytes]:
+    tar = files.tars[op.base] if op.base < len(files.tars) else None
+    if op.base >= len(files.head.bases) or not files.head.bases[op.base].tar or tar is None:
+        raise BundleFormatError(f"{where}: op copies from the tar of base {op.base}, which the "
+                                "entry does not declare as a tar base", SPEC_HINT)
+    size = tar.seek(0, os.SEEK_END)
+    if op.offset + op.length > size:
+        raise BundleFormatError(f"{where}: range {op.offset}+{op.length} lies outside the tar of "
+                                f"layer {files.head.bases[op.base].diff_id} ({size} bytes)", SPEC_HINT)
+    tar.seek(op.offset)
+    left = op.length
+    while left:
+        piece = tar.read(min(IO_CHUNK, left))
+        if not piece:
+            raise BundleFormatError(f"{where}: base tar ended early", SPEC_HINT)
+        left -= len(piece)
+        yield piece
+
+
+def verified_tar(pieces: Iterable[bytes], base: BaseLayer, describe: str,
+                 spool_dir: "os.PathLike[str] | str | None" = None) -> BinaryIO:
+    """A base layer's tar, rebuilt by the runtime, spooled to disk and checked against its
+    diff_id before any delta may use it; ``PrerequisiteError`` if it is not that layer."""
+    spool: BinaryIO = tempfile.TemporaryFile(dir=spool_dir)  # gone when closed, even on a crash
+    hasher = hashlib.sha256()
+    try:
+        for piece in pieces:
+            hasher.update(piece)
+            spool.write(piece)
+    except BaseException:
+        spool.close()
+        raise
+    if "sha256:" + hasher.hexdigest() != base.diff_id:
+        spool.close()
+        raise PrerequisiteError(f"{describe} does not rebuild layer {base.diff_id} exactly "
+                                f"(its tar hashes to sha256:{hasher.hexdigest()})",
+                                [base.chain_id], BASE_HINT)
+    spool.seek(0)
+    return spool
 
 
 def _unpatch(window: bytes, op: Patch, where: str) -> bytes:

@@ -83,7 +83,7 @@ def _image_to_json(image: HeldImage) -> Dict[str, Any]:
         "complete": image.complete,
         "layers": [
             {"diff_id": layer.diff_id, "digest": layer.digest, "size": layer.size,
-             "blob": layer.blob, "unpacked": layer.unpacked}
+             "blob": layer.blob, "unpacked": layer.unpacked, "tar": layer.tar}
             for layer in image.layers
         ],
     }
@@ -190,6 +190,7 @@ def _layer_from_json(obj: object, where: str) -> HeldLayer:
         size=size,
         blob=bool(_field(obj, "blob", bool, f"{where}.blob", required=False)),
         unpacked=bool(_field(obj, "unpacked", bool, f"{where}.unpacked", required=False)),
+        tar=bool(_field(obj, "tar", bool, f"{where}.tar", required=False)),
     )
 
 

@@ -31,9 +31,24 @@ class Member:
 
 
 @dataclass(frozen=True)
+class Region:
+    """One member's bytes, ``[offset, end)``: extension headers, header, contents, padding."""
+
+    offset: int
+    end: int
+    digest: str  # sha256 of those bytes: equal regions can be copied from a base's tar
+    file: Optional[Member] = None  # the regular file it holds, if any
+
+
+@dataclass(frozen=True)
 class TarScan:
     size: int  # bytes of the whole tar
-    files: Tuple[Member, ...]  # regular members, in tar order
+    regions: Tuple[Region, ...]  # every member, in tar order; the end-of-archive is not one
+
+    @property
+    def files(self) -> Tuple[Member, ...]:
+        """Regular members with contents, in tar order."""
+        return tuple(r.file for r in self.regions if r.file is not None)
 
     def last_by_path(self) -> "dict[str, Member]":
         """Each path's last regular member: what extracting the layer leaves there."""
@@ -53,31 +68,40 @@ def normalise(name: str) -> Optional[str]:
 
 
 def scan(fh: BinaryIO) -> TarScan:
-    """The regular members of the tar open in ``fh`` (seekable), hashed."""
-    files: List[Member] = []
+    """Every member of the tar open in ``fh`` (seekable), hashed in one pass."""
     fh.seek(0)
     with tarfile.open(fileobj=fh, mode="r:") as tar:
         infos = list(tar)
-    for info in infos:
-        if not info.isreg() or info.issparse() or info.size == 0:
-            continue
-        files.append(Member(normalise(info.name), info.offset_data, info.size,
-                            _digest(fh, info.offset_data, info.size)))
+        end_of_members = tar.offset  # where the end-of-archive blocks (if any) begin
     fh.seek(0, 2)
-    return TarScan(fh.tell(), tuple(files))
+    size = fh.tell()
+    regions: List[Region] = []
+    bounds = [i.offset for i in infos[1:]] + [end_of_members]
+    for info, end in zip(infos, bounds):
+        regular = info.isreg() and not info.issparse() and info.size > 0
+        content = (info.offset_data, info.offset_data + info.size) if regular else (end, end)
+        region_digest, file_digest = _digests(fh, info.offset, end, content)
+        member = Member(normalise(info.name), info.offset_data, info.size, file_digest) \
+            if regular else None
+        regions.append(Region(info.offset, end, region_digest, member))
+    return TarScan(size, tuple(regions))
 
 
-def _digest(fh: BinaryIO, offset: int, size: int) -> str:
-    hasher = hashlib.sha256()
-    fh.seek(offset)
-    left = size
-    while left:
-        piece = fh.read(min(IO_CHUNK, left))
+def _digests(fh: BinaryIO, start: int, end: int, content: Tuple[int, int]) -> Tuple[str, str]:
+    """sha256 of ``[start, end)`` and of its ``content`` sub-range, in one read."""
+    whole, inner = hashlib.sha256(), hashlib.sha256()
+    fh.seek(start)
+    pos = start
+    while pos < end:
+        piece = fh.read(min(IO_CHUNK, end - pos))
         if not piece:
             raise ValueError("tar ends inside a member")
-        hasher.update(piece)
-        left -= len(piece)
-    return "sha256:" + hasher.hexdigest()
+        whole.update(piece)
+        lo, hi = max(pos, content[0]), min(pos + len(piece), content[1])
+        if lo < hi:
+            inner.update(piece[lo - pos:hi - pos])
+        pos += len(piece)
+    return "sha256:" + whole.hexdigest(), "sha256:" + inner.hexdigest()
 
 
 def read_range(fh: BinaryIO, offset: int, size: int) -> bytes:

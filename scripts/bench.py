@@ -30,7 +30,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
 
-from benchlib import report, runner  # noqa: E402
+from benchlib import deltas, report, runner  # noqa: E402
 
 
 def default_cache() -> Path:
@@ -123,6 +123,7 @@ def main() -> int:
         b.stage_speeds()
         b.baselines()
         b.packs_and_imports()
+        deltas.run(b)
         b.level_sweep()
         b.profiles()
         b.consistency()

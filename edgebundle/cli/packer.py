@@ -73,7 +73,9 @@ def _layer_json(lp: LayerPlan, held: Set[str]) -> Dict[str, Any]:
                            "size": lp.layer.size, "ship": lp.ship, "how": _how(lp, held)}
     if lp.delta is not None:
         out["delta"] = {"entry": lp.delta.entry, "bytes": lp.delta.stored,
-                        "bases": [b.diff_id for b in lp.delta.bases]}
+                        "bases": [b.diff_id for b in lp.delta.bases],
+                        "copied": lp.delta.copied, "patched": lp.delta.patched,
+                        "literal": lp.delta.literal}
     if lp.note:
         out["note"] = lp.note
     return out
@@ -87,7 +89,8 @@ def _how(lp: LayerPlan, held: Set[str]) -> str:
 
 
 def _mb(n: int) -> str:
-    return f"{n / 1e6:.2f} MB"
+    """Sizes as people read them: kB below a megabyte (a delta is often a few kB)."""
+    return f"{n / 1e6:.2f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"
 
 
 def _print_plan(plan: Plan, out: Any) -> None:

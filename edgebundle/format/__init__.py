@@ -34,6 +34,8 @@ FEATURE_DELTA = "tar-delta-v1"
 OP_LITERAL = 0  # [0, bytes]
 OP_COPY = 1  # [1, file]
 OP_PATCH = 2  # [2, file, offset, length, size, frame]
+OP_RANGE = 3  # [3, base, offset, length]: bytes of a base layer's own tar
+OP_FILE = 4  # [4, base, path, size, sha256]: defines the next base file (verified before use)
 MAX_LITERAL = 1024 * 1024  # bytes of one literal op
 MAX_PATCH_WINDOW = 8 * 1024 * 1024  # base bytes one patch op may use as its dictionary
 MAX_PATCH_OUTPUT = 8 * 1024 * 1024  # bytes one patch op may produce
@@ -59,8 +61,9 @@ KNOWN_FEATURES: FrozenSet[str] = frozenset({FEATURE_DELTA})
 
 # The typed model and the streams that read and write it; they import the constants
 # above, so they come after them.
-from .records import (BaseFile, BaseLayer, DeltaHead, EntryHead, Header,  # noqa: E402
-                      ImageRecord, ImageSummary, Index, IndexEntry, LayerRecord, Prerequisite)
+from .records import (BaseLayer, DeltaHead, EntryHead, Header, ImageRecord,  # noqa: E402
+                      ImageSummary, Index, IndexEntry, LayerRecord, Prerequisite)
+from .delta import BaseFile  # noqa: E402
 from .reader import BundleInfo, BundleReader, Entry, read_index  # noqa: E402
 from .writer import BundleWriter  # noqa: E402
 

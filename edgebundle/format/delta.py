@@ -7,7 +7,12 @@ order, their outputs concatenate to the target tar, byte for byte:
 * ``[1, file]`` the whole content of base file ``file`` (an index into the entry's files);
 * ``[2, file, offset, length, size, frame]`` ``size`` bytes decoded from the zstd
   ``frame`` with base file ``file``'s bytes ``[offset, offset + length)`` as its
-  raw-content dictionary (a patch against one window of a similar file).
+  raw-content dictionary (a patch against one window of a similar file);
+* ``[3, base, offset, length]`` bytes ``[offset, offset + length)`` of the tar of base
+  layer ``base`` (headers and contents of members that did not change);
+* ``[4, base, path, size, sha256]`` defines the next base file (``file`` counts these
+  from 0): a regular file of layer ``base`` that the device verifies before first use.
+  It produces no bytes.
 
 Every op is bounded (``MAX_LITERAL``, ``MAX_PATCH_WINDOW``, ``MAX_PATCH_OUTPUT``), so a
 device applies any delta, whatever the layer or file sizes, in a few windows of memory.
@@ -22,7 +27,8 @@ from typing import Iterable, Iterator, Union
 import msgpack
 
 from ..errors import BundleFormatError
-from . import MAX_LITERAL, MAX_PATCH_OUTPUT, MAX_PATCH_WINDOW, OP_COPY, OP_LITERAL, OP_PATCH
+from . import (MAX_LITERAL, MAX_PATCH_OUTPUT, MAX_PATCH_WINDOW, OP_COPY, OP_FILE, OP_LITERAL,
+               OP_PATCH, OP_RANGE)
 from .records import SPEC_HINT
 
 
@@ -45,7 +51,24 @@ class Patch:
     frame: bytes
 
 
-Op = Union[Literal, Copy, Patch]
+@dataclass(frozen=True)
+class BaseFile:
+    """A regular file of a base layer, as extracting its tar leaves it; verified before use."""
+
+    base: int  # index into DeltaHead.bases
+    path: str  # relative, normalised: no leading '/', no empty, '.' or '..' component
+    size: int
+    digest: str  # "sha256:<hex>" of the contents (32 raw bytes on the wire)
+
+
+@dataclass(frozen=True)
+class Range:
+    base: int
+    offset: int
+    length: int
+
+
+Op = Union[Literal, Copy, Patch, Range, BaseFile]
 
 # The largest op on the wire: a patch frame never needs to be bigger than its output
 # plus zstd's worst-case overhead (a stored block per 128 KiB), and headers are small.
@@ -60,6 +83,10 @@ def encode(op: Op) -> bytes:
         obj: list[object] = [OP_LITERAL, op.data]
     elif isinstance(op, Copy):
         obj = [OP_COPY, op.file]
+    elif isinstance(op, Range):
+        obj = [OP_RANGE, op.base, op.offset, op.length]
+    elif isinstance(op, BaseFile):
+        obj = [OP_FILE, op.base, op.path, op.size, bytes.fromhex(op.digest[7:])]
     else:
         if op.length > MAX_PATCH_WINDOW or op.size > MAX_PATCH_OUTPUT:
             raise ValueError("patch window or output too large")
@@ -71,7 +98,7 @@ def encode(op: Op) -> bytes:
 def read_ops(pieces: Iterable[bytes], where: str) -> Iterator[Op]:
     """Decode an op stream, refusing anything malformed or over the bounds."""
     unpacker = msgpack.Unpacker(raw=False, max_buffer_size=2 * MAX_OP_BYTES,
-                                max_bin_len=MAX_OP_BYTES, max_str_len=0, max_array_len=6,
+                                max_bin_len=MAX_OP_BYTES, max_str_len=MAX_PATH, max_array_len=6,
                                 max_map_len=0, max_ext_len=0)
     fed = 0
     try:
@@ -107,11 +134,32 @@ def _op(obj: object, where: str) -> Op:
         return Literal(obj[1])
     if code == OP_COPY and len(obj) == 2:
         return Copy(_int(obj[1], where, "file"))
+    if code == OP_FILE and len(obj) == 5 and isinstance(obj[4], bytes) and len(obj[4]) == 32:
+        return BaseFile(_int(obj[1], where, "base"), _path(obj[2], where),
+                        _int(obj[3], where, "size"), "sha256:" + obj[4].hex())
+    if code == OP_RANGE and len(obj) == 4:
+        return Range(_int(obj[1], where, "base"), _int(obj[2], where, "offset"),
+                     _int(obj[3], where, "length"))
     if code == OP_PATCH and len(obj) == 6 and isinstance(obj[5], bytes):
         return Patch(_int(obj[1], where, "file"), _int(obj[2], where, "offset"),
                      _int(obj[3], where, "length", MAX_PATCH_WINDOW),
                      _int(obj[4], where, "size", MAX_PATCH_OUTPUT), obj[5])
     raise BundleFormatError(f"{where}: unknown or malformed op {_brief(obj)}", SPEC_HINT)
+
+
+MAX_PATH = 4096
+
+
+def _path(value: object, where: str) -> str:
+    """A base file's path: relative and normalised, or the op stream is malformed."""
+    if not isinstance(value, str):
+        raise BundleFormatError(f"{where}: a base file path is {type(value).__name__}", SPEC_HINT)
+    parts = value.split("/")
+    if (not value or len(value) > MAX_PATH or "\0" in value or value.startswith("/")
+            or any(p in ("", ".", "..") for p in parts)):
+        raise BundleFormatError(f"{where}: base file path {value[:80]!r} is not relative and "
+                                "normalised (no '.', '..' or empty components)", SPEC_HINT)
+    return value
 
 
 def _brief(obj: list[object]) -> str:

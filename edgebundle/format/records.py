@@ -93,26 +93,18 @@ class Header:
 
 @dataclass(frozen=True)
 class BaseLayer:
-    """A layer the site holds that a delta reads files from (named by its chain)."""
+    """A layer the site holds that a delta reads from (named by its chain).
+
+    ``tar``: the delta also copies byte ranges of this layer's own tar, which the device
+    must rebuild exactly (and verify against ``diff_id``) before the entry is applied.
+    """
 
     chain_id: str
     diff_id: str
+    tar: bool = False
 
     def to_wire(self) -> Dict[str, Any]:
-        return {"chain_id": self.chain_id, "diff_id": self.diff_id}
-
-
-@dataclass(frozen=True)
-class BaseFile:
-    """One regular file of a base layer; verified (size, sha256) before it is used."""
-
-    base: int  # index into DeltaHead.bases
-    path: str  # relative, normalised: no leading '/' or './', no '..' component
-    size: int
-    digest: str  # sha256 of the file's content
-
-    def to_wire(self) -> Dict[str, Any]:
-        return {"base": self.base, "path": self.path, "size": self.size, "digest": self.digest}
+        return {"chain_id": self.chain_id, "diff_id": self.diff_id, "tar": self.tar}
 
 
 @dataclass(frozen=True)
@@ -122,12 +114,10 @@ class DeltaHead:
     target: str  # diff_id of the rebuilt tar: checked before the layer is committed
     target_size: int
     bases: Tuple[BaseLayer, ...]
-    files: Tuple[BaseFile, ...]
 
     def to_wire(self) -> Dict[str, Any]:
         return {"target": self.target, "target_size": self.target_size,
-                "bases": [b.to_wire() for b in self.bases],
-                "files": [f.to_wire() for f in self.files]}
+                "bases": [b.to_wire() for b in self.bases]}
 
 
 @dataclass(frozen=True)
@@ -316,6 +306,12 @@ class _Fields:
             raise self.fail(key, f"is {_kind(value)}, not a string" + (" or nil" if nullable else ""))
         return value
 
+    def boolean(self, key: str) -> bool:
+        value = self._get(key)
+        if not isinstance(value, bool):
+            raise self.fail(key, f"is {_kind(value)}, not a boolean")
+        return value
+
     def text(self, key: str) -> str:
         value = self.string(key)
         assert value is not None
@@ -456,29 +452,12 @@ def _blob_head(f: _Fields) -> EntryHead:
                      media_type=f.string("media_type", nullable=True, optional=True))
 
 
-def _base_path(f: _Fields, key: str) -> str:
-    value = f.text(key)
-    parts = value.split("/")
-    if (not value or len(value) > 4096 or "\0" in value or value.startswith("/")
-            or any(p in ("", ".", "..") for p in parts)):
-        raise f.fail(key, f"is {_show(value)}, not a relative path without '.', '..' or "
-                          "empty components")
-    return value
-
-
 def _delta_head(f: _Fields) -> EntryHead:
     bases = []
     for i, item in enumerate(f.items("bases")):
         b = _Fields(item, f"{f.where} bases[{i}]")
-        bases.append(BaseLayer(b.digest("chain_id"), b.digest("diff_id")))
-    files = []
-    for i, item in enumerate(f.items("files")):
-        g = _Fields(item, f"{f.where} files[{i}]")
-        base = g.count("base")
-        if base >= len(bases):
-            raise g.fail("base", f"is {base}, but the entry names {len(bases)} base(s)")
-        files.append(BaseFile(base, _base_path(g, "path"), g.count("size"), g.digest("digest")))
-    delta = DeltaHead(f.digest("target"), f.count("target_size"), tuple(bases), tuple(files))
+        bases.append(BaseLayer(b.digest("chain_id"), b.digest("diff_id"), b.boolean("tar")))
+    delta = DeltaHead(f.digest("target"), f.count("target_size"), tuple(bases))
     return EntryHead(kind=KIND_DELTA, digest=f.digest("digest"), size=f.count("size"),
                      codec=f.choice("codec", CODECS, "this bundle needs a newer edgebundle"),
                      level=f.integer("level", minimum=-(1 << 17), optional=True),
@@ -607,7 +586,7 @@ def check_index(index: Index, header: Header, name: str,
 
 
 __all__ = [
-    "BaseFile", "BaseLayer", "DeltaHead", "EntryHead", "Header", "ImageRecord", "ImageSummary",
+    "BaseLayer", "DeltaHead", "EntryHead", "Header", "ImageRecord", "ImageSummary",
     "Index", "IndexEntry", "LayerRecord", "Prerequisite", "check_entry", "check_features",
     "check_index", "parse_entry_head", "parse_header",
     "parse_index",

@@ -18,14 +18,15 @@ Needs only zstandard, msgpack and xxhash (plus the ``ctr`` binary or Docker sock
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, Callable, Dict, Iterable, Iterator, List, Optional, Protocol, \
+from typing import Any, BinaryIO, Callable, ContextManager, Dict, Iterable, Iterator, List, Optional, Protocol, \
     Sequence
 
 from ..errors import LoadError, PrerequisiteError
-from ..format import (LAYER_FORM_TAR, RUNTIME_CONTAINERD, BundleReader, EntryHead, ImageRecord,
-                      ImageSummary)
+from ..format import (LAYER_FORM_TAR, RUNTIME_CONTAINERD, BaseLayer, BundleReader, EntryHead,
+                      ImageRecord, ImageSummary)
 from ..holdings import Holdings, Inventory
 from ..progress import Bar
 from ..rebuild import BaseTree, rebuild
@@ -65,6 +66,9 @@ class Runtime(Protocol):
 
     def base_tree(self, chain_id: str, diff_id: str) -> BaseTree:
         """The files of the applied layer ``chain_id``; ``PrerequisiteError`` if unreadable."""
+
+    def base_tar(self, base: BaseLayer, inv: Inventory) -> ContextManager[BinaryIO]:
+        """The layer's exact tar, rebuilt and verified (``rebuild.verified_tar``)."""
 
 
 #: ``progress(total_decoded_bytes)`` -> a bar with ``update(n)``.
@@ -127,8 +131,11 @@ def import_bundle(stream: BinaryIO, name: str, runtime: Runtime, *,
                 log.debug("%s: rebuilding layer %s from %d base layer(s)", where, delta.target,
                           len(delta.bases))
                 trees = [runtime.base_tree(b.chain_id, b.diff_id) for b in delta.bases]
-                loader.add_rebuilt(delta.target, delta.target_size,
-                                   _counting(rebuild(delta, entry.chunks(), trees, where), bar))
+                with contextlib.ExitStack() as stack:
+                    tars = [stack.enter_context(runtime.base_tar(b, holdings.inventory))
+                            if b.tar else None for b in delta.bases]
+                    loader.add_rebuilt(delta.target, delta.target_size, _counting(
+                        rebuild(delta, entry.chunks(), trees, where, tars), bar))
                 result.entries_sent += 1
             elif loader is not None and loader.wants(entry.head):
                 log.debug("entry %s (%d bytes): to the runtime", entry.digest, entry.size)

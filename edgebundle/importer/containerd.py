@@ -18,6 +18,7 @@ Import protocol (never a half-imported image under its real name):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -25,17 +26,21 @@ import secrets
 import shlex
 import subprocess
 import tempfile
+import zlib
 from dataclasses import dataclass
-from typing import IO, Any, Dict, FrozenSet, Iterator, List, Mapping, Optional, Protocol, \
+from typing import IO, Any, BinaryIO, Dict, FrozenSet, Iterator, List, Mapping, Optional, Protocol, \
     Sequence, Set, Tuple
 
+import zstandard
+
+from ..compression import MAGIC_BYTES, classify, decompress_stream
 from ..errors import LoadError, PrerequisiteError, RuntimeUnavailableError, UsageError
-from ..format import EntryHead, ImageRecord
+from ..format import BaseLayer, EntryHead, ImageRecord
 from ..holdings import HeldImage, HeldLayer, Inventory
 from ..oci import (INDEX_TYPES, MT_DOCKER_CONFIG, MT_DOCKER_LIST, MT_DOCKER_MANIFEST, MT_OCI_CONFIG,
                    MT_OCI_INDEX, MT_OCI_LAYER, MT_OCI_MANIFEST, Descriptor, Platform, chain_ids,
                    check_digest, sha256_digest)
-from ..rebuild import BASE_HINT, BaseTree, DirTree
+from ..rebuild import BASE_HINT, BaseTree, DirTree, verified_tar
 from .tarstream import TarStream, ThreadedSink, blob_path, last_line
 
 log = logging.getLogger(__name__)
@@ -69,6 +74,19 @@ def parse_snapshots_ls(text: str) -> FrozenSet[str]:
 
 def parse_content_ls_quiet(text: str) -> FrozenSet[str]:
     return frozenset(l.strip() for l in text.splitlines() if l.strip().startswith("sha256:"))
+
+
+class _Prefixed:
+    """``head`` (already read, to classify the stream), then the rest of ``raw``."""
+
+    def __init__(self, head: bytes, raw: IO[bytes]) -> None:
+        self._head, self._raw = head, raw
+
+    def read(self, n: int = -1) -> bytes:
+        if self._head:
+            out, self._head = self._head, b""
+            return out
+        return self._raw.read(n)
 
 
 def parse_view_mounts(text: str) -> Optional[str]:
@@ -149,6 +167,9 @@ class Process(Protocol):
     def stdin(self) -> Optional[IO[bytes]]: ...
 
     @property
+    def stdout(self) -> Optional[IO[bytes]]: ...
+
+    @property
     def returncode(self) -> Optional[int]: ...
 
     def wait(self, timeout: Optional[float] = None) -> int: ...
@@ -165,6 +186,9 @@ class Runner(Protocol):
     def start(self, argv: Sequence[str], stderr: IO[bytes]) -> Process:
         """Start with a pipe on stdin, stdout discarded, stderr to ``stderr``."""
 
+    def stream(self, argv: Sequence[str], stderr: IO[bytes]) -> Process:
+        """Start with a pipe on stdout (to read a large output), stderr to ``stderr``."""
+
 
 class SubprocessRunner:
     def run(self, argv: Sequence[str], input: Optional[bytes], timeout: float) -> Completed:
@@ -180,6 +204,10 @@ class SubprocessRunner:
         # stdout is discarded and stderr goes to a file: nobody reads pipes while we
         # stream, and a full pipe would stall ctr (and so the whole import).
         return subprocess.Popen(list(argv), stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                stderr=stderr, env=_env())
+
+    def stream(self, argv: Sequence[str], stderr: IO[bytes]) -> Process:
+        return subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=stderr, env=_env())
 
 
@@ -255,6 +283,34 @@ class Ctr:
 
     def get(self, digest: str) -> bytes:
         return self.run("content", "get", digest)
+
+    @contextlib.contextmanager
+    def content_stream(self, digest: str) -> Iterator[IO[bytes]]:
+        """``ctr content get`` as a stream (a layer blob does not fit in memory)."""
+        self._check_socket()
+        argv = self.argv("content", "get", digest)
+        log.debug("run: %s", shlex.join(argv))
+        with tempfile.TemporaryFile() as err:
+            try:
+                proc = self.runner.stream(argv, err)
+            except FileNotFoundError:
+                raise RuntimeUnavailableError(f"containerd client {self.argv0[0]!r} not found",
+                                              "pass --ctr PATH") from None
+            assert proc.stdout is not None
+            try:
+                yield proc.stdout
+            finally:
+                proc.stdout.close()
+                try:
+                    proc.wait(timeout=self.timeout)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            if proc.returncode != 0:
+                err.seek(0)
+                raise LoadError(f"ctr content get {digest} failed: "
+                                f"{last_line(err.read().decode(errors='replace'))}",
+                                "check containerd's logs")
 
     def tag(self, source: str, target: str) -> None:
         self.run("images", "tag", "--force", source, target)
@@ -361,7 +417,7 @@ class ContainerdRuntime:
         target = Descriptor(media_type, digest, len(data)) if data is not None else None
         chains = chain_ids(d for _, _, d in tree.layers)
         layers = tuple(HeldLayer(diff_id=d, digest=dg, size=sz, blob=dg in present,
-                                 unpacked=c in snaps)
+                                 unpacked=c in snaps, tar=dg in present)
                        for (dg, sz, d), c in zip(tree.layers, chains))
         # Runnable as if pulled: everything readable and the top chain unpacked.
         complete = bool(tree.config and layers and chains[-1] in snaps
@@ -417,6 +473,26 @@ class ContainerdRuntime:
         if path is None or not os.path.isdir(path):
             raise unservable(f"its view's mounts name no readable directory ({out[:200]!r})")
         return DirTree(path, f"containerd snapshot {path}")
+
+    @contextlib.contextmanager
+    def base_tar(self, base: BaseLayer, inv: Inventory) -> Iterator[BinaryIO]:
+        """The layer's tar, decompressed from its blob in the content store and verified."""
+        blob = next((l.digest for img in inv.images for l in img.layers
+                     if l.diff_id == base.diff_id and l.blob and l.digest), None)
+        if blob is None:
+            raise PrerequisiteError(f"containerd holds no blob of layer {base.diff_id} to rebuild "
+                                    "its tar from", [base.chain_id], BASE_HINT)
+        describe = f"blob {blob} in containerd's content store"
+        try:
+            with self.ctr.content_stream(blob) as raw:
+                head = raw.read(MAGIC_BYTES)
+                tar = verified_tar(decompress_stream(_Prefixed(head, raw), classify("", head)),
+                                   base, describe)
+        except (zlib.error, zstandard.ZstdError, EOFError, LoadError) as exc:
+            raise PrerequisiteError(f"{describe} cannot be read as layer {base.diff_id}: {exc}",
+                                    [base.chain_id], BASE_HINT) from None
+        with tar:
+            yield tar
 
 
 def _layers(manifest: Mapping[str, Any], config: Mapping[str, Any]) -> Optional[Tuple[Tuple[str, int, str], ...]]:

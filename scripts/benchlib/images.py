@@ -25,6 +25,7 @@ import datetime
 import hashlib
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -180,6 +181,10 @@ class ImageSet:
     app: Dict[str, BenchImage]  # "v1", "v2", "v3"
     fleet: List[BenchImage]
     notes: Dict[str, Any] = field(default_factory=dict)  # provenance for the doc
+    # the delta scenarios' own images (not in all_images: the fleet/all-images bundles
+    # stay what they were): "base-v1"/"base-v3" (a base-only security update) and
+    # "big-v1"/"big-v2" (one large file edited in a few places: the device memory goal)
+    extras: Dict[str, BenchImage] = field(default_factory=dict)
 
     def all_images(self) -> List[BenchImage]:
         seen: Dict[str, BenchImage] = {}
@@ -188,8 +193,50 @@ class ImageSet:
         return list(seen.values())
 
     def push(self, registry_host: str) -> None:
-        for img in self.all_images():
+        for img in [*self.all_images(), *self.extras.values()]:
             imagefactory.push_image(registry_host, img.repo, img.tag, img.build())
+
+
+BIG_FILE = {"full": 300_000_000, "quick": 24_000_000}  # bytes of the big image's one file
+
+
+def big_file(version: str, size: int) -> bytes:
+    """PRNG bytes (the worst case for compression); v2 edits 16 bytes in 8 places."""
+    rng = random.Random("big-file")
+    data = bytearray()
+    while len(data) < size:  # randbytes takes at most 2**28 bytes at once
+        data += rng.randbytes(min(1 << 24, size - len(data)))
+    if version == "v2":
+        for k in range(8):
+            pos = (k * 2 + 1) * size // 17
+            data[pos:pos + 16] = hashlib.sha256(f"edit {k}".encode()).digest()[:16]
+    return bytes(data)
+
+
+def extra_images(base: Callable[[str], LayerBlob], lc: "LayerCache", mode: str, e1: int,
+                 e3: int) -> Dict[str, BenchImage]:
+    size = BIG_FILE[mode]
+
+    def big(version: str) -> LayerBlob:
+        def make() -> bytes:
+            fs = R.with_parents({"data/big.bin": Node("f", data=big_file(version, size)),
+                                 "data/VERSION": Node("f", data=version.encode() + b"\n")})
+            return R.layer_tar(fs, e1)
+        return lc.get(f"big-{version}", f"big:{version}:{size}", make)
+
+    def echo(what: str) -> Dict[str, Any]:
+        return {"Cmd": ["/bin/sh", "-c", f"echo edgebundle bench {what}"]}
+
+    return {
+        "base-v1": BenchImage("bench/base", "v1", [base("v1")], echo("base"), e1,
+                              expect="edgebundle bench base"),
+        "base-v3": BenchImage("bench/base", "v3", [base("v3")], echo("base"), e3,
+                              expect="edgebundle bench base"),
+        "big-v1": BenchImage("bench/big", "v1", [base("v1"), big("v1")], echo("big"), e1,
+                             expect="edgebundle bench big"),
+        "big-v2": BenchImage("bench/big", "v2", [base("v1"), big("v2")], echo("big"), e1,
+                             expect="edgebundle bench big"),
+    }
 
 
 APP_MAIN_V1 = b'''"""edgebundle benchmark app."""
@@ -382,7 +429,7 @@ def full_set(cache: Path, log: Callable[[str], None]) -> ImageSet:
     notes["security_updates"] = sorted(
         f"{p} {v1p[p]} -> {v3p[p]}" for p in v1p if p in v3p and v1p[p] != v3p[p])
     notes["packages"] = len(v3p)
-    return ImageSet("full", app_imgs, fleet, notes)
+    return ImageSet("full", app_imgs, fleet, notes, extra_images(base, lc, "full", e1, e3))
 
 
 def _status_only(cache: Path, era: str) -> Rootfs:
@@ -485,4 +532,5 @@ def quick_set(log: Callable[[str], None]) -> ImageSet:
         BenchImage("bench/tools", "v1", [base("v1"), extra("tools", "/usr/lib/python3.11/xml", 600_000)],
                    {"Cmd": ["/bin/sh", "/srv/tools/run.sh"]}, e1, expect="edgebundle bench tools"),
     ]
-    return ImageSet("quick", app_imgs, fleet, {"source": "host /usr/lib/python3.11 + /bin/busybox"})
+    return ImageSet("quick", app_imgs, fleet, {"source": "host /usr/lib/python3.11 + /bin/busybox"},
+                    extra_images(base, lc, "quick", e1, e3))

@@ -99,7 +99,11 @@ def verdict(ok: Optional[bool]) -> str:
 
 SC_NAMES = {"a": "(a) factory seed", "b": "(b) app update", "c": "(c) rebuild", "d": "(d) fleet of 4",
             "e": "(e) all 6 images",
-            "noop": "no-op re-import"}
+            "noop": "no-op re-import",
+            "b-whole": "(b) app update, layer-level", "c-whole": "(c) rebuild, layer-level",
+            "f": "(f) base-only security update", "f-whole": "(f) base-only update, layer-level",
+            "g": "(g) one big file edited", "g-whole": "(g) big file, layer-level",
+            "c-pack": "(c) pack computing deltas"}
 
 
 def goals(r: Dict[str, Any]) -> List[Tuple[str, str, Optional[bool], str]]:
@@ -135,6 +139,7 @@ def goals(r: Dict[str, Any]) -> List[Tuple[str, str, Optional[bool], str]]:
                         f"update: {pct(prop['bytes_ratio'])} of the seed's bytes, "
                         f"{pct(prop['above_floor_ratio'])} of its time above the no-op floor "
                         f"({prop['noop']:.2f} s)", prop["ok"], "import"))
+    out += delta_goals(r)
     hwm = max((i["hwm_kb"] for i in r["imports"] if i["tool"] == "edgebundle"), default=0)
     out.append(("importer peak RSS <= 64 MiB whatever the bundle size", f"max {mib(hwm)} MiB", hwm <= 64 * 1024,
                 "rss"))
@@ -144,6 +149,101 @@ def goals(r: Dict[str, Any]) -> List[Tuple[str, str, Optional[bool], str]]:
         out.append((f"plan {p['sites']:,} sites x {p['images']} images <= 10 s ({p['runtime']})", meas,
                     proj <= 10.0, "plan"))
     return out
+
+
+DELTA_LIMITS = (("b", 1.0), ("c", 1.1), ("f", 1.1))
+
+
+def size(n: float) -> str:
+    """Bytes for the delta tables: kB below a megabyte, where deltas often are."""
+    return f"{n / 1e6:,.2f} MB" if n >= 1e6 else f"{n / 1e3:,.1f} kB"
+
+
+def delta_goals(r: Dict[str, Any]) -> List[Tuple[str, str, Optional[bool], str]]:
+    """The content-delta goals (docs/BENCHMARKS.md, "Content deltas")."""
+    d = r.get("deltas")
+    if not d:
+        return []
+    out: List[Tuple[str, str, Optional[bool], str]] = []
+    rows = {(x["scenario"], x["runtime"]): x for x in d["rows"]}
+    for sc, lim in DELTA_LIMITS:
+        for rt in ("containerd", "docker"):
+            x = rows.get((sc, rt))
+            if x and x["ref_bytes"]:
+                ratio = x["delta_bytes"] / x["ref_bytes"]
+                out.append((f"{SC_NAMES[sc]}: bundle <= {lim} x `zstd -19 --long=31 --patch-from` ({rt})",
+                            f"{ratio:.2f} x ({size(x['delta_bytes'])} vs {size(x['ref_bytes'])})",
+                            ratio <= lim, "deltas"))
+    rep = r.get("reproducibility")
+    if rep and rep.get("previous"):
+        grown = [(k, a, b) for k, a, b in rep["diffs"] if k.endswith("/a") and b > a]
+        out.append(("(a) seed bundles no bigger than the previous run's",
+                    "; ".join(f"{k} {a} -> {b}" for k, a, b in grown) or
+                    f"unchanged since {rep['previous']} (edgebundle {rep['previous_edgebundle']})",
+                    not grown, "deltas"))
+    for rt in ("containerd", "docker"):
+        for sc in ("b", "c", "f", "g"):
+            x = rows.get((sc, rt))
+            if x and x["import_s"] and x["whole_import_s"]:
+                ratio = x["import_s"] / x["whole_import_s"]
+                out.append((f"delta import <= 1.5 x the layer-level bundle's import ({SC_NAMES[sc]}, {rt})",
+                            f"{ratio:.2f} x ({x['import_s']:.2f} s vs {x['whole_import_s']:.2f} s)",
+                            ratio <= 1.5, "deltas"))
+    rss = [x for x in d["rows"] if x.get("import_rss_kb")]
+    if rss:
+        worst = max(rss, key=lambda x: x["import_rss_kb"])
+        out.append(("device peak RSS applying deltas <= 128 MiB, whatever the file sizes "
+                    f"(incl. a {d['big_file_bytes'] / 1e6:.0f} MB file)",
+                    f"max {mib(worst['import_rss_kb'])} MiB ({SC_NAMES[worst['scenario']]}, {worst['runtime']})",
+                    worst["import_rss_kb"] <= 128 * 1024, "deltas"))
+    for x in d["rows"]:
+        if x["scenario"] == "c-pack":
+            out.append((f"pack (c) computing its deltas <= 60 s, blobs cached ({x['runtime']})",
+                        f"{x['compute_s']:.1f} s (cached deltas: {x['cached_s']:.1f} s)",
+                        x["compute_s"] <= 60.0, "deltas"))
+    return out
+
+
+def delta_section(r: Dict[str, Any]) -> List[str]:
+    d = r.get("deltas")
+    if not d:
+        return []
+    L = ["### Content deltas", ""]
+    L += ["Bundles for a site that holds the older image(s), with deltas (the default) and layer-level "
+          "(`--no-delta`), against the reference `zstd -19 --long=31 --patch-from=OLD.tar NEW.tar` "
+          "(OLD: the `docker save` tars of what the site holds, concatenated; NEW: the new image's). "
+          "Import times are for a fresh device in the same state, best of the runs; RSS is the "
+          "importer's peak (sampled every 5 ms).", ""]
+    rows = []
+    for x in d["rows"]:
+        if x["scenario"] == "c-pack":
+            continue
+        st = x.get("stats") or {}
+        content = st.get("copied", 0) + st.get("patched", 0) + st.get("literal", 0)
+        changed = st.get("patched", 0) + st.get("literal", 0)
+        ref = f"{size(x['ref_bytes'])} ({x['delta_bytes'] / x['ref_bytes']:.2f})" if x["ref_bytes"] else "n/a"
+        imp = (f"{x['import_s']:.2f} / {x['whole_import_s']:.2f}"
+               if x["import_s"] and x["whole_import_s"] else "n/a")
+        rows.append([SC_NAMES[x["scenario"]], x["runtime"], size(x["delta_bytes"]), size(x["whole_bytes"]),
+                     ref, f"{x['pack_s']:.1f}", imp, mib(x["import_rss_kb"]),
+                     f"{size(changed)} of {size(content)}" if content else "n/a"])
+    L += table(["scenario", "site", "delta bundle", "layer-level bundle", "patch-from (delta / it)",
+                "pack s", "import s: delta / layer-level", "importer RSS MiB",
+                "patched or literal, of the rebuilt tars"], rows)
+    refs = d["refs"]
+    L += ["Reference `zstd --patch-from` (same run): " + "; ".join(
+        f"{SC_NAMES[sc]}: `{x['argv']}` {size(x['bytes'])} in {x['create_s']:.1f} s, peak RSS "
+        f"{mib(x['create_rss_kb'])} MiB to create, {mib(x['apply_rss_kb'])} MiB to apply"
+        for sc, x in refs.items()) + ".", ""]
+    packs = [x for x in d["rows"] if x["scenario"] == "c-pack"]
+    if packs:
+        L += ["Pack of (c) for a site in state (b), blobs already cached: computing the deltas, then with "
+              "them cached (every further site in that state): " + "; ".join(
+                  f"{x['runtime']} {x['compute_s']:.1f} s / {x['cached_s']:.1f} s, "
+                  f"{size(x['stats']['patched'] + x['stats']['literal'])} patched or literal of "
+                  f"{size(x['stats']['patched'] + x['stats']['literal'] + x['stats']['copied'])}"
+                  for x in packs) + ".", ""]
+    return L
 
 
 def throughput_ratio(r: Dict[str, Any], sc: str, rt: str, cache: str) -> Optional[float]:
@@ -329,6 +429,7 @@ def render(r: Dict[str, Any]) -> str:
     L += ["Pipelines: " + "; ".join(f"{k}: {' -> '.join(v)}" for k, v in S.PIPELINES.items()) + ".", ""]
 
     # imports
+    L += delta_section(r)
     L += ["### Import time", ""]
     L += ["Wall time of `edgebundle import` (subprocess, verification included, inventory read back) "
           "against `ctr images import` of a `ctr images export` archive (same gzip blobs, unpacked into the "

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from . import images as I
-from . import planbench, proc, sites, stages
+from . import deltas, planbench, proc, sites, stages
 from .sites import NAMESPACE, services
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -345,7 +345,8 @@ class Bench:
     def shipped_content(self, scenario: str, runtime: str, plan: Dict[str, Any]) -> Tuple[int, int]:
         """(uncompressed tar bytes, registry bytes) of the layers a bundle ships."""
         assert self.set is not None
-        by_digest = {l.digest: l for i in self.set.all_images() for l in i.layers}
+        by_digest = {l.digest: l for i in [*self.set.all_images(), *self.set.extras.values()]
+                     for l in i.layers}
         seen = set()
         tar = reg = 0
         for img in plan["images"]:
@@ -522,7 +523,8 @@ class Bench:
                "wall": res["_wall"], "cpu": res.get("_cpu", 0.0), "content_bytes": tar, "layer_registry_bytes": reg,
                "entries": res["entries"], "images": res["images"], "argv": res["_argv"],
                "ship_registry_bytes": res["ship_registry_bytes"],
-               "full_registry_bytes": res["full_registry_bytes"]}
+               "full_registry_bytes": res["full_registry_bytes"],
+               "delta_stats": deltas.delta_stats(res["plan"])}
         self.log(f"  pack {sc} {rt} {cache:<11} rep{rep}: {_mb(res['bundle_bytes'])} in {res['_wall']:.2f} s "
                  f"({tar / 1e6 / res['_wall']:.1f} MB/s of content)")
         return row

@@ -14,6 +14,7 @@ import io
 import os
 import random
 import tarfile
+import zlib
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -55,9 +56,10 @@ def make_tar(files: Files, fmt: int, rng: random.Random, *, extras: bool = True)
             info = tarfile.TarInfo(path)
             info.size = len(files[path])
             info.mode = 0o644
-            info.mtime = rng.randrange(0, 2 ** 31)
-            if fmt == tarfile.PAX_FORMAT and rng.random() < 0.3:
-                info.pax_headers = {"SCHILY.xattr.user.test": "v" * rng.randrange(1, 50)}
+            # Per path, so that an unchanged file gets a byte-identical member in any tar.
+            info.mtime = zlib.crc32(path.encode())
+            if fmt == tarfile.PAX_FORMAT and info.mtime % 3 == 0:
+                info.pax_headers = {"SCHILY.xattr.user.test": "v" * (1 + info.mtime % 50)}
             tar.addfile(info, io.BytesIO(files[path]))
         if extras and files:
             first = min(files, key=len) if fmt == tarfile.USTAR_FORMAT else sorted(files)[0]
@@ -127,9 +129,16 @@ def open_bytes(data: bytes):  # type: ignore[no-untyped-def]
     return lambda: io.BytesIO(data)
 
 
-def bases_of(tars: Sequence[bytes]) -> List[Base]:
-    return [Base(BaseLayer(sha(t + b"chain"), sha(t)), scan(io.BytesIO(t)), open_bytes(t))
-            for t in tars]
+def bases_of(tars: Sequence[bytes], tar: Sequence[bool] = ()) -> List[Base]:
+    """Bases whose files (and, where ``tar`` says so, whole tars) the device can read."""
+    flags = list(tar) + [False] * (len(tars) - len(tar))
+    return [Base(BaseLayer(sha(t + b"chain"), sha(t), flag), scan(io.BytesIO(t)), open_bytes(t))
+            for t, flag in zip(tars, flags)]
+
+
+def tars_for(enc: delta_mod.Encoded, base_tars: Sequence[bytes]) -> List[Optional[io.BytesIO]]:
+    by_diff = {sha(t): t for t in base_tars}
+    return [io.BytesIO(by_diff[b.diff_id]) if b.tar else None for b in enc.head.bases]
 
 
 def encode_bytes(target: bytes, bases: Sequence[Base]) -> Tuple[delta_mod.Encoded, bytes]:
@@ -151,16 +160,20 @@ def small_windows(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @PROFILE
 @given(seed=st.integers(0, 2 ** 32 - 1), fmt=st.sampled_from(FORMATS),
-       base_fmt=st.sampled_from(FORMATS), n=st.integers(0, 12))
+       base_fmt=st.sampled_from(FORMATS), n=st.integers(0, 12), tar_base=st.booleans())
 def test_delta_rebuilds_target_exactly(tmp_path: Path, seed: int, fmt: int, base_fmt: int,
-                                       n: int) -> None:
+                                       n: int, tar_base: bool) -> None:
     rng = random.Random(seed)
     old = random_files(rng, n, big=rng.choice((3000, 9000)))
     other = random_files(rng, 3, big=500)
     new = mutate(old, rng)
     base_tars = [make_tar(old, base_fmt, rng), make_tar(other, base_fmt, rng, extras=False)]
-    target = make_tar(new, fmt, rng)
-    bases = bases_of(base_tars)
+    # Same format and mtimes as the base: unchanged members are byte-identical regions.
+    target = make_tar(new, fmt, random.Random(seed)) if not tar_base else \
+        make_tar(new, base_fmt, random.Random(seed))
+    if tar_base:
+        base_tars[0] = make_tar(old, base_fmt, random.Random(seed))
+    bases = bases_of(base_tars, [tar_base])
     enc, ops = encode_bytes(target, bases)
     assert enc.size == len(ops) and enc.digest == sha(ops)
     assert enc.head.target == sha(target) and enc.head.target_size == len(target)
@@ -170,8 +183,10 @@ def test_delta_rebuilds_target_exactly(tmp_path: Path, seed: int, fmt: int, base
         root = tmp_path / f"s{seed}-{fmt}-{base_fmt}-{n}" / str(i)
         extract(files, root)
         roots[base.layer] = DirTree(root, f"base {i}")
-    trees = [roots[layer] for layer in enc.head.bases]
-    assert b"".join(rebuild(enc.head, pieces(ops), trees, "t")) == target
+    by_chain = {layer.chain_id: tree for layer, tree in roots.items()}
+    trees = [by_chain[layer.chain_id] for layer in enc.head.bases]
+    rebuilt = b"".join(rebuild(enc.head, pieces(ops), trees, "t", tars_for(enc, base_tars)))
+    assert rebuilt == target
     # Unchanged files were referenced, not shipped.
     unchanged = sum(len(d) for p, d in new.items() if old.get(p) == d and len(d) >= 128)
     assert enc.stats.copied >= unchanged
@@ -201,13 +216,38 @@ def test_damaged_delta_raises_format_errors_only(tmp_path: Path, seed: int, flip
                 pass
 
 
+def test_unchanged_members_are_copied_as_ranges_of_a_tar_base(tmp_path: Path) -> None:
+    rng = random.Random(11)
+    old = {f"usr/lib/m{i:03}.py": rng.randbytes(rng.randrange(200, 4000)) for i in range(300)}
+    new = dict(old, **{"usr/lib/m150.py": old["usr/lib/m150.py"] + b"# v2\n"})
+    base_tar, target = make_tar(old, tarfile.PAX_FORMAT, rng), make_tar(new, tarfile.PAX_FORMAT, rng)
+    bases = bases_of([base_tar], [True])
+    enc, ops = encode_bytes(target, bases)
+    from edgebundle.format.delta import read_ops
+    kinds = [type(op).__name__ for op in read_ops([ops], "t")]
+    assert kinds.count("Range") <= 3, kinds  # before and after the changed file (+ links)
+    import zstandard
+    # The changed member's headers and bytes, and the end-of-archive zeros (as the entry's
+    # zstd codec carries them): next to nothing, for a 300-file layer.
+    assert len(zstandard.ZstdCompressor(level=3).compress(ops)) < 1500 and enc.head.bases[0].tar
+    extract(old, tmp_path)  # the changed file is patched against its old version
+    rebuilt = b"".join(rebuild(enc.head, [ops], [DirTree(tmp_path, "x")], "t",
+                               [io.BytesIO(base_tar)]))
+    assert rebuilt == target
+    # Without the tar, the same delta is refused: it names a tar base it was not given.
+    with pytest.raises(BundleFormatError, match="tar base"):
+        list(rebuild(enc.head, [ops], [DirTree(tmp_path, "x")], "t", [None]))
+
+
 def test_changed_or_missing_base_file_is_a_prerequisite_error(tmp_path: Path) -> None:
     rng = random.Random(7)
     old = {"etc/conf": b"setting=1\n" * 100, "bin/tool": rng.randbytes(5000)}
     new = {"etc/conf": b"setting=1\n" * 100, "bin/tool": old["bin/tool"][:4000] + b"v2"}
     bases = bases_of([make_tar(old, tarfile.PAX_FORMAT, rng)])
     enc, ops = encode_bytes(make_tar(new, tarfile.PAX_FORMAT, rng), bases)
-    assert {f.path for f in enc.head.files} == {"etc/conf", "bin/tool"}
+    from edgebundle.format.delta import BaseFile, read_ops
+    assert {op.path for op in read_ops([ops], "t") if isinstance(op, BaseFile)} == \
+        {"etc/conf", "bin/tool"}
     extract(dict(old, **{"etc/conf": b"setting=2\n" * 100}), tmp_path / "changed")
     with pytest.raises(PrerequisiteError, match="etc/conf.*differs"):
         list(rebuild(enc.head, [ops], [DirTree(tmp_path / "changed", "snapshot 3")], "t"))

@@ -409,6 +409,11 @@ class FakeEngine:
     def _route(self, req: HttpRequest) -> bytes:
         if req.method == "GET" and req.path == "/version":
             return response(200, fixture("docker_get_version.body").encode())
+        if req.method == "GET" and req.path == "/info":
+            # The recorded answer, but no layer store on this machine: no delta bases.
+            info = json.loads(fixture("docker_get_info.body"))
+            info["DockerRootDir"] = "/nonexistent/docker"
+            return response(200, json.dumps(info).encode())
         if req.method == "GET" and req.path == "/images/json?all=1":
             out = [{"Containers": -1, "Created": 0, "Id": img.id, "Labels": None, "ParentId": "",
                     "RepoDigests": None if img.tags else ["<none>@<none>"],

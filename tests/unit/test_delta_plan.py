@@ -187,17 +187,33 @@ def test_writer_refuses_deltas_the_header_does_not_allow(cache: BlobCache) -> No
 @pytest.mark.parametrize("field,value,fragment", [
     ("target", "sha256:zz", "'target'"),
     ("bases", [{"chain_id": "x"}], "'chain_id'"),
-    ("files", [{"base": 9, "path": "a", "size": 1, "digest": "sha256:" + "0" * 64}], "'base' is 9"),
-    ("files", [{"base": 0, "path": "../etc/shadow", "size": 1, "digest": "sha256:" + "0" * 64}],
-     "'path'"),
+    ("bases", [{"chain_id": "sha256:" + "3" * 64, "diff_id": "sha256:" + "4" * 64, "tar": 1}],
+     "'tar' is an integer, not a boolean"),
 ])
 def test_bad_delta_head_fields(field: str, value: object, fragment: str) -> None:
     base = {"kind": "delta", "digest": "sha256:" + "1" * 64, "size": 1, "codec": 1,
             "target": "sha256:" + "2" * 64, "target_size": 1,
-            "bases": [{"chain_id": "sha256:" + "3" * 64, "diff_id": "sha256:" + "4" * 64}],
-            "files": []}
+            "bases": [{"chain_id": "sha256:" + "3" * 64, "diff_id": "sha256:" + "4" * 64,
+                       "tar": False}]}
     with pytest.raises(BundleFormatError, match=fragment):
         records.parse_entry_head(dict(base, **{field: value}), "entry")
+
+
+@pytest.mark.parametrize("op,fragment", [
+    ([4, 0, "../etc/shadow", 1, b"\0" * 32], "not relative and normalised"),
+    ([4, 0, "/etc/shadow", 1, b"\0" * 32], "not relative and normalised"),
+    ([4, 0, "a", 1, b"\0" * 31], "unknown or malformed op"),
+    ([4, 1, "a", 1, b"\0" * 32], "names base 1, but the entry has 1"),
+    ([1, 0], "op names base file 0, but only 0 are defined"),
+    ([3, 0, 0, 10], "does not declare as a tar base"),
+    ([9], "unknown or malformed op"),
+])
+def test_bad_ops_are_format_errors(op: list, fragment: str, tmp_path: Path) -> None:
+    import msgpack
+    from edgebundle.format import BaseLayer, DeltaHead
+    head = DeltaHead("sha256:" + "2" * 64, 1, (BaseLayer("sha256:" + "3" * 64, "sha256:" + "4" * 64),))
+    with pytest.raises(BundleFormatError, match=fragment):
+        list(rebuild(head, [msgpack.packb(op, use_bin_type=True)], [DirTree(tmp_path, "t")], "t"))
 
 
 def test_delta_of_a_layer_no_image_has_is_refused(cache: BlobCache) -> None:

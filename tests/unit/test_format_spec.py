@@ -148,12 +148,12 @@ def test_header_enumerations_match_code() -> None:
 
 def test_delta_grammar_matches_op_codes() -> None:
     grammar = section("### Delta entries (feature `tar-delta-v1`)")
-    for name in ("literal", "copy", "patch"):
+    for name in ("literal", "copy", "patch", "range", "file"):
         code = getattr(fmt, f"OP_{name.upper()}")
         assert re.search(rf"^{name}\s+= \[{code}, ", grammar, re.M), name
     keys = {unquote(r[0]) for r in table(grammar)}
     from edgebundle.format.records import DeltaHead
-    assert keys == set(DeltaHead("sha256:" + "0" * 64, 0, (), ()).to_wire())
+    assert keys == set(DeltaHead("sha256:" + "0" * 64, 0, ()).to_wire())
 
 
 # ---------------------------------------------------------------------------

@@ -74,7 +74,8 @@ def test_round_trip() -> None:
 def test_schema_shape() -> None:
     image = inventory_to_json(INV)["images"][0]
     assert image["target"] == {"mediaType": "application/vnd.oci.image.index.v1+json", "digest": d(2), "size": 1234}
-    assert image["layers"][1] == {"diff_id": d(6), "digest": None, "size": None, "blob": False, "unpacked": True}
+    assert image["layers"][1] == {"diff_id": d(6), "digest": None, "size": None, "blob": False, "unpacked": True,
+                                  "tar": False}
     assert inventory_to_json(INV)["site"] is None
 
 
