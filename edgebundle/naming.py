@@ -6,6 +6,7 @@ Pure: no I/O, used on both the packer and the device.
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 from .reference import Reference, normalize_name, parse_reference
 
@@ -18,6 +19,20 @@ def device_name(ref: Reference) -> str:
     if ref.digest:
         return f"{ref.repository}@{ref.digest}"
     return f"{ref.repository}:{ref.tag or 'latest'}"
+
+
+CRI_NAMESPACE = "k8s.io"  # where kubelet (and k3s) look for images
+
+
+def cri_digest_name(name: str, top: str) -> Optional[str]:
+    """The ``repo@sha256:...`` record CRI keeps beside ``repo:tag`` after a pull.
+
+    CRI's ImageStatus finds an image by ``repo@digest`` only through a record of that
+    exact name (measured on containerd 1.6), so a pod spec pinned by digest needs it.
+    None when ``name`` is pinned already.
+    """
+    ref = parse_reference(name)
+    return None if ref.digest else f"{ref.repository}@{top}"
 
 
 @functools.lru_cache(maxsize=65536)

@@ -7,8 +7,10 @@ temp dir, pushes small sample images (three sharing a base, one multi-arch), the
 1. packs for an empty containerd site (namespace k8s.io) and an empty Docker site,
    imports both and runs the images;
 2. records the sites' inventory reports, publishes app:v2 (one file changed in its
-   top layer), packs again: only the delta ships;
-3. prints what was shipped against what a full transfer would cost.
+   top layer), packs again: the changed layer ships as a content delta against the
+   files the site holds;
+3. prints what was shipped against what a layer-level update (`--no-delta`) and a full
+   transfer would cost.
 
 Every step runs the real `edgebundle` CLI, exactly as a user would.
 """
@@ -66,15 +68,28 @@ class Demo:
         subprocess.run(argv, env=self.env, check=True)
         return None
 
-    def pack(self, manifest: Path, site: str, label: str) -> Path:
+    def pack(self, manifest: Path, site: str, label: str, *, compare: bool = False) -> Path:
+        """Pack for ``site``; with ``compare``, also layer-level (``--no-delta``) to compare."""
         out = self.tmp / f"{site}-{len(self.rows)}.ebundle"
+        layer_level = None
+        if compare:
+            whole = self.tmp / f"{site}-{len(self.rows)}-no-delta.ebundle"
+            layer_level = self.eb("pack", str(manifest), "--site", site, "--no-delta", "-o",
+                                  str(whole), "--json", capture_json=True)["bundle_bytes"]
         res = self.eb("pack", str(manifest), "--site", site, "-o", str(out), "--json",
                       capture_json=True)
         plan = res["plan"]
         shipped = [i["name"] for i in plan["images"] if i["status"] == "ship"]
+        for img in plan["images"]:
+            for layer in img["layers"]:
+                if layer["how"] == "delta":
+                    print(f"   {img['name']}: layer {layer['digest'][7:19]} ships as a delta of "
+                          f"{layer['delta']['bytes']:,} bytes instead of {layer['size']:,}")
         print(f"   wrote {out.name}: {res['bundle_bytes']:,} bytes for {len(shipped)} image(s); "
-              f"a full transfer is {res['full_registry_bytes']:,} bytes")
+              + (f"layer-level {layer_level:,} bytes; " if layer_level is not None else "")
+              + f"a full transfer is {res['full_registry_bytes']:,} bytes")
         self.rows.append({"scenario": label, "site": site, "bundle": res["bundle_bytes"],
+                          "layer_level": layer_level,
                           "full": res["full_registry_bytes"], "images": len(shipped)})
         return out
 
@@ -129,9 +144,13 @@ def run(keep: bool) -> int:
         imagefactory.push_app_v2(reg.host)
         manifest.write_text(MANIFEST.format(reg=reg.host, app_tag="v2"))
         demo.eb("plan", str(manifest), "--site", "gw-01")
-        b3 = demo.pack(manifest, "gw-01", "update containerd site")
+        b3 = demo.pack(manifest, "gw-01", "update containerd site", compare=True)
         demo.eb("import", str(b3), *ctr_args)
-        b4 = demo.pack(manifest, "line-3", "update docker site")
+        out = subprocess.run(cd.ctr_argv("k8s.io") + ["run", "--rm", "--snapshotter", cd.snapshotter,
+                                                      f"{reg.host}/shop/app:v2", "demo-app-v2"],
+                             capture_output=True, text=True, env=cd.env(), check=True)
+        print(f"   containerd runs app:v2: {out.stdout.strip()}")
+        b4 = demo.pack(manifest, "line-3", "update docker site", compare=True)
         demo.eb("import", str(b4), *docker_args)
         out = subprocess.run(dk.docker_argv() + ["run", "--rm", "--network", "none",
                                                  f"{reg.host}/shop/app:v2"],
@@ -141,10 +160,12 @@ def run(keep: bool) -> int:
         say("importing the same bundle again is a clean no-op")
         demo.eb("import", str(b3), *ctr_args)
 
-        say("what was shipped against what a full transfer would cost")
-        print(f"   {'scenario':<26} {'images':>6} {'bundle bytes':>14} {'full transfer':>14} {'ratio':>7}")
+        say("what was shipped against a layer-level update and a full transfer")
+        print(f"   {'scenario':<26} {'images':>6} {'bundle bytes':>14} {'layer-level':>14} "
+              f"{'full transfer':>14} {'ratio':>7}")
         for r in demo.rows:
-            print(f"   {r['scenario']:<26} {r['images']:>6} {r['bundle']:>14,} {r['full']:>14,} "
+            level = f"{r['layer_level']:>14,}" if r["layer_level"] is not None else f"{'-':>14}"
+            print(f"   {r['scenario']:<26} {r['images']:>6} {r['bundle']:>14,} {level} {r['full']:>14,} "
                   f"{r['bundle'] / r['full']:>7.1%}")
         return 0
     finally:

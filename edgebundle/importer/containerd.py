@@ -37,6 +37,7 @@ from ..compression import MAGIC_BYTES, classify, decompress_stream
 from ..errors import LoadError, PrerequisiteError, RuntimeUnavailableError, UsageError
 from ..format import BaseLayer, EntryHead, ImageRecord
 from ..holdings import HeldImage, HeldLayer, Inventory
+from ..naming import CRI_NAMESPACE, cri_digest_name
 from ..oci import (INDEX_TYPES, MT_DOCKER_CONFIG, MT_DOCKER_LIST, MT_DOCKER_MANIFEST, MT_OCI_CONFIG,
                    MT_OCI_INDEX, MT_OCI_LAYER, MT_OCI_MANIFEST, Descriptor, Platform, chain_ids,
                    check_digest, sha256_digest)
@@ -698,17 +699,21 @@ class ContainerdLoader:
             held = self.runtime.held_image(temp, mt, dg, present, snaps,
                                            Platform.parse(rec.platform))
             if held.complete and dg == rec.top.digest:
-                done.append((temp, rec.name))
+                done.append((temp, rec))
             else:
                 broken.append(rec.name)
         if broken:
             raise LoadError(f"containerd import left incomplete: {', '.join(broken)}; "
                             "nothing was renamed", "check `ctr images ls`/containerd logs; the "
                             "bundle may lack a layer the device discarded")
-        for temp, name in done:
-            log.info("image %s is complete: naming it", name)
-            self.runtime.ctr.tag(temp, name)
-        return [name for _, name in done]
+        for temp, rec in done:
+            log.info("image %s is complete: naming it", rec.name)
+            self.runtime.ctr.tag(temp, rec.name)
+            alias = cri_digest_name(rec.name, rec.top.digest) \
+                if self.runtime.namespace == CRI_NAMESPACE else None
+            if alias is not None:
+                self.runtime.ctr.tag(temp, alias)  # as a CRI pull names it: found by digest
+        return [rec.name for _, rec in done]
 
     def abort(self) -> None:
         """Kill ctr before it sees index.json: no image record can have been created."""

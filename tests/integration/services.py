@@ -376,6 +376,148 @@ def start_containerd(tmp: Path, *, snapshotter: Optional[str] = None) -> Contain
 
 
 # --------------------------------------------------------------------------
+# containerd with CRI (the image service kubelet and k3s use; namespace k8s.io)
+
+
+_CRI_DISABLED_PLUGINS = (
+    "io.containerd.snapshotter.v1.aufs",
+    "io.containerd.snapshotter.v1.btrfs",
+    "io.containerd.snapshotter.v1.devmapper",
+    "io.containerd.snapshotter.v1.zfs",
+    "io.containerd.tracing.processor.v1.otlp",
+)
+
+
+def _cri_config(tmp: Path, snapshotter: str = "overlayfs") -> str:
+    """config.toml (version 2) text for a private CRI-enabled containerd."""
+    tmp = Path(tmp)
+    sock = tmp / "containerd.sock"
+    cri = '[plugins."io.containerd.grpc.v1.cri"]'
+    return "\n".join(
+        [
+            "version = 2",
+            f"root = {_toml_str(str(tmp / 'root'))}",
+            f"state = {_toml_str(str(tmp / 'state'))}",
+            "disabled_plugins = [" + ", ".join(_toml_str(p) for p in _CRI_DISABLED_PLUGINS) + "]",
+            "[grpc]",
+            f"  address = {_toml_str(str(sock))}",
+            "[ttrpc]",
+            f"  address = {_toml_str(str(sock) + '.ttrpc')}",
+            "[debug]",
+            '  address = ""',
+            '  level = "info"',
+            "[metrics]",
+            '  address = ""',
+            '[plugins."io.containerd.internal.v1.opt"]',
+            f"  path = {_toml_str(str(tmp / 'opt'))}",
+            cri,
+            # streaming server (exec/attach/port-forward): loopback, kernel-picked port
+            '  stream_server_address = "127.0.0.1"',
+            '  stream_server_port = "0"',
+            "  disable_tcp_service = true",
+            # sandbox netns bind-mounts under our state dir, not /var/run/netns
+            "  netns_mounts_under_state_dir = true",
+            "  disable_apparmor = true",
+            "  enable_selinux = false",
+            f"{cri[:-1]}.cni]",
+            # empty private dirs: no network plugin, network simply not ready
+            f"  bin_dir = {_toml_str(str(tmp / 'cni' / 'bin'))}",
+            f"  conf_dir = {_toml_str(str(tmp / 'cni' / 'net.d'))}",
+            f"{cri[:-1]}.containerd]",
+            f"  snapshotter = {_toml_str(snapshotter)}",
+            f"{cri[:-1]}.registry]",
+            # hosts.toml dir (unused unless a test pulls through CRI)
+            f"  config_path = {_toml_str(str(tmp / 'certs.d'))}",
+            "",
+        ]
+    )
+
+
+def _overlay_ok(ctr: str, sock: Path) -> bool:
+    r = subprocess.run([ctr, "--address", str(sock), "plugins", "ls"], env=clean_env(), capture_output=True, text=True)
+    for line in r.stdout.splitlines():
+        cols = line.split()
+        if len(cols) >= 3 and cols[0] == "io.containerd.snapshotter.v1" and cols[1] == "overlayfs":
+            return cols[-1] == "ok"
+    return False
+
+
+def _cri_ok(ctr: str, sock: Path) -> bool:
+    r = subprocess.run([ctr, "--address", str(sock), "plugins", "ls"], env=clean_env(), capture_output=True, text=True)
+    for line in r.stdout.splitlines():
+        cols = line.split()
+        if len(cols) >= 3 and cols[0] == "io.containerd.grpc.v1" and cols[1] == "cri":
+            return cols[-1] == "ok"
+    return False
+
+
+def start_containerd_cri(tmp: Path, *, snapshotter: Optional[str] = None) -> Containerd:
+    """Like services.start_containerd, but with the CRI plugin enabled.
+
+    The CRI runtime/image services are served on the same gRPC socket
+    (``.address``) as runtime.v1.* (and v1alpha2); images are in namespace k8s.io.
+    If ``snapshotter`` is None, overlayfs is tried first and, if the overlayfs
+    plugin fails its mount probe, containerd is restarted with ``native``.
+    """
+    binary = _require("containerd")
+    ctr = _require("ctr")
+    tmp = Path(tmp)
+    tmp.mkdir(parents=True, exist_ok=True)
+    sock = tmp / "containerd.sock"
+    if len(str(sock)) > 100:
+        raise ServiceError(f"socket path too long for AF_UNIX: {sock}")
+    for d in ("cni/bin", "cni/net.d", "certs.d"):
+        (tmp / d).mkdir(parents=True, exist_ok=True)
+    cfg = tmp / "config.toml"
+    log = tmp / "containerd.log"
+    env = clean_env()
+
+    def launch(snap: str) -> subprocess.Popen[bytes]:
+        cfg.write_text(_cri_config(tmp, snap))
+        proc = _spawn([binary, "--config", str(cfg)], log)
+
+        def probe() -> bool:
+            if not _unix_connectable(sock):
+                return False
+            r = subprocess.run(
+                [ctr, "--address", str(sock), "--connect-timeout", "2s", "version"],
+                env=env,
+                capture_output=True,
+                timeout=10,
+            )
+            return r.returncode == 0
+
+        _wait_ready("containerd (cri)", proc, log, probe)
+        return proc
+
+    snap = snapshotter or "overlayfs"
+    proc = launch(snap)
+    if snapshotter is None and not _overlay_ok(ctr, sock):
+        _terminate(proc)
+        snap = "native"
+        proc = launch(snap)
+    if not _cri_ok(ctr, sock):
+        _terminate(proc)
+        raise ServiceError(f"CRI plugin did not load; log tail:\n{_log_tail(log)}")
+    # The CRI gRPC services are registered at once but answer "server is not
+    # initialized yet" until the CRI plugin's init goroutine finishes.
+    import cri  # tests/integration/cri.py: the CRI image service client (needs grpcio)
+
+    _wait_ready("containerd CRI image service", proc, log, lambda: cri.ready(str(sock)))
+    return Containerd(
+        address=str(sock),
+        root=tmp / "root",
+        state=tmp / "state",
+        pid=proc.pid,
+        snapshotter=snap,
+        config_path=cfg,
+        log_path=log,
+        ctr=ctr,
+        _proc=proc,
+    )
+
+
+# --------------------------------------------------------------------------
 # dockerd
 
 

@@ -17,7 +17,10 @@ from typing import Any, Dict, List
 
 import pytest
 
+import cri
 import imagefactory as f
+import services
+from conftest import _start
 from test_core_loop import ctr, ctr_images, ctr_run, docker, eb
 
 pytestmark = pytest.mark.integration
@@ -146,9 +149,8 @@ def test_containerd_deltas_keep_digests_run_and_chain(tmp_path: Path, registry: 
     assert {p["chain_id"] for p in packed["plan"]["prerequisites"]} & (v2_chains - set(images[1].chain_ids))
 
     # ...but first, a device that lost those bases after its report refuses, cleanly.
-    ctr(containerd, ns, "images", "tag", f"{reg}/{repo}:v2", "example.test/keep:v2")
-    for name in (f"{reg}/{repo}:v1", f"{reg}/{repo}:v2", "example.test/keep:v2"):
-        ctr(containerd, ns, "images", "rm", "--sync", name)
+    for name in [n for n in ctr_images(containerd, ns) if n.startswith(f"{reg}/{repo}")]:
+        ctr(containerd, ns, "images", "rm", "--sync", name)  # repo:tag and CRI's repo@digest
     res = eb(capsys, "import", str(v3), *_cd(containerd), code=6)
     assert "lacks" in res["stderr"]
     left = ctr_images(containerd, ns)
@@ -186,3 +188,55 @@ def test_docker_deltas(tmp_path: Path, registry: Any, dockerd: Any, images: Dict
     assert inspect["Id"] == images[2].config_digest  # image ID = config digest
     out = docker(dockerd, "run", "--rm", "--network", "none", f"{reg}/{repo}:v2")
     assert out.strip() == "hello from delta v2"
+
+
+@pytest.fixture()
+def cri_containerd(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A containerd of its own with the CRI plugin (this test restarts it)."""
+    tmp = tmp_path_factory.mktemp("cri")
+    cd = _start(request.config, "containerd with CRI", lambda: services.start_containerd_cri(tmp))
+    box = {"cd": cd, "tmp": tmp}
+    yield box
+    box["cd"].stop()
+
+
+def _cri_image(sock: str, name: str) -> Any:
+    """CRI's ImageStatus, polled briefly: CRI picks up imports from containerd's events."""
+    import time
+    deadline = time.monotonic() + 10
+    while True:
+        found = cri.image_status(sock, name)
+        if found is not None or time.monotonic() > deadline:
+            return found
+        time.sleep(0.05)
+
+
+def test_cri_sees_a_delta_built_image_by_tag_and_digest_and_after_a_restart(
+        tmp_path: Path, registry: Any, images: Dict[int, Any], cri_containerd: Dict[str, Any],
+        capsys: pytest.CaptureFixture[str]) -> None:
+    reg, repo, ns = registry.host, "delta/app", "k8s.io"
+    cd = cri_containerd["cd"]
+    h = ["--home", str(tmp_path / "home")]
+    report = tmp_path / "report.json"
+    seed, v2 = tmp_path / "v1.ebundle", tmp_path / "v2.ebundle"
+    eb(capsys, *h, "pack", _manifest(tmp_path, reg, repo, 1), "--site", "edge", "-o", str(seed))
+    eb(capsys, "import", str(seed), *_cd(cd), "--report", str(report))
+    eb(capsys, *h, "inventory", "record", "edge", str(report))
+    packed = eb(capsys, *h, "pack", _manifest(tmp_path, reg, repo, 2), "--site", "edge", "-o", str(v2),
+                "--json")
+    assert _layer_hows(packed["plan"]) == ["held", "delta", "delta"]
+    eb(capsys, "import", str(v2), *_cd(cd))
+
+    by_tag = _cri_image(cd.address, f"{reg}/{repo}:v2")
+    assert by_tag is not None and by_tag["id"] == images[2].config_digest
+    by_digest = _cri_image(cd.address, f"{reg}/{repo}@{images[2].manifest_digest}")
+    assert by_digest is not None and by_digest["id"] == images[2].config_digest
+    assert f"{reg}/{repo}@{images[2].manifest_digest}" in by_digest["repo_digests"]
+    listed = {i["id"]: i for i in cri.list_images(cd.address)}
+    assert f"{reg}/{repo}:v2" in listed[images[2].config_digest]["repo_tags"]
+
+    # A containerd restart changes nothing: the snapshots, the names, CRI's view.
+    cd.stop()
+    cd = cri_containerd["cd"] = services.start_containerd_cri(cri_containerd["tmp"])
+    assert ctr_run(cd, ns, f"{reg}/{repo}:v2", "after-restart").strip() == "hello from delta v2"
+    assert _cri_image(cd.address, f"{reg}/{repo}@{images[2].manifest_digest}") is not None

@@ -259,3 +259,45 @@ def test_view_mounts() -> None:
     for odd in ("", "[]", "{}", json.dumps([{"Type": "bind", "Source": "relative"}]),
                 json.dumps([{"Type": "tmpfs"}])):
         assert parse_view_mounts(odd) is None
+
+
+def test_report_offers_deltas_only_where_the_runtime_can_serve_bases(tmp_path: Path) -> None:
+    from edgebundle.importer.docker import DockerAPI, DockerRuntime
+    from edgebundle.usecases.device import take_report
+    from fake_runtimes import FakeEngine
+
+    runtime = DockerRuntime(DockerAPI("unix:///x.sock", dial=FakeEngine().dial))
+    assert not runtime.reads_bases()  # its /info names a data root this machine lacks
+    assert FEATURE_DELTA not in take_report(runtime).features
+    runtime._info = (str(tmp_path), "overlay2")  # a readable layer store
+    assert FEATURE_DELTA in take_report(runtime).features
+    runtime._info = (str(tmp_path), "zfs")  # a graph driver whose layers we cannot read
+    assert FEATURE_DELTA not in take_report(runtime).features
+
+
+@pytest.mark.parametrize("site,deltas,want", [("gw", True, "delta"), ("gw", False, "whole"),
+                                               ("nodelta", True, "whole")])
+def test_plan_use_case_honours_no_delta_and_the_sites_switch(tmp_path: Path, site: str,
+                                                             deltas: bool, want: str) -> None:
+    from edgebundle.usecases.packer import PackerSession, plan_site
+    from edgebundle.store import InventoryStore
+    from tiny_images import write_oci_layout
+
+    home = tmp_path / "home"
+    imgs = Images(BlobCache(home / "cache"))  # the packer's own cache holds v1 (it shipped it)
+    v1 = imgs.image("example.test/app:v1", [BASE, LIB_V1])
+    v2 = imgs.image("example.test/app:v2", [BASE, LIB_V2])
+    write_oci_layout(tmp_path / "layout", imgs.cache, [v2])
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(f"""version: 1
+images:
+  - ref: example.test/app:v2
+    source: oci-layout:{tmp_path / 'layout'}
+sites:
+  gw: {{runtime: containerd, namespace: k8s.io, platform: linux/amd64}}
+  nodelta: {{runtime: containerd, namespace: k8s.io, platform: linux/amd64, deltas: false}}
+""")
+    InventoryStore(home).record(site, held(v1))
+    plan = plan_site(home, str(manifest), site, deltas=deltas)
+    lp = plan.images[0].layers[1]
+    assert lp.ship and ("delta" if lp.delta is not None else "whole") == want

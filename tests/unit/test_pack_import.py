@@ -118,12 +118,14 @@ def test_containerd_full_then_nothing(tmp_path: Path, built: Images) -> None:
     assert [m["digest"] for m in imp.index["manifests"]] == [a.top.digest, b.top.digest]
     assert site.ctr.images[a.name] == (a.top.media_type, a.top.digest)
     assert site.ctr.images[b.name] == (b.top.media_type, b.top.digest)
-    assert site.names() == {a.name, b.name}  # no temporary name left behind
+    # No temporary name left behind; in k8s.io, also the repo@digest records CRI keeps.
+    assert site.names() == {a.name, b.name, f"{a.ref.repository}@{a.top.digest}",
+                            f"{b.ref.repository}@{b.top.digest}"}
     assert result.imported == [a.name, b.name]
     assert result.already_present == []
     assert result.entries_sent == 8 and result.entries_skipped == 0
     assert result.bundle_bytes == out.stat().st_size
-    assert result.inventory is not None and {i.name for i in result.inventory.images} == {a.name, b.name}
+    assert result.inventory is not None and {i.name for i in result.inventory.images} == site.names()
     assert all(i.complete for i in result.inventory.images)
 
     again = do_import(out, site)
@@ -146,7 +148,8 @@ def test_containerd_imports_under_temporary_names_then_checks_then_renames(
     assert temp.startswith(TEMP_PREFIX) and temp != a.name
     # containerd created only the temporary name; the real one came by tag, after a
     # look at content and snapshots; the temporary name was then removed.
-    assert site.ctr.history == [("create", temp), ("tag", temp, a.name), ("rm", temp)]
+    assert site.ctr.history == [("create", temp), ("tag", temp, a.name),
+                                ("tag", temp, f"{a.ref.repository}@{a.top.digest}"), ("rm", temp)]
     import_at = site.ctr.calls.index(next(c for c in site.ctr.calls if c[:2] == ["images", "import"]))
     tag_at = site.ctr.calls.index(["images", "tag", "--force", temp, a.name])
     between = site.ctr.calls[import_at + 1:tag_at]
