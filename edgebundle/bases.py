@@ -27,14 +27,14 @@ import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, BinaryIO, Callable, Dict, Iterator, List, Optional, Set, Tuple
 
 import zstandard
 
 from .cache import BlobCache
 from .compression import MAGIC_BYTES, NONE, classify, decompress_stream
 from .delta import MARGIN, MIN_FILE, MIN_RANGE, PATCH_LEVEL, WINDOW, Base, DeltaStats, Encoded, check, encode
-from .errors import CacheError
+from .errors import CacheError, UsageError
 from .files import IO_CHUNK, atomic_file, atomic_write
 from .format import FEATURE_DELTA, BaseLayer, DeltaHead, Prerequisite
 from .holdings import Inventory
@@ -42,6 +42,7 @@ from .image import Layer
 from .oci import chain_ids, check_digest
 from .plan import DeltaChoice, Plan, with_deltas
 from .progress import NULL_BAR, Bar, close_bar
+from .reference import parse_reference
 from .tarscan import Member, Region, TarScan, scan
 
 log = logging.getLogger(__name__)
@@ -53,38 +54,45 @@ SHIP_DELTA_BELOW = 0.75  # a delta ships only below this fraction of the whole l
 ProgressFactory = Callable[[int, str], Bar]
 
 
-def site_bases(inv: Inventory) -> List[Tuple[BaseLayer, Optional[str]]]:
-    """Each applied layer of a complete image, with its blob digest where known.
+@dataclass(frozen=True)
+class SiteBase:
+    """A layer the site holds that a delta could read from."""
 
-    ``BaseLayer.tar``: the device can rebuild the layer's exact tar (the report's ``tar``).
-    """
-    out: Dict[str, Tuple[BaseLayer, Optional[str]]] = {}
+    layer: BaseLayer  # tar: the device can rebuild the layer's exact tar (report key "tar")
+    digest: Optional[str]  # its registry blob, where the runtime knows it (containerd)
+    size: Optional[int]
+    image: str  # a held image it belongs to (where the packer can fetch the blob from)
+
+
+def site_bases(inv: Inventory) -> List[SiteBase]:
+    """Each applied layer of a complete image the site holds, once."""
+    out: Dict[str, SiteBase] = {}
     for image in inv.images:
         if not image.complete:
             continue
         chains = chain_ids(layer.diff_id for layer in image.layers)
         for layer, chain in zip(image.layers, chains):
             if chain in inv.chains and chain not in out:
-                out[chain] = (BaseLayer(chain, layer.diff_id, layer.tar), layer.digest)
+                out[chain] = SiteBase(BaseLayer(chain, layer.diff_id, layer.tar), layer.digest,
+                                      layer.size, image.name)
     return list(out.values())
 
 
-@dataclass
-class _Tar:
-    """A layer's uncompressed tar on the packer, made on first use."""
-
-    path: Path
-    scan: TarScan
+#: ``fetch(image name, blob digest, size)`` puts the blob into the packer cache, or
+#: returns False (the registry does not have it, or cannot be reached).
+Fetch = Callable[[str, str, Optional[int]], bool]
 
 
 class DeltaPlanner:
     """Deltas for one packer session (use as a context manager: it owns a work dir)."""
 
-    def __init__(self, cache: BlobCache, *, progress: Optional[ProgressFactory] = None) -> None:
+    def __init__(self, cache: BlobCache, *, progress: Optional[ProgressFactory] = None,
+                 fetch: Optional[Fetch] = None) -> None:
         self.cache = cache
         self._progress = progress
+        self._fetch = fetch
         self._work = Path(tempfile.mkdtemp(prefix="deltas-", dir=cache.root / "tmp"))
-        self._tars: Dict[str, _Tar] = {}  # diff_id -> tar
+        self._tars: Dict[str, Path] = {}  # diff_id -> its tar in the work dir
         self._by_diff_id: Optional[Dict[str, str]] = None
         self._ops: Dict[str, Path] = {}  # op stream digest -> its file in the cache
         self._base_blobs: Dict[BaseLayer, str] = {}  # the cached blob each base was read from
@@ -114,7 +122,8 @@ class DeltaPlanner:
                    "whole: the site's edgebundle does not read deltas (its report lists no "
                    f"{FEATURE_DELTA!r}); update it and send a fresh report")
             return with_deltas(plan, {}, {d: why for d in layers})
-        bases, missing = self._bases(inv)
+        repos = {_repository(ip.image.name) for ip in plan.to_ship}
+        bases, missing = self._bases(inv, repos)
         if not bases:
             why = ("whole: the site holds no layer to build on" if not missing else
                    "whole: no base layer of the site is in the packer cache")
@@ -158,28 +167,46 @@ class DeltaPlanner:
 
     # -- bases ------------------------------------------------------------------------
 
-    def _bases(self, inv: Inventory) -> Tuple[List[Base], List[str]]:
+    def _bases(self, inv: Inventory, repos: Set[str]) -> Tuple[List[Base], List[str]]:
+        """The site's layers the packer can read; the diff_ids of those it cannot.
+
+        A base blob missing from the cache is fetched from its registry when the runtime
+        named its digest and it belongs to a repository this plan ships an image of
+        (the previous version of the same app: the base that pays; fetching every layer
+        a site holds could cost more than the deltas save).
+        """
         bases: List[Base] = []
         missing: List[str] = []
-        for layer, digest in site_bases(inv):
-            diff_id = layer.diff_id
-            blob = digest if digest is not None and self.cache.has(digest) else \
+        for sb in site_bases(inv):
+            layer, diff_id = sb.layer, sb.layer.diff_id
+            blob = sb.digest if sb.digest is not None and self.cache.has(sb.digest) else \
                 self._blob_for(diff_id)
+            if blob is None and sb.digest is not None and self._fetch is not None \
+                    and _repository(sb.image) in repos:
+                log.info("base %s of %s is not in the packer cache: fetching it", sb.digest,
+                         sb.image)
+                if self._fetch(sb.image, sb.digest, sb.size):
+                    blob = sb.digest
             if blob is None:
                 missing.append(diff_id)
                 continue
             try:
-                tar = self._tar(diff_id, blob)
+                scan_ = self._scan(diff_id, blob)
             except (CacheError, tarfile.TarError, ValueError) as exc:
                 log.info("base %s unusable: %s", diff_id, exc)
                 missing.append(diff_id)
                 continue
             self._base_blobs[layer] = blob
-            bases.append(Base(layer, tar.scan, _opener(tar.path)))
+            bases.append(Base(layer, scan_, self._opener(diff_id, blob)))
         if missing:
             log.info("%d layer(s) the site holds are not in the packer cache; deltas cannot "
                      "build on them", len(missing))
         return bases, missing
+
+    def _opener(self, diff_id: str, blob: str) -> Callable[[], BinaryIO]:
+        """Opens the layer's tar, decompressing it on first use only (most bases are only
+        ever consulted through their cached scan)."""
+        return lambda: open(self._tar(diff_id, blob), "rb")
 
     def _blob_for(self, diff_id: str) -> Optional[str]:
         """The cached blob whose tar is ``diff_id`` (the cache records it per blob)."""
@@ -192,8 +219,8 @@ class DeltaPlanner:
                     self._by_diff_id[known[0]] = digest
         return self._by_diff_id.get(diff_id)
 
-    def _tar(self, diff_id: str, blob: str) -> _Tar:
-        """The uncompressed tar of a cached blob, and its scan (kept in the cache)."""
+    def _tar(self, diff_id: str, blob: str) -> Path:
+        """The uncompressed tar of a cached blob, in the work dir, checked against diff_id."""
         if diff_id in self._tars:
             return self._tars[diff_id]
         path = self._work / (diff_id[7:] + ".tar")
@@ -209,17 +236,17 @@ class DeltaPlanner:
                 raise self.cache.damaged(blob) from None
         if "sha256:" + hasher.hexdigest() != diff_id:
             raise ValueError(f"blob {blob} does not decompress to {diff_id}")
-        tar = _Tar(path, self._scan(diff_id, path))
-        self._tars[diff_id] = tar
-        return tar
+        self._tars[diff_id] = path
+        return path
 
-    def _scan(self, diff_id: str, path: Path) -> TarScan:
+    def _scan(self, diff_id: str, blob: str) -> TarScan:
+        """The layer's scan: from the cache, else made (which decompresses the blob once)."""
         cached = self.cache.root / "scans" / "sha256" / (diff_id[7:] + ".json")
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
             obj = json.loads(cached.read_text())
             if obj.get("version") == SCAN_VERSION:
                 return TarScan(int(obj["size"]), tuple(_region(r) for r in obj["regions"]))
-        with open(path, "rb") as fh:
+        with open(self._tar(diff_id, blob), "rb") as fh:
             result = scan(fh)
         atomic_write(cached, json.dumps({"version": SCAN_VERSION, "size": result.size, "regions": [
             [r.offset, r.end, r.digest] + ([f.path, f.data_offset, f.size, f.digest] if f else [])
@@ -243,9 +270,10 @@ class DeltaPlanner:
             bar.update(max(0, layer.tar_size))
             self._ops[cached[0].digest] = ops_path
             return cached
-        tar = self._tar(layer.diff_id, layer.digest)
-        with open(tar.path, "rb") as target, atomic_file(ops_path) as out:
-            enc = encode(target, tar.scan, layer.diff_id, bases, out, progress=bar.update)
+        target_scan = self._scan(layer.diff_id, layer.digest)
+        with open(self._tar(layer.diff_id, layer.digest), "rb") as target, \
+                atomic_file(ops_path) as out:
+            enc = encode(target, target_scan, layer.diff_id, bases, out, progress=bar.update)
             out.flush()
             # Rebuilt with the device's code against the bases: only an exact delta is kept.
             check(enc, lambda: _pieces_at(out), bases)
@@ -308,8 +336,11 @@ def _checked(path: Path, digest: str) -> Iterator[bytes]:
     yield from _pieces_of(path)
 
 
-def _opener(path: Path) -> Callable[[], BinaryIO]:
-    return lambda: open(path, "rb")
+def _repository(name: str) -> str:
+    try:
+        return parse_reference(name).repository
+    except UsageError:
+        return name
 
 
 def _pieces(fh: BinaryIO) -> Iterator[bytes]:

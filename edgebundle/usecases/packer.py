@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional
 
 from ..bases import DeltaPlanner
 from ..cache import BlobCache
-from ..errors import InventoryError, ManifestError, UsageError
+from ..errors import EdgebundleError, InventoryError, ManifestError, UsageError
 from ..files import check_output, open_output
 from ..holdings import Inventory
 from ..image import ResolvedImage
@@ -24,6 +24,7 @@ from ..manifest import load_manifest
 from ..pack import PackStats, write_bundle
 from ..plan import Plan, plan_bundle, with_layer_info
 from ..progress import NULL_BAR, Bar, close_bar
+from ..reference import parse_reference
 from ..report import parse_json_object
 from ..registry.auth import CredentialStore, docker_config_path
 from ..registry.client import RegistryClient
@@ -67,7 +68,19 @@ class PackerSession:
         self.resolver = Resolver(self.cache, self.client)
         self._progress = progress
         self._resolved: Dict[str, List[ResolvedImage]] = {}
-        self.deltas = DeltaPlanner(self.cache, progress=progress)
+        self.deltas = DeltaPlanner(self.cache, progress=progress, fetch=self._fetch_base)
+
+    def _fetch_base(self, image: str, digest: str, size: Optional[int]) -> bool:
+        """A delta base's blob from the registry of the site's image (DeltaPlanner's fetch)."""
+        bar = (self._progress or _no_bar)(size or 0, "base")
+        try:
+            self.client.fetch_blob(parse_reference(image), digest, size, self.cache, bar.update)
+            return True
+        except EdgebundleError as exc:
+            log.info("base %s of %s not fetched: %s", digest, image, exc.message)
+            return False
+        finally:
+            close_bar(bar)
 
     def close(self) -> None:
         self.deltas.close()

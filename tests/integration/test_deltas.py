@@ -37,7 +37,12 @@ def _text(rng: random.Random, size: int) -> bytes:
 
 
 def _layers(version: int) -> List[Dict[str, Any]]:
-    """busybox | libs (200 files) | app (a 6 MiB file and a message), for version 1, 2, 3."""
+    """busybox | libs (200 files) | app (a 6 MiB file and a message), for version 1, 2, 3.
+
+    v2 is an app update (the libs' directory renamed, a few bytes of the big file);
+    v3 a rebuild on a security-updated base: the base layer changes too, so every
+    layer digest and chain ID changes.
+    """
     rng = random.Random(42)
     libdir = "usr/lib/python3.11" if version == 1 else "usr/lib/python3.12"  # renamed in v2
     libs: Dict[str, Any] = {f"{libdir}/mod{i}.py": _text(rng, rng.randrange(2000, 20000))
@@ -49,7 +54,10 @@ def _layers(version: int) -> List[Dict[str, Any]]:
             big[pos:pos + 16] = hashlib.sha256(f"v{v}-{pos}".encode()).digest()[:16]
     app = {"app/data.bin": bytes(big), "app/message.txt": f"hello from delta v{version}\n",
            "app/config.ini": f"[main]\nversion={version}\n".encode() * 20}
-    return [f.busybox_layer(), libs, app]
+    base = f.busybox_layer()
+    if version >= 3:
+        base["etc/security-update"] = b"CVE-2026-0001 fixed\n"
+    return [base, libs, app]
 
 
 def _push(reg: str, repo: str, version: int) -> f.BuiltImage:
@@ -112,6 +120,13 @@ def test_containerd_deltas_keep_digests_run_and_chain(tmp_path: Path, registry: 
     text = eb(capsys, *h, "plan", m2, "--site", "edge")["stdout"]
     assert text.count(" delta ") == 2 and "against" in text
 
+    # A packer that never saw v1 (a fresh home, the site's report recorded) fetches the
+    # bases by the digests the report names, and reaches the same delta.
+    other = ["--home", str(tmp_path / "other-home")]
+    eb(capsys, *other, "inventory", "record", "edge", str(report))
+    assert _layer_hows(eb(capsys, *other, "plan", m2, "--site", "edge", "--json")) == \
+        ["held", "delta", "delta"]
+
     whole = tmp_path / "v2-whole.ebundle"
     eb(capsys, *h, "pack", m2, "--site", "edge", "--no-delta", "-o", str(whole))
     v2 = tmp_path / "v2.ebundle"
@@ -144,7 +159,7 @@ def test_containerd_deltas_keep_digests_run_and_chain(tmp_path: Path, registry: 
     m3 = _manifest(tmp_path, reg, repo, 3)
     v3 = tmp_path / "v3.ebundle"
     packed = eb(capsys, *h, "pack", m3, "--site", "edge", "-o", str(v3), "--json")
-    assert _layer_hows(packed["plan"]) == ["held", "delta", "delta"]
+    assert _layer_hows(packed["plan"]) == ["delta", "delta", "delta"]  # the base changed too
     v2_chains = set(images[2].chain_ids)
     assert {p["chain_id"] for p in packed["plan"]["prerequisites"]} & (v2_chains - set(images[1].chain_ids))
 

@@ -301,3 +301,44 @@ sites:
     plan = plan_site(home, str(manifest), site, deltas=deltas)
     lp = plan.images[0].layers[1]
     assert lp.ship and ("delta" if lp.delta is not None else "whole") == want
+
+
+def test_missing_base_blobs_are_fetched_for_the_repositories_that_ship(cache: BlobCache,
+                                                                      tmp_path: Path) -> None:
+    imgs = Images(BlobCache(tmp_path / "registry"))  # the blobs live "in the registry"
+    v1 = imgs.image("example.test/app:v1", [BASE, LIB_V1])
+    other = imgs.image("example.test/other:v1", [{"x/y": RNG.randbytes(2000)}])
+    v2 = imgs.image("example.test/app:v2", [BASE, LIB_V2])
+    for l in v2.layers:  # the packer fetched what ships; not the bases
+        cache.put_bytes(imgs.cache.read_bytes(l.digest))
+    asked: List[Tuple[str, str]] = []
+
+    def fetch(image: str, digest: str, size: object) -> bool:
+        asked.append((image, digest))
+        cache.put_bytes(imgs.cache.read_bytes(digest))
+        return True
+
+    site = held(v1)
+    site = replace(site, images=site.images + held(other).images,
+                   blobs=site.blobs | held(other).blobs, chains=site.chains | held(other).chains)
+    plain = plan_bundle("gw", [v2], site, runtime="containerd", namespace="k8s.io",
+                        platform="linux/amd64")
+    with DeltaPlanner(cache, fetch=fetch) as planner:
+        lp = planner.apply(plain, site).images[0].layers[1]
+    assert lp.delta is not None
+    # Only app's layers were fetched (the repository being shipped), not other's.
+    assert {image for image, _ in asked} == {v1.name}
+
+    refused: List[str] = []
+
+    def refuse(image: str, digest: str, size: object) -> bool:
+        refused.append(digest)
+        return False
+
+    with DeltaPlanner(BlobCache(tmp_path / "empty"), fetch=refuse) as planner:
+        for l in v2.layers:
+            planner.cache.put_bytes(imgs.cache.read_bytes(l.digest))
+        lp = planner.apply(plain, site).images[0].layers[1]
+    # The libs base could not be had: the changed layer ships whole, and says why.
+    assert refused == [v1.layers[1].digest]
+    assert lp.delta is None and lp.note.startswith("whole: ")
