@@ -33,7 +33,7 @@ import zstandard
 
 from .cache import BlobCache
 from .compression import MAGIC_BYTES, NONE, classify, decompress_stream
-from .delta import MARGIN, MIN_FILE, MIN_RANGE, PATCH_LEVEL, WINDOW, Base, DeltaStats, Encoded, check, encode
+from .delta import MARGIN, MIN_FILE, MIN_RANGE, PATCH_LEVEL, SMALL_FILE, SMALL_FILE_LEVEL, WINDOW, Base, DeltaStats, Encoded, check, encode
 from .errors import CacheError, UsageError
 from .files import IO_CHUNK, atomic_file, atomic_write
 from .format import FEATURE_DELTA, BaseLayer, DeltaHead, Prerequisite
@@ -43,12 +43,12 @@ from .oci import chain_ids, check_digest
 from .plan import DeltaChoice, Plan, with_deltas
 from .progress import NULL_BAR, Bar, close_bar
 from .reference import parse_reference
-from .tarscan import Member, Region, TarScan, scan
+from .tarscan import XXH3, Member, Region, TarScan, scan
 
 log = logging.getLogger(__name__)
 
-DELTA_VERSION = 3  # bump when the encoder's output for the same inputs changes
-SCAN_VERSION = 2  # bump when tarscan's output changes
+DELTA_VERSION = 4  # bump when the encoder's output for the same inputs changes
+SCAN_VERSION = 3  # bump when tarscan's output changes
 SHIP_DELTA_BELOW = 0.75  # a delta ships only below this fraction of the whole layer
 
 ProgressFactory = Callable[[int, str], Bar]
@@ -256,7 +256,8 @@ class DeltaPlanner:
     # -- deltas ---------------------------------------------------------------------
 
     def _key(self, layer: Layer, bases: List[Base]) -> str:
-        ident = json.dumps([DELTA_VERSION, WINDOW, MARGIN, PATCH_LEVEL, MIN_FILE, MIN_RANGE,
+        ident = json.dumps([DELTA_VERSION, WINDOW, MARGIN, PATCH_LEVEL, SMALL_FILE, SMALL_FILE_LEVEL,
+                            MIN_FILE, MIN_RANGE,
                             layer.diff_id,
                             sorted([b.layer.chain_id, b.layer.diff_id, b.layer.tar] for b in bases)])
         return hashlib.sha256(ident.encode()).hexdigest()
@@ -294,8 +295,14 @@ class DeltaPlanner:
 
 
 def _region(row: List[Any]) -> Region:
-    member = Member(row[3], int(row[4]), int(row[5]), check_digest(row[6])) if len(row) > 3 else None
-    return Region(int(row[0]), int(row[1]), check_digest(row[2]), member)
+    member = Member(row[3], int(row[4]), int(row[5]), _xxh3(row[6])) if len(row) > 3 else None
+    return Region(int(row[0]), int(row[1]), _xxh3(row[2]), member)
+
+
+def _xxh3(value: object) -> str:
+    if not isinstance(value, str) or not value.startswith(XXH3) or len(value) != len(XXH3) + 32:
+        raise ValueError(f"not an xxh3-128 digest: {value!r:.60}")
+    return value
 
 
 def _load_meta(meta_path: Path, ops_path: Path) -> Optional[Tuple[Encoded, int]]:

@@ -42,7 +42,10 @@ MARGIN = 1024 * 1024  # base bytes either side of the matching position
 MIN_FILE = 128  # smaller contents go literal: a reference would cost about as much
 MIN_RANGE = 512  # a member region copied from a base tar (one header block at least)
 PATCH_LEVEL = 12  # measured: level 9 and below lose most matches in 6 MiB windows
-KEEP_PATCH = 0.5  # a window's patch ships only below this fraction of the window
+SMALL_FILE_LEVEL = 19  # files under SMALL_FILE: ~10% smaller patches, time that small files can spend
+SMALL_FILE = 8 * 1024 * 1024
+SURE_PATCH = 0.1  # a patch below this fraction of its window ships without comparing
+FILE_OP_COST = 40  # about what a file op costs in the bundle (a path, a digest, framing)
 assert WINDOW + 2 * MARGIN <= MAX_PATCH_WINDOW
 
 
@@ -242,8 +245,12 @@ def _patch_file(w: _Writer, target: BinaryIO, m: Member, base: int, bm: Member, 
         lo = max(0, centre - MARGIN)
         hi = min(bm.size, centre + len(chunk) + MARGIN)
         window = read_range(bfh, bm.data_offset + lo, hi - lo) if hi > lo else b""
-        frame = _compress(chunk, window) if window else None
-        if frame is not None and len(frame) < len(chunk) * KEEP_PATCH:
+        level = SMALL_FILE_LEVEL if m.size < SMALL_FILE else PATCH_LEVEL
+        frame = _compress(chunk, window, level) if window else None
+        # Ship the patch only if it beats the window's bytes as the entry's zstd would
+        # carry them (binaries and compressed files often patch little better).
+        cost = len(frame) + 12 + (FILE_OP_COST if file_index is None else 0) if frame else 0
+        if frame is not None and (cost < len(chunk) * SURE_PATCH or cost < _compressed_size(chunk)):
             if file_index is None:
                 file_index = w.file(base, bm)
             w.op(Patch(file_index, lo, len(window), len(chunk), frame))
@@ -255,10 +262,15 @@ def _patch_file(w: _Writer, target: BinaryIO, m: Member, base: int, bm: Member, 
     return patched
 
 
-def _compress(chunk: bytes, window: bytes) -> bytes:
+def _compressed_size(chunk: bytes) -> int:
+    """About what ``chunk`` costs as literal bytes in the zstd-coded entry."""
+    return len(zstandard.ZstdCompressor(level=PATCH_LEVEL, write_checksum=False).compress(chunk))
+
+
+def _compress(chunk: bytes, window: bytes, level: int = 0) -> bytes:
     dictionary = zstandard.ZstdCompressionDict(window, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
     params = zstandard.ZstdCompressionParameters.from_level(
-        PATCH_LEVEL, window_log=MAX_PATCH_WINDOW_LOG, source_size=len(chunk),
+        level or PATCH_LEVEL, window_log=MAX_PATCH_WINDOW_LOG, source_size=len(chunk),
         dict_size=len(window), write_content_size=1, write_checksum=0)
     frame: bytes = zstandard.ZstdCompressor(dict_data=dictionary,
                                             compression_params=params).compress(chunk)

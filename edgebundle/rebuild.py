@@ -1,18 +1,19 @@
 """Device side of deltas: rebuild a layer's tar from a delta entry and the site's own files.
 
-A delta entry names its base layers by chain ID and the base files it reads by path,
-size and sha256 (``format.DeltaHead``). The runtime gives a ``BaseTree`` per base layer:
-that layer's files as the runtime holds them (containerd's committed snapshot, Docker's
-layer diff directory). Each base file is verified, size and sha256, before its first
-use; the rebuilt tar is hashed as it streams and must equal the target diff_id before
-the loader may commit anything. So a base that is missing or different is named in a
+A delta entry names its base layers by chain ID (``format.DeltaHead``) and the base
+files it reads by path, size and xxh3-128 (file ops). The runtime gives a ``BaseTree``
+per base layer: that layer's files as the runtime holds them (containerd's committed
+snapshot, Docker's layer diff directory). Each base file is checked, size and xxh3-128,
+before its first use, so that a base that changed is named; the cryptographic check is
+the next one: the rebuilt tar is hashed (sha256) as it streams and must equal the
+target diff_id before the loader may commit anything. So a base that is missing or different is named in a
 ``PrerequisiteError``, a damaged delta is a ``BundleFormatError``, and neither ever
 becomes a layer.
 
 Memory: one op at a time (``format`` bounds them), one read buffer, and for a patch its
 dictionary window and output: about 3 x 8 MiB at worst, whatever the file sizes.
 
-Device-safe: stdlib, zstandard, msgpack.
+Device-safe: stdlib, zstandard, msgpack, xxhash.
 """
 
 from __future__ import annotations
@@ -24,14 +25,15 @@ import os
 import stat
 import tempfile
 from pathlib import Path
-from typing import BinaryIO, Dict, Iterable, Iterator, List, Optional, Protocol, Sequence
+from typing import BinaryIO, Dict, Iterable, Iterator, List, Optional, Protocol, Sequence, Tuple
 
+import xxhash
 import zstandard
 
 from .errors import BundleFormatError, PrerequisiteError
 from .files import IO_CHUNK
 from .format import MAX_PATCH_WINDOW_LOG, BaseLayer, DeltaHead
-from .format.delta import BaseFile, Copy, Literal, Op, Patch, Range, read_ops
+from .format.delta import XXH3, BaseFile, Copy, Literal, Op, Patch, Range, read_ops
 from .format.records import SPEC_HINT
 
 log = logging.getLogger(__name__)
@@ -59,24 +61,61 @@ class DirTree:
     def __init__(self, root: "os.PathLike[str] | str", describe: str) -> None:
         self.root = Path(root)
         self.describe = describe
+        # The last directory walked to, kept open: a layer's files come in tar order,
+        # so most lookups share the previous one's directory (one open instead of ~6).
+        self._dir: Optional[Tuple[Tuple[str, ...], int]] = None
+
+    def _dir_fd(self, parts: Tuple[str, ...]) -> int:
+        if self._dir is not None and self._dir[0] == parts:
+            return self._dir[1]
+        fd = os.open(self.root, os.O_RDONLY | _O_DIRECTORY)
+        try:
+            for part in parts:
+                nxt = os.open(part, os.O_RDONLY | _O_DIRECTORY | _O_NOFOLLOW, dir_fd=fd)
+                os.close(fd)
+                fd = nxt
+        except BaseException:
+            os.close(fd)
+            raise
+        self.close()
+        self._dir = (parts, fd)
+        return fd
 
     def open(self, path: str) -> BinaryIO:
         parts = path.split("/")
-        nofollow = getattr(os, "O_NOFOLLOW", 0)
-        fd = os.open(self.root, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-        try:
-            for part in parts[:-1]:
-                nxt = os.open(part, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | nofollow,
-                              dir_fd=fd)
-                os.close(fd)
-                fd = nxt
-            leaf = os.open(parts[-1], os.O_RDONLY | nofollow, dir_fd=fd)
-        finally:
-            os.close(fd)
+        leaf = os.open(parts[-1], os.O_RDONLY | _O_NOFOLLOW, dir_fd=self._dir_fd(tuple(parts[:-1])))
         if not stat.S_ISREG(os.fstat(leaf).st_mode):
             os.close(leaf)
             raise OSError(errno.EINVAL, "not a regular file")
         return os.fdopen(leaf, "rb")
+
+    def close(self) -> None:
+        if self._dir is not None:
+            os.close(self._dir[1])
+            self._dir = None
+
+    def __del__(self) -> None:
+        self.close()
+
+
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
+
+
+def coalesced(pieces: Iterable[bytes], size: int = 256 * 1024) -> Iterator[bytes]:
+    """``pieces`` joined into runs of at least ``size`` bytes (a tar of small files would
+    otherwise cross the import's writer thread thousands of times a second)."""
+    buf: List[bytes] = []
+    held = 0
+    for piece in pieces:
+        buf.append(piece)
+        held += len(piece)
+        if held >= size:
+            yield b"".join(buf)
+            buf.clear()
+            held = 0
+    if buf:
+        yield b"".join(buf)
 
 
 class _Files:
@@ -123,7 +162,7 @@ class _Files:
         return f, fh
 
     def _verify(self, f: BaseFile, fh: BinaryIO) -> None:
-        hasher = hashlib.sha256()
+        hasher = xxhash.xxh3_128()
         size = 0
         while True:
             piece = fh.read(IO_CHUNK)
@@ -131,7 +170,7 @@ class _Files:
                 break
             size += len(piece)
             hasher.update(piece)
-        if size != f.size or "sha256:" + hasher.hexdigest() != f.digest:
+        if size != f.size or XXH3 + hasher.hexdigest() != f.digest:
             fh.close()
             raise self._fail(f, f"differs from the one the delta was made against "
                                 f"({size} bytes, expected {f.size})")

@@ -12,12 +12,15 @@ Packer side (the device never parses a tar).
 
 from __future__ import annotations
 
-import hashlib
 import tarfile
 from dataclasses import dataclass
 from typing import BinaryIO, List, Optional, Tuple
 
+import xxhash
+
 from .files import IO_CHUNK
+
+XXH3 = "xxh3-128:"  # how member digests are written (not OCI digests: see _digests)
 
 
 @dataclass(frozen=True)
@@ -27,7 +30,7 @@ class Member:
     path: Optional[str]  # normalised (see ``normalise``); None if no device could look it up
     data_offset: int
     size: int
-    digest: str  # sha256 of the contents
+    digest: str  # "xxh3-128:<hex>" of the contents
 
 
 @dataclass(frozen=True)
@@ -36,7 +39,7 @@ class Region:
 
     offset: int
     end: int
-    digest: str  # sha256 of those bytes: equal regions can be copied from a base's tar
+    digest: str  # xxh3-128 of those bytes: equal regions can be copied from a base's tar
     file: Optional[Member] = None  # the regular file it holds, if any
 
 
@@ -88,8 +91,14 @@ def scan(fh: BinaryIO) -> TarScan:
 
 
 def _digests(fh: BinaryIO, start: int, end: int, content: Tuple[int, int]) -> Tuple[str, str]:
-    """sha256 of ``[start, end)`` and of its ``content`` sub-range, in one read."""
-    whole, inner = hashlib.sha256(), hashlib.sha256()
+    """xxh3-128 of ``[start, end)`` and of its ``content`` sub-range, in one read.
+
+    These only find candidates (equal regions, equal files); the packer rebuilds every
+    delta and checks it against the target's sha256 diff_id, and the device checks the
+    rebuilt tar the same way, so a match never has to be cryptographic. xxh3 is ~10x
+    faster than sha256 here, and half the bytes per file in a bundle.
+    """
+    whole, inner = xxhash.xxh3_128(), xxhash.xxh3_128()
     fh.seek(start)
     pos = start
     while pos < end:
@@ -101,7 +110,7 @@ def _digests(fh: BinaryIO, start: int, end: int, content: Tuple[int, int]) -> Tu
         if lo < hi:
             inner.update(piece[lo - pos:hi - pos])
         pos += len(piece)
-    return "sha256:" + whole.hexdigest(), "sha256:" + inner.hexdigest()
+    return XXH3 + whole.hexdigest(), XXH3 + inner.hexdigest()
 
 
 def read_range(fh: BinaryIO, offset: int, size: int) -> bytes:

@@ -78,7 +78,7 @@ MUTANTS: List[Mutant] = [
            "    unknown = sorted(f for f in features if f not in KNOWN_FEATURES)", "    unknown = []",
            "tests/unit/test_delta_plan.py -k upgrade"),
     Mutant("base tree follows symlinks", "edgebundle/rebuild.py",
-           '        nofollow = getattr(os, "O_NOFOLLOW", 0)', "        nofollow = 0",
+           '_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)', "_O_NOFOLLOW = 0",
            "tests/property/test_delta_property.py -k symlink"),
     Mutant("deltas offered by a runtime that cannot serve bases", "edgebundle/usecases/device.py",
            "    features = KNOWN_FEATURES if runtime.reads_bases() else KNOWN_FEATURES - {FEATURE_DELTA}",

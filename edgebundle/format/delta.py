@@ -10,8 +10,9 @@ order, their outputs concatenate to the target tar, byte for byte:
   raw-content dictionary (a patch against one window of a similar file);
 * ``[3, base, offset, length]`` bytes ``[offset, offset + length)`` of the tar of base
   layer ``base`` (headers and contents of members that did not change);
-* ``[4, base, path, size, sha256]`` defines the next base file (``file`` counts these
-  from 0): a regular file of layer ``base`` that the device verifies before first use.
+* ``[4, base, path, size, xxh3]`` defines the next base file (``file`` counts these
+  from 0): a regular file of layer ``base`` whose size and xxh3-128 the device checks
+  before first use.
   It produces no bytes.
 
 Every op is bounded (``MAX_LITERAL``, ``MAX_PATCH_WINDOW``, ``MAX_PATCH_OUTPUT``), so a
@@ -58,7 +59,7 @@ class BaseFile:
     base: int  # index into DeltaHead.bases
     path: str  # relative, normalised: no leading '/', no empty, '.' or '..' component
     size: int
-    digest: str  # "sha256:<hex>" of the contents (32 raw bytes on the wire)
+    digest: str  # "xxh3-128:<hex>" of the contents (16 raw bytes on the wire)
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,8 @@ Op = Union[Literal, Copy, Patch, Range, BaseFile]
 
 # The largest op on the wire: a patch frame never needs to be bigger than its output
 # plus zstd's worst-case overhead (a stored block per 128 KiB), and headers are small.
+XXH3 = "xxh3-128:"
+
 MAX_OP_BYTES = MAX_PATCH_OUTPUT + MAX_PATCH_OUTPUT // 1024 + 4096
 
 
@@ -86,7 +89,7 @@ def encode(op: Op) -> bytes:
     elif isinstance(op, Range):
         obj = [OP_RANGE, op.base, op.offset, op.length]
     elif isinstance(op, BaseFile):
-        obj = [OP_FILE, op.base, op.path, op.size, bytes.fromhex(op.digest[7:])]
+        obj = [OP_FILE, op.base, op.path, op.size, bytes.fromhex(op.digest[len(XXH3):])]
     else:
         if op.length > MAX_PATCH_WINDOW or op.size > MAX_PATCH_OUTPUT:
             raise ValueError("patch window or output too large")
@@ -134,9 +137,9 @@ def _op(obj: object, where: str) -> Op:
         return Literal(obj[1])
     if code == OP_COPY and len(obj) == 2:
         return Copy(_int(obj[1], where, "file"))
-    if code == OP_FILE and len(obj) == 5 and isinstance(obj[4], bytes) and len(obj[4]) == 32:
+    if code == OP_FILE and len(obj) == 5 and isinstance(obj[4], bytes) and len(obj[4]) == 16:
         return BaseFile(_int(obj[1], where, "base"), _path(obj[2], where),
-                        _int(obj[3], where, "size"), "sha256:" + obj[4].hex())
+                        _int(obj[3], where, "size"), XXH3 + obj[4].hex())
     if code == OP_RANGE and len(obj) == 4:
         return Range(_int(obj[1], where, "base"), _int(obj[2], where, "offset"),
                      _int(obj[3], where, "length"))

@@ -29,7 +29,7 @@ from ..format import (LAYER_FORM_TAR, RUNTIME_CONTAINERD, BaseLayer, BundleReade
                       ImageRecord, ImageSummary)
 from ..holdings import Holdings, Inventory
 from ..progress import Bar
-from ..rebuild import BaseTree, rebuild
+from ..rebuild import BaseTree, coalesced, rebuild
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ def import_bundle(stream: BinaryIO, name: str, runtime: Runtime, *,
                     tars = [stack.enter_context(runtime.base_tar(b, holdings.inventory))
                             if b.tar else None for b in delta.bases]
                     loader.add_rebuilt(delta.target, delta.target_size, _counting(
-                        rebuild(delta, entry.chunks(), trees, where, tars), bar))
+                        coalesced(rebuild(delta, entry.chunks(), trees, where, tars)), bar))
                 result.entries_sent += 1
             elif loader is not None and loader.wants(entry.head):
                 log.debug("entry %s (%d bytes): to the runtime", entry.digest, entry.size)

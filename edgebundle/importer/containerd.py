@@ -359,6 +359,7 @@ class ContainerdRuntime:
         self.ctr = ctr
         self.namespace: Optional[str] = ctr.namespace
         self._blobs: Dict[str, bytes] = {}
+        self._trees: Dict[str, DirTree] = {}
 
     def _get(self, digest: str) -> Optional[bytes]:
         """A blob of the content store, or None if it went away since it was listed.
@@ -462,6 +463,8 @@ class ContainerdRuntime:
 
         if not self.reads_bases():
             raise unservable(f"snapshotter {self.ctr.snapshotter} does not keep layers apart")
+        if chain_id in self._trees:  # one view per layer and import, however many deltas
+            return self._trees[chain_id]
         key = f"edgebundle-base-{secrets.token_hex(6)}"
         try:
             out = self.ctr.run("snapshots", "--snapshotter", self.ctr.snapshotter, "view",
@@ -473,7 +476,8 @@ class ContainerdRuntime:
         path = parse_view_mounts(out.decode(errors="replace"))
         if path is None or not os.path.isdir(path):
             raise unservable(f"its view's mounts name no readable directory ({out[:200]!r})")
-        return DirTree(path, f"containerd snapshot {path}")
+        tree = self._trees[chain_id] = DirTree(path, f"containerd snapshot {path}")
+        return tree
 
     @contextlib.contextmanager
     def base_tar(self, base: BaseLayer, inv: Inventory) -> Iterator[BinaryIO]:

@@ -235,6 +235,13 @@ def delta_section(r: Dict[str, Any]) -> List[str]:
         f"{SC_NAMES[sc]}: `{x['argv']}` {size(x['bytes'])} in {x['create_s']:.1f} s, peak RSS "
         f"{mib(x['create_rss_kb'])} MiB to create, {mib(x['apply_rss_kb'])} MiB to apply"
         for sc, x in refs.items()) + ".", ""]
+    pl = d.get("patch_levels") or []
+    if pl:
+        L += ["Patch level (`edgebundle.delta.PATCH_LEVEL`, windows of 4 MiB against 6 MiB of base), "
+              "measured on one pair in the same run; the level in use is 12:", ""]
+        L += table(["pair", "zstd level", "patch bytes", "seconds"],
+                   [[x["pair"] + f" ({size(x['bytes_in'])})", x["level"], f"{x['patch_bytes']:,}",
+                     f"{x['seconds']:.2f}"] for x in pl])
     packs = [x for x in d["rows"] if x["scenario"] == "c-pack"]
     if packs:
         L += ["Pack of (c) for a site in state (b), blobs already cached: computing the deltas, then with "

@@ -200,10 +200,10 @@ def test_bad_delta_head_fields(field: str, value: object, fragment: str) -> None
 
 
 @pytest.mark.parametrize("op,fragment", [
-    ([4, 0, "../etc/shadow", 1, b"\0" * 32], "not relative and normalised"),
-    ([4, 0, "/etc/shadow", 1, b"\0" * 32], "not relative and normalised"),
-    ([4, 0, "a", 1, b"\0" * 31], "unknown or malformed op"),
-    ([4, 1, "a", 1, b"\0" * 32], "names base 1, but the entry has 1"),
+    ([4, 0, "../etc/shadow", 1, b"\0" * 16], "not relative and normalised"),
+    ([4, 0, "/etc/shadow", 1, b"\0" * 16], "not relative and normalised"),
+    ([4, 0, "a", 1, b"\0" * 32], "unknown or malformed op"),  # a sha256, not an xxh3-128
+    ([4, 1, "a", 1, b"\0" * 16], "names base 1, but the entry has 1"),
     ([1, 0], "op names base file 0, but only 0 are defined"),
     ([3, 0, 0, 10], "does not declare as a tar base"),
     ([9], "unknown or malformed op"),
