@@ -33,7 +33,7 @@ import zstandard
 
 from .cache import BlobCache
 from .compression import MAGIC_BYTES, NONE, classify, decompress_stream
-from .delta import MARGIN, MIN_FILE, MIN_RANGE, PATCH_LEVEL, SMALL_FILE, SMALL_FILE_LEVEL, WINDOW, Base, DeltaStats, Encoded, check, encode
+from .delta import MARGIN, MIN_FILE, MIN_RANGE, MIN_RANGE_SHARE, PATCH_LEVEL, SMALL_FILE, SMALL_FILE_LEVEL, WINDOW, Base, DeltaStats, Encoded, check, encode
 from .errors import CacheError, UsageError
 from .files import IO_CHUNK, atomic_file, atomic_write
 from .format import FEATURE_DELTA, BaseLayer, DeltaHead, Prerequisite
@@ -257,7 +257,7 @@ class DeltaPlanner:
 
     def _key(self, layer: Layer, bases: List[Base]) -> str:
         ident = json.dumps([DELTA_VERSION, WINDOW, MARGIN, PATCH_LEVEL, SMALL_FILE, SMALL_FILE_LEVEL,
-                            MIN_FILE, MIN_RANGE,
+                            MIN_FILE, MIN_RANGE, MIN_RANGE_SHARE,
                             layer.diff_id,
                             sorted([b.layer.chain_id, b.layer.diff_id, b.layer.tar] for b in bases)])
         return hashlib.sha256(ident.encode()).hexdigest()

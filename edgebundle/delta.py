@@ -41,6 +41,7 @@ WINDOW = 4 * 1024 * 1024  # target bytes per patch
 MARGIN = 1024 * 1024  # base bytes either side of the matching position
 MIN_FILE = 128  # smaller contents go literal: a reference would cost about as much
 MIN_RANGE = 512  # a member region copied from a base tar (one header block at least)
+MIN_RANGE_SHARE = 0.25  # ranges from a base's tar only if they cover this much of it
 PATCH_LEVEL = 12  # measured: level 9 and below lose most matches in 6 MiB windows
 SMALL_FILE_LEVEL = 19  # files under SMALL_FILE: ~10% smaller patches, time that small files can spend
 SMALL_FILE = 8 * 1024 * 1024
@@ -160,6 +161,16 @@ def encode(target: BinaryIO, scan: TarScan, diff_id: str, bases: Sequence[Base],
         if base.layer.tar:
             for region in base.scan.regions:
                 regions.setdefault(region.digest, (i, region))
+    # A range op makes the device rebuild and verify that base's whole tar first (one
+    # pass over it, spooled to disk): worth it only when ranges cover much of that tar.
+    # A 300 MB layer whose only unchanged members are a directory or two is read by file.
+    covered: Dict[int, int] = {}
+    for region in scan.regions:
+        hit = regions.get(region.digest)
+        if hit is not None:
+            covered[hit[0]] = covered.get(hit[0], 0) + region.end - region.offset
+    worth = {i for i, n in covered.items() if n >= bases[i].scan.size * MIN_RANGE_SHARE}
+    regions = {k: v for k, v in regions.items() if v[0] in worth}
     w = _Writer(out, bases)
     copied = patched = files_copied = files_patched = 0
     pos = 0

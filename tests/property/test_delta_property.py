@@ -239,6 +239,18 @@ def test_unchanged_members_are_copied_as_ranges_of_a_tar_base(tmp_path: Path) ->
         list(rebuild(enc.head, [ops], [DirTree(tmp_path, "x")], "t", [None]))
 
 
+def test_a_tar_base_is_used_only_where_ranges_cover_much_of_it() -> None:
+    rng = random.Random(12)
+    big = rng.randbytes(200_000)
+    old = {"data/big.bin": big, "data/VERSION": b"v1\n" * 50}
+    new = {"data/big.bin": big[:100_000] + b"edit" + big[100_004:], "data/VERSION": b"v1\n" * 50}
+    base_tar = make_tar(old, tarfile.PAX_FORMAT, rng, extras=False)
+    enc, _ = encode_bytes(make_tar(new, tarfile.PAX_FORMAT, rng, extras=False),
+                          bases_of([base_tar], [True]))
+    # Only the directory and VERSION members are unchanged: the device reads by file.
+    assert [b.tar for b in enc.head.bases] == [False] and enc.stats.patched >= 200_000
+
+
 def test_changed_or_missing_base_file_is_a_prerequisite_error(tmp_path: Path) -> None:
     rng = random.Random(7)
     old = {"etc/conf": b"setting=1\n" * 100, "bin/tool": rng.randbytes(5000)}
