@@ -35,7 +35,7 @@ from .cache import BlobCache
 from .compression import MAGIC_BYTES, NONE, classify, decompress_stream
 from .delta import MARGIN, MIN_FILE, MIN_RANGE, MIN_RANGE_SHARE, PATCH_LEVEL, SMALL_FILE, SMALL_FILE_LEVEL, WINDOW, Base, DeltaStats, Encoded, check, encode
 from .errors import CacheError, UsageError
-from .files import IO_CHUNK, atomic_file, atomic_write
+from .files import IO_CHUNK, atomic_file, atomic_write, read_pieces
 from .format import FEATURE_DELTA, BaseLayer, DeltaHead, Prerequisite
 from .holdings import Inventory
 from .image import Layer
@@ -229,7 +229,7 @@ class DeltaPlanner:
             kind = classify("", fh.read(MAGIC_BYTES))
             fh.seek(0)
             try:
-                for piece in (decompress_stream(fh, kind) if kind != NONE else _pieces(fh)):
+                for piece in (decompress_stream(fh, kind) if kind != NONE else read_pieces(fh)):
                     hasher.update(piece)
                     out.write(piece)
             except (zlib.error, zstandard.ZstdError, EOFError):
@@ -289,7 +289,7 @@ class DeltaPlanner:
         """The op stream of a delta this planner chose, for the bundle writer."""
         path = self._ops.get(digest)
         if path is not None and path.is_file():
-            return _checked(path, digest)
+            return _pieces_of(path)  # the bundle writer checks its digest as it writes it
         raise CacheError(f"delta {digest} is missing from the packer cache",
                          "something removed it while edgebundle ran; run the command again")
 
@@ -338,11 +338,6 @@ def _pieces_at(fh: BinaryIO) -> Iterator[bytes]:
         yield piece
 
 
-def _checked(path: Path, digest: str) -> Iterator[bytes]:
-    """A cached op stream; the bundle writer checks its digest as it writes it."""
-    yield from _pieces_of(path)
-
-
 def _repository(name: str) -> str:
     try:
         return parse_reference(name).repository
@@ -350,17 +345,9 @@ def _repository(name: str) -> str:
         return name
 
 
-def _pieces(fh: BinaryIO) -> Iterator[bytes]:
-    while True:
-        piece = fh.read(IO_CHUNK)
-        if not piece:
-            return
-        yield piece
-
-
 def _pieces_of(path: Path) -> Iterator[bytes]:
     with open(path, "rb") as fh:
-        yield from _pieces(fh)
+        yield from read_pieces(fh)
 
 
 def _no_bar(total: int, desc: str) -> Bar:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from dataclasses import dataclass, replace
 from pathlib import PurePosixPath
 from typing import BinaryIO, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
@@ -344,12 +343,3 @@ def check(encoded: Encoded, ops: Callable[[], Iterator[bytes]], bases: Sequence[
         for fh in tars:
             if fh is not None:
                 fh.close()
-
-
-def file_pieces(path: "os.PathLike[str] | str", chunk: int = 1024 * 1024) -> Iterator[bytes]:
-    with open(path, "rb") as fh:
-        while True:
-            piece = fh.read(chunk)
-            if not piece:
-                return
-            yield piece

@@ -106,11 +106,6 @@ class Plan:
         return out
 
     @property
-    def whole_bytes(self) -> int:
-        """What the shipped layers would cost without deltas (registry sizes)."""
-        return sum(size if lp is None else lp.layer.size for lp, size in self.shipped().values())
-
-    @property
     def ship_bytes(self) -> int:
         """Registry bytes of what ships, each blob counted once (as pack writes it)."""
         return sum(size for _, size in self.shipped().values())

@@ -25,7 +25,7 @@ import os
 import stat
 import tempfile
 from pathlib import Path
-from typing import BinaryIO, Dict, Iterable, Iterator, List, Optional, Protocol, Sequence, Tuple
+from typing import BinaryIO, Iterable, Iterator, List, Optional, Protocol, Sequence, Tuple
 
 import xxhash
 import zstandard
@@ -197,10 +197,9 @@ def rebuild(head: DeltaHead, ops: Iterable[bytes], trees: Sequence[BaseTree], wh
     files = _Files(head, trees, where, tar_list)
     hasher = hashlib.sha256()
     total = 0
-    dctx_cache: Dict[int, zstandard.ZstdDecompressor] = {}
     try:
         for op in read_ops(ops, where):
-            for piece in _apply(op, files, where, dctx_cache):
+            for piece in _apply(op, files, where):
                 total += len(piece)
                 if total > head.target_size:
                     raise BundleFormatError(f"{where}: rebuilds more than the target's "
@@ -215,8 +214,7 @@ def rebuild(head: DeltaHead, ops: Iterable[bytes], trees: Sequence[BaseTree], wh
                                 f"its target {head.target} ({head.target_size} bytes)", SPEC_HINT)
 
 
-def _apply(op: Op, files: _Files, where: str,
-           dctx_cache: Dict[int, zstandard.ZstdDecompressor]) -> Iterator[bytes]:
+def _apply(op: Op, files: _Files, where: str) -> Iterator[bytes]:
     if isinstance(op, Literal):
         yield op.data
         return
@@ -305,12 +303,3 @@ def _unpatch(window: bytes, op: Patch, where: str) -> bytes:
         raise BundleFormatError(f"{where}: patch decodes to {len(out)} bytes, not {op.size}",
                                 SPEC_HINT)
     return out
-
-
-def trees_for(head: DeltaHead, opener: "Opener") -> List[BaseTree]:
-    """One tree per base layer of ``head``, from the runtime's ``opener``."""
-    return [opener(base.chain_id, base.diff_id) for base in head.bases]
-
-
-class Opener(Protocol):
-    def __call__(self, chain_id: str, diff_id: str) -> BaseTree: ...

@@ -185,6 +185,7 @@ class DockerRuntime:
     def inventory(self) -> Inventory:
         images = []
         chains: Set[str] = set()
+        serves = self.reads_bases()  # once: a stat of the data root, not one per layer
         summaries = self.api.get_json("/images/json?all=1") or []
         if not isinstance(summaries, list):
             raise LoadError(f"docker API /images/json answered {type(summaries).__name__}, not a list",
@@ -201,7 +202,8 @@ class DockerRuntime:
             chains.update(ids)
             plat = str(Platform(str(detail.get("Os") or ""), str(detail.get("Architecture") or ""),
                                 str(detail.get("Variant") or "")).normalized())
-            layers = tuple(HeldLayer(diff_id=d, unpacked=True, tar=self._has_tar_split(c))
+            layers = tuple(HeldLayer(diff_id=d, unpacked=True,
+                                     tar=serves and self._tar_split(c).is_file())
                            for d, c in zip(diff_ids, ids))
             for tag in summary.get("RepoTags") or []:
                 name = _tag_name(tag)
@@ -226,12 +228,6 @@ class DockerRuntime:
             info = info if isinstance(info, dict) else {}
             self._info = (str(info.get("DockerRootDir") or ""), str(info.get("Driver") or ""))
         return self._info
-
-    def _has_tar_split(self, chain_id: str) -> bool:
-        """Whether this layer's exact tar can be rebuilt here (tar-split + layer dir)."""
-        if not self.reads_bases():
-            return False
-        return self._tar_split(chain_id).is_file()
 
     def reads_bases(self) -> bool:
         root, driver = self._storage()

@@ -127,15 +127,20 @@ class PackerSession:
             return Inventory.empty(site.runtime, site.namespace)
         return self.store.load(site.name, site.runtime, site.namespace)
 
-    def plan(self, site: SiteSpec, *, full: bool = False, deltas: bool = True) -> Plan:
+    def plan(self, site: SiteSpec, *, full: bool = False, deltas: bool = True,
+             fetch: bool = False) -> Plan:
         """What ``site`` lacks; with ``deltas`` (and the site's ``deltas:``), as deltas
-        where clearly smaller (which fetches the layers that ship, to diff them)."""
+        where clearly smaller. The layers that ship are fetched when ``fetch`` asks (to
+        pack them), or when deltas are considered (to diff them): once either way."""
         images = self.resolve(site)
         inv = self.inventory(site, full=full)
         plan = plan_bundle(site.name, images, inv, runtime=site.runtime,
                            namespace=site.namespace, platform=str(site.platform))
-        if deltas and site.deltas and plan.shipped_layers() and inv.images:
-            plan = self.deltas.apply(self._fetched(plan), inv)
+        with_deltas = deltas and site.deltas and bool(plan.shipped_layers()) and bool(inv.images)
+        if fetch or with_deltas:
+            plan = self._fetched(plan)
+        if with_deltas:
+            plan = self.deltas.apply(plan, inv)
         for ip in plan.images:
             shipped = sum(1 for lp in ip.layers if lp.ship)
             as_delta = sum(1 for lp in ip.layers if lp.ship and lp.delta)
@@ -145,8 +150,8 @@ class PackerSession:
         return plan
 
     def _fetched(self, plan: Plan) -> Plan:
-        """Fetch every layer ``plan`` ships whole into the cache; the plan with tar sizes."""
-        needed = {lp.layer.digest for lp in plan.shipped_layers() if lp.delta is None}
+        """Fetch every layer ``plan`` ships into the cache; the plan with tar sizes."""
+        needed = {lp.layer.digest for lp in plan.shipped_layers()}
         fetched = self.resolver.fetch_layers([ip.image for ip in plan.to_ship], needed,
                                              progress_factory=self._progress)
         return with_layer_info(plan, fetched)
@@ -160,7 +165,7 @@ class PackerSession:
         """
         what = "bundle to standard output" if output == "-" else f"bundle {output}"
         check_output(output, what)  # before any download, not after
-        plan = self._fetched(self.plan(site, full=full, deltas=deltas))
+        plan = self.plan(site, full=full, deltas=deltas, fetch=True)
         workers = threads if threads > 0 else (os.cpu_count() or 1)
         shipped = sum(lp.layer.size for lp in plan.shipped_layers())
         bar = (self._progress or _no_bar)(shipped, "pack")

@@ -338,30 +338,11 @@ def start_containerd(tmp: Path, *, snapshotter: Optional[str] = None) -> Contain
     )
     log = tmp / "containerd.log"
     proc = _spawn([binary, "--config", str(cfg)], log)
-    env = clean_env()
-
-    def probe() -> bool:
-        if not _unix_connectable(sock):
-            return False
-        r = subprocess.run(
-            [ctr, "--address", str(sock), "--connect-timeout", "2s", "version"],
-            env=env,
-            capture_output=True,
-            timeout=10,
-        )
-        return r.returncode == 0
-
-    _wait_ready("containerd", proc, log, probe)
+    _wait_ready("containerd", proc, log, lambda: _ctr_answers(ctr, sock))
 
     if snapshotter is None:
-        snapshotter = "native"
-        r = subprocess.run([ctr, "--address", str(sock), "plugins", "ls"], env=env, capture_output=True, text=True)
-        for line in r.stdout.splitlines():
-            cols = line.split()
-            # TYPE ID PLATFORMS STATUS
-            if len(cols) >= 3 and cols[0] == "io.containerd.snapshotter.v1" and cols[1] == "overlayfs":
-                if cols[-1] == "ok":
-                    snapshotter = "overlayfs"
+        snapshotter = "overlayfs" if _plugin_ok(ctr, sock, "io.containerd.snapshotter.v1", "overlayfs") \
+            else "native"
     return Containerd(
         address=str(sock),
         root=root,
@@ -433,20 +414,22 @@ def _cri_config(tmp: Path, snapshotter: str = "overlayfs") -> str:
     )
 
 
-def _overlay_ok(ctr: str, sock: Path) -> bool:
-    r = subprocess.run([ctr, "--address", str(sock), "plugins", "ls"], env=clean_env(), capture_output=True, text=True)
-    for line in r.stdout.splitlines():
-        cols = line.split()
-        if len(cols) >= 3 and cols[0] == "io.containerd.snapshotter.v1" and cols[1] == "overlayfs":
-            return cols[-1] == "ok"
-    return False
+def _ctr_answers(ctr: str, sock: Path) -> bool:
+    """The readiness probe of a private containerd: its socket accepts and ctr gets a version."""
+    if not _unix_connectable(sock):
+        return False
+    r = subprocess.run([ctr, "--address", str(sock), "--connect-timeout", "2s", "version"],
+                       env=clean_env(), capture_output=True, timeout=10)
+    return r.returncode == 0
 
 
-def _cri_ok(ctr: str, sock: Path) -> bool:
-    r = subprocess.run([ctr, "--address", str(sock), "plugins", "ls"], env=clean_env(), capture_output=True, text=True)
+def _plugin_ok(ctr: str, sock: Path, kind: str, plugin_id: str) -> bool:
+    """Whether ``ctr plugins ls`` (TYPE ID PLATFORMS STATUS) shows the plugin loaded."""
+    r = subprocess.run([ctr, "--address", str(sock), "plugins", "ls"], env=clean_env(),
+                       capture_output=True, text=True)
     for line in r.stdout.splitlines():
         cols = line.split()
-        if len(cols) >= 3 and cols[0] == "io.containerd.grpc.v1" and cols[1] == "cri":
+        if len(cols) >= 3 and cols[0] == kind and cols[1] == plugin_id:
             return cols[-1] == "ok"
     return False
 
@@ -470,33 +453,20 @@ def start_containerd_cri(tmp: Path, *, snapshotter: Optional[str] = None) -> Con
         (tmp / d).mkdir(parents=True, exist_ok=True)
     cfg = tmp / "config.toml"
     log = tmp / "containerd.log"
-    env = clean_env()
 
     def launch(snap: str) -> subprocess.Popen[bytes]:
         cfg.write_text(_cri_config(tmp, snap))
         proc = _spawn([binary, "--config", str(cfg)], log)
-
-        def probe() -> bool:
-            if not _unix_connectable(sock):
-                return False
-            r = subprocess.run(
-                [ctr, "--address", str(sock), "--connect-timeout", "2s", "version"],
-                env=env,
-                capture_output=True,
-                timeout=10,
-            )
-            return r.returncode == 0
-
-        _wait_ready("containerd (cri)", proc, log, probe)
+        _wait_ready("containerd (cri)", proc, log, lambda: _ctr_answers(ctr, sock))
         return proc
 
     snap = snapshotter or "overlayfs"
     proc = launch(snap)
-    if snapshotter is None and not _overlay_ok(ctr, sock):
+    if snapshotter is None and not _plugin_ok(ctr, sock, "io.containerd.snapshotter.v1", "overlayfs"):
         _terminate(proc)
         snap = "native"
         proc = launch(snap)
-    if not _cri_ok(ctr, sock):
+    if not _plugin_ok(ctr, sock, "io.containerd.grpc.v1", "cri"):
         _terminate(proc)
         raise ServiceError(f"CRI plugin did not load; log tail:\n{_log_tail(log)}")
     # The CRI gRPC services are registered at once but answer "server is not

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import subprocess
 from pathlib import Path
 from typing import Any, Dict, List
 

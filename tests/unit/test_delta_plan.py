@@ -11,7 +11,7 @@ import json
 import random
 from dataclasses import replace
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import List, Tuple
 
 import pytest
 
@@ -279,7 +279,7 @@ def test_report_offers_deltas_only_where_the_runtime_can_serve_bases(tmp_path: P
                                                ("nodelta", True, "whole")])
 def test_plan_use_case_honours_no_delta_and_the_sites_switch(tmp_path: Path, site: str,
                                                              deltas: bool, want: str) -> None:
-    from edgebundle.usecases.packer import PackerSession, plan_site
+    from edgebundle.usecases.packer import plan_site
     from edgebundle.store import InventoryStore
     from tiny_images import write_oci_layout
 
