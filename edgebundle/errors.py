@@ -18,6 +18,9 @@ and a non-zero exit code chosen by the error family:
     +-- InventoryError             10  report or inventory store
     +-- CacheError                 11  the packer's blob cache
     +-- OutputError                12  an output file or stream cannot be written
+    +-- TrustError                 13  unsigned, wrongly signed or downgraded bundle
+    +-- SpaceError                 14  not enough free disk for what would be written
+    +-- LockedError                15  another import holds the device's lock
 """
 
 from __future__ import annotations
@@ -93,6 +96,24 @@ class OutputError(EdgebundleError):
     """Writing an output (bundle, report) failed: disk full, permissions, a closed pipe."""
 
     exit_code = 12
+
+
+class TrustError(EdgebundleError):
+    """The device's trust policy refuses the bundle (nothing reached the runtime)."""
+
+    exit_code = 13
+
+
+class SpaceError(EdgebundleError):
+    """The disk cannot hold what would be written; checked before writing anything."""
+
+    exit_code = 14
+
+
+class LockedError(EdgebundleError):
+    """Another edgebundle process holds the lock (an import into the same runtime)."""
+
+    exit_code = 15
 
 
 def type_name(value: object, *, mapping: str = "object", sequence: str = "array") -> str:

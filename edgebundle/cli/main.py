@@ -26,7 +26,8 @@ Every command takes -v (what happens) and --debug (more, with library requests).
 
 Exit codes: 0 ok, 1 error, 2 usage, 3 manifest, 4 resolve, 5 bundle format,
 6 prerequisite missing, 7 runtime unreachable, 8 load failed, 9 transport, 10 inventory,
-11 packer cache, 12 output not writable.
+11 packer cache, 12 output not writable, 13 trust policy refused the bundle,
+14 not enough disk space, 15 another import is running.
 """
 
 log = logging.getLogger("edgebundle")
@@ -58,6 +59,12 @@ def _runtime_args(p: argparse.ArgumentParser, required: bool = True) -> None:
                    help="containerd snapshotter (default: %(default)s)")
     g.add_argument("--host", default="unix:///var/run/docker.sock",
                    help="Docker Engine socket (default: %(default)s)")
+
+
+def _state_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--state-dir", metavar="DIR",
+                   help="device state (import lock, records that must survive a power cut); "
+                   "default: $EDGEBUNDLE_STATE_DIR, else /var/lib/edgebundle")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,12 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("import", parents=[common], help="verify a bundle and load it into the runtime")
     p.add_argument("bundle", help="bundle file, or - for standard input")
     _runtime_args(p)
+    _state_args(p)
     p.add_argument("--report", metavar="PATH", help="also write the inventory report here")
     p.add_argument("--json", action="store_true", help="machine-readable summary")
     p.add_argument("--no-progress", action="store_true", help="no progress display")
 
     p = sub.add_parser("report", parents=[common], help="write what the runtime really holds (inventory report)")
     _runtime_args(p)
+    _state_args(p)
     p.add_argument("-o", "--output", metavar="PATH", help="write the report to PATH")
     p.add_argument("--site", help="site name to put in the report")
     p.add_argument("--json", action="store_true", help="print the report JSON to stdout")
