@@ -65,6 +65,9 @@ class Inventory:
     # Bundle features the device's edgebundle reads (report key "features"); a packer
     # sends a delta only to a device that lists "tar-delta-v1".
     features: FrozenSet[str] = frozenset()
+    # Key ids the device's trust policy accepts (report key "signatures"): empty when it
+    # enforces none, None when the report predates signatures.
+    trusted_keys: Optional[FrozenSet[str]] = None
     extra: Dict[str, object] = field(default_factory=dict, compare=False, hash=False)
 
     @classmethod

@@ -13,10 +13,11 @@ atomically, a pipe, stdout) is the caller's business (``files.open_output``).
 
 from __future__ import annotations
 
+import functools
 import logging
 import zlib
 from dataclasses import dataclass
-from typing import BinaryIO, Callable, Iterator, Optional, Set
+from typing import BinaryIO, Callable, Iterable, Iterator, List, Optional, Sequence, Set
 
 import zstandard
 
@@ -25,12 +26,13 @@ from .cache import BlobCache
 from .compression import MAGIC_BYTES, NONE, classify, decompress_stream
 from .errors import CacheError
 from .files import read_pieces
-from .format import (CODEC_STORED, CODEC_ZSTD, LAYER_FORM_TAR, BundleWriter, Header, ImageRecord,
-                     ImageSummary, LayerRecord)
-from .format.writer import EntryMismatch, Sink
+from .format import (CODEC_STORED, CODEC_ZSTD, FEATURE_SIGNATURE, LAYER_FORM_TAR, BundleWriter,
+                     Commitments, EntryHead, Header, ImageRecord, ImageSummary, LayerRecord, Signer)
+from .format.signature import entry_commitment, images_commitment
+from .format.writer import EntryHeads, EntryMismatch, Sink
 from .image import Layer, ResolvedImage
 from .oci import MT_OCI_LAYER, Descriptor
-from .plan import Plan
+from .plan import LayerPlan, Plan
 from .report import now_rfc3339
 
 log = logging.getLogger(__name__)
@@ -58,15 +60,17 @@ def image_record(image: ResolvedImage, form: str) -> ImageRecord:
                      for l in image.layers))
 
 
-def bundle_header(plan: Plan, created: Optional[str] = None) -> Header:
+def bundle_header(plan: Plan, created: Optional[str] = None,
+                  commitments: Optional[Commitments] = None, signed: bool = False) -> Header:
     """The header for ``plan``'s bundle; ``created`` defaults to now."""
+    features = plan.required_features + ((FEATURE_SIGNATURE,) if signed else ())
     return Header(
         site=plan.site, runtime=plan.runtime, namespace=plan.namespace, platform=plan.platform,
         layer_form=plan.layer_form, prerequisites=plan.prerequisites,
         images=tuple(ImageSummary(p.image.name, p.image.top.digest, p.image.config.digest)
                      for p in plan.to_ship),
         content_bytes=content_bytes(plan), created=created or now_rfc3339(),
-        tool=f"edgebundle {__version__}", required_features=plan.required_features)
+        tool=f"edgebundle {__version__}", required_features=features, commitments=commitments)
 
 
 def content_bytes(plan: Plan) -> int:
@@ -90,64 +94,105 @@ DeltaOps = Callable[[str], Iterator[bytes]]
 
 def write_bundle(plan: Plan, cache: BlobCache, out: Sink, *, level: int = 16, threads: int = 1,
                  created: Optional[str] = None, progress: Optional[Progress] = None,
-                 delta_ops: Optional[DeltaOps] = None) -> PackStats:
-    """Write the bundle for ``plan`` to ``out``.
+                 delta_ops: Optional[DeltaOps] = None, signers: Sequence[Signer] = ()) -> PackStats:
+    """Write the bundle for ``plan`` to ``out``; ``signers`` sign its header.
 
     Every blob the plan ships must be in ``cache`` (``resolve.fetch_layers``); a missing
     or damaged one raises ``CacheError`` (a damaged one is removed, so a rerun refetches).
-    A layer planned as a delta is written from ``delta_ops``.
+    A layer planned as a delta is written from ``delta_ops``. Every entry record is
+    decided before the header is written, because the header commits to them all.
     """
-    writer = BundleWriter(out, bundle_header(plan, created), level=level, threads=threads)
+    records = [image_record(p.image, plan.layer_form) for p in plan.to_ship]
+    planned = _planned_entries(plan, cache, level, delta_ops, progress)
+    commitments = Commitments(tuple(entry_commitment(e.head) for e in planned),
+                              images_commitment(records))
+    writer = BundleWriter(out, bundle_header(plan, created, commitments, bool(signers)),
+                          level=level, threads=threads, signers=signers)
+    for entry in planned:
+        entry.write(writer)
+    total = writer.finish(records)
+    return PackStats(total, len(writer.entries), len(plan.to_ship), plan.ship_bytes,
+                     plan.full_bytes)
+
+
+@dataclass(frozen=True)
+class _Planned:
+    """One entry to write: its record (known before any byte) and how to write it."""
+
+    head: EntryHead
+    write: Callable[[BundleWriter], object]
+
+
+def _planned_entries(plan: Plan, cache: BlobCache, level: int, delta_ops: Optional[DeltaOps],
+                     progress: Optional[Progress]) -> List[_Planned]:
+    """The bundle's entries in order: each image's JSON (config, manifest, index), then its
+    layers (whole or as deltas), each digest once."""
+    heads = BundleWriter.heads(level)
+    out: List[_Planned] = []
     written: Set[str] = set()
     for ip in plan.to_ship:
         for desc in reversed(ip.image.json_blobs):  # config, manifest, index
             if desc.digest not in written:
-                _add_json(writer, cache, desc)
+                out.append(_Planned(heads.blob(desc.digest, desc.size, codec=CODEC_ZSTD,
+                                               media_type=desc.media_type),
+                                    functools.partial(_add_json, cache=cache, desc=desc)))
                 written.add(desc.digest)
         for lp in ip.layers:
             if lp.ship and lp.delta is not None and lp.delta.entry not in written:
                 if delta_ops is None:
                     raise ValueError("the plan has deltas but no delta_ops was given")
-                log.debug("pack: layer %s as a delta (%d bytes of ops)", lp.layer.digest,
-                          lp.delta.size)
-                writer.add_delta(lp.delta.head, lp.delta.entry, lp.delta.size,
-                                 _counting(delta_ops(lp.delta.entry), lp.layer.size,
-                                           lp.delta.size, progress))
+                out.append(_Planned(heads.delta(lp.delta.head, lp.delta.entry, lp.delta.size),
+                                    functools.partial(_add_delta, lp=lp, delta_ops=delta_ops,
+                                                      progress=progress)))
                 written.add(lp.delta.entry)
             elif lp.ship and lp.delta is None and lp.entry not in written:
-                log.debug("pack: layer %s as %s (%d bytes)", lp.layer.digest, plan.layer_form,
-                          lp.layer.size)
-                _add_layer(writer, cache, lp.layer, plan.layer_form, progress)
+                head = _layer_head(heads, cache, lp.layer, plan.layer_form)
+                out.append(_Planned(head, functools.partial(
+                    _add_layer, cache=cache, layer=lp.layer, head=head, progress=progress)))
                 written.add(lp.entry)
-    total = writer.finish([image_record(p.image, plan.layer_form) for p in plan.to_ship])
-    return PackStats(total, len(writer.entries), len(plan.to_ship), plan.ship_bytes,
-                     plan.full_bytes)
+    return out
 
 
-def _add_json(writer: BundleWriter, cache: BlobCache, desc: Descriptor) -> None:
+def _add_delta(writer: BundleWriter, lp: LayerPlan, delta_ops: DeltaOps,
+               progress: Optional[Progress]) -> None:
+    assert lp.delta is not None
+    log.debug("pack: layer %s as a delta (%d bytes of ops)", lp.layer.digest, lp.delta.size)
+    writer.add_delta(lp.delta.head, lp.delta.entry, lp.delta.size,
+                     _counting(delta_ops(lp.delta.entry), lp.layer.size, lp.delta.size, progress))
+
+
+def _add_json(writer: BundleWriter, *, cache: BlobCache, desc: Descriptor) -> None:
     data = cache.read_bytes(desc.digest)
     writer.add_blob(desc.digest, desc.size, [data], codec=CODEC_ZSTD, media_type=desc.media_type)
 
 
-def _add_layer(writer: BundleWriter, cache: BlobCache, layer: Layer, form: str,
+def _layer_head(heads: EntryHeads, cache: BlobCache, layer: Layer, form: str) -> EntryHead:
+    """How a layer is carried (FORMAT.md, "How writers choose a codec"), from its first bytes."""
+    with cache.open(layer.digest) as fh:
+        kind = classify(layer.media_type, fh.read(MAGIC_BYTES))
+    if form == LAYER_FORM_TAR and kind != NONE:
+        if layer.tar_size < 0:
+            raise ValueError(f"layer {layer.digest} has no recorded tar size; fetch it first")
+        return heads.blob(layer.diff_id, layer.tar_size, codec=CODEC_ZSTD, media_type=MT_OCI_LAYER)
+    if kind == NONE:  # already an uncompressed tar: its blob digest is its diff_id
+        return heads.blob(layer.digest, layer.size, codec=CODEC_ZSTD, media_type=layer.media_type)
+    return heads.blob(layer.digest, layer.size, codec=CODEC_STORED, media_type=layer.media_type)
+
+
+def _add_layer(writer: BundleWriter, *, cache: BlobCache, layer: Layer, head: EntryHead,
                progress: Optional[Progress]) -> None:
+    log.debug("pack: layer %s as %s (%d bytes)", layer.digest,
+              "a tar" if head.digest != layer.digest else "its blob", layer.size)
     with cache.open(layer.digest) as fh:
         kind = classify(layer.media_type, fh.read(MAGIC_BYTES))
         fh.seek(0)
         try:
-            if form == LAYER_FORM_TAR and kind != NONE:
-                if layer.tar_size < 0:
-                    raise ValueError(f"layer {layer.digest} has no recorded tar size; fetch it first")
-                writer.add_blob(layer.diff_id, layer.tar_size,
-                                _decompressed(fh, kind, layer.digest, cache, progress),
-                                codec=CODEC_ZSTD, media_type=MT_OCI_LAYER)
-            elif kind == NONE:
-                # Already an uncompressed tar: its blob digest is its diff_id.
-                writer.add_blob(layer.digest, layer.size, read_pieces(fh, progress),
-                                codec=CODEC_ZSTD, media_type=layer.media_type)
+            if head.digest != layer.digest:  # tar form of a compressed blob
+                pieces: Iterable[bytes] = _decompressed(fh, kind, layer.digest, cache, progress)
             else:
-                writer.add_blob(layer.digest, layer.size, read_pieces(fh, progress),
-                                codec=CODEC_STORED, media_type=layer.media_type)
+                pieces = read_pieces(fh, progress)
+            writer.add_blob(head.digest, head.size, pieces, codec=head.codec,
+                            media_type=head.media_type)
         except EntryMismatch:
             # The writer hashes what it packs: a cache blob that is not its digest is caught.
             raise cache.damaged(layer.digest) from None

@@ -69,6 +69,9 @@ def inventory_to_json(inv: Inventory, site: Optional[str] = None) -> Dict[str, A
         "blobs": sorted(inv.blobs),
         "chains": sorted(inv.chains),
         "features": sorted(inv.features),
+        **({} if inv.trusted_keys is None else
+           {"signatures": {"enforced": bool(inv.trusted_keys),
+                           "trusted_keys": sorted(inv.trusted_keys)}}),
         "extra": dict(inv.extra),
     }
 
@@ -125,8 +128,23 @@ def inventory_from_json(obj: object) -> Inventory:
         generated_at=_field(obj, "generated_at", str, "generated_at", required=False) or "",
         host=_field(obj, "host", str, "host", required=False) or "",
         features=_features(obj),
+        trusted_keys=_trusted_keys(obj),
         extra=dict(extra),
     )
+
+
+def _trusted_keys(obj: Mapping[str, Any]) -> Optional[FrozenSet[str]]:
+    """Absent in reports of devices older than signatures: unknown, not "none"."""
+    sig = _field(obj, "signatures", dict, "signatures", required=False)
+    if sig is None:
+        return None
+    enforced = _field(sig, "enforced", bool, "signatures.enforced")
+    keys = _field(sig, "trusted_keys", list, "signatures.trusted_keys")
+    if not all(isinstance(k, str) for k in keys):
+        raise _bad("signatures.trusted_keys", "must list strings")
+    if enforced != bool(keys):
+        raise _bad("signatures.enforced", "disagrees with signatures.trusted_keys")
+    return frozenset(keys)
 
 
 def _features(obj: Mapping[str, Any]) -> FrozenSet[str]:

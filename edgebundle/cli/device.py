@@ -9,9 +9,12 @@ import argparse
 import sys
 from typing import Any, List, Optional
 
+from ..errors import UsageError
 from ..importer import Runtime
 from ..progress import progress_bar
 from ..report import inventory_to_json
+from ..state import StateDir, state_dir_path
+from ..trust import TrustPolicy, generate_key, load_public_key, load_signing_key
 from ..usecases.device import (RuntimeAddress, import_file, inspect_bundle, open_runtime,
                                take_report, verify_bundle, write_report)
 from .main import emit_json
@@ -22,7 +25,16 @@ def _runtime(args: argparse.Namespace) -> Runtime:
                                        args.snapshotter, args.host))
 
 
+def _trust(args: argparse.Namespace) -> TrustPolicy:
+    return TrustPolicy.load(args.trust, args.trust_dir)
+
+
+def _state(args: argparse.Namespace) -> StateDir:
+    return StateDir(state_dir_path(args.state_dir))
+
+
 def cmd_import(args: argparse.Namespace) -> int:
+    trust = _trust(args)
     runtime = _runtime(args)
     show = not args.no_progress and sys.stderr.isatty()
     bars: List[Any] = []
@@ -32,7 +44,9 @@ def cmd_import(args: argparse.Namespace) -> int:
         return bars[-1]
 
     try:
-        result = import_file(args.bundle, runtime, progress=make_bar, report=args.report)
+        result = import_file(args.bundle, runtime, progress=make_bar, report=args.report,
+                             trust=trust, state=_state(args),
+                             allow_downgrade=args.allow_downgrade)
     finally:
         for bar in bars:
             bar.close()
@@ -43,6 +57,8 @@ def cmd_import(args: argparse.Namespace) -> int:
         print(f"imported  {name}")
     for name in result.already_present:
         print(f"present   {name}")
+    if result.signed_by:
+        print(f"signature by trusted key {result.signed_by} checked")
     size = f"; bundle {result.bundle_bytes} bytes" if result.bundle_bytes else ""
     print(f"{len(result.imported)} imported, {len(result.already_present)} already present; "
           f"{result.entries_sent} entries loaded, {result.entries_skipped} verified and skipped{size}")
@@ -52,7 +68,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    inv = take_report(_runtime(args))
+    inv = take_report(_runtime(args), _trust(args))
     if args.output:
         write_report(args.output, inv, args.site)
     if args.json or not args.output:
@@ -61,12 +77,46 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    result = verify_bundle(args.bundle)
+    trust = _trust(args)
+    result = verify_bundle(args.bundle, trust)
     if args.json:
         emit_json(result.to_json())
+        return 0
+    if result.signed_by:
+        signed = f"; signed by trusted key {result.signed_by}"
+    elif result.signatures:
+        signed = (f"; signed by {', '.join(result.signatures)} (signature not checked: "
+                  "pass --trust PUBFILE)")
     else:
-        print(f"{args.bundle}: OK, format {result.version}, {result.entries} entries, "
-              f"{len(result.images)} images, {result.bytes} bytes")
+        signed = "; unsigned"
+    print(f"{args.bundle}: OK, format {result.version}, {result.entries} entries, "
+          f"{len(result.images)} images, {result.bytes} bytes{signed}")
+    return 0
+
+
+def cmd_key_generate(args: argparse.Namespace) -> int:
+    key = generate_key(args.out)
+    if args.json:
+        emit_json({"key_id": key.key_id, "private": key.private_path, "public": key.public_path})
+        return 0
+    print(f"key {key.key_id}")
+    print(f"  private {key.private_path} (mode 0600: keep it on the packer, pass it to `pack --sign`)")
+    print(f"  public  {key.public_path} (copy it to each device's /etc/edgebundle/trusted.d/)")
+    return 0
+
+
+def cmd_key_show(args: argparse.Namespace) -> int:
+    path = args.keyfile
+    try:
+        with open(path, "rb") as fh:  # which kind of key it is decides the loader
+            private = b"PRIVATE KEY" in fh.read(200)
+    except OSError as exc:
+        raise UsageError(f"cannot read key {path}: {exc.strerror}", "check the path") from None
+    key_id = load_signing_key(path).key_id if private else load_public_key(path).key_id
+    if args.json:
+        emit_json({"key_id": key_id, "file": path, "private": private})
+    else:
+        print(key_id)
     return 0
 
 
@@ -80,6 +130,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
           f"{header.created} by {header.tool}")
     print(f"site {header.site}  runtime {header.runtime}  platform {header.platform}  "
           f"layer form {header.layer_form}")
+    if info.signatures:
+        print(f"signed by {', '.join(s.key_id for s in info.signatures)} "
+              "(not checked here: `edgebundle verify --trust PUBFILE` checks it)")
     for rec in index.images:
         print(f"  image {rec.name}  {rec.top.digest}")
     stored = sum(e.stored_size for e in index.entries)
@@ -88,4 +141,5 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["cmd_import", "cmd_report", "cmd_verify", "cmd_inspect"]
+__all__ = ["cmd_import", "cmd_report", "cmd_verify", "cmd_inspect", "cmd_key_generate",
+           "cmd_key_show"]

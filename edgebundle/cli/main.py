@@ -19,7 +19,7 @@ from ..errors import EdgebundleError, UsageError
 from ..logs import redact, setup_logging
 
 EPILOG = """\
-packer:  plan, pack, inventory record|pull|show
+packer:  plan, pack, inventory record|pull|show, key generate|show
 device:  import, report, verify, inspect
 
 Every command takes -v (what happens) and --debug (more, with library requests).
@@ -67,6 +67,16 @@ def _state_args(p: argparse.ArgumentParser) -> None:
                    "default: $EDGEBUNDLE_STATE_DIR, else /var/lib/edgebundle")
 
 
+def _trust_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("trust policy")
+    g.add_argument("--trust", action="append", default=[], metavar="PUBFILE",
+                   help="trust bundles signed by this public key (repeatable), besides the "
+                   "trust directory's *.pub; with any trusted key, unsigned bundles are refused")
+    g.add_argument("--trust-dir", metavar="DIR",
+                   help="directory of trusted *.pub keys (default: $EDGEBUNDLE_TRUST_DIR, "
+                   "else /etc/edgebundle/trusted.d)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edgebundle", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -103,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ignore the site's inventory: ship everything (factory seeding)")
     p.add_argument("--no-delta", action="store_true",
                    help="ship changed layers whole, never as content deltas")
+    p.add_argument("--sign", action="append", default=[], metavar="KEYFILE",
+                   help="sign the bundle with this private key (from `edgebundle key generate`); "
+                   "repeat to co-sign with a new and an old key while rotating")
     p.add_argument("--json", action="store_true", help="machine-readable summary")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -110,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bundle", help="bundle file, or - for standard input")
     _runtime_args(p)
     _state_args(p)
+    _trust_args(p)
+    p.add_argument("--allow-downgrade", action="store_true",
+                   help="import a signed bundle even if it was packed before the newest one "
+                   "already imported for its site")
     p.add_argument("--report", metavar="PATH", help="also write the inventory report here")
     p.add_argument("--json", action="store_true", help="machine-readable summary")
     p.add_argument("--no-progress", action="store_true", help="no progress display")
@@ -117,17 +134,30 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", parents=[common], help="write what the runtime really holds (inventory report)")
     _runtime_args(p)
     _state_args(p)
+    _trust_args(p)
     p.add_argument("-o", "--output", metavar="PATH", help="write the report to PATH")
     p.add_argument("--site", help="site name to put in the report")
     p.add_argument("--json", action="store_true", help="print the report JSON to stdout")
 
     p = sub.add_parser("verify", parents=[common], help="check a bundle completely without importing it")
     p.add_argument("bundle", help="bundle file, or - for standard input")
+    _trust_args(p)
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("inspect", parents=[common], help="show a bundle's header and index")
     p.add_argument("bundle", help="bundle file")
     p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("key", parents=[common], help="signing keys: generate one, show a key's id")
+    ksub = p.add_subparsers(dest="key_command", metavar="ACTION")
+    q = ksub.add_parser("generate", parents=[common], help="write a new Ed25519 key pair")
+    q.add_argument("--out", required=True, metavar="PREFIX",
+                   help="writes PREFIX.key (private, mode 0600; keep it on the packer) and "
+                   "PREFIX.pub (copy it to devices' /etc/edgebundle/trusted.d/)")
+    q.add_argument("--json", action="store_true")
+    q = ksub.add_parser("show", parents=[common], help="print the key id of a .pub or .key file")
+    q.add_argument("keyfile")
+    q.add_argument("--json", action="store_true")
 
     p = sub.add_parser("inventory", parents=[common], help="the packer's record of what each site holds")
     isub = p.add_subparsers(dest="inventory_command", metavar="ACTION")
@@ -193,6 +223,12 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.command in ("import", "report", "verify", "inspect"):
         from . import device
         handler = getattr(device, "cmd_" + args.command)
+    elif args.command == "key":
+        from . import device
+        if not args.key_command:
+            raise UsageError("key needs an action: generate or show",
+                             "e.g. `edgebundle key generate --out /secure/fleet`")
+        handler = getattr(device, "cmd_key_" + args.key_command)
     else:
         try:
             from . import packer

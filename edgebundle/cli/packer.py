@@ -19,6 +19,7 @@ from ..errors import UsageError
 from ..holdings import Inventory
 from ..plan import LayerPlan, Plan
 from ..report import inventory_to_json, rfc3339
+from ..trust import load_signing_key
 from ..usecases import packer as usecases
 from .main import emit_json
 
@@ -140,13 +141,15 @@ def cmd_pack(args: argparse.Namespace) -> int:
     if args.threads < 0:
         raise UsageError(f"--threads {args.threads} is negative", "pass 0 (one per CPU) or more")
     show = not args.no_progress and sys.stderr.isatty() and not args.json
+    signers = [load_signing_key(path) for path in args.sign]  # a bad key fails before any work
     outcome = usecases.pack_site(_home(args), args.manifest, args.site, args.output,
                                  full=args.full, level=args.level, threads=args.threads,
                                  created=_created(), progress=_Bars(show),
-                                 deltas=not args.no_delta)
+                                 deltas=not args.no_delta, signers=signers)
     stats, plan = outcome.stats, outcome.plan
     if args.json:
         emit_json({"bundle": outcome.output, "bundle_bytes": stats.bundle_bytes,
+                   "signed_by": [s.key_id for s in signers],
                    "entries": stats.entries, "images": stats.images,
                    "ship_registry_bytes": stats.ship_registry_bytes,
                    "full_registry_bytes": stats.full_registry_bytes, "plan": plan_json(plan)})
@@ -156,8 +159,9 @@ def cmd_pack(args: argparse.Namespace) -> int:
     full = stats.full_registry_bytes
     pct = f" = {100 * stats.bundle_bytes / full:.1f}% of a full transfer" if full else ""
     where = "standard output" if to_stdout else outcome.output
+    signed = f", signed by {', '.join(s.key_id for s in signers)}" if signers else ""
     print(f"wrote {where}: {stats.bundle_bytes} bytes, {stats.entries} entries, "
-          f"{stats.images} images{pct} ({full} bytes)", file=out)
+          f"{stats.images} images{pct} ({full} bytes){signed}", file=out)
     return 0
 
 

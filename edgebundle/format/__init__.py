@@ -16,6 +16,7 @@ TAG_HEADER = 0x48  # 'H'
 TAG_ENTRY = 0x45  # 'E'
 TAG_INDEX = 0x49  # 'I'
 TAG_FOOTER = 0x46  # 'F'
+TAG_SIGNATURE = 0x53  # 'S': right after the header, in bundles that require signature-v1
 END_MAGIC = b"EBDEND\r\n"
 FOOTER_SIZE = 33  # tag(1) + index offset(8) + xxh3-128(16) + END_MAGIC(8)
 
@@ -29,6 +30,15 @@ ENTRY_KINDS = (KIND_BLOB, KIND_DELTA)
 
 # The feature a bundle with delta entries requires (FORMAT.md, "Delta entries").
 FEATURE_DELTA = "tar-delta-v1"
+
+# The feature a signed bundle requires (FORMAT.md, "Signatures"): a signature record
+# follows the header, and the header commits to every entry record and image record.
+FEATURE_SIGNATURE = "signature-v1"
+SIGNATURE_ALGORITHM = "ed25519"
+# Prefixed to what is signed, so a signature over a bundle header can never be taken for
+# a signature over anything else made with the same key.
+SIGNATURE_CONTEXT = b"edgebundle bundle header signature v1\x00"
+MAX_SIGNATURES = 8  # co-signatures (key rotation); more is never needed
 
 # Delta op codes and bounds: what a device must hold in memory per op.
 OP_LITERAL = 0  # [0, bytes]
@@ -57,20 +67,21 @@ DEFAULT_WINDOW_LOG = 23  # writers cap the window at 8 MiB to keep devices' memo
 
 # Required features this reader understands. A bundle naming any other feature in
 # its header's "required_features" is refused before any entry is read.
-KNOWN_FEATURES: FrozenSet[str] = frozenset({FEATURE_DELTA})
+KNOWN_FEATURES: FrozenSet[str] = frozenset({FEATURE_DELTA, FEATURE_SIGNATURE})
 
 # The typed model and the streams that read and write it; they import the constants
 # above, so they come after them.
-from .records import (BaseLayer, DeltaHead, EntryHead, Header, ImageRecord,  # noqa: E402
-                      ImageSummary, Index, IndexEntry, LayerRecord, Prerequisite)
+from .records import (BaseLayer, Commitments, DeltaHead, EntryHead, Header,  # noqa: E402
+                      ImageRecord, ImageSummary, Index, IndexEntry, LayerRecord, Prerequisite)
+from .signature import Signature, Signer  # noqa: E402
 from .delta import BaseFile  # noqa: E402
 from .reader import BundleInfo, BundleReader, Entry, read_index  # noqa: E402
 from .writer import BundleWriter  # noqa: E402
 
 __all__ = [
     "BundleInfo", "BundleReader", "BundleWriter", "Entry", "read_index",
-    "BaseFile", "BaseLayer", "DeltaHead", "EntryHead", "Header", "ImageRecord", "ImageSummary", "Index", "IndexEntry", "LayerRecord",
+    "BaseFile", "BaseLayer", "Commitments", "DeltaHead", "Signature", "Signer", "EntryHead", "Header", "ImageRecord", "ImageSummary", "Index", "IndexEntry", "LayerRecord",
     "Prerequisite",
     "MAGIC", "FORMAT_VERSION", "SUPPORTED_VERSIONS", "CODEC_STORED", "CODEC_ZSTD",
-    "KIND_BLOB", "KIND_DELTA", "FEATURE_DELTA", "LAYER_FORM_BLOB", "LAYER_FORM_TAR", "RUNTIMES",
+    "KIND_BLOB", "KIND_DELTA", "FEATURE_DELTA", "FEATURE_SIGNATURE", "LAYER_FORM_BLOB", "LAYER_FORM_TAR", "RUNTIMES",
 ]

@@ -15,18 +15,20 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Dict, Iterator, List, Optional, Set
+from typing import Any, BinaryIO, Callable, Dict, Iterator, List, Optional, Set, Tuple
 
 import xxhash
 import zstandard
 
 from ..errors import BundleFormatError
-from . import (CODEC_STORED, END_MAGIC, FOOTER_SIZE, FORMAT_VERSION, MAGIC, MAX_CHUNK_SIZE,
-               MAX_RECORD_SIZE, MAX_WINDOW_LOG, SUPPORTED_VERSIONS, TAG_ENTRY, TAG_FOOTER,
-               TAG_HEADER, TAG_INDEX)
+from . import (CODEC_STORED, END_MAGIC, FEATURE_SIGNATURE, FOOTER_SIZE, FORMAT_VERSION, MAGIC,
+               MAX_CHUNK_SIZE, MAX_RECORD_SIZE, MAX_WINDOW_LOG, SUPPORTED_VERSIONS, TAG_ENTRY,
+               TAG_FOOTER, TAG_HEADER, TAG_INDEX, TAG_SIGNATURE)
 from .framing import U32, U64, unpack_body
 from .records import (EntryHead, Header, Index, IndexEntry, check_entry, check_index,
                       parse_entry_head, parse_header, parse_index)
+from .signature import (Signature, check_entry_commitment, check_index_commitment,
+                        parse_signature_record, signed_message)
 from .zstdframe import FrameWalker
 
 _HINT = "the file is damaged or incomplete: copy it again, or check it with `edgebundle verify`"
@@ -54,15 +56,24 @@ class _In:
 
 
 def _read_record(src: _In, tag: int, what: str) -> Dict[str, Any]:
+    return _read_record_raw(src, tag, what)[0]
+
+
+def _read_record_raw(src: _In, tag: int, what: str) -> Tuple[Dict[str, Any], bytes]:
+    """A record of kind ``tag``: its decoded body and the body's bytes."""
     (got_tag,) = src.read_exact(1, what)
     if got_tag != tag:
         raise BundleFormatError(
             f"bundle {src.name}: expected {what} at byte {src.offset - 1}, "
             f"found tag 0x{got_tag:02x}", _HINT)
-    return _read_record_body(src, what)
+    return _read_record_body_raw(src, what)
 
 
 def _read_record_body(src: _In, what: str) -> Dict[str, Any]:
+    return _read_record_body_raw(src, what)[0]
+
+
+def _read_record_body_raw(src: _In, what: str) -> Tuple[Dict[str, Any], bytes]:
     """The rest of a record once its tag byte has been read."""
     (length,) = U32.unpack(src.read_exact(4, what))
     if length > MAX_RECORD_SIZE:
@@ -73,7 +84,7 @@ def _read_record_body(src: _In, what: str) -> Dict[str, Any]:
     if xxhash.xxh3_64_intdigest(body) != check:
         raise BundleFormatError(f"bundle {src.name}: {what} checksum mismatch "
                                 f"at byte {src.offset - length - 8}", _HINT)
-    return unpack_body(body, what)
+    return unpack_body(body, what), body
 
 
 class Entry:
@@ -196,17 +207,27 @@ class _ChunkStream:
 
 
 
+#: Decides on a signed (or unsigned) header before any entry is read: returns the id of
+#: the trusted key whose signature it checked, None to read the bundle as unsigned, or
+#: raises (``edgebundle.trust.TrustPolicy.admit``).
+Verifier = Callable[["BundleReader"], Optional[str]]
+
+
 class BundleReader:
     """Read a bundle front to back.
 
-    ``header`` (a checked ``Header``) is available at once; iterate ``entries()`` (each
+    ``header`` (a checked ``Header``) is available at once, with ``signatures`` (empty
+    when unsigned) and ``signed_message``; ``verifier`` (if given) has decided on them
+    before the constructor returns, and ``signed_by`` names the key it trusted. Iterate
+    ``entries()`` (each
     entry must be read or skipped before the next arrives); ``index`` (a checked
     ``Index``) is available after the iteration ends, by which time the whole bundle has
     been verified: every chunk, every entry's sha256, the footer, and every rule of
     FORMAT.md about the records.
     """
 
-    def __init__(self, stream: BinaryIO, name: str = "<stream>") -> None:
+    def __init__(self, stream: BinaryIO, name: str = "<stream>",
+                 verifier: Optional[Verifier] = None) -> None:
         self._src = _In(stream, name)
         self.name = name
         self._seen: List[IndexEntry] = []
@@ -214,7 +235,14 @@ class BundleReader:
         self.index: Optional[Index] = None
         self.total_size: Optional[int] = None
         self.version = _read_preamble(self._src, name)
-        self.header: Header = parse_header(_read_record(self._src, TAG_HEADER, "header"), name)
+        obj, body = _read_record_raw(self._src, TAG_HEADER, "header")
+        self.header: Header = parse_header(obj, name)
+        self.signed_message = signed_message(body, self.version)
+        self.signatures: Tuple[Signature, ...] = ()
+        if FEATURE_SIGNATURE in self.header.required_features:
+            self.signatures = parse_signature_record(
+                _read_record(self._src, TAG_SIGNATURE, "signature record"), name)
+        self.signed_by: Optional[str] = verifier(self) if verifier is not None else None
 
     def entries(self) -> Iterator[Entry]:
         """Yield entries in bundle order, then read and check the index and footer."""
@@ -230,6 +258,8 @@ class BundleReader:
                                         f"byte {offset}", _HINT)
             where = f"bundle {self.name} entry at byte {offset}"
             head = parse_entry_head(_read_record_body(src, "entry header"), where)
+            check_entry_commitment(head, self.header, len(self._digests), where,
+                                   self.signed_by is not None)
             check_entry(head, self.header, where)
             if head.digest in self._digests:
                 raise BundleFormatError(f"bundle {self.name}: entry {head.digest} appears twice "
@@ -257,6 +287,8 @@ class BundleReader:
         self.total_size = src.offset
         index = parse_index(body, self.name)
         check_index(index, self.header, self.name, self._seen)
+        check_index_commitment(index.images, len(self._seen), self.header, self.name,
+                               self.signed_by is not None)
         self.index = index
 
 
@@ -284,10 +316,17 @@ class BundleInfo:
     header: Header
     index: Index
     size: int
+    signatures: Tuple[Signature, ...] = ()
 
     def to_json(self) -> Dict[str, Any]:
-        return {"header": self.header.to_wire(), "version": self.version,
-                "index": self.index.to_wire(), "size": self.size}
+        header = self.header.to_wire()
+        if self.header.commitments is not None:  # binary: hex for JSON
+            header["commitments"] = {"entries": [c.hex() for c in self.header.commitments.entries],
+                                     "images": self.header.commitments.images.hex()}
+        return {"header": header, "version": self.version,
+                "index": self.index.to_wire(), "size": self.size,
+                "signatures": [{"algorithm": s.algorithm, "key_id": s.key_id,
+                                "signature": s.signature.hex()} for s in self.signatures]}
 
 
 def read_index(path: "os.PathLike[str] | str") -> BundleInfo:
@@ -314,4 +353,5 @@ def read_index(path: "os.PathLike[str] | str") -> BundleInfo:
         src = _In(fh, name)
         index = parse_index(_read_record(src, TAG_INDEX, "index"), name)
         check_index(index, reader.header, name)
-        return BundleInfo(name, reader.version, reader.header, index, end)
+        check_index_commitment(index.images, len(index.entries), reader.header, name, False)
+        return BundleInfo(name, reader.version, reader.header, index, end, reader.signatures)

@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, FrozenSet, List, Optional, Sequence, Set
 from ..errors import BundleFormatError, UsageError
 from ..oci import Descriptor, Platform, chain_ids, check_digest, describing_blobs
 from ..reference import parse_reference
-from . import (CODECS, FEATURE_DELTA, KIND_BLOB, KIND_DELTA, KNOWN_FEATURES, LAYER_FORM_BLOB,
+from . import (CODECS, FEATURE_DELTA, FEATURE_SIGNATURE, KIND_BLOB, KIND_DELTA, KNOWN_FEATURES, LAYER_FORM_BLOB,
                LAYER_FORM_TAR, LAYER_FORMS, RUNTIMES)
 
 SPEC_HINT = ("the bundle breaks docs/FORMAT.md, so it was not written by a compatible "
@@ -58,6 +58,23 @@ class ImageSummary:
 
 
 @dataclass(frozen=True)
+class Commitments:
+    """What a header commits to: the sha256 of every entry record and of the image records.
+
+    A signature over the header therefore covers every byte a device acts on: each entry
+    record is checked against its commitment before its bytes are used, the entry's
+    bytes against the record's digest, and the index's image records at the end
+    (``format.signature``).
+    """
+
+    entries: Tuple[bytes, ...]  # per entry, in bundle order
+    images: bytes
+
+    def to_wire(self) -> Dict[str, Any]:
+        return {"entries": list(self.entries), "images": self.images}
+
+
+@dataclass(frozen=True)
 class Header:
     """Everything a device needs to decide before the first entry arrives."""
 
@@ -73,9 +90,11 @@ class Header:
     tool: str
     required_features: Tuple[str, ...] = ()
     volume: None = None  # reserved for multi-volume bundles; nil in version 1
+    commitments: Optional[Commitments] = None
 
     def to_wire(self) -> Dict[str, Any]:
         return {
+            "commitments": self.commitments.to_wire() if self.commitments else None,
             "content_bytes": self.content_bytes,
             "site": self.site,
             "runtime": self.runtime,
@@ -273,6 +292,13 @@ def _kind(value: object) -> str:
     return type(value).__name__
 
 
+def _raw_sha256(value: object, f: "_Fields", key: str) -> bytes:
+    if not isinstance(value, bytes) or len(value) != 32:
+        size = f" of {len(value)} bytes" if isinstance(value, bytes) else ""
+        raise f.fail(key, f"holds {_kind(value)}{size}, not a 32-byte sha256")
+    return value
+
+
 def _show(value: object, limit: int = 80) -> str:
     """``repr(value)``, cut short: a hostile field must not make a megabyte of message."""
     text = repr(value)
@@ -351,6 +377,13 @@ class _Fields:
         if not isinstance(value, list):
             raise self.fail(key, f"is {_kind(value)}, not a list")
         return value
+
+    def raw_digest(self, key: str) -> bytes:
+        """A raw 32-byte sha256 (commitments are binary: half the bytes of hex)."""
+        return _raw_sha256(self._get(key), self, key)
+
+    def raw_digests(self, key: str) -> Tuple[bytes, ...]:
+        return tuple(_raw_sha256(item, self, key) for item in self.items(key))
 
     def nil(self, key: str, why: str) -> None:
         value = self._get(key)
@@ -432,7 +465,20 @@ def parse_header(obj: object, name: str) -> Header:
         created=f.text("created"),
         tool=f.text("tool"),
         required_features=features,
+        commitments=_commitments(f, features),
     )
+
+
+def _commitments(header: _Fields, features: Tuple[str, ...]) -> Optional[Commitments]:
+    """The header's commitments: optional, but required when the bundle is signed."""
+    value = header.obj.get("commitments")
+    if value is None:
+        if FEATURE_SIGNATURE in features:
+            raise header.fail("commitments", f"is missing, but a {FEATURE_SIGNATURE!r} bundle "
+                              "must commit to its entries")
+        return None
+    f = _Fields(value, f"{header.where} field 'commitments'")
+    return Commitments(f.raw_digests("entries"), f.raw_digest("images"))
 
 
 def _prerequisite(obj: object, where: str) -> Prerequisite:
@@ -586,7 +632,7 @@ def check_index(index: Index, header: Header, name: str,
 
 
 __all__ = [
-    "BaseLayer", "DeltaHead", "EntryHead", "Header", "ImageRecord", "ImageSummary",
+    "BaseLayer", "Commitments", "DeltaHead", "EntryHead", "Header", "ImageRecord", "ImageSummary",
     "Index", "IndexEntry", "LayerRecord", "Prerequisite", "check_entry", "check_features",
     "check_index", "parse_entry_head", "parse_header",
     "parse_index",

@@ -16,11 +16,14 @@ import zstandard
 from ..errors import BundleFormatError
 from ..oci import check_digest
 from . import (CODEC_STORED, CODEC_ZSTD, CODECS, DEFAULT_CHUNK_SIZE, DEFAULT_WINDOW_LOG,
-               END_MAGIC, FORMAT_VERSION, KIND_BLOB, KIND_DELTA, MAGIC, MAX_CHUNK_SIZE, TAG_ENTRY, TAG_FOOTER,
-               TAG_HEADER, TAG_INDEX)
-from .framing import CHUNK_HEAD, U32, U64, pack_record
+               END_MAGIC, FEATURE_SIGNATURE, FORMAT_VERSION, KIND_BLOB, KIND_DELTA, MAGIC,
+               MAX_CHUNK_SIZE, SIGNATURE_ALGORITHM, TAG_ENTRY, TAG_FOOTER, TAG_HEADER, TAG_INDEX,
+               TAG_SIGNATURE)
+from .framing import CHUNK_HEAD, RECORD_HEAD, U32, U64, pack_record
 from .records import (DeltaHead, EntryHead, Header, ImageRecord, Index, IndexEntry, check_entry,
                       check_index)
+from .signature import (Signature, Signer, check_entry_commitment, check_index_commitment,
+                        signature_record, signed_message)
 
 
 class Sink(Protocol):
@@ -51,11 +54,15 @@ class BundleWriter:
         threads: zstd worker threads; below 1 counts as 1. zstd's multi-threaded mode
             writes the same bytes whatever the number of workers (its single-threaded
             mode does not), so a bundle packed on any machine is byte-identical.
+        signers: keys that sign the header, when it requires ``signature-v1``. The
+            header's ``commitments`` must then name, in order, the entry heads the
+            caller will add (``blob_head``/``delta_head`` build them) and the image records
+            it will finish with; the writer refuses anything else.
     """
 
     def __init__(self, out: Sink, header: Header, *, level: int = 16,
                  threads: int = 1, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                 window_log: int = DEFAULT_WINDOW_LOG) -> None:
+                 window_log: int = DEFAULT_WINDOW_LOG, signers: Sequence[Signer] = ()) -> None:
         if not 0 < chunk_size <= MAX_CHUNK_SIZE:
             raise ValueError(f"chunk_size must be 1..{MAX_CHUNK_SIZE}")
         self._out = _Out(out)
@@ -67,9 +74,18 @@ class BundleWriter:
             write_content_size=1)
         self._cctx = zstandard.ZstdCompressor(compression_params=params)
         self.level = level
+        self._heads = EntryHeads(level)
         self.header = header
+        signed = FEATURE_SIGNATURE in header.required_features
+        if signed != bool(signers):
+            raise ValueError("a header requiring signature-v1 needs signers, and only it")
         self._out.write(MAGIC + FORMAT_VERSION.to_bytes(2, "big"))
-        self._out.write(pack_record(TAG_HEADER, header.to_wire()))
+        record = pack_record(TAG_HEADER, header.to_wire())
+        self._out.write(record)
+        if signed:
+            message = signed_message(record[RECORD_HEAD.size:-U64.size])
+            self._out.write(pack_record(TAG_SIGNATURE, signature_record(
+                [Signature(SIGNATURE_ALGORITHM, s.key_id, s.sign(message)) for s in signers])))
         self._finished = False
 
     @property
@@ -84,14 +100,17 @@ class BundleWriter:
         ``size`` or ``ValueError`` is raised (the bundle is then unusable: write to a
         temporary file and discard it on error).
         """
-        head = EntryHead(KIND_BLOB, digest, size, codec,
-                         level=self.level if codec == CODEC_ZSTD else None, media_type=media_type)
-        return self._add(head, data)
+        return self._add(self._heads.blob(digest, size, codec=codec, media_type=media_type), data)
+
+    @staticmethod
+    def heads(level: int) -> "EntryHeads":
+        """The records this writer's ``add_*`` write (to compute commitments up front)."""
+        return EntryHeads(level)
 
     def add_delta(self, delta: DeltaHead, digest: str, size: int, data: Iterable[bytes]) -> IndexEntry:
         """Append a delta entry: ``data`` is its op stream (``digest``, ``size``), zstd-coded."""
         check_digest(delta.target)
-        head = EntryHead(KIND_DELTA, digest, size, CODEC_ZSTD, level=self.level, delta=delta)
+        head = self._heads.delta(delta, digest, size)
         try:
             check_entry(head, self.header, f"delta entry {digest}")
         except BundleFormatError as exc:
@@ -105,6 +124,10 @@ class BundleWriter:
             raise ValueError(f"unknown codec {codec}")
         if digest in self._digests:
             raise ValueError(f"entry {digest} written twice")
+        try:
+            check_entry_commitment(head, self.header, len(self._entries), f"entry {digest}", False)
+        except BundleFormatError as exc:
+            raise ValueError(f"refusing an entry the header does not commit to: {exc.message}") from None
         offset = self._out.offset
         self._out.write(pack_record(TAG_ENTRY, head.to_wire()))
         hasher = hashlib.sha256()
@@ -150,6 +173,8 @@ class BundleWriter:
         index = Index(tuple(self._entries), tuple(images))
         try:
             check_index(index, self.header, "being written", self._entries)
+            check_index_commitment(index.images, len(self._entries), self.header,
+                                   "being written", False)
         except BundleFormatError as exc:
             raise ValueError(f"refusing to finish a bundle that breaks the format: {exc.message}") from None
         index_offset = self._out.offset
@@ -161,6 +186,21 @@ class BundleWriter:
         self._out.offset += 24
         self._finished = True
         return self._out.offset
+
+
+class EntryHeads:
+    """Entry records as a writer at ``level`` writes them."""
+
+    def __init__(self, level: int) -> None:
+        self.level = level
+
+    def blob(self, digest: str, size: int, *, codec: int,
+             media_type: Optional[str] = None) -> EntryHead:
+        return EntryHead(KIND_BLOB, digest, size, codec,
+                         level=self.level if codec == CODEC_ZSTD else None, media_type=media_type)
+
+    def delta(self, delta: DeltaHead, digest: str, size: int) -> EntryHead:
+        return EntryHead(KIND_DELTA, digest, size, CODEC_ZSTD, level=self.level, delta=delta)
 
 
 class EntryMismatch(ValueError):

@@ -26,7 +26,8 @@ from typing import Any, BinaryIO, Callable, ContextManager, Dict, Iterable, Iter
 
 from ..errors import LoadError, PrerequisiteError
 from ..format import (LAYER_FORM_TAR, RUNTIME_CONTAINERD, BaseLayer, BundleReader, EntryHead,
-                      ImageRecord, ImageSummary)
+                      Header, ImageRecord, ImageSummary)
+from ..format.reader import Verifier
 from ..holdings import Holdings, Inventory
 from ..progress import Bar
 from ..rebuild import BaseTree, coalesced, rebuild
@@ -86,22 +87,27 @@ class ImportResult:
     entries_skipped: int = 0
     bundle_bytes: int = 0
     inventory: Optional[Inventory] = None
+    signed_by: Optional[str] = None  # the trusted key whose signature was checked
+    header: Optional[Header] = field(default=None, repr=False)
 
     def to_json(self) -> Dict[str, Any]:
         return {"bundle": self.bundle, "site": self.site, "runtime": self.runtime,
+                "signed_by": self.signed_by,
                 "imported": self.imported, "already_present": self.already_present,
                 "entries_sent": self.entries_sent, "entries_skipped": self.entries_skipped,
                 "bundle_bytes": self.bundle_bytes}
 
 
 def import_bundle(stream: BinaryIO, name: str, runtime: Runtime, *,
-                  progress: Optional[ProgressFactory] = None) -> ImportResult:
+                  progress: Optional[ProgressFactory] = None,
+                  verifier: Optional[Verifier] = None) -> ImportResult:
     """Verify and import one bundle read front to back from ``stream``.
 
     ``progress``, if given, is called once with the total decoded bytes and returns a
-    bar with ``update(n)``.
+    bar with ``update(n)``. ``verifier`` (the device's trust policy) decides on the
+    header and its signature before anything else happens.
     """
-    reader = BundleReader(stream, name)
+    reader = BundleReader(stream, name, verifier)
     header = reader.header
     bar = progress(header.content_bytes) if progress is not None else None
     if runtime.kind == RUNTIME_CONTAINERD and header.layer_form == LAYER_FORM_TAR:
@@ -117,7 +123,8 @@ def import_bundle(stream: BinaryIO, name: str, runtime: Runtime, *,
                      "or import the earlier bundle first")
     log.info("bundle %s: %d image(s), %d prerequisite(s) all held", name, len(header.images),
              len(header.prerequisites))
-    result = ImportResult(bundle=name, site=header.site, runtime=runtime.kind)
+    result = ImportResult(bundle=name, site=header.site, runtime=runtime.kind,
+                          signed_by=reader.signed_by, header=header)
     todo = [s for s in header.images if not _held(holdings, s)]
     result.already_present = [s.name for s in header.images if s not in todo]
     for present in result.already_present:

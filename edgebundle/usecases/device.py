@@ -21,6 +21,9 @@ from ..format import FEATURE_DELTA, KNOWN_FEATURES, BundleInfo, BundleReader, re
 from ..holdings import Inventory
 from ..importer import ImportResult, ProgressFactory, Runtime, import_bundle
 from ..report import inventory_to_json, now_rfc3339
+from ..format.reader import Verifier
+from ..state import StateDir, state_dir_path
+from ..trust import TrustPolicy, check_not_older, record_imported
 
 log = logging.getLogger(__name__)
 
@@ -66,14 +69,16 @@ def open_bundle(path: str) -> Iterator[BinaryIO]:
         yield fh
 
 
-def stamped(inv: Inventory, runtime: Runtime) -> Inventory:
-    """The report says when and where it was read, and which bundle features it reads.
+def stamped(inv: Inventory, runtime: Runtime, trust: Optional[TrustPolicy] = None) -> Inventory:
+    """The report says when and where it was read, which bundle features it reads, and
+    which keys its trust policy accepts (none: it does not enforce signatures).
 
     Deltas are offered only where this runtime can serve its layers' files as bases.
     """
     features = KNOWN_FEATURES if runtime.reads_bases() else KNOWN_FEATURES - {FEATURE_DELTA}
     return dataclasses.replace(inv, generated_at=now_rfc3339(), host=socket.gethostname(),
-                               features=features)
+                               features=features,
+                               trusted_keys=frozenset(trust.key_ids if trust else ()))
 
 
 def write_report(path: str, inv: Inventory, site: Optional[str]) -> None:
@@ -83,23 +88,42 @@ def write_report(path: str, inv: Inventory, site: Optional[str]) -> None:
         out.write(data)
 
 
+def admission(trust: TrustPolicy, state: StateDir, allow_downgrade: bool = False) -> Verifier:
+    """The device's decision on a header, before any entry: signature, then downgrade."""
+    def verify(reader: BundleReader) -> Optional[str]:
+        key = trust.admit(reader)
+        if key is not None and not allow_downgrade:
+            check_not_older(state, reader.header, reader.name)
+        if key is not None:
+            log.info("bundle %s: signature by trusted key %s checked", reader.name, key)
+        return key
+    return verify
+
+
 def import_file(path: str, runtime: Runtime, *, progress: Optional[ProgressFactory] = None,
-                report: Optional[str] = None) -> ImportResult:
+                report: Optional[str] = None, trust: Optional[TrustPolicy] = None,
+                state: Optional[StateDir] = None, allow_downgrade: bool = False) -> ImportResult:
     """``edgebundle import``: verify and load a bundle; optionally write the report after."""
     if report is not None:
         check_output(report, f"report {report}")
+    trust = trust or TrustPolicy((), "")
+    state = state or StateDir(state_dir_path())
     with open_bundle(path) as fh:
-        result = import_bundle(fh, path, runtime, progress=progress)
+        result = import_bundle(fh, path, runtime, progress=progress,
+                               verifier=admission(trust, state, allow_downgrade))
+    if result.signed_by is not None:
+        assert result.header is not None
+        record_imported(state, result.header, path, result.signed_by)
     if report is not None:
         assert result.inventory is not None
-        write_report(report, stamped(result.inventory, runtime), result.site)
+        write_report(report, stamped(result.inventory, runtime, trust), result.site)
         log.info("report written to %s", report)
     return result
 
 
-def take_report(runtime: Runtime) -> Inventory:
+def take_report(runtime: Runtime, trust: Optional[TrustPolicy] = None) -> Inventory:
     """``edgebundle report``: what the runtime holds now, stamped with time and host."""
-    return stamped(runtime.inventory(), runtime)
+    return stamped(runtime.inventory(), runtime, trust)
 
 
 @dataclass(frozen=True)
@@ -110,23 +134,30 @@ class Verified:
     images: List[str]
     bytes: int
     site: Optional[str]
+    signatures: List[str] = dataclasses.field(default_factory=list)  # key ids, checked or not
+    signed_by: Optional[str] = None  # the trusted key whose signature was checked
 
     def to_json(self) -> Any:
         return {"bundle": self.bundle, "ok": True, "version": self.version, "entries": self.entries,
-                "images": self.images, "bytes": self.bytes, "site": self.site}
+                "images": self.images, "bytes": self.bytes, "site": self.site,
+                "signatures": self.signatures, "signed_by": self.signed_by}
 
 
-def verify_bundle(path: str) -> Verified:
-    """``edgebundle verify``: every byte and every rule of FORMAT.md, without a runtime."""
+def verify_bundle(path: str, trust: Optional[TrustPolicy] = None) -> Verified:
+    """``edgebundle verify``: every byte and every rule of FORMAT.md, without a runtime.
+
+    With a trust policy, also the signature, as ``import`` would judge it.
+    """
     with open_bundle(path) as fh:
-        reader = BundleReader(fh, path)
+        reader = BundleReader(fh, path, trust.admit if trust is not None else None)
         count = 0
         for entry in reader.entries():
             entry.skip()
             count += 1
     assert reader.index is not None
     return Verified(path, reader.version, count, [r.name for r in reader.index.images],
-                    reader.total_size or 0, reader.header.site)
+                    reader.total_size or 0, reader.header.site,
+                    [s.key_id for s in reader.signatures], reader.signed_by)
 
 
 def inspect_bundle(path: str) -> BundleInfo:

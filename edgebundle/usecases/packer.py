@@ -12,12 +12,13 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 from ..bases import DeltaPlanner
 from ..cache import BlobCache
 from ..errors import EdgebundleError, InventoryError, ManifestError, UsageError
 from ..files import check_output, open_output
+from ..format import Signer
 from ..holdings import Inventory
 from ..image import ResolvedImage
 from ..manifest import load_manifest
@@ -68,6 +69,7 @@ class PackerSession:
         self.resolver = Resolver(self.cache, self.client)
         self._progress = progress
         self._resolved: Dict[str, List[ResolvedImage]] = {}
+        self._inventories: Dict[str, Inventory] = {}
         self.deltas = DeltaPlanner(self.cache, progress=progress, fetch=self._fetch_base)
 
     def _fetch_base(self, image: str, digest: str, size: Optional[int]) -> bool:
@@ -125,7 +127,13 @@ class PackerSession:
         if full:
             log.info("site %s: --full, ignoring its inventory", site.name)
             return Inventory.empty(site.runtime, site.namespace)
-        return self.store.load(site.name, site.runtime, site.namespace)
+        return self._recorded(site)
+
+    def _recorded(self, site: SiteSpec) -> Inventory:
+        """The site's recorded inventory, read once per session."""
+        if site.name not in self._inventories:
+            self._inventories[site.name] = self.store.load(site.name, site.runtime, site.namespace)
+        return self._inventories[site.name]
 
     def plan(self, site: SiteSpec, *, full: bool = False, deltas: bool = True,
              fetch: bool = False) -> Plan:
@@ -158,13 +166,16 @@ class PackerSession:
 
     def pack(self, site: SiteSpec, output: str, *, full: bool = False, level: int = 16,
              threads: int = 0, created: Optional[str] = None,
-             deltas: bool = True) -> PackOutcome:
+             deltas: bool = True, signers: Sequence[Signer] = ()) -> PackOutcome:
         """Plan once, fetch what ships, write the bundle to ``output`` (``-``: stdout).
 
         ``threads`` 0 means one zstd worker per CPU; the bytes are the same for any count.
+        ``signers`` sign it; a site whose last report enforces signatures is refused a
+        bundle it would refuse (unsigned, or signed by keys it does not trust).
         """
         what = "bundle to standard output" if output == "-" else f"bundle {output}"
         check_output(output, what)  # before any download, not after
+        self._check_signers(site, signers)
         plan = self.plan(site, full=full, deltas=deltas, fetch=True)
         workers = threads if threads > 0 else (os.cpu_count() or 1)
         shipped = sum(lp.layer.size for lp in plan.shipped_layers())
@@ -173,11 +184,27 @@ class PackerSession:
             with open_output(output, what) as out:
                 stats = write_bundle(plan, self.cache, out, level=level, threads=workers,
                                      created=created, progress=bar.update,
-                                     delta_ops=self.deltas.ops)
+                                     delta_ops=self.deltas.ops, signers=signers)
         finally:
             close_bar(bar)
         log.info("wrote %s: %d bytes, %d entries", what, stats.bundle_bytes, stats.entries)
         return PackOutcome(output, plan, stats)
+
+
+    def _check_signers(self, site: SiteSpec, signers: Sequence[Signer]) -> None:
+        trusted = self._recorded(site).trusted_keys
+        if not trusted:
+            return  # the site enforces nothing, or its report predates signatures
+        ids = sorted(trusted)
+        if not signers:
+            raise UsageError(f"site {site.name} imports only signed bundles (it trusts "
+                             f"{', '.join(ids)}): this one would be refused",
+                             "pass --sign KEYFILE with one of those keys")
+        if not any(s.key_id in trusted for s in signers):
+            raise UsageError(f"site {site.name} trusts {', '.join(ids)}, not "
+                             f"{', '.join(s.key_id for s in signers)}: it would refuse this bundle",
+                             "sign with a key it trusts, or first add the new .pub to its "
+                             "trust directory (co-sign with --sign OLD --sign NEW meanwhile)")
 
 
 def _no_bar(total: int, desc: str) -> Bar:
@@ -193,14 +220,15 @@ def plan_site(home: Path, manifest_path: str, site: str, *, full: bool = False,
 
 def pack_site(home: Path, manifest_path: str, site: str, output: str, *, full: bool = False,
               level: int = 16, threads: int = 0, created: Optional[str] = None,
-              progress: Optional[ProgressFactory] = None, deltas: bool = True) -> PackOutcome:
+              progress: Optional[ProgressFactory] = None, deltas: bool = True,
+              signers: Sequence[Signer] = ()) -> PackOutcome:
     """``edgebundle pack``: write the bundle ``site`` needs to ``output``.
 
     ``progress`` makes a bar per step (fetching, checking, packing), as in ``PackerSession``.
     """
     with PackerSession(home, load_manifest(manifest_path), progress=progress) as session:
         return session.pack(session.site(site), output, full=full, level=level, threads=threads,
-                            created=created, deltas=deltas)
+                            created=created, deltas=deltas, signers=signers)
 
 
 # ---------------------------------------------------------------------------

@@ -19,8 +19,11 @@ PKG = ROOT / "edgebundle"
 
 ENTRY_POINTS = ["edgebundle.cli.device", "edgebundle.usecases.device", "edgebundle.importer",
                 "edgebundle.importer.containerd", "edgebundle.importer.docker",
-                "edgebundle.format", "edgebundle.report", "edgebundle.holdings", "edgebundle.logs"]
-PACKER_ONLY = ["yaml", "httpx", "paramiko", "tqdm", "requests"]
+                "edgebundle.format", "edgebundle.report", "edgebundle.holdings", "edgebundle.logs",
+                "edgebundle.trust", "edgebundle.state"]
+# cryptography is not packer-only, but a device without a trust policy must not need it:
+# the device entry points may import it only lazily, when a policy is loaded.
+PACKER_ONLY = ["yaml", "httpx", "paramiko", "tqdm", "requests", "cryptography"]
 
 
 @functools.lru_cache(maxsize=1)

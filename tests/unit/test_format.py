@@ -465,12 +465,12 @@ def test_version_zero_refused() -> None:
 def test_unknown_required_feature_refused_before_any_entry() -> None:
     data = b"would-be entry"
     raw = craft([(entry_head(data), [data])],
-                header=dict(HEADER, required_features=["signature-v1", "delta-v9"]))
+                header=dict(HEADER, required_features=["signature-v9", "delta-v9"]))
     pipe = Pipe(raw)
     with pytest.raises(BundleFormatError) as info:
         BundleReader(pipe, "future.ebundle")
     text = str(info.value)
-    assert "signature-v1" in text and "delta-v9" in text and "upgrade" in text
+    assert "signature-v9" in text and "delta-v9" in text and "upgrade" in text
     # Nothing past the header record was read.
     rec_len = U32.unpack(raw[11:15])[0]
     header_end = 10 + 5 + rec_len + 8

@@ -141,7 +141,9 @@ def test_header_enumerations_match_code() -> None:
     assert _quoted_alternatives(rows["runtime"][0]) == set(RUNTIMES)
     assert fmt.ENTRY_KINDS == (fmt.KIND_BLOB, fmt.KIND_DELTA)
     assert f'`kind` (`"{fmt.KIND_BLOB}"` or `"{fmt.KIND_DELTA}"`)' in section("### Entry (`E`)")
-    assert fmt.KNOWN_FEATURES == {fmt.FEATURE_DELTA}
+    assert fmt.KNOWN_FEATURES == {fmt.FEATURE_DELTA, fmt.FEATURE_SIGNATURE}
+    assert f'`"{fmt.FEATURE_SIGNATURE}"`' in rows["required_features"][1]
+    assert f"### Signatures (feature `{fmt.FEATURE_SIGNATURE}`)" in SPEC
     assert f'`"{fmt.FEATURE_DELTA}"`' in rows["required_features"][1]
     assert f"### Delta entries (feature `{fmt.FEATURE_DELTA}`)" in SPEC
 
@@ -297,7 +299,7 @@ def test_inventory_report_keys_match_the_code() -> None:
         platform="linux/amd64", layers=(HeldLayer("sha256:" + "4" * 64, "sha256:" + "5" * 64, 3,
                                                   True, True),)),),
         blobs=frozenset({"sha256:" + "5" * 64}), chains=frozenset({"sha256:" + "4" * 64}),
-        extra={"snapshotter": "overlayfs"})
+        extra={"snapshotter": "overlayfs"}, trusted_keys=frozenset({"ed25519:" + "6" * 32}))
     obj = inventory_to_json(inv, "gw-01")
     assert set(obj) == _keys_of("Top-level keys:")
     assert set(obj["images"][0]) == _keys_of("Image keys:")
