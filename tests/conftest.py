@@ -13,3 +13,17 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="fail (instead of skip) integration tests whose services cannot start; "
              "implied when the CI environment variable is set",
     )
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _device_paths_of_our_own(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Never the machine's /etc/edgebundle/trusted.d or /var/lib/edgebundle.
+
+    A trust directory there would change what every import test accepts, and state
+    written there would outlive the suite. Tests that want them pass their own.
+    """
+    import os
+
+    root = tmp_path_factory.mktemp("device-paths")
+    os.environ["EDGEBUNDLE_TRUST_DIR"] = str(root / "trusted.d")
+    os.environ["EDGEBUNDLE_STATE_DIR"] = str(root / "state")

@@ -407,6 +407,14 @@ BROKEN: List[Tuple[str, Callable[[World], List[str]], int, str]] = [
     ("pull: nothing listens", lambda w: ["inventory", "pull", "far", "-m", str(w.manifest),
                                          "--known-hosts", str(w.tmp / "kh"), "--timeout", "5"], 9, "refused"),
     ("inventory: no action", lambda w: ["inventory"], 2, "needs an action"),
+    ("key: no action", lambda w: ["key"], 2, "needs an action"),
+    ("key show: missing", lambda w: ["key", "show", str(w.tmp / "none.pub")], 2, "cannot read key"),
+    ("key show: not a key", lambda w: ["key", "show", str(w.manifest)], 2, "not a PEM public key"),
+    ("pack: missing signing key", lambda w: ["pack", str(w.manifest), "--site", "gw", "-o",
+                                             str(w.tmp / "o.ebundle"), "--sign", str(w.tmp / "no.key")],
+     2, "cannot read signing key"),
+    ("verify: trust not a key", lambda w: ["verify", str(w.manifest), "--trust", str(w.manifest)],
+     2, "not a PEM public key"),
 ]
 
 
@@ -417,6 +425,51 @@ def test_broken_input_is_one_line_with_its_exit_code(world: World,
     argv = make(world)
     _, err = world.run(*argv, code=code)
     assert fragment in err, err
+
+
+# ---------------------------------------------------------------------------
+# Signing, through the CLI
+
+
+def test_signed_loop_key_generate_pack_sign_and_an_enforcing_device(world: World) -> None:
+    out, _ = world.run("key", "generate", "--out", str(world.tmp / "fleet"), "--json")
+    key = json.loads(out)
+    assert stat.S_IMODE(os.stat(key["private"]).st_mode) == 0o600
+    out, _ = world.run("key", "show", key["public"])
+    assert out.strip() == key["key_id"]
+    trust_dir = world.tmp / "trusted.d"
+    trust_dir.mkdir()
+    (trust_dir / "fleet.pub").write_bytes(Path(key["public"]).read_bytes())
+    trust = ["--trust-dir", str(trust_dir), "--state-dir", str(world.tmp / "state")]
+
+    unsigned = world.pack(name="unsigned.ebundle")
+    _, err = world.run("import", str(unsigned), *world.ctr_args(), *trust, code=13)
+    assert "is not signed" in err and world.device_images() == {}
+    _, err = world.run("verify", str(unsigned), "--trust-dir", str(trust_dir), code=13)
+
+    signed = world.pack("gw", "--sign", key["private"], name="signed.ebundle")
+    out, _ = world.run("verify", str(signed), "--trust", key["public"])
+    assert f"signed by trusted key {key['key_id']}" in out
+    out, _ = world.run("import", str(signed), *world.ctr_args(), *trust,
+                       "--report", str(world.tmp / "report.json"))
+    assert f"signature by trusted key {key['key_id']} checked" in out
+    report = json.loads((world.tmp / "report.json").read_text())
+    assert report["signatures"] == {"enforced": True, "trusted_keys": [key["key_id"]]}
+
+    # The packer learns from the report that the site enforces signatures.
+    world.run("inventory", "record", "gw", str(world.tmp / "report.json"))
+    _, err = world.run("pack", str(world.manifest), "--site", "gw", "--full", "-o",
+                       str(world.tmp / "x.ebundle"), code=2)
+    assert "imports only signed bundles" in err
+    world.run("key", "generate", "--out", str(world.tmp / "other"))
+    _, err = world.run("pack", str(world.manifest), "--site", "gw", "--full", "-o",
+                       str(world.tmp / "x.ebundle"), "--sign", str(world.tmp / "other.key"), code=2)
+    assert "it would refuse this bundle" in err
+
+
+def test_report_says_when_a_device_enforces_nothing(world: World) -> None:
+    out, _ = world.run("report", *world.ctr_args(), "--json")
+    assert json.loads(out)["signatures"] == {"enforced": False, "trusted_keys": []}
 
 
 # ---------------------------------------------------------------------------
