@@ -259,17 +259,30 @@ def _record_name(site: Optional[str]) -> str:
     return f"signed/{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
 
 
-def _created(header: Header, name: str) -> datetime.datetime:
-    text = header.created
+def _parse_time(text: str) -> Optional[datetime.datetime]:
+    """An RFC 3339 time with its zone (``Z`` included, which Python 3.9 does not read)."""
     try:
         when = datetime.datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith("Z") else text)
     except ValueError:
-        raise TrustError(f"bundle {name}: field 'created' is {text[:40]!r}, not an RFC 3339 time",
-                         "repack it with edgebundle") from None
-    if when.tzinfo is None:
-        raise TrustError(f"bundle {name}: field 'created' ({text[:40]}) has no time zone",
-                         "repack it with edgebundle")
+        return None
+    return when if when.tzinfo is not None else None
+
+
+def _created(header: Header, name: str) -> datetime.datetime:
+    when = _parse_time(header.created)
+    if when is None:
+        raise TrustError(f"bundle {name}: field 'created' is {header.created[:40]!r}, not an "
+                         "RFC 3339 time with a zone", "repack it with edgebundle")
     return when
+
+
+def _newest(state: StateDir, site: Optional[str]) -> Optional[Tuple[datetime.datetime, Any]]:
+    """The mark of ``site``: when its newest imported signed bundle was packed, and the record."""
+    last = state.read_json(_record_name(site))
+    if not isinstance(last, dict) or last.get("site") != site:
+        return None
+    when = _parse_time(str(last.get("created")))
+    return (when, last) if when is not None else None  # a damaged record: rewritten next time
 
 
 def check_not_older(state: StateDir, header: Header, name: str) -> None:
@@ -280,18 +293,15 @@ def check_not_older(state: StateDir, header: Header, name: str) -> None:
     """
     if FEATURE_SIGNATURE not in header.required_features:
         return
-    last = state.read_json(_record_name(header.site))
-    if not isinstance(last, dict) or last.get("site") != header.site:
+    mark = _newest(state, header.site)
+    if mark is None:
         return
-    try:
-        newest = datetime.datetime.fromisoformat(str(last["created"]))
-    except (KeyError, ValueError):
-        return  # a damaged record: the next import rewrites it
+    newest, last = mark
     if _created(header, name) < newest:
         raise TrustError(f"bundle {name} was packed at {header.created}, before the bundle for "
                          f"site {header.site} this device already imported "
-                         f"({last.get('bundle', '?')}, packed {newest.isoformat()}): refusing a downgrade",
-                         DOWNGRADE_HINT)
+                         f"({last.get('bundle', '?')}, packed {last.get('created')}): refusing a "
+                         "downgrade", DOWNGRADE_HINT)
 
 
 def record_imported(state: StateDir, header: Header, name: str, key: Optional[str]) -> None:
@@ -299,12 +309,8 @@ def record_imported(state: StateDir, header: Header, name: str, key: Optional[st
     if FEATURE_SIGNATURE not in header.required_features or key is None:
         return
     when = _created(header, name)
-    last = state.read_json(_record_name(header.site))
-    if isinstance(last, dict) and last.get("site") == header.site:
-        try:
-            if datetime.datetime.fromisoformat(str(last["created"])) > when:
-                return  # --allow-downgrade: the newest stays the mark
-        except (KeyError, ValueError):
-            pass
-    state.write_json(_record_name(header.site), {"site": header.site, "created": when.isoformat(),
+    mark = _newest(state, header.site)
+    if mark is not None and mark[0] > when:
+        return  # --allow-downgrade: the newest stays the mark
+    state.write_json(_record_name(header.site), {"site": header.site, "created": header.created,
                                                  "bundle": os.path.basename(name), "key_id": key})

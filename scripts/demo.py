@@ -2,14 +2,16 @@
 """The local demo: edgebundle end to end on one machine, on an embedded default.
 
 Starts its own docker-registry, containerd and dockerd on private sockets/ports under a
-temp dir, pushes small sample images (three sharing a base, one multi-arch), then:
+temp dir, pushes small sample images (three sharing a base, one multi-arch), makes a
+fleet signing key that the devices trust (their trust directory and state directory
+live under the temp dir too), then:
 
-1. packs for an empty containerd site (namespace k8s.io) and an empty Docker site,
-   imports both and runs the images;
+1. shows an unsigned bundle refused; packs signed bundles for an empty containerd site
+   (namespace k8s.io) and an empty Docker site, imports both and runs the images;
 2. records the sites' inventory reports, publishes app:v2 (one file changed in its
    top layer), packs again: the changed layer ships as a content delta against the
    files the site holds;
-3. prints what was shipped against what a layer-level update (`--no-delta`) and a full
+3. shows a replayed older bundle refused (a downgrade), and prints what was shipped against what a layer-level update (`--no-delta`) and a full
    transfer would cost.
 
 Every step runs the real `edgebundle` CLI, exactly as a user would.
@@ -54,14 +56,21 @@ def say(text: str) -> None:
 
 
 class Demo:
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, sign: List[str]) -> None:
         self.tmp = tmp
+        self.sign = sign  # ["--sign", KEYFILE]
         self.env = services.clean_env({"EDGEBUNDLE_HOME": str(tmp / "packer-home")})
         self.rows: List[Dict[str, Any]] = []
 
-    def eb(self, *args: str, capture_json: bool = False) -> Any:
+    def eb(self, *args: str, capture_json: bool = False, expect: int = 0) -> Any:
         argv = [sys.executable, "-m", "edgebundle", *args]
         print("$ edgebundle " + " ".join(args), flush=True)
+        if expect:
+            out = subprocess.run(argv, env=self.env, capture_output=True, text=True)
+            if out.returncode != expect:
+                raise SystemExit(f"demo: expected exit {expect}, got {out.returncode}: {out.stderr}")
+            print(f"   (exit {out.returncode}) {out.stderr.strip()}")
+            return None
         if capture_json:
             out = subprocess.run(argv, env=self.env, check=True, capture_output=True, text=True)
             return json.loads(out.stdout)
@@ -75,8 +84,8 @@ class Demo:
         if compare:
             whole = self.tmp / f"{site}-{len(self.rows)}-no-delta.ebundle"
             layer_level = self.eb("pack", str(manifest), "--site", site, "--no-delta", "-o",
-                                  str(whole), "--json", capture_json=True)["bundle_bytes"]
-        res = self.eb("pack", str(manifest), "--site", site, "-o", str(out), "--json",
+                                  str(whole), *self.sign, "--json", capture_json=True)["bundle_bytes"]
+        res = self.eb("pack", str(manifest), "--site", site, "-o", str(out), *self.sign, "--json",
                       capture_json=True)
         plan = res["plan"]
         shipped = [i["name"] for i in plan["images"] if i["status"] == "ship"]
@@ -110,14 +119,27 @@ def run(keep: bool) -> int:
             print(f"   {reg.host}/{ref}")
         print(f"   {reg.host}/shop/multi:v1 (index {info['multi']['index_digest'][:19]}...)")
 
-        demo = Demo(tmp)
+        say("a signing key for the fleet; the devices trust its public half")
+        keys, trusted = tmp / "packer-keys", tmp / "device" / "trusted.d"
+        keys.mkdir()
+        trusted.mkdir(parents=True)
+        demo = Demo(tmp, ["--sign", str(keys / "fleet.key")])
+        demo.eb("key", "generate", "--out", str(keys / "fleet"))
+        shutil.copy(keys / "fleet.pub", trusted / "fleet.pub")
+        print(f"   device trust directory: {trusted} (on a real device /etc/edgebundle/trusted.d)")
+        device = ["--trust-dir", str(trusted), "--state-dir", str(tmp / "device" / "state")]
         manifest = tmp / "manifest.yaml"
         manifest.write_text(MANIFEST.format(reg=reg.host, app_tag="v1"))
         ctr_args = ["--runtime", "containerd", "--address", cd.address, "--namespace", "k8s.io",
-                    "--snapshotter", cd.snapshotter]
-        docker_args = ["--runtime", "docker", "--host", dk.host]
+                    "--snapshotter", cd.snapshotter, *device]
+        docker_args = ["--runtime", "docker", "--host", dk.host, *device]
 
-        say("1. factory seed: empty sites get everything")
+        say("1. an unsigned bundle never reaches the runtime")
+        unsigned = tmp / "unsigned.ebundle"
+        demo.eb("pack", str(manifest), "--site", "gw-01", "-o", str(unsigned), "--no-progress")
+        demo.eb("import", str(unsigned), *ctr_args, expect=13)
+
+        say("factory seed: empty sites get everything, signed")
         demo.eb("plan", str(manifest), "--site", "gw-01")
         b1 = demo.pack(manifest, "gw-01", "seed containerd site")
         report1 = tmp / "gw-01-report.json"
@@ -159,6 +181,9 @@ def run(keep: bool) -> int:
 
         say("importing the same bundle again is a clean no-op")
         demo.eb("import", str(b3), *ctr_args)
+
+        say("replaying the older seed bundle is a downgrade: refused")
+        demo.eb("import", str(b1), *ctr_args, expect=13)
 
         say("what was shipped against a layer-level update and a full transfer")
         print(f"   {'scenario':<26} {'images':>6} {'bundle bytes':>14} {'layer-level':>14} "
