@@ -4,8 +4,8 @@ Ed25519 through ``cryptography`` (pyca). Why that library: it is what paramiko, 
 packer's SSH transport, already depends on, so the packer gains nothing new; Debian
 ships it (``python3-cryptography``, 38.x in bookworm), so a device gains one well-kept
 package, and only when it enforces signatures; and it is OpenSSL's audited Ed25519, not
-Python code of our own. It is imported lazily: a device without a trust policy never
-needs it.
+Python code of our own. It is imported lazily, only to check a signature: a device without a trust policy
+never needs it, and one with a policy reads its keys (and reports them) without it.
 
 Key files are PEM: ``PREFIX.key`` is PKCS#8 (mode 0600), ``PREFIX.pub`` is
 SubjectPublicKeyInfo, so ``openssl pkey`` reads both. A key's id is ``ed25519:`` and
@@ -21,6 +21,8 @@ a typo into "accept anything".
 
 from __future__ import annotations
 
+import base64
+import binascii
 import datetime
 import hashlib
 import os
@@ -109,19 +111,29 @@ def _read_key_file(path: str, what: str) -> bytes:
     return data
 
 
+# DER of an Ed25519 SubjectPublicKeyInfo up to the key (RFC 8410): SEQUENCE { SEQUENCE {
+# OID 1.3.101.112 }, BIT STRING of 33 bytes }. Every Ed25519 .pub is this prefix + 32 bytes,
+# so a device reads its trust policy (and reports its key ids) without cryptography.
+_ED25519_SPKI = bytes.fromhex("302a300506032b6570032100")
+_PEM_BEGIN, _PEM_END = b"-----BEGIN PUBLIC KEY-----", b"-----END PUBLIC KEY-----"
+
+
 def load_public_key(path: str) -> PublicKey:
     """A ``.pub`` file: PEM SubjectPublicKeyInfo of an Ed25519 key."""
     data = _read_key_file(path, "public key")
-    ser, ed25519 = _serialization(), _crypto()
-    try:
-        public = ser.load_pem_public_key(data)
-    except (ValueError, TypeError):
+    begin, end = data.find(_PEM_BEGIN), data.find(_PEM_END)
+    if begin < 0 or end < begin:
         raise UsageError(f"public key {path} is not a PEM public key",
+                         "pass the PREFIX.pub that `edgebundle key generate` wrote")
+    try:
+        der = base64.b64decode(b"".join(data[begin + len(_PEM_BEGIN):end].split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise UsageError(f"public key {path} is not a PEM public key (bad base64)",
                          "pass the PREFIX.pub that `edgebundle key generate` wrote") from None
-    if not isinstance(public, ed25519.Ed25519PublicKey):
+    if len(der) != len(_ED25519_SPKI) + 32 or not der.startswith(_ED25519_SPKI):
         raise UsageError(f"public key {path} is not an Ed25519 key",
                          "edgebundle signs with Ed25519: `edgebundle key generate --out PREFIX`")
-    raw = _raw_public(public)
+    raw = der[len(_ED25519_SPKI):]
     return PublicKey(key_id(raw), raw, path)
 
 
@@ -240,7 +252,11 @@ class TrustPolicy:
                              f"(trusted: {', '.join(self.key_ids)})",
                              f"{SIGN_HINT}, or add its .pub to {self.directory}")
         for sig in signers:
-            if known[sig.key_id].verify(sig.signature, reader.signed_message):
+            try:
+                valid = known[sig.key_id].verify(sig.signature, reader.signed_message)
+            except UsageError as exc:  # no crypto library: refuse, never wave it through
+                raise TrustError(f"bundle {name} cannot be checked: {exc.message}", exc.hint) from None
+            if valid:
                 return sig.key_id
         raise TrustError(f"bundle {name}: the signature by {signers[0].key_id} does not match "
                          "its header (the bundle was altered after signing)",

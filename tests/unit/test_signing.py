@@ -262,3 +262,29 @@ def test_downgrade_mark_is_per_site(tmp_path: Path, built: Images, keys: Dict[st
                         created="2026-11-30T12:00:00Z")
     with pytest.raises(TrustError, match="refusing a downgrade"):  # gw-01's mark survived gw-02's
         import_file(str(old), site.runtime, trust=trust, state=state)
+
+
+def test_a_device_without_cryptography_reads_its_policy_and_refuses_what_it_cannot_check(
+        tmp_path: Path, built: Images, keys: Dict[str, Any]) -> None:
+    """Keys load (and are reported) without the library; checking a signature needs it."""
+    import subprocess
+    import sys
+    out = signed_bundle(tmp_path, built, "containerd", [keys["fleet"]])
+    code = f"""
+import sys
+sys.modules["cryptography"] = None  # as on a device where it is not installed
+from edgebundle.errors import TrustError
+from edgebundle.trust import TrustPolicy
+from edgebundle.usecases.device import verify_bundle
+policy = TrustPolicy.load([{keys['fleet.pub']!r}], "/nonexistent")
+print(policy.key_ids[0])
+try:
+    verify_bundle({str(out)!r}, policy)
+except TrustError as exc:
+    print("refused:", exc)
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    first, second = res.stdout.splitlines()
+    assert first == keys["fleet"].key_id
+    assert second.startswith("refused:") and "python3-cryptography" in second
