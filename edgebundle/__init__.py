@@ -9,4 +9,4 @@ Device-side modules (``errors``, ``files``, ``logs``, ``reference``, ``oci``, ``
 only on zstandard, msgpack and xxhash; the packer extra adds httpx, paramiko, pyyaml and tqdm.
 """
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
