@@ -8,6 +8,7 @@ signature). Each case is imported through the CLI with an enforcing trust direct
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Tuple
 
@@ -117,7 +118,12 @@ def test_forgeries_never_reach_the_runtime(tmp_path: Path, registry: Any, contai
         state = lambda: docker_state(dockerd)
     device = ["--trust-dir", str(trust_dir), "--state-dir", str(tmp_path / "state")]
 
+    ref = f"{registry.host}/shop/app:v1"
+    if runtime == "docker":  # other tests load the same image into the session's dockerd
+        subprocess.run(dockerd.docker_argv() + ["image", "rm", "-f", ref], capture_output=True,
+                       timeout=120)
     before = state()
+    assert ref not in str(before)
     for name, path, code, fragment in cases:
         result = eb(capsys, "import", str(path), *where, *device, code=code)
         lines = result["stderr"].strip().splitlines()
@@ -126,7 +132,7 @@ def test_forgeries_never_reach_the_runtime(tmp_path: Path, registry: Any, contai
 
     eb(capsys, "import", str(good), *where, *device)
     after_good = state()
-    assert after_good != before
+    assert ref in str(after_good)
     # Replaying the older signed bundle is a downgrade: refused, runtime unchanged.
     result = eb(capsys, "import", str(old), *where, *device, code=13)
     assert "refusing a downgrade" in result["stderr"]
