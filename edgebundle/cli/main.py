@@ -128,6 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="import a signed bundle even if it was packed before the newest one "
                    "already imported for its site")
     p.add_argument("--report", metavar="PATH", help="also write the inventory report here")
+    p.add_argument("--no-space-check", action="store_true",
+                   help="skip the disk pre-flight (free space where the runtime keeps its "
+                   "data, read from containerd's plugin roots or Docker's DockerRootDir, vs "
+                   "the bundle's content plus unpacked size); for filesystems that compress "
+                   "or deduplicate, where the estimate is too high. A full disk is still "
+                   "reported (exit 14)")
     p.add_argument("--json", action="store_true", help="machine-readable summary")
     p.add_argument("--no-progress", action="store_true", help="no progress display")
 

@@ -57,6 +57,8 @@ INDEX_TYPES = ("application/vnd.oci.image.index.v1+json",
 IMAGES_HEADER = fixture("ctr_images_ls.txt").splitlines()[0]
 SNAPSHOTS_HEADER = fixture("ctr_snapshots_ls.txt").splitlines()[0]
 VERSION_OUT = fixture("ctr_version.txt").encode()
+PLUGINS_OUT = fixture("ctr_plugins_ls_d.txt")
+PLUGINS_ROOT = "/tmp/space/rec/w/root"  # the data root of the recording's containerd
 
 
 @dataclass
@@ -141,6 +143,7 @@ class FakeContainerd:
         self.after_import: Optional[Callable[["FakeContainerd"], None]] = None
         self.import_dies_after: Optional[int] = None
         self.history: List[Tuple[str, ...]] = []  # (event, detail) in order
+        self.root: Optional[str] = None  # data root `plugins ls -d` reports (None: as recorded)
 
     # -- the Runner protocol -----------------------------------------------------
 
@@ -158,6 +161,9 @@ class FakeContainerd:
             return Completed(0, VERSION_OUT, b"")
         if args == ["images", "ls"]:
             return Completed(0, self._images_ls().encode(), b"")
+        if args == ["plugins", "ls", "-d"]:
+            text = PLUGINS_OUT if self.root is None else PLUGINS_OUT.replace(PLUGINS_ROOT, self.root)
+            return Completed(0, text.encode(), b"")
         if args == ["content", "ls", "-q"]:
             return Completed(0, "".join(d + "\n" for d in sorted(self.content)).encode(), b"")
         if args[:1] == ["snapshots"] and args[-1] == "ls":

@@ -1,0 +1,251 @@
+"""Disk full, for real: the runtime's data root on a small tmpfs.
+
+(a) the pre-flight refuses before anything reaches the runtime (exit 14, both numbers,
+    image list and content store unchanged);
+(b) a bundle whose header understates slips past the pre-flight and meets ENOSPC in the
+    runtime: nothing half-imported is listed, the error says the disk filled (exit 14);
+    after the tmpfs grows, the same bundle imports;
+(c) ``pack -o`` onto a small tmpfs is refused before it fetches or writes.
+
+Images are built in-process (``tests/unit/tiny_images``): one incompressible layer of
+``BIG`` bytes, so blob, tar and unpacked layer are all about that size. Each tmpfs is
+mounted under the test's own temp dir and unmounted afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional
+
+import pytest
+
+import services
+
+UNIT = Path(__file__).resolve().parents[1] / "unit"
+if str(UNIT) not in sys.path:
+    sys.path.insert(0, str(UNIT))
+
+from tiny_images import BASE, Images, write_oci_layout  # noqa: E402
+
+from edgebundle import pack as pack_module  # noqa: E402
+from edgebundle.cache import BlobCache  # noqa: E402
+from edgebundle.cli.main import main  # noqa: E402
+from edgebundle.holdings import Inventory  # noqa: E402
+from edgebundle.pack import write_bundle  # noqa: E402
+from edgebundle.plan import plan_bundle  # noqa: E402
+
+MB = 1000 * 1000
+BIG = 24 * MB  # the incompressible layer
+
+
+def big_layer() -> Dict[str, bytes]:
+    return {"data/blob.bin": os.urandom(BIG)}
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size_mb: int) -> Iterator[Path]:
+    path.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m,mode=0755", "tmpfs",
+                        str(path)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.fail(f"cannot mount a tmpfs at {path}: {r.stderr.strip()}", pytrace=False)
+    try:
+        yield path
+    finally:
+        if subprocess.run(["umount", str(path)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def grow(path: Path, size_mb: int) -> None:
+    subprocess.run(["mount", "-o", f"remount,size={size_mb}m", str(path)], check=True)
+
+
+def free_bytes(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def numbers(line: str) -> "tuple[float, float]":
+    """(free, needed) in bytes from "... has 41.8 MB free; ... needs about 64.9 MB (...)"."""
+    m = re.search(r"has (\d+\.\d) MB free; .* needs about (\d+\.\d) MB \(", line)
+    assert m, line
+    return float(m.group(1)) * MB, float(m.group(2)) * MB
+
+
+def eb(capsys: pytest.CaptureFixture[str], *argv: str, code: int = 0) -> str:
+    capsys.readouterr()
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err and "internal error" not in err, err
+    assert rc == code, f"edgebundle {' '.join(argv)} exited {rc}, wanted {code}: {err}"
+    if code:
+        lines = [l for l in err.splitlines() if l.strip()]
+        assert len(lines) == 1 and lines[0].startswith("edgebundle: error: "), err
+        return lines[0]
+    return out
+
+
+def make_bundle(tmp: Path, runtime: str, name: str, *, lie: bool = False,
+                monkeypatch: Optional[pytest.MonkeyPatch] = None) -> Path:
+    """A one-image bundle with the big layer; ``lie``: its header claims 0 bytes."""
+    images = Images(BlobCache(tmp / f"build-{name}"))
+    img = images.image(f"example.test/space/{name}:v1", [BASE, big_layer()])
+    ns = "space" if runtime == "containerd" else None
+    plan = plan_bundle("gw", [img], Inventory.empty(runtime, ns), runtime=runtime, namespace=ns,
+                       platform="linux/amd64")
+    if lie:
+        assert monkeypatch is not None
+        monkeypatch.setattr(pack_module, "content_bytes", lambda plan: 0)
+        monkeypatch.setattr(pack_module, "unpacked_bytes", lambda plan: 0)
+    out = tmp / f"{name}.ebundle"
+    with open(out, "wb") as fh:
+        write_bundle(plan, images.cache, fh, level=1)
+    if lie:
+        monkeypatch.undo()  # type: ignore[union-attr]
+    return out
+
+
+# ---------------------------------------------------------------------------
+# containerd
+
+
+def ctr(cd: services.Containerd, *args: str, ns: str = "space") -> str:
+    r = subprocess.run(cd.ctr_argv(ns) + list(args), capture_output=True, text=True,
+                       env=cd.env(), timeout=60)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def ctr_state(cd: services.Containerd) -> Dict[str, List[str]]:
+    """What containerd lists: images, content, leases, active snapshots, ingests."""
+    def rows(text: str) -> List[str]:
+        return sorted(l.split()[0] for l in text.splitlines()[1:] if l.strip())
+
+    ingest = cd.root / "io.containerd.content.v1.content" / "ingest"
+    return {"images": rows(ctr(cd, "images", "ls")),
+            "content": sorted(l for l in ctr(cd, "content", "ls", "-q").split()),
+            "leases": rows(ctr(cd, "leases", "ls")),
+            "snapshots": sorted(l for l in ctr(cd, "snapshots", "--snapshotter", cd.snapshotter,
+                                                 "ls").splitlines()[1:] if l.strip()),
+            "ingests": sorted(os.listdir(ingest)) if ingest.is_dir() else []}
+
+
+def cd_import(cd: services.Containerd, bundle: Path, capsys: pytest.CaptureFixture[str],
+              code: int = 0, *extra: str) -> str:
+    return eb(capsys, "import", str(bundle), "--runtime", "containerd", "--address", cd.address,
+              "--namespace", "space", "--snapshotter", cd.snapshotter, "--no-progress", *extra,
+              code=code)
+
+
+@pytest.fixture()
+def small_containerd(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[services.Containerd]:
+    size = getattr(request, "param", 40)
+    with tmpfs(tmp_path / "cdroot", size) as root:
+        try:
+            cd = services.start_containerd(tmp_path / "cd", root=root)
+        except services.ServiceError as exc:
+            pytest.fail(f"containerd could not start on a tmpfs: {exc}", pytrace=False)
+        try:
+            yield cd
+        finally:
+            cd.stop()
+
+
+def test_containerd_refused_before_starting(tmp_path: Path, small_containerd: services.Containerd,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    cd = small_containerd
+    bundle = make_bundle(tmp_path, "containerd", "refused")
+    before = ctr_state(cd)
+    free = free_bytes(cd.root)
+    line = cd_import(cd, bundle, capsys, 14)
+    assert f"containerd content store and snapshots at {cd.root}" in line, line
+    got_free, need = numbers(line)
+    assert abs(got_free - free) < MB, (free, line)
+    assert need > 2 * BIG and need > got_free, line  # blob + snapshot, both counted
+    assert ctr_state(cd) == before
+
+
+@pytest.mark.parametrize("small_containerd", [44], indirect=True)
+def test_containerd_enospc_leaves_nothing_listed(tmp_path: Path, small_containerd: services.Containerd,
+                                                 capsys: pytest.CaptureFixture[str],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    cd = small_containerd
+    bundle = make_bundle(tmp_path, "containerd", "liar", lie=True, monkeypatch=monkeypatch)
+    before = ctr_state(cd)
+    line = cd_import(cd, bundle, capsys, 14)
+    after = ctr_state(cd)
+    assert after["images"] == before["images"]
+    assert "disk filled" in line and "nothing was imported" in line, line
+    grow(cd.root, 200)
+    cd_import(cd, bundle, capsys)
+    assert "example.test/space/liar:v1" in ctr_state(cd)["images"]
+
+
+# ---------------------------------------------------------------------------
+# Docker
+
+
+def docker_state(dk: services.Dockerd) -> Dict[str, Any]:
+    r = subprocess.run(dk.docker_argv() + ["images", "-a", "--format", "{{.Repository}}:{{.Tag}} {{.ID}}"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    tmp = dk.data_root / "tmp"
+    layers = dk.data_root / "image" / dk.storage_driver / "layerdb" / "sha256"
+    return {"images": sorted(r.stdout.split("\n")[:-1]),
+            "tmp": sorted(os.listdir(tmp)) if tmp.is_dir() else [],
+            "layers": sorted(os.listdir(layers)) if layers.is_dir() else []}
+
+
+def dk_import(dk: services.Dockerd, bundle: Path, capsys: pytest.CaptureFixture[str],
+              code: int = 0) -> str:
+    return eb(capsys, "import", str(bundle), "--runtime", "docker", "--host", dk.host,
+              "--no-progress", code=code)
+
+
+@pytest.fixture()
+def small_dockerd(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[services.Dockerd]:
+    size = getattr(request, "param", 40)
+    with tmpfs(tmp_path / "dkroot", size) as root:
+        try:
+            dk = services.start_dockerd(tmp_path / "dk", data_root=root)
+        except services.ServiceError as exc:
+            pytest.fail(f"dockerd could not start on a tmpfs: {exc}", pytrace=False)
+        try:
+            yield dk
+        finally:
+            dk.stop()
+
+
+def test_docker_refused_before_starting(tmp_path: Path, small_dockerd: services.Dockerd,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    dk = small_dockerd
+    bundle = make_bundle(tmp_path, "docker", "refused")
+    before = docker_state(dk)
+    free = free_bytes(dk.data_root)
+    line = dk_import(dk, bundle, capsys, 14)
+    assert f"docker at {dk.data_root}" in line, line
+    got_free, need = numbers(line)
+    assert abs(got_free - free) < MB, (free, line)
+    assert need > 2 * BIG and need > got_free, line  # load's temp copy + layer dir
+    assert docker_state(dk) == before
+
+
+@pytest.mark.parametrize("small_dockerd", [44], indirect=True)
+def test_docker_enospc_leaves_nothing_listed(tmp_path: Path, small_dockerd: services.Dockerd,
+                                             capsys: pytest.CaptureFixture[str],
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    dk = small_dockerd
+    bundle = make_bundle(tmp_path, "docker", "liar", lie=True, monkeypatch=monkeypatch)
+    before = docker_state(dk)
+    line = dk_import(dk, bundle, capsys, 14)
+    after = docker_state(dk)
+    assert after["images"] == before["images"]
+    assert "disk filled" in line and "nothing was imported" in line, line
+    grow(dk.data_root, 200)
+    dk_import(dk, bundle, capsys)
+    assert "example.test/space/liar:v1" in " ".join(docker_state(dk)["images"])
