@@ -111,6 +111,10 @@ class Disk:
     def device(self, path: str) -> int:
         return os.stat(path).st_dev
 
+    def nearest(self, path: str) -> str:
+        """The directory to examine for ``path`` (which may not exist yet)."""
+        return existing(path)
+
 
 class _Unchecked(Disk):
     """``import --no-space-check``: every filesystem has room (a full disk met anyway is
@@ -145,7 +149,7 @@ def shortfalls(needs: Sequence[Need], disk: Disk, *, with_margin: bool = True,
     for need in needs:
         if need.total <= 0:
             continue
-        path = existing(need.path)
+        path = disk.nearest(need.path)
         try:
             dev = disk.device(path)
         except OSError as exc:

@@ -8,6 +8,7 @@ they run where only zstandard, msgpack and xxhash are installed. Packer commands
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import sys
@@ -15,7 +16,7 @@ import traceback
 from typing import Any, Callable, List, Optional
 
 from .. import __version__
-from ..errors import EdgebundleError, UsageError
+from ..errors import EdgebundleError, SpaceError, UsageError
 from ..logs import redact, setup_logging
 
 EPILOG = """\
@@ -27,7 +28,8 @@ Every command takes -v (what happens) and --debug (more, with library requests).
 Exit codes: 0 ok, 1 error, 2 usage, 3 manifest, 4 resolve, 5 bundle format,
 6 prerequisite missing, 7 runtime unreachable, 8 load failed, 9 transport, 10 inventory,
 11 packer cache, 12 output not writable, 13 trust policy refused the bundle,
-14 not enough disk space, 15 another import is running.
+14 not enough disk space (refused up front, or the disk filled), 15 another import
+is running.
 """
 
 log = logging.getLogger("edgebundle")
@@ -219,6 +221,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     except Exception as exc:  # noqa: BLE001 - the last line of defence: never a traceback
         if args.debug:
             traceback.print_exc()
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            # A write we did not expect to fill the disk (the packer's delta work files...):
+            # still one line that says so, and the exit code of a full disk.
+            where = f" writing {exc.filename}" if exc.filename else ""
+            sys.stderr.write(f"edgebundle: error: the disk filled{where}: {exc.strerror} (hint: "
+                             "free space there and run the command again)\n")
+            return SpaceError.exit_code
         sys.stderr.write(f"edgebundle: internal error: {type(exc).__name__}: {redact(str(exc))} "
                          "(hint: this is a bug; rerun with --debug and report it with that output)\n")
         return 1

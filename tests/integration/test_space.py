@@ -249,3 +249,71 @@ def test_docker_enospc_leaves_nothing_listed(tmp_path: Path, small_dockerd: serv
     grow(dk.data_root, 200)
     dk_import(dk, bundle, capsys)
     assert "example.test/space/liar:v1" in " ".join(docker_state(dk)["images"])
+
+
+# ---------------------------------------------------------------------------
+# The packer: its cache and -o
+
+
+def packer_world(tmp: Path) -> Path:
+    """A manifest list over an OCI layout holding one image with the big layer."""
+    images = Images(BlobCache(tmp / "build"))
+    img = images.image("example.test/space/app:v1", [BASE, big_layer()])
+    write_oci_layout(tmp / "layout", images.cache, [img])
+    manifest = tmp / "m.yaml"
+    manifest.write_text(f"""version: 1
+images:
+  - ref: example.test/space/app:v1
+    source: oci-layout:{tmp / 'layout'}
+sites:
+  gw: {{runtime: containerd, namespace: space, platform: linux/amd64}}
+""")
+    return manifest
+
+
+def cached_blobs(home: Path) -> List[int]:
+    blobs = home / "cache" / "blobs" / "sha256"
+    return sorted(p.stat().st_size for p in blobs.iterdir()) if blobs.is_dir() else []
+
+
+def test_pack_output_on_a_small_disk_is_refused_up_front(tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    manifest = packer_world(tmp_path)
+    home = tmp_path / "home"
+    with tmpfs(tmp_path / "stick", 20) as stick:
+        free = free_bytes(stick)
+        line = eb(capsys, "--home", str(home), "pack", str(manifest), "--site", "gw", "-o",
+                  str(stick / "b.ebundle"), "--no-progress", code=14)
+        assert f"bundle output at {stick}" in line, line
+        got_free, need = numbers(line)
+        assert abs(got_free - free) < MB and need > BIG, line
+        assert os.listdir(stick) == []
+    assert max(cached_blobs(home), default=0) < BIG  # the layer was never fetched
+
+
+def test_pack_cache_on_a_small_disk_is_refused_before_fetching(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    manifest = packer_world(tmp_path)
+    with tmpfs(tmp_path / "home", 20) as home:
+        line = eb(capsys, "--home", str(home), "pack", str(manifest), "--site", "gw", "-o",
+                  str(tmp_path / "b.ebundle"), "--no-progress", code=14)
+        assert f"packer cache at {home / 'cache'}" in line and "MB free" in line, line
+        assert max(cached_blobs(home), default=0) < BIG
+        assert os.listdir(home / "cache" / "tmp") == []
+    assert not (tmp_path / "b.ebundle").exists()
+
+
+def test_pack_cache_filling_mid_fetch_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pre-flight passed (its estimate was low): the disk fills while the layer is
+    copied into the cache. One line, exit 14, no temp file left behind."""
+    from edgebundle import space
+
+    monkeypatch.setattr(space, "MIN_MARGIN", 0)
+    monkeypatch.setattr(space.Disk, "free", lambda self, path: 1 << 40)  # the estimate lies
+    manifest = packer_world(tmp_path)
+    with tmpfs(tmp_path / "home", 20) as home:
+        line = eb(capsys, "--home", str(home), "pack", str(manifest), "--site", "gw", "-o",
+                  str(tmp_path / "b.ebundle"), "--no-progress", code=14)
+        assert "packer cache" in line and "no space left" in line, line
+        assert os.listdir(home / "cache" / "tmp") == []

@@ -144,6 +144,8 @@ class FakeContainerd:
         self.import_dies_after: Optional[int] = None
         self.history: List[Tuple[str, ...]] = []  # (event, detail) in order
         self.root: Optional[str] = None  # data root `plugins ls -d` reports (None: as recorded)
+        # the disk fills while a layer is extracted: what ctr then says (containerd 1.6)
+        self.unpack_fails_with: Optional[str] = None
 
     # -- the Runner protocol -----------------------------------------------------
 
@@ -271,6 +273,8 @@ class FakeContainerd:
             if layer["digest"] not in self.content:
                 return (f"failed to extract layer {chain}: failed to get reader from content "
                         f"store: content digest {layer['digest']}: not found")
+            if self.unpack_fails_with is not None:
+                return f"failed to extract layer {chain}: {self.unpack_fails_with}"
             self.snapshots.add(chain)
         return None
 
@@ -375,6 +379,7 @@ class FakeEngine:
         self.aborted = 0  # requests the client abandoned half-sent
         self.hang_up_after: Optional[int] = None  # close the load connection after N bytes
         self.forget_loads = False  # answer "Loaded image" but keep nothing (a daemon bug)
+        self.load_fails_with: Optional[str] = None  # the error line a failed load answers
         self._threads: List[threading.Thread] = []
 
     def dial(self) -> socket.socket:
@@ -462,6 +467,8 @@ class FakeEngine:
                     return error(f"open /var/lib/docker/tmp/docker-import-1/{name}: no such file or directory")
                 if sha(files[name]) != diff_id:
                     return error(f"layer {name} does not match diff_id {diff_id}")
+                if self.load_fails_with is not None:
+                    return error(self.load_fails_with)
                 self.layers.add(chain)
             image_id = sha(config)
             img = self.images.setdefault(image_id, DockerImage(image_id, [], diff_ids))
