@@ -19,8 +19,9 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import pytest
 
@@ -170,20 +171,65 @@ def test_containerd_refused_before_starting(tmp_path: Path, small_containerd: se
     assert ctr_state(cd) == before
 
 
+def settled(state: Callable[[], Dict[str, Any]], want: Dict[str, Any],
+            timeout: float = 10.0) -> Dict[str, Any]:
+    """The runtime's state once it equals ``want`` (GC after a failed import is
+    asynchronous), or as it is when ``timeout`` runs out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = state()
+        if got == want or time.monotonic() > deadline:
+            return got
+        time.sleep(0.2)
+
+
 @pytest.mark.parametrize("small_containerd", [44], indirect=True)
-def test_containerd_enospc_leaves_nothing_listed(tmp_path: Path, small_containerd: services.Containerd,
-                                                 capsys: pytest.CaptureFixture[str],
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_containerd_unpack_fills_the_disk_nothing_is_listed(
+        tmp_path: Path, small_containerd: services.Containerd, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The header claims 0 bytes: the pre-flight and the per-entry check pass (the blob
+    fits), the snapshot does not."""
     cd = small_containerd
     bundle = make_bundle(tmp_path, "containerd", "liar", lie=True, monkeypatch=monkeypatch)
     before = ctr_state(cd)
     line = cd_import(cd, bundle, capsys, 14)
-    after = ctr_state(cd)
-    assert after["images"] == before["images"]
-    assert "disk filled" in line and "nothing was imported" in line, line
+    assert "the disk filled while importing bundle" in line and "nothing was imported" in line
+    assert "failed to extract layer" in line and "no space left on device" in line, line
+    # No image, no lease, no ingest, no snapshot, no blob left behind.
+    assert settled(lambda: ctr_state(cd), before) == before
     grow(cd.root, 200)
     cd_import(cd, bundle, capsys)
-    assert "example.test/space/liar:v1" in ctr_state(cd)["images"]
+    assert ctr_state(cd)["images"] == ["example.test/space/liar:v1"]
+
+
+@pytest.mark.parametrize("small_containerd", [30], indirect=True)
+def test_containerd_entry_larger_than_the_header_said_is_refused(
+        tmp_path: Path, small_containerd: services.Containerd, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pre-flight passes on the lying header; the big entry's own size does not fit:
+    refused before its first byte, after ctr had been handed the small ones."""
+    cd = small_containerd
+    bundle = make_bundle(tmp_path, "containerd", "liar", lie=True, monkeypatch=monkeypatch)
+    before = ctr_state(cd)
+    line = cd_import(cd, bundle, capsys, 14)
+    assert re.search(r"entry sha256:[0-9a-f]{64} needs about 40\.8 MB \(24\.0 MB content \+ ", line), line
+    assert settled(lambda: ctr_state(cd), before) == before
+
+
+@pytest.mark.parametrize("small_containerd", [20], indirect=True)
+def test_containerd_disk_filling_mid_stream(tmp_path: Path, small_containerd: services.Containerd,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """Unchecked (--no-space-check): the content store fills mid-blob."""
+    cd = small_containerd
+    bundle = make_bundle(tmp_path, "containerd", "mid")
+    before = ctr_state(cd)
+    line = cd_import(cd, bundle, capsys, 14, "--no-space-check")
+    assert "the disk filled while importing bundle" in line and "nothing was imported" in line
+    assert "failed to ingest" in line and "no space left on device" in line, line
+    assert settled(lambda: ctr_state(cd), before) == before
+    grow(cd.root, 200)
+    cd_import(cd, bundle, capsys)
+    assert ctr_state(cd)["images"] == ["example.test/space/mid:v1"]
 
 
 # ---------------------------------------------------------------------------
@@ -236,19 +282,34 @@ def test_docker_refused_before_starting(tmp_path: Path, small_dockerd: services.
 
 
 @pytest.mark.parametrize("small_dockerd", [44], indirect=True)
-def test_docker_enospc_leaves_nothing_listed(tmp_path: Path, small_dockerd: services.Dockerd,
-                                             capsys: pytest.CaptureFixture[str],
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_docker_unpack_fills_the_disk_nothing_is_listed(
+        tmp_path: Path, small_dockerd: services.Dockerd, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Load's temp copy of the archive fits; unpacking the layer beside it does not."""
     dk = small_dockerd
     bundle = make_bundle(tmp_path, "docker", "liar", lie=True, monkeypatch=monkeypatch)
     before = docker_state(dk)
     line = dk_import(dk, bundle, capsys, 14)
-    after = docker_state(dk)
-    assert after["images"] == before["images"]
-    assert "disk filled" in line and "nothing was imported" in line, line
+    assert "the disk filled while importing bundle" in line and "nothing was imported" in line
+    assert "no space left on device" in line, line
+    assert settled(lambda: docker_state(dk), before) == before  # no image, no layer, no tmp
     grow(dk.data_root, 200)
     dk_import(dk, bundle, capsys)
-    assert "example.test/space/liar:v1" in " ".join(docker_state(dk)["images"])
+    assert docker_state(dk)["images"][0].startswith("example.test/space/liar:v1 ")
+
+
+@pytest.mark.parametrize("small_dockerd", [20], indirect=True)
+def test_docker_disk_filling_mid_stream(tmp_path: Path, small_dockerd: services.Dockerd,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """Unchecked (--no-space-check): load's temp copy fills the disk mid-archive."""
+    dk = small_dockerd
+    bundle = make_bundle(tmp_path, "docker", "mid")
+    before = docker_state(dk)
+    line = eb(capsys, "import", str(bundle), "--runtime", "docker", "--host", dk.host,
+              "--no-progress", "--no-space-check", code=14)
+    assert "the disk filled while importing bundle" in line and "nothing was imported" in line
+    assert "no space left on device" in line, line
+    assert settled(lambda: docker_state(dk), before) == before
 
 
 # ---------------------------------------------------------------------------
