@@ -104,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--site", required=True, help="site name from the manifest")
     p.add_argument("-o", "--output", required=True,
                    help="bundle file to write (replaced atomically), or - for standard output; "
-                   "a FIFO or device is written in place")
+                   "a FIFO or device is written in place. Refused before any download (exit "
+                   "14) when its disk, or the cache's, lacks the space the plan needs")
     p.add_argument("--level", type=int, default=16, choices=range(1, 23), metavar="1-22",
                    help="zstd level for compressible entries (Docker sites' layers, JSON); "
                    "16 is the smallest level that optimally parses, see docs/BENCHMARKS.md "
