@@ -115,6 +115,12 @@ class Disk:
         """The directory to examine for ``path`` (which may not exist yet)."""
         return existing(path)
 
+    def visible(self, path: str) -> bool:
+        """Whether a directory the runtime reported is there as we see it. If not, we run
+        in another mount namespace (a container given only the socket): its ancestors
+        here are another filesystem, so it is not checked rather than checked wrongly."""
+        return os.path.isdir(path)
+
 
 class _Unchecked(Disk):
     """``import --no-space-check``: every filesystem has room (a full disk met anyway is
@@ -280,7 +286,13 @@ class ImportSpace:
     @property
     def storage(self) -> Storage:
         if self._storage is None:
-            self._storage = self._storage_of()
+            found = self._storage_of()
+            content, unpacked = (p if p is not None and self.disk.visible(p) else None
+                                 for p in (found.content, found.unpacked))
+            for path in {found.content, found.unpacked} - {content, unpacked, None}:
+                log.info("%s keeps data at %s, which is not visible here: not checked",
+                         found.label, path)
+            self._storage = Storage(found.runtime, content, unpacked, found.label)
         return self._storage
 
     def preflight(self, name: str, content_bytes: int, unpacked_bytes: Optional[int],

@@ -58,6 +58,9 @@ class FakeDisk(Disk):
     def nearest(self, path: str) -> str:
         return path
 
+    def visible(self, path: str) -> bool:
+        return True
+
 
 # ---------------------------------------------------------------------------
 # Where the runtime keeps its data
@@ -150,6 +153,21 @@ def test_the_refusal_has_both_numbers_and_a_hint() -> None:
     with pytest.raises(SpaceError, match=r"bundle b.ebundle \(unpacked size estimated\) needs"):
         guard.preflight("b.ebundle", 1100 * MB, None, "blob")
     guard.preflight("b.ebundle", 100 * MB, 300 * MB, "blob")  # fits
+
+
+def test_a_root_not_visible_here_is_not_checked() -> None:
+    """An importer in a container given only the socket: /var/lib/containerd is not there,
+    and "/" here is another filesystem."""
+    class Elsewhere(FakeDisk):
+        def visible(self, path: str) -> bool:
+            return path.startswith("/here")
+
+    disk = Elsewhere({"/": (1, 0)})
+    guard = ImportSpace(lambda: Storage("containerd", "/var/lib/containerd/c", "/here/s",
+                                        "containerd"), disk)
+    assert guard.storage == Storage("containerd", None, "/here/s", "containerd")
+    with pytest.raises(SpaceError, match="snapshots at /here/s has 0 B free"):
+        guard.preflight("b", 10, 10, "blob")
 
 
 def test_unchecked_and_unknown_storage_pass() -> None:
@@ -348,10 +366,12 @@ def test_cli_import_checks_space_unless_told_not_to(tmp_path: Path, capsys: pyte
 
     world = World(tmp_path, capsys)
     bundle = world.pack()
+    for plugin in ("io.containerd.content.v1.content", "io.containerd.snapshotter.v1.overlayfs"):
+        (world.device / "root" / plugin).mkdir(parents=True)  # containerd makes them at start
     monkeypatch.setattr(space.Disk, "free", lambda self, path: 4096)
     _, err = world.run("import", str(bundle), *world.ctr_args(), code=14)
-    # fakectr reports a data root under the device dir (not made: its parent is examined)
-    assert f"containerd content store and snapshots at {world.device} has 4.1 kB free" in err
+    # fakectr reports its data root under the device dir, as containerd reports its own
+    assert f"containerd content store and snapshots at {world.device}/root has 4.1 kB free" in err
     assert world.device_images() == {}
     out, _ = world.run("import", str(bundle), *world.ctr_args(), "--no-space-check", "--json")
     assert json.loads(out)["imported"] == [world.app.name, world.tool.name]
