@@ -8,6 +8,7 @@ import errno
 import io
 import json
 import os
+import re
 from pathlib import Path
 from typing import Dict, List, Tuple
 
@@ -390,3 +391,86 @@ def test_an_unexpected_full_disk_is_one_line_not_an_internal_error(
     err = capsys.readouterr().err
     assert err == ("edgebundle: error: the disk filled writing /home/eb/cache/tmp/deltas-1/x: No "
                    "space left on device (hint: free space there and run the command again)\n")
+
+
+def test_a_delta_checks_its_rebuilt_size_and_the_spool_of_its_tar_bases(tmp_path: Path) -> None:
+    """Before a delta whose ops copy ranges of a base layer's tar is applied: the rebuilt
+    tar must fit where the runtime keeps data, and the base tars where they are spooled."""
+    from dataclasses import replace as dc_replace
+
+    from edgebundle.bases import DeltaPlanner
+    from edgebundle.holdings import Inventory as Inv
+    from test_delta_plan import LIB_V1, LIB_V2, held
+
+    cache = BlobCache(tmp_path / "cache")
+    imgs = Images(cache)
+    v1 = imgs.image("example.test/app:v1", [BASE, LIB_V1])
+    v2 = imgs.image("example.test/app:v2", [BASE, LIB_V2])
+    inv = held(v1)  # ... and the device can rebuild its layers' tars (containerd: from blobs)
+    inv = dc_replace(inv, images=tuple(dc_replace(i, layers=tuple(dc_replace(l, tar=True)
+                                                                  for l in i.layers))
+                                       for i in inv.images))
+    plain = make_plan([v2], "containerd", inv)
+    out = tmp_path / "delta.ebundle"
+    with DeltaPlanner(cache) as planner:
+        plan = planner.apply(plain, inv)
+        (lp,) = [lp for lp in plan.images[0].layers if lp.delta is not None]
+        assert any(b.tar for b in lp.delta.head.bases), "the delta must copy from a base tar"
+        with open(out, "wb") as fh:
+            write_bundle(plan, cache, fh, level=3, delta_ops=planner.ops)
+    target = lp.delta.head.target_size
+
+    class Device:
+        """Holds v1; wants every entry; records what the importer asked of it."""
+
+        kind, namespace = "containerd", "k8s.io"
+
+        def __init__(self) -> None:
+            self.asked: List[str] = []
+
+        def inventory(self) -> Inv:
+            return inv
+
+        def loader(self, inv: Inv, platform: str) -> "Device":
+            return self
+
+        def wants(self, head: object) -> bool:
+            return True
+
+        def add(self, digest: str, size: int, pieces: object) -> None:
+            self.asked.append(f"add {digest}")
+            for _ in pieces:  # type: ignore[attr-defined]
+                pass
+
+        def abort(self) -> None:
+            self.asked.append("abort")
+
+        def base_tree(self, chain_id: str, diff_id: str) -> object:
+            self.asked.append("base_tree")
+            raise AssertionError("the spool check comes first")
+
+    def attempt(runtime_free: int, temp_free: int) -> SpaceError:
+        disk = FakeDisk({"/": (1, runtime_free), "/tmp": (2, temp_free)})
+        guard = ImportSpace(lambda: Storage("containerd", "/cd/c", "/cd/s", "containerd"), disk,
+                            tempdir=lambda: "/tmp")
+        device = Device()
+        with open(out, "rb") as fh, pytest.raises(SpaceError) as err:
+            import_bundle(fh, "b", device, space=_Preflighted(guard))  # type: ignore[arg-type]
+        assert "base_tree" not in device.asked and device.asked[-1] == "abort"
+        return err.value
+
+    err = attempt(runtime_free=target, temp_free=10**12)  # the rebuilt tar + 1 B reserve
+    assert re.search(r"bundle b delta entry sha256:\w+ needs", err.message), err.message
+    err = attempt(runtime_free=10**12, temp_free=target)
+    assert err.message.startswith("temp dir at /tmp has "), err.message
+
+
+class _Preflighted(ImportSpace):
+    """The guard with its whole-bundle pre-flight passed (the per-entry checks stay)."""
+
+    def __init__(self, inner: ImportSpace) -> None:
+        self.__dict__.update(inner.__dict__)
+
+    def preflight(self, name: str, content_bytes: int, unpacked_bytes: object,
+                  layer_form: str) -> None:
+        self._reserve = 1  # a 1-byte margin, no unpack reserved: only the entry counts
