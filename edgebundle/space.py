@@ -337,7 +337,10 @@ class ImportSpace:
                               "free space there or point TMPDIR at a bigger disk, then "
                               "import again")
         assert isinstance(exc, EdgebundleError)
-        storage = self.storage
+        try:
+            storage = self.storage
+        except EdgebundleError:  # never mask the runtime's error with our own lookup's
+            storage = Storage("", None, None, "the runtime")
         paths = list(dict.fromkeys(p for p in (storage.content, storage.unpacked) if p))
         where = os.path.commonpath(paths) if len(paths) > 1 else "".join(paths)
         where = where if where != "/" else ", ".join(paths)
