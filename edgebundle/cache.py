@@ -13,6 +13,7 @@ same images fetches nothing.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -23,6 +24,7 @@ from typing import BinaryIO, Iterator, Optional, Tuple
 from .errors import CacheError
 from .files import atomic_file, atomic_write
 from .oci import check_digest, sha256_digest
+from .space import full_error
 
 log = logging.getLogger(__name__)
 
@@ -87,14 +89,22 @@ class BlobCache:
         Raises ``DigestMismatch`` on exit if they do not (the temp file is removed).
         """
         hasher = hashlib.sha256()
-        with atomic_file(self.path(digest), tmp_dir=self.root / "tmp") as raw:
-            sink = _HashingWriter(raw, hasher)
-            yield sink  # type: ignore[misc]  # _HashingWriter is the write() of a BinaryIO
-            actual = "sha256:" + hasher.hexdigest()
-            if actual != digest:
-                raise DigestMismatch(f"blob {digest} arrived with digest {actual}")
-            if size is not None and sink.count != size:
-                raise DigestMismatch(f"blob {digest} arrived with {sink.count} bytes, expected {size}")
+        try:
+            with atomic_file(self.path(digest), tmp_dir=self.root / "tmp") as raw:
+                sink = _HashingWriter(raw, hasher)
+                yield sink  # type: ignore[misc]  # _HashingWriter is the write() of a BinaryIO
+                actual = "sha256:" + hasher.hexdigest()
+                if actual != digest:
+                    raise DigestMismatch(f"blob {digest} arrived with digest {actual}")
+                if size is not None and sink.count != size:
+                    raise DigestMismatch(f"blob {digest} arrived with {sink.count} bytes, expected {size}")
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            # The temp file is gone (atomic_file); say the disk is full, not "internal error".
+            raise full_error(f"blob {digest} into the packer cache at {self.root}", exc,
+                             "free space there, or pass --home (or set EDGEBUNDLE_HOME) on a "
+                             "bigger disk") from None
 
     def put_bytes(self, data: bytes, digest: Optional[str] = None) -> str:
         """Store ``data``; if ``digest`` is given it must match."""

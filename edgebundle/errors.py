@@ -93,7 +93,8 @@ class CacheError(EdgebundleError):
 
 
 class OutputError(EdgebundleError):
-    """Writing an output (bundle, report) failed: disk full, permissions, a closed pipe."""
+    """Writing an output (bundle, report) failed: permissions, a closed pipe (a full disk
+    is a ``SpaceError``)."""
 
     exit_code = 12
 
@@ -105,7 +106,8 @@ class TrustError(EdgebundleError):
 
 
 class SpaceError(EdgebundleError):
-    """The disk cannot hold what would be written; checked before writing anything."""
+    """The disk cannot hold what would be written: refused before writing anything
+    (``space``), or the disk filled while writing (nothing half-done is kept)."""
 
     exit_code = 14
 

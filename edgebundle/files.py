@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator, Optional, Protocol, Union
 
-from .errors import OutputError
+from .errors import EdgebundleError, OutputError, SpaceError
 
 #: Bytes per read or write when streaming files, blobs and responses (one home for it).
 IO_CHUNK = 1024 * 1024
@@ -134,8 +134,11 @@ def _hint(exc: OSError) -> str:
     return "check the path and the device it is on"
 
 
-def output_error(what: str, exc: OSError) -> OutputError:
-    """A one-line error for a failed write to ``what``."""
+def output_error(what: str, exc: OSError) -> EdgebundleError:
+    """A one-line error for a failed write to ``what``: a full disk is a ``SpaceError``
+    (exit 14, as when the pre-flight refuses), anything else an ``OutputError``."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return SpaceError(f"cannot write {what}: {_why(exc)}", _hint(exc))
     return OutputError(f"cannot write {what}: {_why(exc)}", _hint(exc))
 
 

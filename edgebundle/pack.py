@@ -70,7 +70,8 @@ def bundle_header(plan: Plan, created: Optional[str] = None,
         images=tuple(ImageSummary(p.image.name, p.image.top.digest, p.image.config.digest)
                      for p in plan.to_ship),
         content_bytes=content_bytes(plan), created=created or now_rfc3339(),
-        tool=f"edgebundle {__version__}", required_features=features, commitments=commitments)
+        tool=f"edgebundle {__version__}", required_features=features, commitments=commitments,
+        unpacked_bytes=unpacked_bytes(plan))
 
 
 def content_bytes(plan: Plan) -> int:
@@ -85,6 +86,19 @@ def content_bytes(plan: Plan) -> int:
             total += lp.layer.tar_size
         else:
             total += lp.layer.size
+    return total
+
+
+def unpacked_bytes(plan: Plan) -> Optional[int]:
+    """The shipped layers' tar sizes (what unpacking adds on the device); None if unknown."""
+    total = 0
+    for lp, _ in plan.shipped().values():
+        if lp is None:
+            continue
+        tar = lp.delta.head.target_size if lp.delta is not None else lp.layer.tar_size
+        if tar < 0:
+            return None  # a layer never decompressed: the device estimates instead
+        total += tar
     return total
 
 

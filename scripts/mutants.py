@@ -189,6 +189,34 @@ MUTANTS: List[Mutant] = [
            "        return digest in self.inventory.blobs or chain_id in self.inventory.chains",
            "        return digest in self.inventory.blobs",
            "tests/unit/test_plan.py tests/unit/test_pack_import.py"),
+    # disk pre-flight and a full disk met anyway (space.py; tests/integration/test_space.py
+    # breaks the same rules against real daemons on a tmpfs)
+    Mutant("import pre-flight skipped", "edgebundle/importer/__init__.py",
+           "        space.preflight(name, header.content_bytes, header.unpacked_bytes, header.layer_form)",
+           "        pass", "tests/unit/test_space_check.py -k 'whole or refused'"),
+    Mutant("entries not checked as they stream", "edgebundle/importer/__init__.py",
+           '                    space.before_entry(f"bundle {name} entry {entry.digest}", entry.size)',
+           "                    pass", "tests/unit/test_space_check.py -k understates"),
+    Mutant("runtime ENOSPC not reported as a full disk", "edgebundle/importer/__init__.py",
+           "        if full is not None:", "        if False:", "tests/unit/test_space_check.py -k enospc"),
+    Mutant("unpack not counted", "edgebundle/space.py",
+           '        needs.append(Need(storage.unpacked, "snapshots" if containerd else storage.label,\n'
+           "                          unpacked=est.unpacked))", "        pass",
+           "tests/unit/test_space_check.py -k both_numbers"),
+    Mutant("no safety margin", "edgebundle/space.py",
+           "    return max(MIN_MARGIN, int(total * MARGIN_FRACTION))", "    return 0",
+           "tests/unit/test_space_check.py -k margin"),
+    Mutant("needs on one filesystem not added up", "edgebundle/space.py",
+           "        groups.setdefault(dev, []).append((need, path))",
+           "        groups.setdefault(id(need), []).append((need, path))",
+           "tests/unit/test_space_check.py -k add_up"),
+    Mutant("docker load's temp copy not counted", "edgebundle/importer/storage.py",
+           '    return Storage("docker", os.path.join(root, "tmp"), layers, "docker")',
+           '    return Storage("docker", None, layers, "docker")',
+           "tests/unit/test_space_check.py -k recorded_info"),
+    Mutant("packer cache ENOSPC left raw", "edgebundle/cache.py",
+           "            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):", "            if True:",
+           "tests/unit/test_space_check.py -k cache_filling"),
 ]
 
 

@@ -46,7 +46,8 @@ def cmd_import(args: argparse.Namespace) -> int:
     try:
         result = import_file(args.bundle, runtime, progress=make_bar, report=args.report,
                              trust=trust, state=_state(args),
-                             allow_downgrade=args.allow_downgrade)
+                             allow_downgrade=args.allow_downgrade,
+                             space_check=not args.no_space_check)
     finally:
         for bar in bars:
             bar.close()

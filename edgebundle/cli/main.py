@@ -8,6 +8,7 @@ they run where only zstandard, msgpack and xxhash are installed. Packer commands
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import sys
@@ -15,7 +16,7 @@ import traceback
 from typing import Any, Callable, List, Optional
 
 from .. import __version__
-from ..errors import EdgebundleError, UsageError
+from ..errors import EdgebundleError, SpaceError, UsageError
 from ..logs import redact, setup_logging
 
 EPILOG = """\
@@ -27,7 +28,8 @@ Every command takes -v (what happens) and --debug (more, with library requests).
 Exit codes: 0 ok, 1 error, 2 usage, 3 manifest, 4 resolve, 5 bundle format,
 6 prerequisite missing, 7 runtime unreachable, 8 load failed, 9 transport, 10 inventory,
 11 packer cache, 12 output not writable, 13 trust policy refused the bundle,
-14 not enough disk space, 15 another import is running.
+14 not enough disk space (refused up front, or the disk filled), 15 another import
+is running.
 """
 
 log = logging.getLogger("edgebundle")
@@ -102,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--site", required=True, help="site name from the manifest")
     p.add_argument("-o", "--output", required=True,
                    help="bundle file to write (replaced atomically), or - for standard output; "
-                   "a FIFO or device is written in place")
+                   "a FIFO or device is written in place. Refused before any download (exit "
+                   "14) when its disk, or the cache's, lacks the space the plan needs")
     p.add_argument("--level", type=int, default=16, choices=range(1, 23), metavar="1-22",
                    help="zstd level for compressible entries (Docker sites' layers, JSON); "
                    "16 is the smallest level that optimally parses, see docs/BENCHMARKS.md "
@@ -128,6 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="import a signed bundle even if it was packed before the newest one "
                    "already imported for its site")
     p.add_argument("--report", metavar="PATH", help="also write the inventory report here")
+    p.add_argument("--no-space-check", action="store_true",
+                   help="skip the disk pre-flight (free space where the runtime keeps its "
+                   "data, read from containerd's plugin roots or Docker's DockerRootDir, vs "
+                   "the bundle's content plus unpacked size); for filesystems that compress "
+                   "or deduplicate, where the estimate is too high. A full disk is still "
+                   "reported (exit 14)")
     p.add_argument("--json", action="store_true", help="machine-readable summary")
     p.add_argument("--no-progress", action="store_true", help="no progress display")
 
@@ -213,6 +222,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     except Exception as exc:  # noqa: BLE001 - the last line of defence: never a traceback
         if args.debug:
             traceback.print_exc()
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            # A write we did not expect to fill the disk (the packer's delta work files...):
+            # still one line that says so, and the exit code of a full disk.
+            where = f" writing {exc.filename}" if exc.filename else ""
+            sys.stderr.write(f"edgebundle: error: the disk filled{where}: {exc.strerror} (hint: "
+                             "free space there and run the command again)\n")
+            return SpaceError.exit_code
         sys.stderr.write(f"edgebundle: internal error: {type(exc).__name__}: {redact(str(exc))} "
                          "(hint: this is a bug; rerun with --debug and report it with that output)\n")
         return 1

@@ -91,9 +91,12 @@ class Header:
     required_features: Tuple[str, ...] = ()
     volume: None = None  # reserved for multi-volume bundles; nil in version 1
     commitments: Optional[Commitments] = None
+    # Sum of the shipped layers' tar sizes: the disk pre-flight's unpack estimate
+    # (``space``). Optional: None when absent (older packers) or unknown.
+    unpacked_bytes: Optional[int] = None
 
     def to_wire(self) -> Dict[str, Any]:
-        return {
+        out: Dict[str, Any] = {
             "commitments": self.commitments.to_wire() if self.commitments else None,
             "content_bytes": self.content_bytes,
             "site": self.site,
@@ -108,6 +111,9 @@ class Header:
             "required_features": list(self.required_features),
             "volume": self.volume,
         }
+        if self.unpacked_bytes is not None:
+            out["unpacked_bytes"] = self.unpacked_bytes
+        return out
 
 
 @dataclass(frozen=True)
@@ -466,6 +472,7 @@ def parse_header(obj: object, name: str) -> Header:
         tool=f.text("tool"),
         required_features=features,
         commitments=_commitments(f, features),
+        unpacked_bytes=f.integer("unpacked_bytes", optional=True),
     )
 
 

@@ -31,6 +31,7 @@ from ..format.reader import Verifier
 from ..holdings import Holdings, Inventory
 from ..progress import Bar
 from ..rebuild import BaseTree, coalesced, rebuild
+from ..space import ImportSpace
 
 log = logging.getLogger(__name__)
 
@@ -100,12 +101,16 @@ class ImportResult:
 
 def import_bundle(stream: BinaryIO, name: str, runtime: Runtime, *,
                   progress: Optional[ProgressFactory] = None,
-                  verifier: Optional[Verifier] = None) -> ImportResult:
+                  verifier: Optional[Verifier] = None,
+                  space: Optional[ImportSpace] = None) -> ImportResult:
     """Verify and import one bundle read front to back from ``stream``.
 
     ``progress``, if given, is called once with the total decoded bytes and returns a
     bar with ``update(n)``. ``verifier`` (the device's trust policy) decides on the
-    header and its signature before anything else happens.
+    header and its signature before anything else happens. ``space``, if given, refuses
+    (``SpaceError``) before the first byte reaches the runtime when the disk cannot hold
+    the bundle, and before each entry that would not fit; a full disk met anyway is
+    reported as such.
     """
     reader = BundleReader(stream, name, verifier)
     header = reader.header
@@ -129,6 +134,8 @@ def import_bundle(stream: BinaryIO, name: str, runtime: Runtime, *,
     result.already_present = [s.name for s in header.images if s not in todo]
     for present in result.already_present:
         log.info("image %s is already present: skipping it", present)
+    if space is not None and todo:
+        space.preflight(name, header.content_bytes, header.unpacked_bytes, header.layer_form)
     loader = runtime.loader(holdings.inventory, header.platform) if todo else None
     try:
         for entry in reader.entries():
@@ -137,6 +144,11 @@ def import_bundle(stream: BinaryIO, name: str, runtime: Runtime, *,
                 where = f"bundle {name} delta entry {entry.digest}"
                 log.debug("%s: rebuilding layer %s from %d base layer(s)", where, delta.target,
                           len(delta.bases))
+                if space is not None:
+                    space.before_entry(where, delta.target_size)
+                    spooled = sum(1 for b in delta.bases if b.tar)
+                    if spooled:  # each base tar about the size of the layer it becomes
+                        space.before_spool(where, spooled * delta.target_size)
                 trees = [runtime.base_tree(b.chain_id, b.diff_id) for b in delta.bases]
                 with contextlib.ExitStack() as stack:
                     tars = [stack.enter_context(runtime.base_tar(b, holdings.inventory))
@@ -146,6 +158,8 @@ def import_bundle(stream: BinaryIO, name: str, runtime: Runtime, *,
                 result.entries_sent += 1
             elif loader is not None and loader.wants(entry.head):
                 log.debug("entry %s (%d bytes): to the runtime", entry.digest, entry.size)
+                if space is not None:
+                    space.before_entry(f"bundle {name} entry {entry.digest}", entry.size)
                 loader.add(entry.digest, entry.size, _counting(entry.chunks(), bar))
                 result.entries_sent += 1
             else:
@@ -159,9 +173,12 @@ def import_bundle(stream: BinaryIO, name: str, runtime: Runtime, *,
         if loader is not None:
             wanted = {s.name for s in todo}
             result.imported = loader.commit([r for r in index.images if r.name in wanted])
-    except BaseException:
+    except BaseException as exc:
         if loader is not None:
             loader.abort()
+        full = space.disk_full(exc, name) if space is not None else None
+        if full is not None:
+            raise full from None
         raise
     result.bundle_bytes = reader.total_size or 0
     after = Holdings(runtime.inventory())

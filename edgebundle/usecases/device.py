@@ -20,8 +20,10 @@ from ..files import check_output, open_output
 from ..format import FEATURE_DELTA, KNOWN_FEATURES, BundleInfo, BundleReader, read_index
 from ..holdings import Inventory
 from ..importer import ImportResult, ProgressFactory, Runtime, import_bundle
+from ..importer.storage import runtime_storage
 from ..report import inventory_to_json, now_rfc3339
 from ..format.reader import Verifier
+from ..space import UNCHECKED, ImportSpace
 from ..state import StateDir, state_dir_path
 from ..trust import TrustPolicy, check_not_older, record_imported
 
@@ -102,15 +104,21 @@ def admission(trust: TrustPolicy, state: StateDir, allow_downgrade: bool = False
 
 def import_file(path: str, runtime: Runtime, *, progress: Optional[ProgressFactory] = None,
                 report: Optional[str] = None, trust: Optional[TrustPolicy] = None,
-                state: Optional[StateDir] = None, allow_downgrade: bool = False) -> ImportResult:
-    """``edgebundle import``: verify and load a bundle; optionally write the report after."""
+                state: Optional[StateDir] = None, allow_downgrade: bool = False,
+                space_check: bool = True) -> ImportResult:
+    """``edgebundle import``: verify and load a bundle; optionally write the report after.
+
+    ``space_check`` False skips the disk pre-flight (``space``); a full disk met anyway
+    is still reported as one.
+    """
     if report is not None:
         check_output(report, f"report {report}")
     trust = trust or TrustPolicy((), "")
     state = state or StateDir(state_dir_path())
+    space = ImportSpace(lambda: runtime_storage(runtime), disk=None if space_check else UNCHECKED)
     with open_bundle(path) as fh:
         result = import_bundle(fh, path, runtime, progress=progress,
-                               verifier=admission(trust, state, allow_downgrade))
+                               verifier=admission(trust, state, allow_downgrade), space=space)
     if result.signed_by is not None:
         assert result.header is not None
         record_imported(state, result.header, path, result.signed_by)

@@ -12,12 +12,12 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from ..bases import DeltaPlanner
 from ..cache import BlobCache
 from ..errors import EdgebundleError, InventoryError, ManifestError, UsageError
-from ..files import check_output, open_output
+from ..files import check_output, is_stream_target, open_output
 from ..format import Signer
 from ..holdings import Inventory
 from ..image import ResolvedImage
@@ -31,6 +31,7 @@ from ..registry.auth import CredentialStore, docker_config_path
 from ..registry.client import RegistryClient
 from ..resolve import ProgressFactory, Resolver
 from ..specs import ManifestList, SiteSpec
+from ..space import check_packer
 from ..store import InventoryStore
 
 log = logging.getLogger(__name__)
@@ -136,15 +137,18 @@ class PackerSession:
         return self._inventories[site.name]
 
     def plan(self, site: SiteSpec, *, full: bool = False, deltas: bool = True,
-             fetch: bool = False) -> Plan:
+             fetch: bool = False, before_fetch: Optional[Callable[[Plan], None]] = None) -> Plan:
         """What ``site`` lacks; with ``deltas`` (and the site's ``deltas:``), as deltas
         where clearly smaller. The layers that ship are fetched when ``fetch`` asks (to
-        pack them), or when deltas are considered (to diff them): once either way."""
+        pack them), or when deltas are considered (to diff them): once either way.
+        ``before_fetch`` sees the plan before anything is downloaded (the disk pre-flight)."""
         images = self.resolve(site)
         inv = self.inventory(site, full=full)
         plan = plan_bundle(site.name, images, inv, runtime=site.runtime,
                            namespace=site.namespace, platform=str(site.platform))
         with_deltas = deltas and site.deltas and bool(plan.shipped_layers()) and bool(inv.images)
+        if (fetch or with_deltas) and before_fetch is not None:
+            before_fetch(plan)
         if fetch or with_deltas:
             plan = self._fetched(plan)
         if with_deltas:
@@ -176,7 +180,8 @@ class PackerSession:
         what = "bundle to standard output" if output == "-" else f"bundle {output}"
         check_output(output, what)  # before any download, not after
         self._check_signers(site, signers)
-        plan = self.plan(site, full=full, deltas=deltas, fetch=True)
+        plan = self.plan(site, full=full, deltas=deltas, fetch=True,
+                         before_fetch=lambda plan: self._check_space(plan, output))
         workers = threads if threads > 0 else (os.cpu_count() or 1)
         shipped = sum(lp.layer.size for lp in plan.shipped_layers())
         bar = (self._progress or _no_bar)(shipped, "pack")
@@ -205,6 +210,20 @@ class PackerSession:
                              f"{', '.join(s.key_id for s in signers)}: it would refuse this bundle",
                              "sign with a key it trusts, or first add the new .pub to its "
                              "trust directory (co-sign with --sign OLD --sign NEW meanwhile)")
+
+    def _check_space(self, plan: Plan, output: str) -> None:
+        """Downloads into the cache and the bundle at ``output`` must fit (``space``).
+
+        The bundle is estimated at the registry size of what ships (stored blobs as they
+        are, tars recompressed about as small; deltas only shrink it); an atomic
+        replace holds the old file until the new one is whole, so it counts in full.
+        """
+        layers = {lp.layer.digest: lp.layer.size for lp in plan.shipped_layers()}
+        fetch = sum(size for digest, size in layers.items() if not self.cache.has(digest))
+        target = None if is_stream_target(output) else output
+        log.info("space: %d bytes to fetch into %s, a bundle of about %d bytes", fetch,
+                 self.cache.root, plan.ship_bytes)
+        check_packer(str(self.cache.root), fetch, target, plan.ship_bytes)
 
 
 def _no_bar(total: int, desc: str) -> Bar:

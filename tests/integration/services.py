@@ -295,8 +295,12 @@ def _toml_str(value: str) -> str:
     return json.dumps(value)  # JSON string escaping is valid TOML basic-string escaping
 
 
-def start_containerd(tmp: Path, *, snapshotter: Optional[str] = None) -> Containerd:
+def start_containerd(tmp: Path, *, snapshotter: Optional[str] = None,
+                     root: Optional[Path] = None) -> Containerd:
     """A private containerd (config version 2) with everything under ``tmp``.
+
+    ``root`` puts its data root (content store, snapshots, metadata) elsewhere, e.g.
+    on a small tmpfs; by default it is ``tmp/root``.
 
     The CRI plugin is disabled (it would want CNI and a streaming port).
     The snapshotter is overlayfs when the overlayfs plugin loaded (it probes
@@ -310,7 +314,7 @@ def start_containerd(tmp: Path, *, snapshotter: Optional[str] = None) -> Contain
     sock = tmp / "containerd.sock"
     if len(str(sock)) > 100:
         raise ServiceError(f"socket path too long for AF_UNIX: {sock}")
-    root, state = tmp / "root", tmp / "state"
+    root, state = Path(root) if root is not None else tmp / "root", tmp / "state"
     cfg = tmp / "config.toml"
     cfg.write_text(
         "\n".join(
@@ -515,10 +519,11 @@ class Dockerd:
         self.containerd.stop()
 
 
-def _start_dockerd_once(tmp: Path, driver: str, cd: Containerd) -> Dockerd:
+def _start_dockerd_once(tmp: Path, driver: str, cd: Containerd,
+                        data_root: Optional[Path] = None) -> Dockerd:
     binary = _require("/usr/sbin/dockerd") if os.path.exists("/usr/sbin/dockerd") else _require("dockerd")
     sock = tmp / "docker.sock"
-    data_root, exec_root = tmp / "data", tmp / "exec"
+    data_root, exec_root = Path(data_root) if data_root is not None else tmp / "data", tmp / "exec"
     cfg = tmp / "daemon.json"
     cfg.write_text("{}\n")  # never pick up /etc/docker/daemon.json
     log = tmp / f"dockerd-{driver}.log"
@@ -564,11 +569,13 @@ def _start_dockerd_once(tmp: Path, driver: str, cd: Containerd) -> Dockerd:
     )
 
 
-def start_dockerd(tmp: Path, *, storage_drivers: tuple[str, ...] = ("overlay2", "vfs")) -> Dockerd:
+def start_dockerd(tmp: Path, *, storage_drivers: tuple[str, ...] = ("overlay2", "vfs"),
+                  data_root: Optional[Path] = None) -> Dockerd:
     """A private dockerd on a unix socket, no networking setup at all.
 
     Tries overlay2 first, then vfs (works everywhere, just slow/large).
-    Containers must be run with ``--network none``.
+    Containers must be run with ``--network none``. ``data_root`` puts its
+    ``--data-root`` elsewhere (e.g. on a small tmpfs); by default ``tmp/data``.
     """
     tmp = Path(tmp)
     tmp.mkdir(parents=True, exist_ok=True)
@@ -580,11 +587,13 @@ def start_dockerd(tmp: Path, *, storage_drivers: tuple[str, ...] = ("overlay2", 
     try:
         for driver in storage_drivers:
             try:
-                return _start_dockerd_once(tmp, driver, cd)
+                return _start_dockerd_once(tmp, driver, cd, data_root)
             except ServiceError as exc:
                 errors.append(str(exc))
-                # a failed attempt may leave a half-initialised data root
-                shutil.rmtree(tmp / "data", ignore_errors=True)
+                # a failed attempt may leave a half-initialised data root (a mount
+                # point given as data_root stays: only its contents go)
+                shutil.rmtree(data_root if data_root is not None else tmp / "data",
+                              ignore_errors=True)
     except BaseException:
         cd.stop()
         raise

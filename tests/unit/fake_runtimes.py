@@ -57,6 +57,8 @@ INDEX_TYPES = ("application/vnd.oci.image.index.v1+json",
 IMAGES_HEADER = fixture("ctr_images_ls.txt").splitlines()[0]
 SNAPSHOTS_HEADER = fixture("ctr_snapshots_ls.txt").splitlines()[0]
 VERSION_OUT = fixture("ctr_version.txt").encode()
+PLUGINS_OUT = fixture("ctr_plugins_ls_d.txt")
+PLUGINS_ROOT = "/tmp/space/rec/w/root"  # the data root of the recording's containerd
 
 
 @dataclass
@@ -141,6 +143,9 @@ class FakeContainerd:
         self.after_import: Optional[Callable[["FakeContainerd"], None]] = None
         self.import_dies_after: Optional[int] = None
         self.history: List[Tuple[str, ...]] = []  # (event, detail) in order
+        self.root: Optional[str] = None  # data root `plugins ls -d` reports (None: as recorded)
+        # the disk fills while a layer is extracted: what ctr then says (containerd 1.6)
+        self.unpack_fails_with: Optional[str] = None
 
     # -- the Runner protocol -----------------------------------------------------
 
@@ -158,6 +163,9 @@ class FakeContainerd:
             return Completed(0, VERSION_OUT, b"")
         if args == ["images", "ls"]:
             return Completed(0, self._images_ls().encode(), b"")
+        if args == ["plugins", "ls", "-d"]:
+            text = PLUGINS_OUT if self.root is None else PLUGINS_OUT.replace(PLUGINS_ROOT, self.root)
+            return Completed(0, text.encode(), b"")
         if args == ["content", "ls", "-q"]:
             return Completed(0, "".join(d + "\n" for d in sorted(self.content)).encode(), b"")
         if args[:1] == ["snapshots"] and args[-1] == "ls":
@@ -265,6 +273,8 @@ class FakeContainerd:
             if layer["digest"] not in self.content:
                 return (f"failed to extract layer {chain}: failed to get reader from content "
                         f"store: content digest {layer['digest']}: not found")
+            if self.unpack_fails_with is not None:
+                return f"failed to extract layer {chain}: {self.unpack_fails_with}"
             self.snapshots.add(chain)
         return None
 
@@ -369,6 +379,7 @@ class FakeEngine:
         self.aborted = 0  # requests the client abandoned half-sent
         self.hang_up_after: Optional[int] = None  # close the load connection after N bytes
         self.forget_loads = False  # answer "Loaded image" but keep nothing (a daemon bug)
+        self.load_fails_with: Optional[str] = None  # the error line a failed load answers
         self._threads: List[threading.Thread] = []
 
     def dial(self) -> socket.socket:
@@ -456,6 +467,8 @@ class FakeEngine:
                     return error(f"open /var/lib/docker/tmp/docker-import-1/{name}: no such file or directory")
                 if sha(files[name]) != diff_id:
                     return error(f"layer {name} does not match diff_id {diff_id}")
+                if self.load_fails_with is not None:
+                    return error(self.load_fails_with)
                 self.layers.add(chain)
             image_id = sha(config)
             img = self.images.setdefault(image_id, DockerImage(image_id, [], diff_ids))

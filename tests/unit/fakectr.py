@@ -25,6 +25,7 @@ def load(root: Path) -> FakeContainerd:
     model = FakeContainerd(state["namespace"])
     model.images = {k: tuple(v) for k, v in state["images"].items()}  # type: ignore[misc]
     model.snapshots = set(state["snapshots"])
+    model.root = str(root / "root")
     for path in (root / "content").iterdir():
         model.content["sha256:" + path.name] = path.read_bytes()
     return model

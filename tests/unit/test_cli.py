@@ -198,7 +198,7 @@ def test_pack_into_a_fifo_streams_and_keeps_the_fifo(world: World) -> None:
 def test_pack_into_dev_full_is_one_line_and_leaves_the_device(world: World) -> None:
     if not os.path.exists("/dev/full"):
         pytest.skip("no /dev/full")
-    _, err = world.run("pack", str(world.manifest), "--site", "gw", "-o", "/dev/full", code=12)
+    _, err = world.run("pack", str(world.manifest), "--site", "gw", "-o", "/dev/full", code=14)
     assert "no space left" in err
     assert stat.S_ISCHR(os.lstat("/dev/full").st_mode)
 

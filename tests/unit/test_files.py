@@ -12,7 +12,7 @@ from typing import List
 import pytest
 
 from edgebundle import files
-from edgebundle.errors import OutputError
+from edgebundle.errors import OutputError, SpaceError
 
 PKG = Path(__file__).resolve().parents[2] / "edgebundle"
 
@@ -108,8 +108,8 @@ def test_open_output_blames_only_its_own_errors(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full")
-def test_open_output_full_disk_is_an_output_error() -> None:
-    with pytest.raises(OutputError, match="no space left"):
+def test_open_output_full_disk_is_a_space_error() -> None:
+    with pytest.raises(SpaceError, match="no space left"):
         with files.open_output("/dev/full", "bundle /dev/full") as out:
             out.write(b"x" * (1 << 20))
 
