@@ -15,12 +15,15 @@ field (``volume``, signatures) a new typed field with its own check.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, FrozenSet, List, Optional, Sequence, Set, Tuple
 
 from ..errors import BundleFormatError, UsageError
 from ..oci import Descriptor, Platform, chain_ids, check_digest, describing_blobs
+from ..naming import check_device_name, check_reference_host, name_clash
 from ..reference import parse_reference
+from ..specs import NAMESPACE_RE, SITE_NAME_HINT, SITE_NAME_RE
 from . import (CODECS, FEATURE_DELTA, FEATURE_SIGNATURE, KIND_BLOB, KIND_DELTA, KNOWN_FEATURES, LAYER_FORM_BLOB,
                LAYER_FORM_TAR, LAYER_FORMS, RUNTIMES)
 
@@ -402,14 +405,30 @@ class _Fields:
             raise self.fail(key, f"is {_show(value)}, not os/arch[/variant]") from None
         return value
 
-    def image_name(self, key: str) -> str:
+    def image_name(self, key: str, *, device: bool = True) -> str:
+        """A reference; with ``device``, a name the importer may create (``check_device_name``)."""
         value = self.text(key)
         if len(value) > 512:  # name (255) + tag (128) + digest (71), with room to spare
             raise self.fail(key, f"is {len(value)} characters long, not an image name")
         try:
-            parse_reference(value)
+            if device:
+                check_device_name(value)
+            else:
+                check_reference_host(parse_reference(value), value)
         except UsageError as exc:
             raise self.fail(key, f"is not a valid image name: {exc.message}") from None
+        return value
+
+    def site_name(self, key: str) -> Optional[str]:
+        value = self.string(key, nullable=True)
+        if value is not None and not SITE_NAME_RE.match(value):
+            raise self.fail(key, f"is {_show(value)}, not a site name ({SITE_NAME_HINT})")
+        return value
+
+    def namespace(self, key: str) -> Optional[str]:
+        value = self.string(key, nullable=True)
+        if value is not None and not NAMESPACE_RE.match(value):
+            raise self.fail(key, f"is {_show(value)}, not a containerd namespace")
         return value
 
 
@@ -449,14 +468,19 @@ def parse_header(obj: object, name: str) -> Header:
                           for i, item in enumerate(f.items("prerequisites")))
     images = tuple(_summary(item, f"bundle {name} header images[{i}]")
                    for i, item in enumerate(f.items("images")))
-    names = [i.name for i in images]
-    if len(set(names)) != len(names):
-        twice = sorted({n for n in names if names.count(n) > 1})
-        raise f.fail("images", f"names {', '.join(twice)} more than once")
+    counts = Counter(i.name for i in images)  # not list.count: n images must cost O(n)
+    twice = sorted(n for n, c in counts.items() if c > 1)
+    if twice:
+        raise f.fail("images", f"names {_show(', '.join(twice), 200)} more than once")
+    # Distinct names can still land on one runtime name (Docker's repo:sha256-<hex> tag
+    # of a pinned image, CRI's repo@top): refused here, before the runtime is touched.
+    clash = name_clash((i.name, i.top, i.config) for i in images)
+    if clash is not None:
+        raise f.fail("images", f"names one image twice: {clash}")
     return Header(
-        site=f.string("site", nullable=True),
+        site=f.site_name("site"),
         runtime=runtime,
-        namespace=f.string("namespace", nullable=True),
+        namespace=f.namespace("namespace"),
         platform=f.platform("platform"),
         layer_form=layer_form,
         prerequisites=prerequisites,
@@ -488,7 +512,12 @@ def _prerequisite(obj: object, where: str) -> Prerequisite:
 
 def _summary(obj: object, where: str) -> ImageSummary:
     f = _Fields(obj, where)
-    return ImageSummary(f.image_name("name"), f.digest("top"), f.digest("config"))
+    summary = ImageSummary(f.image_name("name"), f.digest("top"), f.digest("config"))
+    pinned = parse_reference(summary.name).digest
+    if pinned is not None and pinned != summary.top:
+        # The name promises the content: repo@X must run X (and CRI finds it by X).
+        raise f.fail("top", f"is {summary.top}, but the image is named by digest {pinned}")
+    return summary
 
 
 def _blob_head(f: _Fields) -> EntryHead:
@@ -565,7 +594,7 @@ def _image(obj: object, where: str) -> ImageRecord:
     name = f.image_name("name")
     f.where = f"{where} ({name})"
     layers = tuple(_layer(item, f"{f.where} layers[{i}]") for i, item in enumerate(f.items("layers")))
-    return ImageRecord(name=name, ref=f.image_name("ref"), platform=f.platform("platform"),
+    return ImageRecord(name=name, ref=f.image_name("ref", device=False), platform=f.platform("platform"),
                        top=f.descriptor("top"), manifest=f.descriptor("manifest"),
                        config=f.descriptor("config"), layers=layers)
 
