@@ -15,6 +15,7 @@ field (``volume``, signatures) a new typed field with its own check.
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, FrozenSet, List, Optional, Sequence, Set, Tuple
@@ -24,8 +25,10 @@ from ..oci import Descriptor, Platform, chain_ids, check_digest, describing_blob
 from ..naming import check_device_name, check_reference_host, name_clash
 from ..reference import parse_reference
 from ..specs import NAMESPACE_RE, SITE_NAME_HINT, SITE_NAME_RE
-from . import (CODECS, FEATURE_DELTA, FEATURE_SIGNATURE, KIND_BLOB, KIND_DELTA, KNOWN_FEATURES, LAYER_FORM_BLOB,
-               LAYER_FORM_TAR, LAYER_FORMS, RUNTIMES)
+from . import (CODECS, FEATURE_DELTA, FEATURE_SIGNATURE, KIND_BLOB, KIND_DELTA, KNOWN_FEATURES,
+               LAYER_FORM_BLOB, LAYER_FORM_TAR, LAYER_FORMS, MAX_ENTRIES, MAX_FEATURES,
+               MAX_FIELD_STRING, MAX_IMAGES, MAX_LAYERS, MAX_PREREQUISITES, MAX_RECORD_OBJECTS,
+               RUNTIMES)
 
 SPEC_HINT = ("the bundle breaks docs/FORMAT.md, so it was not written by a compatible "
              "edgebundle (or was altered after packing): repack it")
@@ -94,6 +97,11 @@ class Header:
     required_features: Tuple[str, ...] = ()
     volume: None = None  # reserved for multi-volume bundles; nil in version 1
     commitments: Optional[Commitments] = None
+
+    @functools.cached_property
+    def prerequisite_chains(self) -> FrozenSet[Tuple[str, str]]:
+        """``(chain_id, diff_id)`` of every prerequisite, built once (not once per entry)."""
+        return frozenset((p.chain_id, p.diff_id) for p in self.prerequisites)
 
     def to_wire(self) -> Dict[str, Any]:
         return {
@@ -333,6 +341,8 @@ class _Fields:
             return None
         if not isinstance(value, str):
             raise self.fail(key, f"is {_kind(value)}, not a string" + (" or nil" if nullable else ""))
+        if len(value) > MAX_FIELD_STRING:
+            raise self.fail(key, f"is {len(value)} characters long (limit {MAX_FIELD_STRING})")
         return value
 
     def boolean(self, key: str) -> bool:
@@ -375,10 +385,14 @@ class _Fields:
             raise self.fail(key, f"is {_show(value)}, not one of {allowed}", hint)
         return value
 
-    def items(self, key: str) -> List[Any]:
+    def items(self, key: str, maximum: int = MAX_RECORD_OBJECTS) -> List[Any]:
+        """A list field; its spec limit (the default: the record's object budget, which a
+        decoded list cannot exceed anyway) is checked before any item is parsed."""
         value = self._get(key)
         if not isinstance(value, list):
             raise self.fail(key, f"is {_kind(value)}, not a list")
+        if len(value) > maximum:
+            raise self.fail(key, f"lists {len(value)} items (limit {maximum})")
         return value
 
     def raw_digest(self, key: str) -> bytes:
@@ -386,7 +400,7 @@ class _Fields:
         return _raw_sha256(self._get(key), self, key)
 
     def raw_digests(self, key: str) -> Tuple[bytes, ...]:
-        return tuple(_raw_sha256(item, self, key) for item in self.items(key))
+        return tuple(_raw_sha256(item, self, key) for item in self.items(key, MAX_ENTRIES))
 
     def nil(self, key: str, why: str) -> None:
         value = self._get(key)
@@ -443,7 +457,7 @@ def check_features(obj: object, name: str) -> Tuple[str, ...]:
     "upgrade", not "malformed".
     """
     fields = _Fields(obj, f"bundle {name} header")
-    features = fields.items("required_features")
+    features = fields.items("required_features", MAX_FEATURES)
     if not all(isinstance(f, str) for f in features):
         raise fields.fail("required_features", "must list strings")
     unknown = sorted(f for f in features if f not in KNOWN_FEATURES)
@@ -465,9 +479,9 @@ def parse_header(obj: object, name: str) -> Header:
         raise f.fail("layer_form", f"is {layer_form!r}, but containerd bundles carry layers as "
                      f"{LAYER_FORM_BLOB!r} (the registry's blobs keep their digests)")
     prerequisites = tuple(_prerequisite(item, f"bundle {name} header prerequisites[{i}]")
-                          for i, item in enumerate(f.items("prerequisites")))
+                          for i, item in enumerate(f.items("prerequisites", MAX_PREREQUISITES)))
     images = tuple(_summary(item, f"bundle {name} header images[{i}]")
-                   for i, item in enumerate(f.items("images")))
+                   for i, item in enumerate(f.items("images", MAX_IMAGES)))
     counts = Counter(i.name for i in images)  # not list.count: n images must cost O(n)
     twice = sorted(n for n, c in counts.items() if c > 1)
     if twice:
@@ -529,7 +543,7 @@ def _blob_head(f: _Fields) -> EntryHead:
 
 def _delta_head(f: _Fields) -> EntryHead:
     bases = []
-    for i, item in enumerate(f.items("bases")):
+    for i, item in enumerate(f.items("bases", MAX_PREREQUISITES)):
         b = _Fields(item, f"{f.where} bases[{i}]")
         bases.append(BaseLayer(b.digest("chain_id"), b.digest("diff_id"), b.boolean("tar")))
     delta = DeltaHead(f.digest("target"), f.count("target_size"), tuple(bases))
@@ -566,9 +580,8 @@ def check_entry(head: EntryHead, header: Header, where: str) -> None:
     if FEATURE_DELTA not in header.required_features:
         raise BundleFormatError(f"{where} is a delta entry, but the header does not require "
                                 f"{FEATURE_DELTA!r}", SPEC_HINT)
-    held = {(p.chain_id, p.diff_id) for p in header.prerequisites}
     for i, base in enumerate(head.delta.bases):
-        if (base.chain_id, base.diff_id) not in held:
+        if (base.chain_id, base.diff_id) not in header.prerequisite_chains:
             raise BundleFormatError(f"{where} bases[{i}] (chain {base.chain_id}) is not a "
                                     "prerequisite of the bundle", SPEC_HINT)
 
@@ -593,7 +606,8 @@ def _image(obj: object, where: str) -> ImageRecord:
     f = _Fields(obj, where)
     name = f.image_name("name")
     f.where = f"{where} ({name})"
-    layers = tuple(_layer(item, f"{f.where} layers[{i}]") for i, item in enumerate(f.items("layers")))
+    layers = tuple(_layer(item, f"{f.where} layers[{i}]")
+                   for i, item in enumerate(f.items("layers", MAX_LAYERS)))
     return ImageRecord(name=name, ref=f.image_name("ref", device=False), platform=f.platform("platform"),
                        top=f.descriptor("top"), manifest=f.descriptor("manifest"),
                        config=f.descriptor("config"), layers=layers)
@@ -603,9 +617,9 @@ def parse_index(obj: object, name: str) -> Index:
     """The index record's shapes (agreement is ``check_index``'s job)."""
     f = _Fields(obj, f"bundle {name} index")
     entries = tuple(_index_entry(item, f"bundle {name} index entries[{i}]")
-                    for i, item in enumerate(f.items("entries")))
+                    for i, item in enumerate(f.items("entries", MAX_ENTRIES)))
     images = tuple(_image(item, f"bundle {name} index images[{i}]")
-                   for i, item in enumerate(f.items("images")))
+                   for i, item in enumerate(f.items("images", MAX_IMAGES)))
     return Index(entries, images)
 
 
