@@ -26,7 +26,7 @@ from ..pack import PackStats, write_bundle
 from ..plan import Plan, plan_bundle, with_layer_info
 from ..progress import NULL_BAR, Bar, close_bar
 from ..reference import parse_reference
-from ..report import parse_json_object
+from ..report import MAX_REPORT_BYTES, parse_json_object
 from ..registry.auth import CredentialStore, docker_config_path
 from ..registry.client import RegistryClient
 from ..resolve import ProgressFactory, Resolver
@@ -246,7 +246,9 @@ def _manifest_site(home: Path, site: str, manifest_path: Optional[str]) -> Optio
 def read_report_file(path: str) -> Dict[str, Any]:
     """A report JSON file brought back from a device (validated when recorded)."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        with open(path, "rb") as fh:  # no more than a report may be: a wrong file is not read whole
+            data = fh.read(MAX_REPORT_BYTES + 1)
+        text = data.decode("utf-8")
     except OSError as exc:
         raise UsageError(f"cannot read report {path}: {exc.strerror}",
                          "check the path (on a USB stick: is it mounted?)") from None
