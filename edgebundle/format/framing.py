@@ -30,6 +30,10 @@ def pack_record(tag: int, obj: Dict[str, Any]) -> bytes:
     return RECORD_HEAD.pack(tag, len(body)) + body + U64.pack(xxhash.xxh3_64_intdigest(body))
 
 
+_HINT = ("the bundle breaks docs/FORMAT.md, so it was not written by a compatible edgebundle "
+         "(or was altered after packing): repack it")
+
+
 class _TooManyObjects(Exception):
     pass
 
@@ -70,11 +74,11 @@ def unpack_body(body: bytes, what: str, max_objects: int = MAX_RECORD_OBJECTS) -
                               max_ext_len=0)
     except _TooManyObjects:
         raise BundleFormatError(f"bundle {what} decodes to more than {max_objects} msgpack "
-                                "objects (MAX_RECORD_OBJECTS)") from None
+                                "objects (MAX_RECORD_OBJECTS)", _HINT) from None
     except Exception as exc:  # msgpack raises a zoo of types; all mean the same here
-        raise BundleFormatError(f"bundle {what} is not valid msgpack: {_brief(exc)}") from None
+        raise BundleFormatError(f"bundle {what} is not valid msgpack: {_brief(exc)}", _HINT) from None
     if not isinstance(obj, dict):
-        raise BundleFormatError(f"bundle {what} is not a map")
+        raise BundleFormatError(f"bundle {what} is not a map", _HINT)
     return obj
 
 

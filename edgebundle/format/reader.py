@@ -85,7 +85,7 @@ def _read_record_body_raw(src: _In, what: str, tag: int) -> Tuple[Dict[str, Any]
     if xxhash.xxh3_64_intdigest(body) != check:
         raise BundleFormatError(f"bundle {src.name}: {what} checksum mismatch "
                                 f"at byte {src.offset - length - 8}", _HINT)
-    return unpack_body(body, what), body
+    return unpack_body(body, f"{src.name} {what}"), body
 
 
 class Entry:
