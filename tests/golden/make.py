@@ -173,6 +173,8 @@ def assemble(m: Model) -> bytes:
         listed.append({"digest": e.head["digest"], "kind": e.head["kind"], "size": e.head["size"],
                        "codec": e.head["codec"], "stored_size": sum(map(len, e.chunks)),
                        "offset": offset})
+        if "target" in e.head:  # a delta entry
+            listed[-1]["target"] = e.head["target"]
     index = dict(m.index, entries=listed)
     index_offset = len(out)
     out += record(TAG_INDEX, index)
