@@ -16,6 +16,7 @@ field (``volume``, signatures) a new typed field with its own check.
 from __future__ import annotations
 
 import functools
+import re
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, FrozenSet, List, Optional, Sequence, Set, Tuple
@@ -283,6 +284,10 @@ class Index:
 # Field access that names what is wrong
 
 
+# os/arch[/variant] as writers emit it (``str(Platform)``): lowercase ASCII words.
+_PLATFORM_RE = re.compile(r"\A[a-z0-9][a-z0-9._-]*(?:/[a-z0-9][a-z0-9._-]*){1,2}\Z", re.ASCII)
+
+
 def _kind(value: object) -> str:
     if value is None:
         return "nil"
@@ -414,6 +419,8 @@ class _Fields:
     def platform(self, key: str) -> str:
         value = self.text(key)
         try:
+            if not _PLATFORM_RE.match(value):  # parse() forgives case and spaces; a bundle may not
+                raise UsageError(value)
             Platform.parse(value)
         except UsageError:
             raise self.fail(key, f"is {_show(value)}, not os/arch[/variant]") from None

@@ -241,3 +241,9 @@ def test_manifest_refuses_a_newline_in_a_ref(tmp_path: Path) -> None:
                     'images:\n  - "example.test/repo\\n:v1"\n', encoding="utf-8")
     with pytest.raises(ManifestError, match="m.yaml:5"):
         load_manifest(path)
+
+
+@pytest.mark.parametrize("platform", ["linux/amd64\n", "linux\n/amd64", "Linux/AMD64", " linux/amd64",
+                                      "linux/am d64", "linux/\u0430md64"])
+def test_platform_must_be_as_writers_emit_it(platform: str) -> None:
+    assert "header field 'platform'" in refused(header([], platform=platform))
