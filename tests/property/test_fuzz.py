@@ -82,8 +82,11 @@ def hostile_value(rng: random.Random) -> Any:
     ])
 
 
-def mutate_tree(obj: Any, rng: random.Random) -> Any:
-    """A copy of a msgpack/JSON tree with one random node replaced, dropped or added to."""
+def mutate_tree(obj: Any, rng: random.Random, may_stay_valid: bool = True) -> Any:
+    """A copy of a msgpack/JSON tree with one random node replaced, dropped or added to.
+
+    ``may_stay_valid``: may also add a key the spec does not define (readers ignore it) or
+    repeat a list item (a second copy of a valid signature is still valid)."""
     obj = copy.deepcopy(obj)
     paths: List[List[Any]] = []
 
@@ -109,12 +112,12 @@ def mutate_tree(obj: Any, rng: random.Random) -> Any:
         parent[key] = hostile_value(rng)
     elif roll < 0.75:
         del parent[key]
-    elif roll < 0.85 and isinstance(parent, dict):
+    elif roll < 0.85 and isinstance(parent, dict) and may_stay_valid:
         parent["unknown-" + str(rng.randrange(9))] = hostile_value(rng)
-    elif isinstance(parent[key], list) and parent[key]:
+    elif isinstance(parent[key], list) and parent[key] and may_stay_valid:
         parent[key].append(copy.deepcopy(rng.choice(parent[key])))  # a duplicate item
     else:
-        parent[key] = copy.deepcopy(parent[key]) if roll < 0.95 else [parent[key]]
+        parent[key] = [parent[key]]
     return obj
 
 
@@ -347,3 +350,72 @@ def test_fuzz_reports() -> None:
             if rng.random() < 0.05:
                 data = "[" * rng.randrange(1000, 200_000) + data
         only_edgebundle_errors(i, lambda: record(data), data)
+
+
+# ---------------------------------------------------------------------------
+# Signed bundles, read under a trust policy (the verifier runs before any entry)
+
+
+@pytest.fixture(scope="module")
+def signed(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Any]:
+    sys.path.insert(0, str(ROOT / "unit"))
+    from test_pack_import import make_plan, pack
+    from tiny_images import APP, BASE as BASE_FILES, Images
+
+    from edgebundle.cache import BlobCache
+    from edgebundle.trust import TrustPolicy, generate_key, load_public_key, load_signing_key
+    tmp = tmp_path_factory.mktemp("fuzz-signed")
+    gen = generate_key(str(tmp / "fleet"))
+    built = Images(BlobCache(tmp / "cache"))
+    img = built.image("example.test/shop/app:v1", [BASE_FILES, APP])
+    out = tmp / "s.ebundle"
+    pack(make_plan([img], "containerd"), built.cache, out, signers=[load_signing_key(gen.private_path)])
+    policy = TrustPolicy((load_public_key(gen.public_path),), "/nonexistent")
+    return {"data": out.read_bytes(), "policy": policy}
+
+
+def read_signed(data: bytes, policy: Any) -> None:
+    reader = BundleReader(io.BytesIO(data), "fuzz.ebundle", verifier=policy.admit)
+    for entry in reader.entries():
+        entry.skip()
+
+
+def reforged(data: bytes) -> bytes:
+    """Index offsets and footer recomputed after a record changed length, as a forger would."""
+    import forge
+    try:
+        recs = forge.records(data)
+        tag, start, _, body = recs[-1]
+        if tag != make.TAG_INDEX or not isinstance(body, dict) or not isinstance(body.get("entries"), list):
+            return data
+        offsets = [r[1] for r in recs if r[0] == make.TAG_ENTRY]
+        for e, off in zip(body["entries"], offsets):
+            if isinstance(e, dict):
+                e["offset"] = off
+        out = data[:start] + forge.record_bytes(make.TAG_INDEX, body)
+        return forge.refooter(out + b"F" + bytes(32))
+    except Exception:  # the forger's parser gave up on this damage: keep it as it is
+        return data
+
+
+def test_fuzz_signed_bundles(signed: Dict[str, Any]) -> None:
+    """Raw damage, and records edited and re-checksummed as a forger would (not re-signed)."""
+    import forge
+    data, policy = signed["data"], signed["policy"]
+    read_signed(data, policy)
+    recs = forge.records(data)
+    accepted: List[int] = []
+    for i, rng in cases(2500):
+        if rng.random() < 0.5:
+            bad = mutate_bytes(data, rng)
+        else:
+            tag, start, end, body = rng.choice(recs)
+            chunks = data[start + 5 + len(msgpack.packb(body, use_bin_type=True)) + 8:end]
+            try:  # only damage: an unknown key or a repeated signature leaves it valid, by design
+                new = forge.record_bytes(tag, mutate_tree(body, rng, may_stay_valid=False)) + chunks
+            except (TypeError, ValueError, OverflowError):
+                continue
+            bad = reforged(data[:start] + new + data[end:])
+        if bad != data and not only_edgebundle_errors(i, lambda: read_signed(bad, policy), bad[:64]):
+            accepted.append(i)
+    assert not accepted, f"damaged signed bundles were accepted: cases {accepted[:10]}"

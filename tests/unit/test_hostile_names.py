@@ -247,3 +247,12 @@ def test_manifest_refuses_a_newline_in_a_ref(tmp_path: Path) -> None:
                                       "linux/am d64", "linux/\u0430md64"])
 def test_platform_must_be_as_writers_emit_it(platform: str) -> None:
     assert "header field 'platform'" in refused(header([], platform=platform))
+
+
+@pytest.mark.parametrize("key_id", ["ed25519:ab\ncd", "ed25519:\u00e9", "ed25519: x", "a\x00b"])
+def test_signature_key_id_is_printable_ascii(key_id: str) -> None:
+    """Found by the fuzz target: a key id with a newline split the 'signed by ...' error."""
+    from edgebundle.format.signature import parse_signature_record
+    record = {"signatures": [{"algorithm": "ed25519", "key_id": key_id, "signature": bytes(64)}]}
+    with pytest.raises(BundleFormatError, match="signatures\\[0\\] field 'key_id' is .*, not printable ASCII"):
+        parse_signature_record(record, "b")
