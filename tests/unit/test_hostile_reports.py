@@ -169,3 +169,15 @@ def test_peak_memory_of_recording_a_report_of_empty_lists(tmp_path: Path) -> Non
                           env=dict(os.environ, PYTHONPATH=str(ROOT)))
     result, mb = proc.stdout.split()
     assert result == "InventoryError" and int(mb) < 150, proc.stdout + proc.stderr
+
+
+def test_the_size_bound_is_in_bytes_and_the_rest_of_the_file_is_not_ignored(tmp_path: Path) -> None:
+    """A valid report followed by padding past the limit (or multibyte text) is refused, not cut."""
+    path = tmp_path / "r.json"
+    text = json.dumps(containerd_report())
+    path.write_bytes(text.encode() + b" " * (MAX_REPORT_BYTES - len(text)) + b"garbage")
+    with pytest.raises(InventoryError, match="is larger than 16 MiB"):
+        record_report(tmp_path / "h", "gw", str(path))
+    path.write_bytes(text.encode()[:-1] + b', "x": "' + "\u00e9".encode() * (MAX_REPORT_BYTES // 2) + b'"}')
+    with pytest.raises(InventoryError, match="is larger than 16 MiB"):
+        record_report(tmp_path / "h", "gw", str(path))
