@@ -23,7 +23,8 @@ from .errors import ManifestError, UsageError, type_name
 from .sources import SOURCE_KINDS
 from .format import RUNTIMES
 from .oci import Platform
-from .specs import SITE_NAME_HINT, SITE_NAME_RE, ImageSpec, ManifestList, RegistryConfig, SiteSpec
+from .specs import NAMESPACE_RE, SITE_NAME_HINT, SITE_NAME_RE, ImageSpec, ManifestList, RegistryConfig, SiteSpec
+from .naming import check_reference_host, device_name, docker_tag
 from .reference import DEFAULT_DOMAIN, LEGACY_DEFAULT_DOMAIN, parse_reference
 
 MANIFEST_VERSION = 1
@@ -34,12 +35,11 @@ SITE_KEYS = ("runtime", "platform", "namespace", "ssh", "report_command", "delta
 REGISTRY_KEYS = ("insecure", "mirrors")
 DEFAULT_NAMESPACE = "default"
 
-# containerd's namespace rule (namespaces.Validate): labels of [A-Za-z0-9] joined by . _ -
-_NAMESPACE_RE = re.compile(r"^[A-Za-z0-9]+(?:[._-][A-Za-z0-9]+)*$")
+_NAMESPACE_RE = NAMESPACE_RE  # containerd's rule, shared with the bundle's header check
 # host[:port] as a registry is named in a reference; no scheme, no path.
-_HOST_RE = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:]+\])(?::[0-9]{1,5})?$")
+_HOST_RE = re.compile(r"\A(?:[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:]+\])(?::[0-9]{1,5})?\Z", re.ASCII)
 # [user@]host[:port] or an ~/.ssh/config alias: one word, no spaces.
-_SSH_RE = re.compile(r"^(?:[^@\s]+@)?(?:\[[^\]\s]+\]|[^@:\s\[\]]+)(?::([0-9]+))?$")
+_SSH_RE = re.compile(r"\A(?:[^@\s]+@)?(?:\[[^\]\s]+\]|[^@:\s\[\]]+)(?::([0-9]+))?\Z")
 
 
 class _Map(Dict[Any, Any]):
@@ -404,6 +404,10 @@ def _parse_image(ctx: _Ctx, item: object, line: int, sites: Dict[str, SiteSpec],
         reference = parse_reference(ref)
     except UsageError as exc:
         raise ctx.error(ref_line, exc.message, exc.hint) from None
+    try:
+        check_reference_host(reference, ref)
+    except UsageError as exc:
+        raise ctx.error(ref_line, exc.message, exc.hint) from None
     if reference.digest and not reference.digest.startswith("sha256:"):
         raise ctx.error(ref_line, f"image {ref!r}: only sha256 digests are supported",
                         "pin the image by its sha256 digest")
@@ -459,9 +463,16 @@ def _check_duplicates(ctx: _Ctx, images: List[ImageSpec]) -> None:
     """
     seen: Dict[str, List[ImageSpec]] = {}
     for image in images:
-        key = str(image.reference)
-        for other in seen.get(key, []):
-            if not image.sites or not other.sites or set(image.sites) & set(other.sites):
-                raise ctx.error(image.line, f"duplicate image {image.ref!r} (also on line {other.line})",
-                                "list each image once; use sites: to split one image between sites")
-        seen.setdefault(key, []).append(image)
+        # Keyed by every name the image takes on a device, not by the reference text:
+        # repo:v1@sha256:X and repo@sha256:X are both repo@sha256:X on containerd, and
+        # repo@sha256:X is Docker's tag repo:sha256-X, which may also be listed as a tag.
+        name = device_name(image.reference)
+        for key in dict.fromkeys((name, docker_tag(name))):
+            for other in seen.get(key, []):
+                if not image.sites or not other.sites or set(image.sites) & set(other.sites):
+                    same = "" if str(other.reference) == str(image.reference) else \
+                        f", both named {key!r} on a device"
+                    raise ctx.error(image.line, f"duplicate image {image.ref!r} (also on line "
+                                    f"{other.line}{same})",
+                                    "list each image once; use sites: to split one image between sites")
+            seen.setdefault(key, []).append(image)

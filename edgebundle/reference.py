@@ -37,14 +37,16 @@ _DOMAIN_COMPONENT = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
 _DOMAIN_NAME = rf"{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*"
 _IPV6 = r"\[(?:[a-fA-F0-9:]+)\]"
 _DOMAIN = rf"(?:{_DOMAIN_NAME}|{_IPV6})(?::[0-9]+)?"
-_TAG = r"[\w][\w.-]{0,127}"
+_TAG = r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}"  # ASCII only, as distribution's grammar
 _DIGEST = r"[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,}"
 
-_PATH_RE = re.compile(rf"^{_PATH_COMPONENT}(?:/{_PATH_COMPONENT})*$")
-_DOMAIN_RE = re.compile(rf"^{_DOMAIN}$")
-_TAG_RE = re.compile(rf"^{_TAG}$")
-_DIGEST_RE = re.compile(rf"^{_DIGEST}$")
-SHA256_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+# Anchored with \A...\Z, never ^...$: "$" also matches before a trailing newline, so
+# "host/repo\n:v1" or "sha256:<hex>\n" would pass. re.ASCII keeps every class ASCII.
+_PATH_RE = re.compile(rf"\A{_PATH_COMPONENT}(?:/{_PATH_COMPONENT})*\Z", re.ASCII)
+_DOMAIN_RE = re.compile(rf"\A{_DOMAIN}\Z", re.ASCII)
+_TAG_RE = re.compile(rf"\A{_TAG}\Z", re.ASCII)
+_DIGEST_RE = re.compile(rf"\A{_DIGEST}\Z", re.ASCII)
+SHA256_RE = re.compile(r"\Asha256:[0-9a-f]{64}\Z", re.ASCII)
 
 
 @dataclass(frozen=True)

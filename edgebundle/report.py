@@ -13,9 +13,9 @@ import json
 from typing import Any, Dict, FrozenSet, List, Mapping, Optional
 
 from .errors import InventoryError, UsageError, type_name
-from .format import RUNTIMES
-from .holdings import HeldImage, HeldLayer, Inventory
-from .oci import Descriptor, Platform, check_digest
+from .format import RUNTIME_DOCKER, RUNTIMES
+from .holdings import HeldImage, HeldLayer, Holdings, Inventory
+from .oci import Descriptor, Platform, chain_ids, check_digest
 from .specs import check_site_name
 
 REPORT_VERSION = 1
@@ -34,15 +34,44 @@ def now_rfc3339() -> str:
     return rfc3339(datetime.datetime.now(datetime.timezone.utc))
 
 
-def parse_json_object(text: str, what: str, hint: str) -> Dict[str, Any]:
-    """``text`` as a JSON object; anything else is an ``InventoryError`` naming ``what``."""
+# A report is read whole on the packer, and Python holds each JSON value in 30-70 bytes
+# however short it is in the text (``[]`` is 2 bytes, a list 56), so a report is bounded
+# in bytes and in values before it is parsed (FORMAT.md, "Inventory report"). A device
+# of 600 images of 60 layers reports 14 MB and 332,000 values.
+MAX_REPORT_BYTES = 16 << 20
+MAX_REPORT_VALUES = 1 << 20
+
+
+def check_report_bounds(text: str, what: str, hint: str) -> None:
+    """Refuse a report too large to parse in memory proportional to a real one."""
+    if len(text) > MAX_REPORT_BYTES:
+        raise InventoryError(f"{what} is larger than {MAX_REPORT_BYTES >> 20} MiB, more than "
+                             "a report may be", hint)
+    # Every value but the first follows a ',' or opens a container; commas and brackets
+    # inside strings only make this count larger, so it is an upper bound, cheap to take.
+    values = text.count(",") + text.count("[") + text.count("{")
+    if values > MAX_REPORT_VALUES:
+        raise InventoryError(f"{what} has more than {MAX_REPORT_VALUES} JSON values", hint)
+
+
+def load_json_object(text: str, what: str, hint: str) -> Dict[str, Any]:
+    """``json.loads``, bounded; only ``ValueError`` (bad JSON) or ``InventoryError`` escape."""
+    check_report_bounds(text, what, hint)
     try:
         obj = json.loads(text)
-    except ValueError as exc:
-        raise InventoryError(f"{what} is not valid JSON: {exc}", hint) from None
+    except RecursionError:  # the C decoder recurses per nesting level
+        raise InventoryError(f"{what} is nested too deeply to be a report", hint) from None
     if not isinstance(obj, dict):
         raise InventoryError(f"{what} is not a JSON object", hint)
     return obj
+
+
+def parse_json_object(text: str, what: str, hint: str) -> Dict[str, Any]:
+    """``text`` as a JSON object; anything else is an ``InventoryError`` naming ``what``."""
+    try:
+        return load_json_object(text, what, hint)
+    except ValueError as exc:
+        raise InventoryError(f"{what} is not valid JSON: {exc}", hint) from None
 
 
 def inventory_to_json(inv: Inventory, site: Optional[str] = None) -> Dict[str, Any]:
@@ -119,7 +148,7 @@ def inventory_from_json(obj: object) -> Inventory:
         raise _bad("runtime.kind", f"unknown runtime {kind!r} (expected {' or '.join(RUNTIMES)})")
     images = _field(obj, "images", list, "images")
     extra = _field(obj, "extra", dict, "extra", required=False) or {}
-    return Inventory(
+    inv = Inventory(
         runtime=kind,
         namespace=_field(runtime, "namespace", str, "runtime.namespace", required=False),
         images=tuple(_image_from_json(item, f"images[{i}]") for i, item in enumerate(images)),
@@ -131,6 +160,32 @@ def inventory_from_json(obj: object) -> Inventory:
         trusted_keys=_trusted_keys(obj),
         extra=dict(extra),
     )
+    _check_complete_images_are_held(inv)
+    return inv
+
+
+def _check_complete_images_are_held(inv: Inventory) -> None:
+    """A complete image's layers are held as its runtime needs them (FORMAT.md's rules).
+
+    The packer trusts ``complete`` to skip an image and ``blobs``/``chains`` to skip its
+    layers (``Holdings``); a report claiming an image complete whose layers it does not
+    hold would make the next plan call the site up to date while the image cannot run.
+    """
+    holdings = Holdings(inv)
+    docker = inv.runtime == RUNTIME_DOCKER
+    for i, image in enumerate(inv.images):
+        if not image.complete:
+            continue
+        where = f"images[{i}] ({image.name})"
+        chains = chain_ids(layer.diff_id for layer in image.layers)
+        for j, (layer, chain) in enumerate(zip(image.layers, chains)):
+            if not holdings.layer(layer.digest or "", chain):
+                held_as = "its chain in chains" if docker else "its blob in blobs or its chain in chains"
+                raise _bad(f"{where}.complete", f"is true, but layers[{j}] ({layer.diff_id}) is not "
+                           f"held: the report lists neither {held_as}")
+        if not docker and chains and chains[-1] not in inv.chains:
+            raise _bad(f"{where}.complete", f"is true, but its top chain {chains[-1]} is not "
+                       "unpacked (not in chains)")
 
 
 def _trusted_keys(obj: Mapping[str, Any]) -> Optional[FrozenSet[str]]:

@@ -15,7 +15,9 @@ from .oci import Platform
 from .reference import Reference
 
 # A site name becomes a directory name: one safe path component, never "." or "..".
-SITE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+SITE_NAME_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z", re.ASCII)
+# containerd's namespace rule (namespaces.Validate): labels of [A-Za-z0-9] joined by . _ -
+NAMESPACE_RE = re.compile(r"\A[A-Za-z0-9]+(?:[._-][A-Za-z0-9]+)*\Z", re.ASCII)
 SITE_NAME_HINT = "site names are letters, digits, '.', '_' and '-', starting with a letter or digit"
 
 

@@ -59,7 +59,19 @@ RUNTIME_CONTAINERD = "containerd"
 RUNTIME_DOCKER = "docker"
 RUNTIMES = (RUNTIME_CONTAINERD, RUNTIME_DOCKER)
 
-MAX_RECORD_SIZE = 64 * 1024 * 1024  # header, entry header or index msgpack
+# Records are bounded by what a 256 MiB device can decode (FORMAT.md, "Resource bounds").
+# Python holds a msgpack object in up to ~70 bytes however small it is on the wire, so
+# the object count, not the byte length, is what bounds memory.
+MAX_RECORD_SIZE = 8 * 1024 * 1024  # header or index msgpack (edgebundle 0.2.0: 64 MiB)
+MAX_ENTRY_RECORD_SIZE = 1024 * 1024  # one entry's record (a delta's bases included)
+MAX_RECORD_OBJECTS = 512 * 1024  # msgpack objects one record decodes to (a container: 1 + items)
+MAX_STRING = 1024 * 1024  # bytes of any one msgpack string in a record (known fields: less)
+MAX_FIELD_STRING = 4096  # bytes of a string field the spec defines (names, media types, ...)
+MAX_IMAGES = 1024  # images in one bundle
+MAX_LAYERS = 1024  # layers of one image (Docker's overlay2 stops at 128)
+MAX_ENTRIES = 65536  # entries in one bundle
+MAX_PREREQUISITES = 32768  # prerequisites of one bundle (and bases of one delta entry)
+MAX_FEATURES = 64  # required features of one bundle
 MAX_CHUNK_SIZE = 4 * 1024 * 1024  # stored bytes in one chunk
 DEFAULT_CHUNK_SIZE = 1024 * 1024
 MAX_WINDOW_LOG = 25  # readers refuse zstd frames needing more than 32 MiB of window

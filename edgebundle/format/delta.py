@@ -100,15 +100,26 @@ def encode(op: Op) -> bytes:
 
 def read_ops(pieces: Iterable[bytes], where: str) -> Iterator[Op]:
     """Decode an op stream, refusing anything malformed or over the bounds."""
+    arrays = [0]  # arrays msgpack completed since the last op
+
+    def one_array_per_op(items: list[object]) -> list[object]:
+        # An op is one flat array. Without this, one 16 MiB op of nested 6-item arrays
+        # would decode to millions of lists (~1 GB) before _op could refuse it.
+        arrays[0] += 1
+        if arrays[0] > 1:
+            raise ValueError("nested arrays in an op")
+        return items
+
     unpacker = msgpack.Unpacker(raw=False, max_buffer_size=2 * MAX_OP_BYTES,
                                 max_bin_len=MAX_OP_BYTES, max_str_len=MAX_PATH, max_array_len=6,
-                                max_map_len=0, max_ext_len=0)
+                                max_map_len=0, max_ext_len=0, list_hook=one_array_per_op)
     fed = 0
     try:
         for piece in pieces:
             unpacker.feed(piece)
             fed += len(piece)
             for obj in unpacker:
+                arrays[0] = 0
                 yield _op(obj, where)
     except BundleFormatError:
         raise

@@ -22,9 +22,9 @@ import zstandard
 
 from ..errors import BundleFormatError
 from . import (CODEC_STORED, END_MAGIC, FEATURE_SIGNATURE, FOOTER_SIZE, FORMAT_VERSION, MAGIC,
-               MAX_CHUNK_SIZE, MAX_RECORD_SIZE, MAX_WINDOW_LOG, SUPPORTED_VERSIONS, TAG_ENTRY,
+               MAX_CHUNK_SIZE, MAX_ENTRIES, MAX_WINDOW_LOG, SUPPORTED_VERSIONS, TAG_ENTRY,
                TAG_FOOTER, TAG_HEADER, TAG_INDEX, TAG_SIGNATURE)
-from .framing import U32, U64, unpack_body
+from .framing import U32, U64, record_limit, unpack_body
 from .records import (EntryHead, Header, Index, IndexEntry, check_entry, check_index,
                       parse_entry_head, parse_header, parse_index)
 from .signature import (Signature, check_entry_commitment, check_index_commitment,
@@ -66,25 +66,26 @@ def _read_record_raw(src: _In, tag: int, what: str) -> Tuple[Dict[str, Any], byt
         raise BundleFormatError(
             f"bundle {src.name}: expected {what} at byte {src.offset - 1}, "
             f"found tag 0x{got_tag:02x}", _HINT)
-    return _read_record_body_raw(src, what)
+    return _read_record_body_raw(src, what, tag)
 
 
-def _read_record_body(src: _In, what: str) -> Dict[str, Any]:
-    return _read_record_body_raw(src, what)[0]
+def _read_record_body(src: _In, what: str, tag: int) -> Dict[str, Any]:
+    return _read_record_body_raw(src, what, tag)[0]
 
 
-def _read_record_body_raw(src: _In, what: str) -> Tuple[Dict[str, Any], bytes]:
+def _read_record_body_raw(src: _In, what: str, tag: int) -> Tuple[Dict[str, Any], bytes]:
     """The rest of a record once its tag byte has been read."""
     (length,) = U32.unpack(src.read_exact(4, what))
-    if length > MAX_RECORD_SIZE:
+    limit = record_limit(tag)
+    if length > limit:  # refused before a byte of it is read or held
         raise BundleFormatError(f"bundle {src.name}: {what} claims {length} bytes "
-                                f"(limit {MAX_RECORD_SIZE})", _HINT)
+                                f"(limit {limit})", _HINT)
     body = src.read_exact(length, what)
     (check,) = U64.unpack(src.read_exact(8, what))
     if xxhash.xxh3_64_intdigest(body) != check:
         raise BundleFormatError(f"bundle {src.name}: {what} checksum mismatch "
                                 f"at byte {src.offset - length - 8}", _HINT)
-    return unpack_body(body, what), body
+    return unpack_body(body, f"{src.name} {what}"), body
 
 
 class Entry:
@@ -257,10 +258,13 @@ class BundleReader:
                 raise BundleFormatError(f"bundle {self.name}: unexpected tag 0x{tag:02x} at "
                                         f"byte {offset}", _HINT)
             where = f"bundle {self.name} entry at byte {offset}"
-            head = parse_entry_head(_read_record_body(src, "entry header"), where)
+            head = parse_entry_head(_read_record_body(src, "entry header", TAG_ENTRY), where)
             check_entry_commitment(head, self.header, len(self._digests), where,
                                    self.signed_by is not None)
             check_entry(head, self.header, where)
+            if len(self._digests) >= MAX_ENTRIES:  # what the reader keeps per entry is bounded
+                raise BundleFormatError(f"bundle {self.name}: more than {MAX_ENTRIES} entries "
+                                        f"(the next at byte {offset})", _HINT)
             if head.digest in self._digests:
                 raise BundleFormatError(f"bundle {self.name}: entry {head.digest} appears twice "
                                         f"(second at byte {offset})", _HINT)
@@ -272,7 +276,7 @@ class BundleReader:
 
     def _read_index_after_tag(self, offset: int) -> None:
         src = self._src
-        body = _read_record_body(src, "index")
+        body = _read_record_body(src, "index", TAG_INDEX)
         tail = src.read_exact(9, "footer")
         expected = src.hasher.digest()
         rest = src.read_exact(24, "footer")

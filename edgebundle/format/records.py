@@ -15,14 +15,21 @@ field (``volume``, signatures) a new typed field with its own check.
 
 from __future__ import annotations
 
+import functools
+import re
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, FrozenSet, List, Optional, Sequence, Set, Tuple
 
 from ..errors import BundleFormatError, UsageError
 from ..oci import Descriptor, Platform, chain_ids, check_digest, describing_blobs
+from ..naming import check_device_name, check_reference_host, name_clash
 from ..reference import parse_reference
-from . import (CODECS, FEATURE_DELTA, FEATURE_SIGNATURE, KIND_BLOB, KIND_DELTA, KNOWN_FEATURES, LAYER_FORM_BLOB,
-               LAYER_FORM_TAR, LAYER_FORMS, RUNTIMES)
+from ..specs import NAMESPACE_RE, SITE_NAME_HINT, SITE_NAME_RE
+from . import (CODECS, FEATURE_DELTA, FEATURE_SIGNATURE, KIND_BLOB, KIND_DELTA, KNOWN_FEATURES,
+               LAYER_FORM_BLOB, LAYER_FORM_TAR, LAYER_FORMS, MAX_ENTRIES, MAX_FEATURES,
+               MAX_FIELD_STRING, MAX_IMAGES, MAX_LAYERS, MAX_PREREQUISITES, MAX_RECORD_OBJECTS,
+               RUNTIMES)
 
 SPEC_HINT = ("the bundle breaks docs/FORMAT.md, so it was not written by a compatible "
              "edgebundle (or was altered after packing): repack it")
@@ -94,6 +101,11 @@ class Header:
     # Sum of the shipped layers' tar sizes: the disk pre-flight's unpack estimate
     # (``space``). Optional: None when absent (older packers) or unknown.
     unpacked_bytes: Optional[int] = None
+
+    @functools.cached_property
+    def prerequisite_chains(self) -> FrozenSet[Tuple[str, str]]:
+        """``(chain_id, diff_id)`` of every prerequisite, built once (not once per entry)."""
+        return frozenset((p.chain_id, p.diff_id) for p in self.prerequisites)
 
     def to_wire(self) -> Dict[str, Any]:
         out: Dict[str, Any] = {
@@ -278,6 +290,10 @@ class Index:
 # Field access that names what is wrong
 
 
+# os/arch[/variant] as writers emit it (``str(Platform)``): lowercase ASCII words.
+_PLATFORM_RE = re.compile(r"\A[a-z0-9][a-z0-9._-]*(?:/[a-z0-9][a-z0-9._-]*){1,2}\Z", re.ASCII)
+
+
 def _kind(value: object) -> str:
     if value is None:
         return "nil"
@@ -336,6 +352,8 @@ class _Fields:
             return None
         if not isinstance(value, str):
             raise self.fail(key, f"is {_kind(value)}, not a string" + (" or nil" if nullable else ""))
+        if len(value) > MAX_FIELD_STRING:
+            raise self.fail(key, f"is {len(value)} characters long (limit {MAX_FIELD_STRING})")
         return value
 
     def boolean(self, key: str) -> bool:
@@ -378,10 +396,14 @@ class _Fields:
             raise self.fail(key, f"is {_show(value)}, not one of {allowed}", hint)
         return value
 
-    def items(self, key: str) -> List[Any]:
+    def items(self, key: str, maximum: int = MAX_RECORD_OBJECTS) -> List[Any]:
+        """A list field; its spec limit (the default: the record's object budget, which a
+        decoded list cannot exceed anyway) is checked before any item is parsed."""
         value = self._get(key)
         if not isinstance(value, list):
             raise self.fail(key, f"is {_kind(value)}, not a list")
+        if len(value) > maximum:
+            raise self.fail(key, f"lists {len(value)} items (limit {maximum})")
         return value
 
     def raw_digest(self, key: str) -> bytes:
@@ -389,7 +411,7 @@ class _Fields:
         return _raw_sha256(self._get(key), self, key)
 
     def raw_digests(self, key: str) -> Tuple[bytes, ...]:
-        return tuple(_raw_sha256(item, self, key) for item in self.items(key))
+        return tuple(_raw_sha256(item, self, key) for item in self.items(key, MAX_ENTRIES))
 
     def nil(self, key: str, why: str) -> None:
         value = self._get(key)
@@ -403,19 +425,37 @@ class _Fields:
     def platform(self, key: str) -> str:
         value = self.text(key)
         try:
+            if not _PLATFORM_RE.match(value):  # parse() forgives case and spaces; a bundle may not
+                raise UsageError(value)
             Platform.parse(value)
         except UsageError:
             raise self.fail(key, f"is {_show(value)}, not os/arch[/variant]") from None
         return value
 
-    def image_name(self, key: str) -> str:
+    def image_name(self, key: str, *, device: bool = True) -> str:
+        """A reference; with ``device``, a name the importer may create (``check_device_name``)."""
         value = self.text(key)
         if len(value) > 512:  # name (255) + tag (128) + digest (71), with room to spare
             raise self.fail(key, f"is {len(value)} characters long, not an image name")
         try:
-            parse_reference(value)
+            if device:
+                check_device_name(value)
+            else:
+                check_reference_host(parse_reference(value), value)
         except UsageError as exc:
             raise self.fail(key, f"is not a valid image name: {exc.message}") from None
+        return value
+
+    def site_name(self, key: str) -> Optional[str]:
+        value = self.string(key, nullable=True)
+        if value is not None and not SITE_NAME_RE.match(value):
+            raise self.fail(key, f"is {_show(value)}, not a site name ({SITE_NAME_HINT})")
+        return value
+
+    def namespace(self, key: str) -> Optional[str]:
+        value = self.string(key, nullable=True)
+        if value is not None and not NAMESPACE_RE.match(value):
+            raise self.fail(key, f"is {_show(value)}, not a containerd namespace")
         return value
 
 
@@ -430,7 +470,7 @@ def check_features(obj: object, name: str) -> Tuple[str, ...]:
     "upgrade", not "malformed".
     """
     fields = _Fields(obj, f"bundle {name} header")
-    features = fields.items("required_features")
+    features = fields.items("required_features", MAX_FEATURES)
     if not all(isinstance(f, str) for f in features):
         raise fields.fail("required_features", "must list strings")
     unknown = sorted(f for f in features if f not in KNOWN_FEATURES)
@@ -452,17 +492,22 @@ def parse_header(obj: object, name: str) -> Header:
         raise f.fail("layer_form", f"is {layer_form!r}, but containerd bundles carry layers as "
                      f"{LAYER_FORM_BLOB!r} (the registry's blobs keep their digests)")
     prerequisites = tuple(_prerequisite(item, f"bundle {name} header prerequisites[{i}]")
-                          for i, item in enumerate(f.items("prerequisites")))
+                          for i, item in enumerate(f.items("prerequisites", MAX_PREREQUISITES)))
     images = tuple(_summary(item, f"bundle {name} header images[{i}]")
-                   for i, item in enumerate(f.items("images")))
-    names = [i.name for i in images]
-    if len(set(names)) != len(names):
-        twice = sorted({n for n in names if names.count(n) > 1})
-        raise f.fail("images", f"names {', '.join(twice)} more than once")
+                   for i, item in enumerate(f.items("images", MAX_IMAGES)))
+    counts = Counter(i.name for i in images)  # not list.count: n images must cost O(n)
+    twice = sorted(n for n, c in counts.items() if c > 1)
+    if twice:
+        raise f.fail("images", f"names {_show(', '.join(twice), 200)} more than once")
+    # Distinct names can still land on one runtime name (Docker's repo:sha256-<hex> tag
+    # of a pinned image, CRI's repo@top): refused here, before the runtime is touched.
+    clash = name_clash((i.name, i.top, i.config) for i in images)
+    if clash is not None:
+        raise f.fail("images", f"names one image twice: {clash}")
     return Header(
-        site=f.string("site", nullable=True),
+        site=f.site_name("site"),
         runtime=runtime,
-        namespace=f.string("namespace", nullable=True),
+        namespace=f.namespace("namespace"),
         platform=f.platform("platform"),
         layer_form=layer_form,
         prerequisites=prerequisites,
@@ -495,7 +540,12 @@ def _prerequisite(obj: object, where: str) -> Prerequisite:
 
 def _summary(obj: object, where: str) -> ImageSummary:
     f = _Fields(obj, where)
-    return ImageSummary(f.image_name("name"), f.digest("top"), f.digest("config"))
+    summary = ImageSummary(f.image_name("name"), f.digest("top"), f.digest("config"))
+    pinned = parse_reference(summary.name).digest
+    if pinned is not None and pinned != summary.top:
+        # The name promises the content: repo@X must run X (and CRI finds it by X).
+        raise f.fail("top", f"is {summary.top}, but the image is named by digest {pinned}")
+    return summary
 
 
 def _blob_head(f: _Fields) -> EntryHead:
@@ -507,7 +557,7 @@ def _blob_head(f: _Fields) -> EntryHead:
 
 def _delta_head(f: _Fields) -> EntryHead:
     bases = []
-    for i, item in enumerate(f.items("bases")):
+    for i, item in enumerate(f.items("bases", MAX_PREREQUISITES)):
         b = _Fields(item, f"{f.where} bases[{i}]")
         bases.append(BaseLayer(b.digest("chain_id"), b.digest("diff_id"), b.boolean("tar")))
     delta = DeltaHead(f.digest("target"), f.count("target_size"), tuple(bases))
@@ -544,9 +594,8 @@ def check_entry(head: EntryHead, header: Header, where: str) -> None:
     if FEATURE_DELTA not in header.required_features:
         raise BundleFormatError(f"{where} is a delta entry, but the header does not require "
                                 f"{FEATURE_DELTA!r}", SPEC_HINT)
-    held = {(p.chain_id, p.diff_id) for p in header.prerequisites}
     for i, base in enumerate(head.delta.bases):
-        if (base.chain_id, base.diff_id) not in held:
+        if (base.chain_id, base.diff_id) not in header.prerequisite_chains:
             raise BundleFormatError(f"{where} bases[{i}] (chain {base.chain_id}) is not a "
                                     "prerequisite of the bundle", SPEC_HINT)
 
@@ -571,8 +620,9 @@ def _image(obj: object, where: str) -> ImageRecord:
     f = _Fields(obj, where)
     name = f.image_name("name")
     f.where = f"{where} ({name})"
-    layers = tuple(_layer(item, f"{f.where} layers[{i}]") for i, item in enumerate(f.items("layers")))
-    return ImageRecord(name=name, ref=f.image_name("ref"), platform=f.platform("platform"),
+    layers = tuple(_layer(item, f"{f.where} layers[{i}]")
+                   for i, item in enumerate(f.items("layers", MAX_LAYERS)))
+    return ImageRecord(name=name, ref=f.image_name("ref", device=False), platform=f.platform("platform"),
                        top=f.descriptor("top"), manifest=f.descriptor("manifest"),
                        config=f.descriptor("config"), layers=layers)
 
@@ -581,9 +631,9 @@ def parse_index(obj: object, name: str) -> Index:
     """The index record's shapes (agreement is ``check_index``'s job)."""
     f = _Fields(obj, f"bundle {name} index")
     entries = tuple(_index_entry(item, f"bundle {name} index entries[{i}]")
-                    for i, item in enumerate(f.items("entries")))
+                    for i, item in enumerate(f.items("entries", MAX_ENTRIES)))
     images = tuple(_image(item, f"bundle {name} index images[{i}]")
-                   for i, item in enumerate(f.items("images")))
+                   for i, item in enumerate(f.items("images", MAX_IMAGES)))
     return Index(entries, images)
 
 

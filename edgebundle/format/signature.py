@@ -75,6 +75,9 @@ def parse_signature_record(obj: object, name: str) -> Tuple[Signature, ...]:
         key_id = s.text("key_id")
         if not 0 < len(key_id) <= MAX_KEY_ID:
             raise s.fail("key_id", f"is {len(key_id)} characters long, not 1 to {MAX_KEY_ID}")
+        if not key_id.isascii() or not key_id.isprintable() or " " in key_id:
+            # It is printed in errors ("signed by KEY_ID"): no newline may split the line.
+            raise s.fail("key_id", f"is {key_id[:40]!r}, not printable ASCII")
         sig = s.obj.get("signature")
         if not isinstance(sig, bytes) or len(sig) != SIGNATURE_SIZE:
             raise s.fail("signature", f"is not {SIGNATURE_SIZE} bytes of {algorithm} signature")

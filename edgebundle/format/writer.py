@@ -19,9 +19,9 @@ from . import (CODEC_STORED, CODEC_ZSTD, CODECS, DEFAULT_CHUNK_SIZE, DEFAULT_WIN
                END_MAGIC, FEATURE_SIGNATURE, FORMAT_VERSION, KIND_BLOB, KIND_DELTA, MAGIC,
                MAX_CHUNK_SIZE, SIGNATURE_ALGORITHM, TAG_ENTRY, TAG_FOOTER, TAG_HEADER, TAG_INDEX,
                TAG_SIGNATURE)
-from .framing import CHUNK_HEAD, RECORD_HEAD, U32, U64, pack_record
+from .framing import CHUNK_HEAD, RECORD_HEAD, U32, U64, pack_record, unpack_body
 from .records import (DeltaHead, EntryHead, Header, ImageRecord, Index, IndexEntry, check_entry,
-                      check_index)
+                      check_index, parse_header, parse_index)
 from .signature import (Signature, Signer, check_entry_commitment, check_index_commitment,
                         signature_record, signed_message)
 
@@ -81,6 +81,11 @@ class BundleWriter:
             raise ValueError("a header requiring signature-v1 needs signers, and only it")
         self._out.write(MAGIC + FORMAT_VERSION.to_bytes(2, "big"))
         record = pack_record(TAG_HEADER, header.to_wire())
+        try:  # the reader's own bounds (objects, counts, names), so verify never refuses it
+            parse_header(unpack_body(record[RECORD_HEAD.size:-U64.size], "header being written"),
+                         "being written")
+        except BundleFormatError as exc:
+            raise ValueError(f"refusing to write a header that breaks the format: {exc.message}") from None
         self._out.write(record)
         if signed:
             message = signed_message(record[RECORD_HEAD.size:-U64.size])
@@ -177,8 +182,13 @@ class BundleWriter:
                                    "being written", False)
         except BundleFormatError as exc:
             raise ValueError(f"refusing to finish a bundle that breaks the format: {exc.message}") from None
+        record = pack_record(TAG_INDEX, index.to_wire())
+        try:
+            parse_index(unpack_body(record[5:-8], "index being written"), "being written")
+        except BundleFormatError as exc:
+            raise ValueError(f"refusing to finish a bundle that breaks the format: {exc.message}") from None
         index_offset = self._out.offset
-        self._out.write(pack_record(TAG_INDEX, index.to_wire()))
+        self._out.write(record)
         tail = bytes([TAG_FOOTER]) + U64.pack(index_offset)
         self._out.write(tail)
         # The footer digest covers every byte before it, including its own tag+offset.

@@ -27,13 +27,16 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import paramiko
 
 from ..errors import InventoryError, TransportError
-from ..report import inventory_from_json
+from ..report import MAX_REPORT_BYTES as REPORT_LIMIT
+from ..report import inventory_from_json, load_json_object
 from ..specs import SiteSpec
 
 DEFAULT_PORT = 22
 DEFAULT_TIMEOUT = 15.0  # connect, banner and auth: a device on a slow cellular link
 DEFAULT_COMMAND_TIMEOUT = 300.0  # seconds without output from the report command
-MAX_REPORT_BYTES = 64 * 1024 * 1024  # a report is a few MB at most; more means a wrong command/file
+# Read at most one byte more than a report may be (report.MAX_REPORT_BYTES), so that an
+# endless or huge output is cut off, not buffered.
+MAX_REPORT_BYTES = REPORT_LIMIT
 USER_KNOWN_HOSTS = "~/.ssh/known_hosts"
 SYSTEM_KNOWN_HOSTS = "/etc/ssh/ssh_known_hosts"
 USER_SSH_CONFIG = "~/.ssh/config"
@@ -500,9 +503,12 @@ def _last_line(data: bytes) -> str:
     return lines[-1][:300] if lines else ""
 
 
+_NOT_A_REPORT = "run the report command by hand on the device and check that it prints the report with --json"
+
+
 def _parse_report(data: bytes, what: str) -> Dict[str, Any]:
     try:
-        obj = json.loads(data.decode("utf-8"))
+        obj = load_json_object(data.decode("utf-8"), what, _NOT_A_REPORT)
     except (UnicodeDecodeError, ValueError) as exc:
         start = data[:60].decode("utf-8", "replace").strip()
         raise InventoryError(f"{what} is not JSON ({exc}); it starts with {start!r}",

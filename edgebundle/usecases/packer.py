@@ -26,7 +26,7 @@ from ..pack import PackStats, write_bundle
 from ..plan import Plan, plan_bundle, with_layer_info
 from ..progress import NULL_BAR, Bar, close_bar
 from ..reference import parse_reference
-from ..report import parse_json_object
+from ..report import MAX_REPORT_BYTES, check_report_bounds, parse_json_object
 from ..registry.auth import CredentialStore, docker_config_path
 from ..registry.client import RegistryClient
 from ..resolve import ProgressFactory, Resolver
@@ -265,14 +265,21 @@ def _manifest_site(home: Path, site: str, manifest_path: Optional[str]) -> Optio
 def read_report_file(path: str) -> Dict[str, Any]:
     """A report JSON file brought back from a device (validated when recorded)."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        with open(path, "rb") as fh:  # no more than a report may be: a wrong file is not read whole
+            data = fh.read(MAX_REPORT_BYTES + 1)
+        if len(data) > MAX_REPORT_BYTES:  # bytes, not characters; before a cut char looks bad
+            check_report_bounds(data.decode("latin-1"), f"report {path}", _REPORT_FILE_HINT)
+        text = data.decode("utf-8")
     except OSError as exc:
         raise UsageError(f"cannot read report {path}: {exc.strerror}",
                          "check the path (on a USB stick: is it mounted?)") from None
     except UnicodeDecodeError:
         raise InventoryError(f"report {path} is not UTF-8 text",
                              "use the file written by `edgebundle report -o`") from None
-    return parse_json_object(text, f"report {path}", "use the file written by `edgebundle report -o`")
+    return parse_json_object(text, f"report {path}", _REPORT_FILE_HINT)
+
+
+_REPORT_FILE_HINT = "use the file written by `edgebundle report -o`"
 
 
 def record_report(home: Path, site: str, report_path: str,

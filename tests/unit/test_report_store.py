@@ -17,7 +17,7 @@ from edgebundle.report import REPORT_KIND, inventory_from_json, inventory_to_jso
 from edgebundle.specs import check_site_name
 from edgebundle.store import InventoryStore
 from edgebundle.holdings import HeldImage, HeldLayer, Inventory
-from edgebundle.oci import Descriptor, Platform
+from edgebundle.oci import Descriptor, Platform, chain_ids
 from edgebundle.specs import SiteSpec
 
 
@@ -41,8 +41,9 @@ INV = Inventory(
         ),
         HeldImage(name="factory.local/hmi:3", config=d(7), complete=False),
     ),
-    blobs=frozenset({d(5), d(2), d(3)}),
-    chains=frozenset({d(4), d(9)}),
+    blobs=frozenset({d(5), d(2), d(3), d(1)}),
+    # A complete image's layers are held (blob or chain) and its top chain is unpacked.
+    chains=frozenset(chain_ids([d(4), d(6)])),
     generated_at="2024-05-01T12:00:00Z",
     host="gw-01",
     extra={"containerd_version": "1.7.2"},
