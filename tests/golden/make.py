@@ -42,7 +42,7 @@ CASES_DIR = HERE / "cases"
 sys.path.insert(0, str(HERE.parents[1]))
 
 from edgebundle.format import (CODEC_STORED, CODEC_ZSTD, END_MAGIC, MAGIC, TAG_ENTRY,  # noqa: E402
-                               TAG_FOOTER, TAG_HEADER, TAG_INDEX)
+                               TAG_FOOTER, TAG_HEADER, TAG_INDEX, TAG_SIGNATURE)
 
 U32, U64 = struct.Struct(">I"), struct.Struct(">Q")
 
@@ -159,10 +159,15 @@ def record(tag: int, obj: Any) -> bytes:
     return bytes([tag]) + U32.pack(len(body)) + body + U64.pack(xxhash.xxh3_64_intdigest(body))
 
 
-def assemble(m: Model) -> bytes:
-    """The model's bytes, every checksum right; the index's entry table from the stream."""
+def assemble(m: Model, signature: Any = None) -> bytes:
+    """The model's bytes, every checksum right; the index's entry table from the stream.
+
+    ``signature``: the body of a signature record to put after the header.
+    """
     out = bytearray(m.magic + m.version.to_bytes(2, "big"))
     out += record(TAG_HEADER, m.header)
+    if signature is not None:
+        out += record(TAG_SIGNATURE, signature)
     listed = []
     for e in m.entries:
         offset = len(out)
@@ -391,6 +396,125 @@ def _index_disagrees_case() -> bytes:
 
 
 # ---------------------------------------------------------------------------
+# Signed cases: two fixed test keys (Ed25519 signatures are deterministic, so these files
+# regenerate byte for byte too). keys/*.pub are written by this script as well.
+
+KEYS_DIR = HERE / "keys"
+SEEDS = {name: hashlib.sha256(f"edgebundle golden test key {name}".encode()).digest()
+         for name in ("test", "other")}
+
+
+def _private(name: str) -> Any:
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+    return ed25519.Ed25519PrivateKey.from_private_bytes(SEEDS[name])
+
+
+def public_pems() -> Dict[str, bytes]:
+    from cryptography.hazmat.primitives import serialization as ser
+    return {f"{name}.pub": _private(name).public_key().public_bytes(
+        ser.Encoding.PEM, ser.PublicFormat.SubjectPublicKeyInfo) for name in SEEDS}
+
+
+def _key_id(name: str) -> str:
+    from cryptography.hazmat.primitives import serialization as ser
+    from edgebundle.trust import key_id
+    return key_id(_private(name).public_key().public_bytes(ser.Encoding.Raw, ser.PublicFormat.Raw))
+
+
+def committed(m: Model) -> None:
+    """Give the model's header the commitments and feature of a signed bundle."""
+    from edgebundle.format.records import parse_entry_head, parse_index
+    from edgebundle.format.signature import entry_commitment, images_commitment
+    heads = [parse_entry_head(e.head, "golden") for e in m.entries]
+    images = parse_index({"entries": [], "images": m.index["images"]}, "golden").images
+    m.header["required_features"] = ["signature-v1"]
+    m.header["commitments"] = {"entries": [entry_commitment(h) for h in heads],
+                               "images": images_commitment(images)}
+
+
+def signature_for(header: Dict[str, Any], *names: str, version: int = 1) -> Dict[str, Any]:
+    from edgebundle.format.signature import signed_message
+    body = msgpack.packb(header, use_bin_type=True)
+    message = signed_message(body, version)
+    return {"signatures": [{"algorithm": "ed25519", "key_id": _key_id(n),
+                            "signature": _private(n).sign(message)} for n in names]}
+
+
+def signed_model() -> Model:
+    m = base_model()
+    committed(m)
+    return m
+
+
+def signed_case(name: str, change: Callable[[Model, Dict[str, Any]], Any] = lambda m, s: s,
+                signer: str = "test") -> None:
+    """A signed base; ``change(model, signature)`` runs after signing and returns the
+    signature record to write (None: none)."""
+    def build() -> bytes:
+        m = signed_model()
+        sig = signature_for(m.header, signer)
+        return assemble(m, change(m, sig))
+    case(name)(build)
+
+
+def _flip_signature(m: Model, sig: Dict[str, Any]) -> Dict[str, Any]:
+    raw = bytearray(sig["signatures"][0]["signature"])
+    raw[10] ^= 0x01
+    sig["signatures"][0]["signature"] = bytes(raw)
+    return sig
+
+
+def _tamper_header(m: Model, sig: Dict[str, Any]) -> Dict[str, Any]:
+    m.header["site"] = "gw-99"
+    return sig
+
+
+def _tamper_entry_record(m: Model, sig: Dict[str, Any]) -> Dict[str, Any]:
+    m.entries[1].head["media_type"] = "application/x-evil"
+    return sig
+
+
+def _tamper_entry_bytes(m: Model, sig: Dict[str, Any]) -> Dict[str, Any]:
+    blob = bytearray(m.entries[0].chunks[0])
+    blob[-20] ^= 0x01  # the record kept: the content no longer hashes to its digest
+    m.entries[0].chunks[0] = bytes(blob)
+    return sig
+
+
+def _tamper_index(m: Model, sig: Dict[str, Any]) -> Dict[str, Any]:
+    m.index["images"][0]["ref"] = "example.test/shop/evil:v1"
+    return sig
+
+
+def _strip_signature(m: Model, sig: Dict[str, Any]) -> None:
+    return None
+
+
+def _strip_signature_and_feature(m: Model, sig: Dict[str, Any]) -> None:
+    m.header["required_features"] = []
+    return None
+
+
+def _re_sign_with_a_stolen_key_id(m: Model, sig: Dict[str, Any]) -> Dict[str, Any]:
+    sig["signatures"][0]["key_id"] = _key_id("test")  # made by "other", claims "test"
+    return sig
+
+
+signed_case("signed.ebundle")
+signed_case("signed-by-an-untrusted-key.ebundle", signer="other")
+case("unsigned-under-a-trust-policy.ebundle")(lambda: BASE)
+signed_case("signed-signature-flipped.ebundle", _flip_signature)
+signed_case("signed-header-tampered.ebundle", _tamper_header)
+signed_case("signed-entry-record-tampered.ebundle", _tamper_entry_record)
+signed_case("signed-entry-bytes-tampered.ebundle", _tamper_entry_bytes)
+signed_case("signed-index-tampered.ebundle", _tamper_index)
+signed_case("signed-signature-stripped.ebundle", _strip_signature)
+signed_case("signed-signature-and-feature-stripped.ebundle", _strip_signature_and_feature)
+signed_case("signed-key-id-claims-a-trusted-key.ebundle", _re_sign_with_a_stolen_key_id,
+            signer="other")
+
+
+# ---------------------------------------------------------------------------
 
 
 def build_all() -> Dict[str, bytes]:
@@ -437,7 +561,10 @@ def main(argv: List[str]) -> int:
         return 1
     for name, data in sorted(built.items()):
         (CASES_DIR / name).write_bytes(data)
-    print(f"wrote {len(built)} files to {CASES_DIR}")
+    KEYS_DIR.mkdir(exist_ok=True)
+    for name, pem in public_pems().items():
+        (KEYS_DIR / name).write_bytes(pem)
+    print(f"wrote {len(built)} files to {CASES_DIR}, {len(SEEDS)} public keys to {KEYS_DIR}")
     return 0
 
 

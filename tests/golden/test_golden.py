@@ -45,6 +45,11 @@ def test_the_generator_reproduces_the_committed_files() -> None:
             assert built[row["file"]] == committed, f"{row['file']}: run tests/golden/make.py"
 
 
+def test_the_generator_reproduces_the_test_keys() -> None:
+    for name, pem in make.public_pems().items():
+        assert (make.KEYS_DIR / name).read_bytes() == pem, f"{name}: run tests/golden/make.py"
+
+
 def test_files_are_small() -> None:
     sizes = {p.name: p.stat().st_size for p in make.CASES_DIR.iterdir()}
     assert max(sizes.values()) <= 300 * 1024 and sum(sizes.values()) <= 1024 * 1024
