@@ -180,11 +180,25 @@ def test_damaged_payload_is_named(capsys: pytest.CaptureFixture[str], vols: List
 
 def test_damage_the_bundle_reader_sees_first_still_names_the_volume(
         capsys: pytest.CaptureFixture[str], vols: List[Path]) -> None:
-    """A flip early in volume 2 breaks a chunk's xxh3 long before volume 2 ends: the error
-    must still say which volume (``JoinedVolumes.blame``), not just which entry."""
-    flip(vols[1], VOLUME_HEAD_SIZE + 100)
+    """A flip in the index record breaks its xxh3 before the last volume ends (the footer
+    follows it): the error must still say which volume (``JoinedVolumes.blame``), not
+    just which record."""
+    data = vols[2].read_bytes()
+    head = parse_head(data[:VOLUME_HEAD_SIZE], "")
+    footer = data[-(OVERHEAD - VOLUME_HEAD_SIZE) - 33:-(OVERHEAD - VOLUME_HEAD_SIZE)]
+    index_offset = int.from_bytes(footer[1:9], "big")
+    assert head.offset < index_offset
+    flip(vols[2], VOLUME_HEAD_SIZE + index_offset - head.offset + 10)
     assert error_of(capsys, "verify", str(vols[0])) == (
-        f"volume {vols[1]} (volume 2 of 3) is damaged: payload checksum mismatch {HINT_COPY}")
+        f"volume {vols[2]} (volume 3 of 3) is damaged: payload checksum mismatch {HINT_COPY}")
+
+
+def test_misplaced_slice_is_named(capsys: pytest.CaptureFixture[str], vols: List[Path]) -> None:
+    head = parse_head(vols[1].read_bytes()[:VOLUME_HEAD_SIZE], "")
+    rewrite_head(vols[1], offset=head.offset + 1)
+    assert error_of(capsys, "verify", str(vols[0])) == (
+        f"volume {vols[1]} (volume 2 of 3) starts at bundle byte {head.offset + 1}, expected "
+        f"{head.offset} {HINT_COPY}")
 
 
 def test_damaged_trailer_of_the_last_volume_is_found(capsys: pytest.CaptureFixture[str],
