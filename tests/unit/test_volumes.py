@@ -15,7 +15,7 @@ import random
 import shutil
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import pytest
 
@@ -36,7 +36,7 @@ from tiny_images import Images
 VOLUME = 110_000  # three volumes of the bundle below
 
 
-def make_bundle(tmp: Path, seed: int, created: str) -> bytes:
+def make_bundle(tmp: Path, seed: int, created: str, signers: Sequence[Any] = ()) -> bytes:
     images = Images(BlobCache(tmp / f"cache-{seed}"))
     rnd = random.Random(seed)
     img = images.image("example.test/shop/app:v1",
@@ -45,7 +45,7 @@ def make_bundle(tmp: Path, seed: int, created: str) -> bytes:
     plan = plan_bundle("gw-01", [img], Inventory.empty("containerd", "k8s.io"),
                        runtime="containerd", namespace="k8s.io", platform="linux/amd64")
     out = io.BytesIO()
-    write_bundle(plan, images.cache, out, level=3, created=created)
+    write_bundle(plan, images.cache, out, level=3, created=created, signers=signers)
     return out.getvalue()
 
 
@@ -134,7 +134,8 @@ def test_verify_reads_the_set(capsys: pytest.CaptureFixture[str], monkeypatch: p
     if how == "stdin":
         monkeypatch.setattr(sys, "stdin", _Stdin(b"".join(p.read_bytes() for p in vols)))
     out, _ = run(capsys, "verify", *args)
-    assert out.endswith(f"OK, format 1, 4 entries, 1 images, {len(bundles[0])} bytes in 3 volumes\n")
+    assert out.endswith(f"OK, format 1, 4 entries, 1 images, {len(bundles[0])} bytes in 3 volumes; "
+                        "unsigned\n")
 
 
 def test_a_single_bundle_still_reads_from_stdin(capsys: pytest.CaptureFixture[str],
@@ -142,7 +143,7 @@ def test_a_single_bundle_still_reads_from_stdin(capsys: pytest.CaptureFixture[st
                                                 bundles: Tuple[bytes, bytes]) -> None:
     monkeypatch.setattr(sys, "stdin", _Stdin(bundles[0]))
     out, _ = run(capsys, "verify", "-")
-    assert out == f"-: OK, format 1, 4 entries, 1 images, {len(bundles[0])} bytes\n"
+    assert out == f"-: OK, format 1, 4 entries, 1 images, {len(bundles[0])} bytes; unsigned\n"
 
 
 def test_verify_checks_a_later_volume_on_its_own(capsys: pytest.CaptureFixture[str],
@@ -166,6 +167,22 @@ def test_inspect_reads_header_and_index_across_volumes(capsys: pytest.CaptureFix
     assert out.startswith(f"bundle {vols[0]}: format 1, {len(bundles[0])} bytes, created "
                           "2026-11-22T12:00:00Z")
     assert "image example.test/shop/app:v1" in out
+
+
+def test_a_signed_bundle_in_volumes_is_checked_against_the_trust_policy(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """The signature covers the bundle, so volumes change nothing about it."""
+    from edgebundle.trust import generate_key, load_signing_key
+    key = generate_key(str(tmp_path / "k"))
+    other = generate_key(str(tmp_path / "other"))
+    data = make_bundle(tmp_path, 3, "2026-11-22T12:00:00Z", [load_signing_key(key.private_path)])
+    vols = split(data, tmp_path / "s.ebundle")
+    out, _ = run(capsys, "verify", str(vols[0]), "--trust", key.public_path, "--trust-dir",
+                 str(tmp_path / "none"))
+    assert out.endswith(f"bytes in 3 volumes; signed by trusted key {key.key_id}\n")
+    _, err = run(capsys, "verify", str(vols[0]), "--trust", other.public_path, "--trust-dir",
+                 str(tmp_path / "none"), code=13)
+    assert err.startswith("edgebundle: error: ")
 
 
 # ---------------------------------------------------------------------------
