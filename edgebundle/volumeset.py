@@ -31,7 +31,7 @@ from typing import BinaryIO, Dict, Iterator, List, Optional, Sequence, Tuple, ca
 import xxhash
 
 from .errors import BundleFormatError, OutputError, UsageError
-from .files import fsync_dir, output_error
+from .files import output_error, rename_set
 from .format import MAGIC, VOLUME_END_MAGIC, VOLUME_HEAD_SIZE, VOLUME_MAGIC
 from .format.volumes import (OVERHEAD, JoinedVolumes, VolumeError, VolumeHead, VolumeSource,
                              VolumeSplitter, check_next, is_volume, parse_head)
@@ -100,7 +100,6 @@ def write_volumes(output: str, volume_size: int, what: str) -> Iterator[VolumeOu
     directory = os.path.dirname(os.path.abspath(output))
     base = os.path.basename(output)
     temps: Dict[int, str] = {}
-    renamed: List[str] = []
 
     def create(number: int) -> BinaryIO:
         try:
@@ -124,28 +123,24 @@ def write_volumes(output: str, volume_size: int, what: str) -> Iterator[VolumeOu
         heads = splitter.finish()
         if not heads:
             raise OutputError(f"cannot write {what}: nothing was written", None)
-        _seal(heads, temps, what)
+        _seal(heads, temps)
         finals = [volume_path(output, h.number, h.count) for h in heads]
-        for head, final in reversed(list(zip(heads, finals))):
-            os.replace(temps[head.number], final)
-            renamed.append(final)
-            del temps[head.number]
-        fsync_dir(directory)
+        # Volume 1 last: a reader starts from it (see the module docstring).
+        rename_set([(temps[h.number], final) for h, final in reversed(list(zip(heads, finals)))])
+        temps.clear()
     except OSError as exc:
         raise output_error(what, exc) from None
     finally:
-        for tmp in temps.values():
+        with contextlib.suppress(OSError):
+            splitter.close()
+        for tmp in temps.values():  # an error: no temp file stays behind
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
-        if temps:  # failed mid-rename: take back the part of the set already named
-            for final in renamed:
-                with contextlib.suppress(OSError):
-                    os.unlink(final)
     sink.paths, sink.heads = finals, heads
     _remove_stale(output, heads[0].count)
 
 
-def _seal(heads: List[VolumeHead], temps: Dict[int, str], what: str) -> None:
+def _seal(heads: List[VolumeHead], temps: Dict[int, str]) -> None:
     """Write the final headers over the placeholders and make every volume durable."""
     mode = 0o666 & ~_umask()
     for head in heads:
@@ -252,11 +247,11 @@ def _missing_file(position: int, count: int, path: str) -> str:
 
 def _file_sources(paths: Sequence[str], first_fh: BinaryIO) -> Iterator[VolumeSource]:
     yield VolumeSource(f"volume {paths[0]}", first_fh, alone=True, owned=False)
-    for path in paths[1:]:
+    for number, path in enumerate(paths[1:], start=2):
         try:
             fh = open(path, "rb")
-        except OSError:
-            raise VolumeError(_missing_file(paths.index(path) + 1, len(paths), path),
+        except OSError:  # it was there a moment ago (check_files)
+            raise VolumeError(_missing_file(number, len(paths), path),
                               "copy every volume of the set next to the first one") from None
         yield VolumeSource(f"volume {path}", fh, alone=True, owned=True)
 
@@ -299,8 +294,7 @@ def read_file(fh: BinaryIO, path: str, more: Sequence[str] = ()) -> Iterator[Bin
         yield fh
         return
     head = parse_head(prefix, f"volume {path}")
-    if head.number != 1:
-        check_next(head, f"volume {path}", 1, None, 0, {})  # names it: not the first
+    check_next(head, f"volume {path}", 1, None, 0, {})  # refuses any but volume 1
     _check_size(head, f"volume {path}", os.fstat(fh.fileno()).st_size)
     paths = [path, *more] if more else _located(path, head.count)
     check_files(paths, head)

@@ -204,6 +204,12 @@ class VolumeSplitter:
         fh, self._fh = self._fh, None
         self._close(len(self._lengths), fh)
 
+    def close(self) -> None:
+        """Close the volume being written, if any, as it is (after an error)."""
+        fh, self._fh = self._fh, None
+        if fh is not None:
+            fh.close()
+
     def finish(self) -> List[VolumeHead]:
         """End the last volume; the headers to write, in order (empty for no bytes)."""
         if self._finished:

@@ -432,7 +432,7 @@ def test_failed_rename_takes_back_the_set(tmp_path: Path, monkeypatch: pytest.Mo
         real(src, dst)
         done.append(dst)
 
-    monkeypatch.setattr(volumeset.os, "replace", replace)
+    monkeypatch.setattr(os, "replace", replace)
     with pytest.raises(OutputError, match="no space left"):
         split(bundles[0], tmp_path / "b.ebundle")
     assert done == [str(tmp_path / "b.ebundle.003")]  # the last volume is renamed first
