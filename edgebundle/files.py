@@ -22,7 +22,7 @@ import stat
 import sys
 import tempfile
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator, Optional, Protocol, Union
+from typing import BinaryIO, Callable, Iterator, List, Optional, Protocol, Sequence, Tuple, Union
 
 from .errors import EdgebundleError, OutputError, SpaceError
 
@@ -90,6 +90,28 @@ def atomic_file(path: PathLike, *, tmp_dir: Optional[PathLike] = None) -> Iterat
             os.unlink(tmp)
         raise
     fsync_dir(target.parent)
+
+
+def rename_set(moves: Sequence[Tuple[PathLike, PathLike]]) -> None:
+    """Rename each ``(temp, final)`` in order, then fsync their directories.
+
+    Several renames cannot be one atomic step. If one fails, those already done are
+    taken back (their finals removed), so an error leaves none of the set under its
+    final names; a crash can still leave the first few done, which is why callers order
+    ``moves`` so that the one a reader starts from comes last (volume 1 of a set).
+    """
+    done: List[PathLike] = []
+    try:
+        for tmp, final in moves:
+            os.replace(tmp, final)
+            done.append(final)
+    except BaseException:
+        for final in done:
+            with contextlib.suppress(OSError):
+                os.unlink(final)
+        raise
+    for directory in {os.path.dirname(os.path.abspath(final)) for _, final in moves}:
+        fsync_dir(directory)
 
 
 def atomic_write(path: PathLike, data: bytes) -> None:

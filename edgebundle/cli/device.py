@@ -15,8 +15,8 @@ from ..progress import progress_bar
 from ..report import inventory_to_json
 from ..state import StateDir, state_dir_path
 from ..trust import TrustPolicy, generate_key, load_public_key, load_signing_key
-from ..usecases.device import (RuntimeAddress, import_file, inspect_bundle, open_runtime,
-                               take_report, verify_bundle, write_report)
+from ..usecases.device import (RuntimeAddress, VolumeVerified, import_file, inspect_bundle,
+                               open_runtime, take_report, verify_bundle, write_report)
 from .main import emit_json
 
 
@@ -44,10 +44,10 @@ def cmd_import(args: argparse.Namespace) -> int:
         return bars[-1]
 
     try:
-        result = import_file(args.bundle, runtime, progress=make_bar, report=args.report,
+        result = import_file(args.bundle[0], runtime, progress=make_bar, report=args.report,
                              trust=trust, state=_state(args),
                              allow_downgrade=args.allow_downgrade,
-                             space_check=not args.no_space_check)
+                             space_check=not args.no_space_check, more=args.bundle[1:])
     finally:
         for bar in bars:
             bar.close()
@@ -79,9 +79,14 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     trust = _trust(args)
-    result = verify_bundle(args.bundle, trust)
+    result = verify_bundle(args.bundle[0], trust, args.bundle[1:])
     if args.json:
         emit_json(result.to_json())
+        return 0
+    if isinstance(result, VolumeVerified):
+        h = result.head
+        print(f"{result.path}: OK, volume {h.number} of {h.count} of bundle {h.id_hex}, "
+              f"{h.length} bytes (this volume only; verify volume 1 to check the whole bundle)")
         return 0
     if result.signed_by:
         signed = f"; signed by trusted key {result.signed_by}"
@@ -90,8 +95,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
                   "pass --trust PUBFILE)")
     else:
         signed = "; unsigned"
-    print(f"{args.bundle}: OK, format {result.version}, {result.entries} entries, "
-          f"{len(result.images)} images, {result.bytes} bytes{signed}")
+    volumes = f" in {result.volumes} volumes" if result.volumes is not None else ""
+    print(f"{args.bundle[0]}: OK, format {result.version}, {result.entries} entries, "
+          f"{len(result.images)} images, {result.bytes} bytes{volumes}{signed}")
     return 0
 
 

@@ -106,6 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bundle file to write (replaced atomically), or - for standard output; "
                    "a FIFO or device is written in place. Refused before any download (exit "
                    "14) when its disk, or the cache's, lacks the space the plan needs")
+    vol = p.add_mutually_exclusive_group()
+    vol.add_argument("--volume-size", metavar="SIZE",
+                     help="split the bundle into volumes OUTPUT.001, OUTPUT.002, … of at most SIZE "
+                     "bytes each (the whole file, volume header included); binary units: k, M, G, T "
+                     "(1k = 1024 bytes), e.g. 700M; at least 1M")
+    vol.add_argument("--fat32", action="store_true",
+                     help="volumes that fit on a FAT32 USB stick: --volume-size 4294967295 "
+                     "(4 GiB - 1 byte, the largest FAT32 file)")
     p.add_argument("--level", type=int, default=16, choices=range(1, 23), metavar="1-22",
                    help="zstd level for compressible entries (Docker sites' layers, JSON); "
                    "16 is the smallest level that optimally parses, see docs/BENCHMARKS.md "
@@ -123,7 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     p = sub.add_parser("import", parents=[common], help="verify a bundle and load it into the runtime")
-    p.add_argument("bundle", help="bundle file, or - for standard input")
+    p.add_argument("bundle", nargs="+", help="bundle file, or - for standard input; for a bundle "
+                   "in volumes: the first volume (the others are found next to it), or every "
+                   "volume in order, or - with the volumes in order on standard input")
     _runtime_args(p)
     _state_args(p)
     _trust_args(p)
@@ -149,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report JSON to stdout")
 
     p = sub.add_parser("verify", parents=[common], help="check a bundle completely without importing it")
-    p.add_argument("bundle", help="bundle file, or - for standard input")
+    p.add_argument("bundle", nargs="+", help="bundle file, or - for standard input; volumes as "
+                   "for import; a single volume other than the first is checked on its own")
     _trust_args(p)
     p.add_argument("--json", action="store_true")
 

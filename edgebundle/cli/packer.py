@@ -21,6 +21,7 @@ from ..plan import LayerPlan, Plan
 from ..report import inventory_to_json, rfc3339
 from ..trust import load_signing_key
 from ..usecases import packer as usecases
+from ..volumeset import FAT32_VOLUME_SIZE, parse_size
 from .main import emit_json
 
 
@@ -140,25 +141,35 @@ def cmd_pack(args: argparse.Namespace) -> int:
                          "write the bundle to a file, or drop --json (the summary goes to stderr)")
     if args.threads < 0:
         raise UsageError(f"--threads {args.threads} is negative", "pass 0 (one per CPU) or more")
+    volume_size = FAT32_VOLUME_SIZE if args.fat32 else \
+        parse_size(args.volume_size) if args.volume_size is not None else None
+    if volume_size is not None and to_stdout:
+        raise UsageError("volumes are files: -o - cannot take --volume-size or --fat32",
+                         "name the output file, e.g. -o /media/usb/site.ebundle")
     show = not args.no_progress and sys.stderr.isatty() and not args.json
     signers = [load_signing_key(path) for path in args.sign]  # a bad key fails before any work
     outcome = usecases.pack_site(_home(args), args.manifest, args.site, args.output,
                                  full=args.full, level=args.level, threads=args.threads,
                                  created=_created(), progress=_Bars(show),
-                                 deltas=not args.no_delta, signers=signers)
+                                 deltas=not args.no_delta, signers=signers,
+                                 volume_size=volume_size)
     stats, plan = outcome.stats, outcome.plan
     if args.json:
         emit_json({"bundle": outcome.output, "bundle_bytes": stats.bundle_bytes,
                    "signed_by": [s.key_id for s in signers],
                    "entries": stats.entries, "images": stats.images,
                    "ship_registry_bytes": stats.ship_registry_bytes,
-                   "full_registry_bytes": stats.full_registry_bytes, "plan": plan_json(plan)})
+                   "full_registry_bytes": stats.full_registry_bytes, "plan": plan_json(plan),
+                   "volumes": list(outcome.volumes)})
         return 0
     out = sys.stderr if to_stdout else sys.stdout  # stdout carries the bundle
     _print_plan(plan, out)
     full = stats.full_registry_bytes
     pct = f" = {100 * stats.bundle_bytes / full:.1f}% of a full transfer" if full else ""
     where = "standard output" if to_stdout else outcome.output
+    if outcome.volumes:
+        where = f"{len(outcome.volumes)} volume(s) {outcome.volumes[0]} … {outcome.volumes[-1]}" \
+            if len(outcome.volumes) > 1 else f"1 volume {outcome.volumes[0]}"
     signed = f", signed by {', '.join(s.key_id for s in signers)}" if signers else ""
     print(f"wrote {where}: {stats.bundle_bytes} bytes, {stats.entries} entries, "
           f"{stats.images} images{pct} ({full} bytes){signed}", file=out)

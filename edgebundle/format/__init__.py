@@ -77,6 +77,14 @@ DEFAULT_CHUNK_SIZE = 1024 * 1024
 MAX_WINDOW_LOG = 25  # readers refuse zstd frames needing more than 32 MiB of window
 DEFAULT_WINDOW_LOG = 23  # writers cap the window at 8 MiB to keep devices' memory small
 
+# Volumes (FORMAT.md, "Volumes"): a file that carries one consecutive slice of a bundle's
+# bytes, so a bundle can be split over several files (FAT32 sticks hold < 4 GiB each).
+VOLUME_MAGIC = b"\x89EBV\r\n\x1a\n"
+VOLUME_VERSION = 1
+VOLUME_END_MAGIC = b"EBVEND\r\n"
+VOLUME_HEAD_SIZE = 66  # magic(8) + version(2) + id(16) + 2*u32 + 3*u64 + xxh3_64(8)
+VOLUME_TRAILER_SIZE = 24  # xxh3-128 of the payload(16) + VOLUME_END_MAGIC(8)
+
 # Required features this reader understands. A bundle naming any other feature in
 # its header's "required_features" is refused before any entry is read.
 KNOWN_FEATURES: FrozenSet[str] = frozenset({FEATURE_DELTA, FEATURE_SIGNATURE})
@@ -87,11 +95,11 @@ from .records import (BaseLayer, Commitments, DeltaHead, EntryHead, Header,  # n
                       ImageRecord, ImageSummary, Index, IndexEntry, LayerRecord, Prerequisite)
 from .signature import Signature, Signer  # noqa: E402
 from .delta import BaseFile  # noqa: E402
-from .reader import BundleInfo, BundleReader, Entry, read_index  # noqa: E402
+from .reader import BundleInfo, BundleReader, Entry, read_index, read_index_from  # noqa: E402
 from .writer import BundleWriter  # noqa: E402
 
 __all__ = [
-    "BundleInfo", "BundleReader", "BundleWriter", "Entry", "read_index",
+    "BundleInfo", "BundleReader", "BundleWriter", "Entry", "read_index", "read_index_from",
     "BaseFile", "BaseLayer", "Commitments", "DeltaHead", "Signature", "Signer", "EntryHead", "Header", "ImageRecord", "ImageSummary", "Index", "IndexEntry", "LayerRecord",
     "Prerequisite",
     "MAGIC", "FORMAT_VERSION", "SUPPORTED_VERSIONS", "CODEC_STORED", "CODEC_ZSTD",

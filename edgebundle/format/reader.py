@@ -341,21 +341,26 @@ def read_index(path: "os.PathLike[str] | str") -> BundleInfo:
     """
     name = os.fspath(path)
     with open(path, "rb") as fh:
-        reader = BundleReader(fh, name)
-        fh.seek(0, os.SEEK_END)
-        end = fh.tell()
-        if end < FOOTER_SIZE:
-            raise BundleFormatError(f"bundle {name} is truncated", _HINT)
-        fh.seek(end - FOOTER_SIZE)
-        footer = fh.read(FOOTER_SIZE)
-        if footer[0] != TAG_FOOTER or footer[-len(END_MAGIC):] != END_MAGIC:
-            raise BundleFormatError(f"bundle {name} is truncated (no footer)", _HINT)
-        (index_offset,) = U64.unpack(footer[1:9])
-        if index_offset >= end:
-            raise BundleFormatError(f"bundle {name}: footer points past the end", _HINT)
-        fh.seek(index_offset)
-        src = _In(fh, name)
-        index = parse_index(_read_record(src, TAG_INDEX, "index"), name)
-        check_index(index, reader.header, name)
-        check_index_commitment(index.images, len(index.entries), reader.header, name, False)
-        return BundleInfo(name, reader.version, reader.header, index, end, reader.signatures)
+        return read_index_from(fh, name)
+
+
+def read_index_from(fh: BinaryIO, name: str) -> BundleInfo:
+    """``read_index`` of an open, seekable bundle (a file, or a volume set's joined view)."""
+    reader = BundleReader(fh, name)
+    fh.seek(0, os.SEEK_END)
+    end = fh.tell()
+    if end < FOOTER_SIZE:
+        raise BundleFormatError(f"bundle {name} is truncated", _HINT)
+    fh.seek(end - FOOTER_SIZE)
+    footer = fh.read(FOOTER_SIZE)
+    if footer[0] != TAG_FOOTER or footer[-len(END_MAGIC):] != END_MAGIC:
+        raise BundleFormatError(f"bundle {name} is truncated (no footer)", _HINT)
+    (index_offset,) = U64.unpack(footer[1:9])
+    if index_offset >= end:
+        raise BundleFormatError(f"bundle {name}: footer points past the end", _HINT)
+    fh.seek(index_offset)
+    src = _In(fh, name)
+    index = parse_index(_read_record(src, TAG_INDEX, "index"), name)
+    check_index(index, reader.header, name)
+    check_index_commitment(index.images, len(index.entries), reader.header, name, False)
+    return BundleInfo(name, reader.version, reader.header, index, end, reader.signatures)

@@ -13,11 +13,14 @@ import os
 import socket
 import sys
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Iterator, List, Optional
+from typing import Any, BinaryIO, Iterator, List, Optional, Sequence, Union
 
+from .. import volumeset
 from ..errors import UsageError
 from ..files import check_output, open_output
-from ..format import FEATURE_DELTA, KNOWN_FEATURES, BundleInfo, BundleReader, read_index
+from ..format import (FEATURE_DELTA, KNOWN_FEATURES, BundleInfo, BundleReader,
+                      read_index_from)
+from ..format.volumes import VolumeHead
 from ..holdings import Inventory
 from ..importer import ImportResult, ProgressFactory, Runtime, import_bundle
 from ..importer.storage import runtime_storage
@@ -55,11 +58,20 @@ def open_runtime(where: RuntimeAddress) -> Runtime:
 
 
 @contextlib.contextmanager
-def open_bundle(path: str) -> Iterator[BinaryIO]:
-    """A bundle to read front to back: a file, or ``-`` for standard input."""
+def open_bundle(path: str, more: Sequence[str] = ()) -> Iterator[BinaryIO]:
+    """A bundle to read front to back: a file, or ``-`` for standard input.
+
+    Either may instead be a volume set (``volumeset``): volume 1's path (the others are
+    found next to it, or given in order in ``more``), or the volumes in order on stdin.
+    """
     if path == "-":
-        yield sys.stdin.buffer
+        if more:
+            raise UsageError("- (standard input) takes no further paths",
+                             "send the volumes in order on standard input, or pass their paths")
+        with volumeset.read_stream(sys.stdin.buffer) as stream:
+            yield stream
         return
+    path = volumeset.first_volume(path)
     try:
         fh = open(path, "rb")
     except IsADirectoryError:
@@ -67,8 +79,8 @@ def open_bundle(path: str) -> Iterator[BinaryIO]:
     except OSError as exc:
         raise UsageError(f"cannot open bundle {path}: {exc.strerror}",
                          "check the path (on a USB stick: is it mounted?)") from None
-    with fh:
-        yield fh
+    with fh, volumeset.read_file(fh, path, more) as stream:
+        yield stream
 
 
 def stamped(inv: Inventory, runtime: Runtime, trust: Optional[TrustPolicy] = None) -> Inventory:
@@ -105,18 +117,19 @@ def admission(trust: TrustPolicy, state: StateDir, allow_downgrade: bool = False
 def import_file(path: str, runtime: Runtime, *, progress: Optional[ProgressFactory] = None,
                 report: Optional[str] = None, trust: Optional[TrustPolicy] = None,
                 state: Optional[StateDir] = None, allow_downgrade: bool = False,
-                space_check: bool = True) -> ImportResult:
+                space_check: bool = True, more: Sequence[str] = ()) -> ImportResult:
     """``edgebundle import``: verify and load a bundle; optionally write the report after.
 
     ``space_check`` False skips the disk pre-flight (``space``); a full disk met anyway
-    is still reported as one.
+    is still reported as one. ``more``: the further volumes of a volume set, in order,
+    when ``path`` is volume 1.
     """
     if report is not None:
         check_output(report, f"report {report}")
     trust = trust or TrustPolicy((), "")
     state = state or StateDir(state_dir_path())
     space = ImportSpace(lambda: runtime_storage(runtime), disk=None if space_check else UNCHECKED)
-    with open_bundle(path) as fh:
+    with open_bundle(path, more) as fh:
         result = import_bundle(fh, path, runtime, progress=progress,
                                verifier=admission(trust, state, allow_downgrade), space=space)
     if result.signed_by is not None:
@@ -144,36 +157,62 @@ class Verified:
     site: Optional[str]
     signatures: List[str] = dataclasses.field(default_factory=list)  # key ids, checked or not
     signed_by: Optional[str] = None  # the trusted key whose signature was checked
+    volumes: Optional[int] = None  # how many volumes it came in (None: one bundle file)
 
     def to_json(self) -> Any:
         return {"bundle": self.bundle, "ok": True, "version": self.version, "entries": self.entries,
                 "images": self.images, "bytes": self.bytes, "site": self.site,
-                "signatures": self.signatures, "signed_by": self.signed_by}
+                "signatures": self.signatures, "signed_by": self.signed_by,
+                "volumes": self.volumes}
 
 
-def verify_bundle(path: str, trust: Optional[TrustPolicy] = None) -> Verified:
+@dataclass(frozen=True)
+class VolumeVerified:
+    """One volume checked on its own (``verify`` of a volume other than the first)."""
+
+    path: str
+    head: VolumeHead
+
+    def to_json(self) -> Any:
+        h = self.head
+        return {"volume": self.path, "ok": True, "number": h.number, "count": h.count,
+                "bundle_id": h.id_hex, "offset": h.offset, "length": h.length, "total": h.total}
+
+
+def verify_bundle(path: str, trust: Optional[TrustPolicy] = None,
+                  more: Sequence[str] = ()) -> Union[Verified, VolumeVerified]:
     """``edgebundle verify``: every byte and every rule of FORMAT.md, without a runtime.
 
-    With a trust policy, also the signature, as ``import`` would judge it.
+    With a trust policy, also the signature, as ``import`` would judge it. A volume
+    other than the first, alone, is checked on its own (its header and its payload's
+    checksum): the way to find a bad stick while the others are elsewhere.
     """
-    with open_bundle(path) as fh:
+    alone = volumeset.lone_volume(path) if not more else None
+    if alone is not None:
+        head, _ = volumeset.verify_alone(alone)
+        return VolumeVerified(alone, head)
+    with open_bundle(path, more) as fh:
         reader = BundleReader(fh, path, trust.admit if trust is not None else None)
         count = 0
         for entry in reader.entries():
             entry.skip()
             count += 1
+        volumes = volumeset.volume_count(fh)
     assert reader.index is not None
     return Verified(path, reader.version, count, [r.name for r in reader.index.images],
                     reader.total_size or 0, reader.header.site,
-                    [s.key_id for s in reader.signatures], reader.signed_by)
+                    [s.key_id for s in reader.signatures], reader.signed_by, volumes)
 
 
 def inspect_bundle(path: str) -> BundleInfo:
     """``edgebundle inspect``: header and index by seeking, entries not read."""
+    if path != "-":
+        path = volumeset.first_volume(path)
     if path == "-" or not os.path.isfile(path):
         raise UsageError(f"bundle {path} is not a file",
                          "inspect needs a seekable file; `edgebundle verify -` reads a stream")
     try:
-        return read_index(path)
+        with volumeset.open_random(path) as fh:
+            return read_index_from(fh, path)
     except OSError as exc:
         raise UsageError(f"cannot read bundle {path}: {exc.strerror}", "check the path") from None

@@ -12,7 +12,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..bases import DeltaPlanner
 from ..cache import BlobCache
@@ -33,6 +33,7 @@ from ..resolve import ProgressFactory, Resolver
 from ..specs import ManifestList, SiteSpec
 from ..space import check_packer
 from ..store import InventoryStore
+from ..volumeset import write_volumes
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ class PackOutcome:
     output: str
     plan: Plan
     stats: PackStats
+    volumes: Tuple[str, ...] = ()  # the volume files written, in order (none: one file)
 
 
 class PackerSession:
@@ -170,14 +172,21 @@ class PackerSession:
 
     def pack(self, site: SiteSpec, output: str, *, full: bool = False, level: int = 16,
              threads: int = 0, created: Optional[str] = None,
-             deltas: bool = True, signers: Sequence[Signer] = ()) -> PackOutcome:
+             deltas: bool = True, signers: Sequence[Signer] = (),
+             volume_size: Optional[int] = None) -> PackOutcome:
         """Plan once, fetch what ships, write the bundle to ``output`` (``-``: stdout).
 
         ``threads`` 0 means one zstd worker per CPU; the bytes are the same for any count.
         ``signers`` sign it; a site whose last report enforces signatures is refused a
         bundle it would refuse (unsigned, or signed by keys it does not trust).
+        ``volume_size``: write volumes ``output.001`` … of at most that many bytes each.
         """
         what = "bundle to standard output" if output == "-" else f"bundle {output}"
+        if volume_size is not None:
+            what = f"volumes {output}.001…"
+            if output == "-" or is_stream_target(output):
+                raise UsageError(f"volumes are files: cannot write them to {output}",
+                                 "name a file with -o, e.g. -o /media/usb/site.ebundle")
         check_output(output, what)  # before any download, not after
         self._check_signers(site, signers)
         plan = self.plan(site, full=full, deltas=deltas, fetch=True,
@@ -185,15 +194,23 @@ class PackerSession:
         workers = threads if threads > 0 else (os.cpu_count() or 1)
         shipped = sum(lp.layer.size for lp in plan.shipped_layers())
         bar = (self._progress or _no_bar)(shipped, "pack")
+        volumes: Tuple[str, ...] = ()
         try:
-            with open_output(output, what) as out:
-                stats = write_bundle(plan, self.cache, out, level=level, threads=workers,
-                                     created=created, progress=bar.update,
-                                     delta_ops=self.deltas.ops, signers=signers)
+            if volume_size is not None:
+                with write_volumes(output, volume_size, what) as vout:
+                    stats = write_bundle(plan, self.cache, vout, level=level, threads=workers,
+                                         created=created, progress=bar.update,
+                                         delta_ops=self.deltas.ops, signers=signers)
+                volumes = tuple(vout.paths)
+            else:
+                with open_output(output, what) as out:
+                    stats = write_bundle(plan, self.cache, out, level=level, threads=workers,
+                                         created=created, progress=bar.update,
+                                         delta_ops=self.deltas.ops, signers=signers)
         finally:
             close_bar(bar)
         log.info("wrote %s: %d bytes, %d entries", what, stats.bundle_bytes, stats.entries)
-        return PackOutcome(output, plan, stats)
+        return PackOutcome(output, plan, stats, volumes)
 
 
     def _check_signers(self, site: SiteSpec, signers: Sequence[Signer]) -> None:
@@ -240,14 +257,16 @@ def plan_site(home: Path, manifest_path: str, site: str, *, full: bool = False,
 def pack_site(home: Path, manifest_path: str, site: str, output: str, *, full: bool = False,
               level: int = 16, threads: int = 0, created: Optional[str] = None,
               progress: Optional[ProgressFactory] = None, deltas: bool = True,
-              signers: Sequence[Signer] = ()) -> PackOutcome:
+              signers: Sequence[Signer] = (), volume_size: Optional[int] = None) -> PackOutcome:
     """``edgebundle pack``: write the bundle ``site`` needs to ``output``.
 
-    ``progress`` makes a bar per step (fetching, checking, packing), as in ``PackerSession``.
+    ``progress`` makes a bar per step (fetching, checking, packing), as in ``PackerSession``;
+    ``volume_size`` splits it into volumes (``volumeset.write_volumes``).
     """
     with PackerSession(home, load_manifest(manifest_path), progress=progress) as session:
         return session.pack(session.site(site), output, full=full, level=level, threads=threads,
-                            created=created, deltas=deltas, signers=signers)
+                            created=created, deltas=deltas, signers=signers,
+                            volume_size=volume_size)
 
 
 # ---------------------------------------------------------------------------

@@ -319,3 +319,18 @@ def test_inventory_report_example_keys() -> None:
     from edgebundle.report import inventory_from_json
     inv = inventory_from_json(obj)
     assert inv.runtime == "containerd" and inv.namespace == "k8s.io"
+
+
+def test_volume_grammar_matches_constants() -> None:
+    from edgebundle.format.volumes import OVERHEAD, VolumeHead
+    text = section("## Volumes")
+    magic_hex = " ".join(f"{b:02X}" for b in fmt.VOLUME_MAGIC)
+    assert f"VMagic   := {magic_hex}" in text
+    assert repr(fmt.VOLUME_MAGIC)[2:-1] in text.replace('"', "")
+    assert f'"{repr(fmt.VOLUME_END_MAGIC)[2:-1]}"' in text
+    assert f"The magic and header are {fmt.VOLUME_HEAD_SIZE} bytes, the trailer " \
+           f"{fmt.VOLUME_TRAILER_SIZE} bytes" in text
+    assert f"`length + {OVERHEAD}`" in text
+    assert len(VolumeHead(bytes(16), 1, 1, 0, 1, 1).pack()) == fmt.VOLUME_HEAD_SIZE
+    fields = {unquote(r[0]) for r in table(text)}
+    assert fields == {"version", "id", "number", "count", "offset", "length", "total"}
