@@ -43,7 +43,7 @@ MIN_VOLUME_SIZE = 1 << 20
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _SIZE = re.compile(r"(\d+)\s*([kKmMgGtT]?)(?:i?B)?")
-_SUFFIX = re.compile(r"^(.*)\.(\d{3,})$")
+_SUFFIX = re.compile(r"\A(.*)\.([0-9]{3,})\Z", re.DOTALL)  # \Z: no match before a final newline
 
 
 def parse_size(text: str) -> int:

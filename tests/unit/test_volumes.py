@@ -22,7 +22,7 @@ import pytest
 from edgebundle import volumeset
 from edgebundle.cache import BlobCache
 from edgebundle.cli.main import main
-from edgebundle.errors import OutputError, UsageError
+from edgebundle.errors import OutputError, SpaceError, UsageError
 from edgebundle.format import VOLUME_HEAD_SIZE, BundleReader
 from edgebundle.format.volumes import OVERHEAD, VolumeError, parse_head
 from edgebundle.holdings import Inventory
@@ -433,7 +433,7 @@ def test_failed_rename_takes_back_the_set(tmp_path: Path, monkeypatch: pytest.Mo
         done.append(dst)
 
     monkeypatch.setattr(os, "replace", replace)
-    with pytest.raises(OutputError, match="no space left"):
+    with pytest.raises(SpaceError, match="no space left"):
         split(bundles[0], tmp_path / "b.ebundle")
     assert done == [str(tmp_path / "b.ebundle.003")]  # the last volume is renamed first
     assert list(tmp_path.iterdir()) == []
