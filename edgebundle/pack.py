@@ -17,7 +17,7 @@ import functools
 import logging
 import zlib
 from dataclasses import dataclass
-from typing import BinaryIO, Callable, Iterable, Iterator, List, Optional, Sequence, Set
+from typing import BinaryIO, Callable, Iterable, Iterator, List, Optional, Sequence, Set, Tuple
 
 import zstandard
 
@@ -160,9 +160,10 @@ def _planned_entries(plan: Plan, cache: BlobCache, level: int, delta_ops: Option
                                                       progress=progress)))
                 written.add(lp.delta.entry)
             elif lp.ship and lp.delta is None and lp.entry not in written:
-                head = _layer_head(heads, cache, lp.layer, plan.layer_form)
+                head, kind = _layer_head(heads, cache, lp.layer, plan.layer_form)
                 out.append(_Planned(head, functools.partial(
-                    _add_layer, cache=cache, layer=lp.layer, head=head, progress=progress)))
+                    _add_layer, cache=cache, layer=lp.layer, head=head, kind=kind,
+                    progress=progress)))
                 written.add(lp.entry)
     return out
 
@@ -180,26 +181,29 @@ def _add_json(writer: BundleWriter, *, cache: BlobCache, desc: Descriptor) -> No
     writer.add_blob(desc.digest, desc.size, [data], codec=CODEC_ZSTD, media_type=desc.media_type)
 
 
-def _layer_head(heads: EntryHeads, cache: BlobCache, layer: Layer, form: str) -> EntryHead:
-    """How a layer is carried (FORMAT.md, "How writers choose a codec"), from its first bytes."""
+def _layer_head(heads: EntryHeads, cache: BlobCache, layer: Layer,
+                form: str) -> Tuple[EntryHead, str]:
+    """How a layer is carried (FORMAT.md, "How writers choose a codec"), from its first
+    bytes; and the blob's compression."""
     with cache.open(layer.digest) as fh:
         kind = classify(layer.media_type, fh.read(MAGIC_BYTES))
     if form == LAYER_FORM_TAR and kind != NONE:
         if layer.tar_size < 0:
             raise ValueError(f"layer {layer.digest} has no recorded tar size; fetch it first")
-        return heads.blob(layer.diff_id, layer.tar_size, codec=CODEC_ZSTD, media_type=MT_OCI_LAYER)
+        return heads.blob(layer.diff_id, layer.tar_size, codec=CODEC_ZSTD,
+                          media_type=MT_OCI_LAYER), kind
     if kind == NONE:  # already an uncompressed tar: its blob digest is its diff_id
-        return heads.blob(layer.digest, layer.size, codec=CODEC_ZSTD, media_type=layer.media_type)
-    return heads.blob(layer.digest, layer.size, codec=CODEC_STORED, media_type=layer.media_type)
+        return heads.blob(layer.digest, layer.size, codec=CODEC_ZSTD,
+                          media_type=layer.media_type), kind
+    return heads.blob(layer.digest, layer.size, codec=CODEC_STORED,
+                      media_type=layer.media_type), kind
 
 
 def _add_layer(writer: BundleWriter, *, cache: BlobCache, layer: Layer, head: EntryHead,
-               progress: Optional[Progress]) -> None:
+               kind: str, progress: Optional[Progress]) -> None:
     log.debug("pack: layer %s as %s (%d bytes)", layer.digest,
               "a tar" if head.digest != layer.digest else "its blob", layer.size)
     with cache.open(layer.digest) as fh:
-        kind = classify(layer.media_type, fh.read(MAGIC_BYTES))
-        fh.seek(0)
         try:
             if head.digest != layer.digest:  # tar form of a compressed blob
                 pieces: Iterable[bytes] = _decompressed(fh, kind, layer.digest, cache, progress)
