@@ -27,3 +27,13 @@ def _device_paths_of_our_own(tmp_path_factory: pytest.TempPathFactory) -> None:
     root = tmp_path_factory.mktemp("device-paths")
     os.environ["EDGEBUNDLE_TRUST_DIR"] = str(root / "trusted.d")
     os.environ["EDGEBUNDLE_STATE_DIR"] = str(root / "state")
+
+
+@pytest.fixture(autouse=True)
+def _private_state_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test (and every edgebundle it runs) gets its own device state directory.
+
+    ``import`` and ``report`` lock and journal there; the default, /var/lib/edgebundle,
+    is the real device's and no test may touch it.
+    """
+    monkeypatch.setenv("EDGEBUNDLE_STATE_DIR", str(tmp_path_factory.mktemp("state")))

@@ -22,15 +22,16 @@ from .main import emit_json
 
 def _runtime(args: argparse.Namespace) -> Runtime:
     return open_runtime(RuntimeAddress(args.runtime, args.address, args.namespace, args.ctr,
-                                       args.snapshotter, args.host))
-
-
-def _trust(args: argparse.Namespace) -> TrustPolicy:
-    return TrustPolicy.load(args.trust, args.trust_dir)
+                                       args.snapshotter, args.host,
+                                       getattr(args, "stall_timeout", 120.0)), _state(args))
 
 
 def _state(args: argparse.Namespace) -> StateDir:
     return StateDir(state_dir_path(args.state_dir))
+
+
+def _trust(args: argparse.Namespace) -> TrustPolicy:
+    return TrustPolicy.load(args.trust, args.trust_dir)
 
 
 def cmd_import(args: argparse.Namespace) -> int:
@@ -69,7 +70,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    inv = take_report(_runtime(args), _trust(args))
+    inv = take_report(_runtime(args), _trust(args), _state(args))
     if args.output:
         write_report(args.output, inv, args.site)
     if args.json or not args.output:

@@ -147,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "the bundle's content plus unpacked size); for filesystems that compress "
                    "or deduplicate, where the estimate is too high. A full disk is still "
                    "reported (exit 14)")
+    p.add_argument("--stall-timeout", type=float, default=120.0, metavar="SECONDS",
+                   help="give up when the runtime reads nothing of the image stream for this "
+                   "long (a frozen containerd; default: %(default)s)")
     p.add_argument("--json", action="store_true", help="machine-readable summary")
     p.add_argument("--no-progress", action="store_true", help="no progress display")
 
@@ -227,8 +230,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("edgebundle: interrupted\n")
         return 130
-    except BrokenPipeError:
-        # The reader of our stdout went away (`edgebundle plan | head`): not our error.
+    except BrokenPipeError as exc:
+        if stdout_gone():
+            # The reader of our stdout went away (`edgebundle plan | head`): not our error.
+            return 1
+        # Any other pipe (to ctr, the Docker socket) should have been named by its
+        # seam; if one slipped through, say so in one line rather than nothing.
+        sys.stderr.write(f"edgebundle: error: a pipe closed under us: {exc.strerror or exc} "
+                         "(hint: the container runtime may have stopped; check it and rerun)\n")
         return 1
     except Exception as exc:  # noqa: BLE001 - the last line of defence: never a traceback
         if args.debug:
@@ -243,6 +252,23 @@ def main(argv: Optional[List[str]] = None) -> int:
         sys.stderr.write(f"edgebundle: internal error: {type(exc).__name__}: {redact(str(exc))} "
                          "(hint: this is a bug; rerun with --debug and report it with that output)\n")
         return 1
+
+
+def stdout_gone() -> bool:
+    """Whether our stdout is a pipe whose reader has gone (EPIPE on it, not elsewhere)."""
+    import os
+    import select
+    import stat
+
+    try:
+        fd = sys.stdout.fileno()
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode) and not stat.S_ISSOCK(os.fstat(fd).st_mode):
+            return False
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poller.poll(0))
+    except (OSError, ValueError, AttributeError):
+        return True  # closed or replaced stdout: nothing to report to anyway
 
 
 def dispatch(args: argparse.Namespace) -> int:

@@ -63,6 +63,13 @@ class Runtime(Protocol):
 
     def loader(self, inv: Inventory, platform: str) -> Loader: ...
 
+    def recover(self, wait: float) -> object:
+        """Clean up after an interrupted import; the caller holds the device lock.
+
+        ``wait``: seconds to wait for a runtime client an interrupted import left running
+        (0: do nothing if one runs).
+        """
+
     def reads_bases(self) -> bool:
         """Whether this runtime can serve layers' files as delta bases (``base_tree``)."""
 

@@ -14,11 +14,18 @@ Import protocol (never a half-imported image under its real name):
 2. Each temporary image is checked complete (content present, top chain unpacked).
 3. Complete ones are retagged to their real names (``images tag --force``, one
    metadata update); every temporary name is removed, whatever happened.
+
+Surviving interruptions (``ctrsurvival``, ``journal``): ctr's lease is identified and
+written to the device's journal before index.json is sent, and the renames are
+journalled before the first one, so a killed import is cleaned up -- or its
+publication rolled forward -- by the next ``import`` or ``report``. A refused import
+ends ctr gracefully (its lease goes with it) and collects the partial ingests at once.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -34,7 +41,7 @@ from typing import IO, Any, BinaryIO, Dict, FrozenSet, Iterator, List, Mapping, 
 import zstandard
 
 from ..compression import MAGIC_BYTES, classify, decompress_stream
-from ..errors import LoadError, PrerequisiteError, RuntimeUnavailableError, UsageError
+from ..errors import EdgebundleError, LoadError, PrerequisiteError, RuntimeUnavailableError, UsageError
 from ..format import BaseLayer, EntryHead, ImageRecord
 from ..holdings import HeldImage, HeldLayer, Inventory
 from ..naming import CRI_NAMESPACE, cri_digest_name
@@ -42,7 +49,10 @@ from ..oci import (INDEX_TYPES, MT_DOCKER_CONFIG, MT_DOCKER_LIST, MT_DOCKER_MANI
                    MT_OCI_INDEX, MT_OCI_LAYER, MT_OCI_MANIFEST, Descriptor, Platform, chain_ids,
                    check_digest, sha256_digest)
 from ..rebuild import BASE_HINT, BaseTree, DirTree, verified_tar
-from .tarstream import TarStream, ThreadedSink, blob_path, last_line
+from ..state import StateDir
+from . import ctrsurvival
+from .journal import PHASE_PUBLISHING, Journal, JournalFile, Rename, this_process
+from .tarstream import BLOCK, TarStream, ThreadedSink, blob_path, last_line
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +185,12 @@ class Process(Protocol):
 
     def wait(self, timeout: Optional[float] = None) -> int: ...
 
+    def poll(self) -> Optional[int]: ...
+
     def kill(self) -> None: ...
+
+    @property
+    def pid(self) -> int: ...
 
 
 class Runner(Protocol):
@@ -221,7 +236,14 @@ def _env() -> Dict[str, str]:
 
 
 _UNREACHABLE = ("connection refused", "no such file", "failed to dial", "permission denied",
-                "context deadline exceeded")
+                "context deadline exceeded", "code = unavailable", "transport is closing",
+                "error reading from server")
+
+#: Seconds one write into ctr's stdin may make no progress before ctr is given up on.
+#: A healthy containerd reads on while it writes and fsyncs a blob; the longest pause
+#: seen is a commit's fsync of a large layer on slow flash (seconds to tens of seconds).
+#: Two minutes of nothing means containerd is frozen or gone (``--stall-timeout``).
+DEFAULT_STALL = 120.0
 
 
 class Ctr:
@@ -229,8 +251,9 @@ class Ctr:
 
     def __init__(self, address: str, namespace: str = "default", ctr: str = "ctr",
                  snapshotter: str = "overlayfs", timeout: float = 600.0,
-                 runner: Optional[Runner] = None) -> None:
+                 runner: Optional[Runner] = None, stall: float = DEFAULT_STALL) -> None:
         self.address = address
+        self.stall = stall
         self.namespace = namespace
         try:
             self.argv0 = shlex.split(ctr)
@@ -316,17 +339,20 @@ class Ctr:
     def tag(self, source: str, target: str) -> None:
         self.run("images", "tag", "--force", source, target)
 
-    def remove(self, *names: str, sync: bool = False) -> None:
+    def remove(self, *names: str, sync: bool = False) -> bool:
         """Best effort (cleanup of temporary names): failures are logged, never raised.
 
-        ``sync`` waits for the garbage collection the removal triggers.
+        ``sync`` waits for the garbage collection the removal triggers. False if ctr
+        could not be run (then the journal keeps the names for the next run).
         """
         if not names:
-            return
+            return True
         try:
             self.run("images", "rm", *(("--sync",) if sync else ()), *names, check=False)
         except (RuntimeUnavailableError, LoadError) as exc:
             log.warning("could not remove %s: %s", ", ".join(names), exc)
+            return False
+        return True
 
     def start_import(self, platform: str, stderr: IO[bytes]) -> Process:
         """``ctr images import`` reading an OCI layout tar on stdin."""
@@ -355,11 +381,18 @@ def _json(data: bytes) -> Optional[Dict[str, Any]]:
 class ContainerdRuntime:
     kind = "containerd"
 
-    def __init__(self, ctr: Ctr) -> None:
+    def __init__(self, ctr: Ctr, state: Optional[StateDir] = None) -> None:
         self.ctr = ctr
         self.namespace: Optional[str] = ctr.namespace
         self._blobs: Dict[str, bytes] = {}
         self._trees: Dict[str, DirTree] = {}
+        # Without a state dir (unit tests of other things) nothing is journalled.
+        self.journal = JournalFile(state, "containerd", f"{ctr.address}#{ctr.namespace}") \
+            if state is not None else None
+
+    def recover(self, wait: float) -> ctrsurvival.Recovered:
+        """Clean up after an interrupted import (the caller holds the device lock)."""
+        return ctrsurvival.recover(self, self.journal, wait=wait)
 
     def _get(self, digest: str) -> Optional[bytes]:
         """A blob of the content store, or None if it went away since it was listed.
@@ -545,16 +578,52 @@ class ContainerdLoader:
         self._rebuilt: Dict[str, int] = {}  # diff_id -> tar size, for the snapshot route
         self._keep: Set[str] = set()  # JSON blobs to stream again to the second import
         self._json: Dict[str, bytes] = {}
+        self._bracket: Optional[ctrsurvival.LeaseBracket] = None
+        self._leases: List[str] = []  # ctr's import leases, identified (ctrsurvival)
+        self._journal: Optional[Journal] = None
+        self._killed = False  # ctr was killed: its lease outlives it
 
     def _ensure(self) -> TarStream:
         if self._tar is None:
+            ctr = self.runtime.ctr
             self._stderr.seek(0)
             self._stderr.truncate()
-            self._proc = self.runtime.ctr.start_import(self.platform, self._stderr)
-            assert self._proc.stdin is not None
-            self._sink = ThreadedSink(self._proc.stdin)
+            self._bracket = ctrsurvival.LeaseBracket(ctr)
+            self._proc = proc = ctr.start_import(self.platform, self._stderr)
+            assert proc.stdin is not None
+            # oci-layout first (ctr reads it anywhere in the tar): once ctr has read it,
+            # its lease exists and can be told apart (ctrsurvival.LeaseBracket).
+            try:
+                TarStream(proc.stdin).add_bytes("oci-layout", b'{"imageLayoutVersion":"1.0.0"}')
+                proc.stdin.flush()
+            except OSError as exc:
+                raise self._died(exc) from None
+            if ctrsurvival.wait_drained(proc.stdin, proc, bound=min(ctr.stall, 30.0)):
+                self._note_lease(self._bracket.after_first_read())
+            self._record(Journal(runtime="containerd", target=f"{ctr.address}#{ctr.namespace}",
+                                 nonce=self._nonce, process=this_process(proc.pid),
+                                 leases=tuple(self._leases)))
+            self._sink = ThreadedSink(proc.stdin, stall=ctr.stall, on_stall=self._stalled)
             self._tar = TarStream(self._sink)
         return self._tar
+
+    def _note_lease(self, lease: Optional[str]) -> None:
+        if lease is not None and lease not in self._leases:
+            self._leases.append(lease)
+
+    def _record(self, journal: Journal) -> None:
+        """Write the journal (fsynced) before the runtime holds what it describes."""
+        self._journal = journal
+        if self.runtime.journal is not None:
+            self.runtime.journal.write(journal)
+
+    def _stalled(self) -> None:
+        """The watchdog's verdict: ctr stopped reading (containerd frozen). Kill it."""
+        proc = self._proc
+        if proc is not None:
+            log.warning("ctr images import read nothing for %.0fs: killing it", self.runtime.ctr.stall)
+            self._killed = True
+            proc.kill()
 
     def wants(self, head: EntryHead) -> bool:
         """Blobs already in the content store are not sent again; rebuilt tars always are."""
@@ -592,17 +661,34 @@ class ContainerdLoader:
         except OSError as exc:  # ctr stopped reading: it died, or refused the stream
             raise self._died(exc) from None
 
-    def _died(self, exc: OSError) -> LoadError:
-        """ctr closed its stdin early: reap it and say what it printed."""
+    def _died(self, exc: OSError) -> "LoadError | RuntimeUnavailableError":
+        """ctr closed its stdin early: reap it and say what it printed.
+
+        containerd frozen (the stall watchdog killed ctr) or gone (ctr says so) is the
+        runtime being unavailable, not a refusal of the bundle.
+        """
         proc = self._proc
         if proc is not None:
             try:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
+                self._killed = True
                 proc.kill()
                 proc.wait()
+            if proc.returncode is not None and proc.returncode < 0:
+                self._killed = True  # by a signal: its deferred lease deletion never ran
+        said = self._stderr_line()
+        if self._sink is not None and self._sink.stalled:
+            return RuntimeUnavailableError(
+                f"containerd at {self.runtime.ctr.address} stopped reading the image stream "
+                f"(nothing for {self.runtime.ctr.stall:.0f}s); ctr was stopped",
+                "check that containerd is running and healthy, then import again")
+        if any(marker in said.lower() for marker in _UNREACHABLE):
+            return RuntimeUnavailableError(f"containerd at {self.runtime.ctr.address} went away "
+                                           f"during the import: {said}",
+                                           "check that containerd is running, then import again")
         return LoadError(f"ctr images import stopped reading the image stream ({exc.strerror or exc}): "
-                         f"{self._stderr_line() or 'no message'}",
+                         f"{said or 'no message'}",
                          "check containerd's logs and free disk space; nothing was imported")
 
     def _stderr_line(self) -> str:
@@ -615,6 +701,12 @@ class ContainerdLoader:
         Returns the names now complete; raises LoadError (after cleaning up) otherwise.
         """
         rebuilt = [r for r in records if any(l.diff_id in self._rebuilt for l in r.layers)]
+        for rec in records:
+            # Defence in depth (the format refuses it too): such a name would be hidden
+            # from reports and swept as a leftover by the next run.
+            if rec.name.startswith(TEMP_PREFIX):
+                raise LoadError(f"image name {rec.name!r} uses edgebundle's reserved temporary "
+                                f"prefix {TEMP_PREFIX}", "repack with another name")
         for i, rec in enumerate(records):
             self._temp_names.append(f"{TEMP_PREFIX}{self._nonce}/{i}:pending")
         names = dict(zip((r.name for r in records), self._temp_names))
@@ -645,8 +737,24 @@ class ContainerdLoader:
         finally:
             self._proc = None
             self._stderr.close()
-            self.runtime.ctr.remove(*self._temp_names)
-            self.runtime.ctr.remove(*self._throwaways, sync=True)
+            self._cleanup()
+
+    def _cleanup(self) -> None:
+        """Remove our temporary names and, if ctr was killed, its lease; then the journal.
+
+        If containerd cannot be reached the journal stays: the next run cleans up.
+        """
+        ctr = self.runtime.ctr
+        try:
+            if self._killed and self._leases:
+                ctrsurvival.delete_leases(ctr, self._leases, sync=False)
+            clean = ctr.remove(*self._temp_names) and ctr.remove(*self._throwaways, sync=True)
+        except EdgebundleError as exc:
+            log.warning("cleanup after the import failed (%s); the next import or report "
+                        "will finish it", exc.message)
+            return
+        if clean and self.runtime.journal is not None:
+            self.runtime.journal.clear()
 
     def _throwaway(self, tar: TarStream, i: int, rec: ImageRecord) -> Dict[str, Any]:
         """The exact config over the rebuilt tars (and the other layers as they are)."""
@@ -673,15 +781,20 @@ class ContainerdLoader:
                  "manifests": manifests}
         proc = self._proc
         assert proc is not None and proc.stdin is not None and self._sink is not None
-        tar.add_bytes("oci-layout", b'{"imageLayoutVersion":"1.0.0"}')
-        tar.add_bytes("index.json", json.dumps(index).encode())
-        tar.close()
-        self._sink.close()
+        self._sink.close()  # everything but index.json is with ctr: confirm its lease now
+        if self._bracket is not None:
+            self._note_lease(self._bracket.confirm())
+        assert self._journal is not None
+        self._record(dataclasses.replace(self._journal, leases=tuple(self._leases)))
+        tail = TarStream(proc.stdin)
+        tail.add_bytes("index.json", json.dumps(index).encode())
+        tail.close()
         proc.stdin.close()
         self._tar = self._sink = None
         try:
             proc.wait(timeout=self.runtime.ctr.timeout)
         except subprocess.TimeoutExpired:
+            self._killed = True
             proc.kill()
             proc.wait()
             raise LoadError(f"ctr images import did not finish within "
@@ -710,27 +823,66 @@ class ContainerdLoader:
             raise LoadError(f"containerd import left incomplete: {', '.join(broken)}; "
                             "nothing was renamed", "check `ctr images ls`/containerd logs; the "
                             "bundle may lack a layer the device discarded")
-        for temp, rec in done:
-            log.info("image %s is complete: naming it", rec.name)
-            self.runtime.ctr.tag(temp, rec.name)
-            alias = cri_digest_name(rec.name, rec.top.digest) \
-                if self.runtime.namespace == CRI_NAMESPACE else None
-            if alias is not None:
-                self.runtime.ctr.tag(temp, alias)  # as a CRI pull names it: found by digest
+        renames = tuple(Rename(temp, rec.name, rec.top.digest,
+                               cri_digest_name(rec.name, rec.top.digest)
+                               if self.runtime.namespace == CRI_NAMESPACE else None,
+                               rec.platform) for temp, rec in done)
+        # Journalled before the first rename: a kill between two renames is rolled
+        # forward by the next run (ctrsurvival.recover), never left half-published.
+        assert self._journal is not None
+        self._record(dataclasses.replace(self._journal, phase=PHASE_PUBLISHING, renames=renames))
+        for r in renames:
+            log.info("image %s is complete: naming it", r.name)
+            self.runtime.ctr.tag(r.temp, r.name)
+            if r.alias is not None:
+                self.runtime.ctr.tag(r.temp, r.alias)  # as a CRI pull names it: found by digest
         return [rec.name for _, rec in done]
 
     def abort(self) -> None:
-        """Kill ctr before it sees index.json: no image record can have been created."""
-        if self._proc is not None:
-            self._proc.kill()
-            self._proc.wait()
+        """End ctr before it sees index.json -- gracefully, so it deletes its own lease.
+
+        A tar header that cannot parse, then end of input: ctr's tar reader fails
+        whether it was inside a member or between two, ``Import`` returns its error and
+        ctr's deferred ``done()`` deletes the lease. Killing ctr (as before) left that
+        lease holding every blob and partial ingest for 24 hours. Then a synchronous
+        collection removes the ingests the lease held, so a refusal leaves nothing.
+        """
+        proc = self._proc
+        if self._sink is not None and self._sink.stalled:
+            # containerd is frozen: every ctr call would wait for it. The journal names
+            # what to clean; the next import or report does it.
+            self._proc = None
+            self._sink.abort()
+            if not self._stderr.closed:
+                self._stderr.close()
+            return
+        if proc is not None:
             if self._sink is not None:
-                self._sink.abort()
+                self._sink.abort()  # stop feeding; the writer thread is joined
+            try:
+                if proc.stdin is not None:
+                    proc.stdin.write(b"\xff" * BLOCK)  # a header no tar reader accepts
+                    proc.stdin.close()
+            except OSError:
+                pass  # ctr already gone
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self._killed = True
+                proc.kill()
+                proc.wait()
+            if proc.returncode is not None and proc.returncode < 0:
+                self._killed = True
             self._proc = None
         if not self._stderr.closed:
             self._stderr.close()
-        self.runtime.ctr.remove(*self._temp_names)
-        self.runtime.ctr.remove(*self._throwaways, sync=True)
+        self._cleanup()
+        if proc is not None:
+            try:
+                ctrsurvival.collect(self.runtime.ctr)
+            except EdgebundleError as exc:
+                log.warning("could not collect the refused import's content (%s); "
+                            "containerd will", exc.message)
 
 
 # Kept in memory for a second import when layers take the snapshot route.

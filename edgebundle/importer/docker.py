@@ -215,6 +215,15 @@ class DockerRuntime:
     def loader(self, inv: Inventory, platform: str) -> "DockerLoader":
         return DockerLoader(self)
 
+    def recover(self, wait: float) -> None:
+        """Nothing to clean up after an interrupted import.
+
+        dockerd reads the whole archive into a temp dir of its own before it registers
+        anything, and removes that dir when the upload breaks off; once manifest.json
+        has arrived it finishes the load even if we are gone (tags last). Tested with
+        kills at every request and byte range (tests/integration/test_survival.py).
+        """
+
     # -- delta bases: a layer's files in the daemon's graph driver -----------------
 
     def _storage(self) -> Tuple[str, str]:
@@ -352,10 +361,16 @@ class DockerLoader:
         if self._tar is None:
             log.debug("docker API: POST /images/load?quiet=1 (streamed docker-archive)")
             conn = self.runtime.api.connection()
-            conn.putrequest("POST", "/images/load?quiet=1")
-            conn.putheader("Content-Type", "application/x-tar")
-            conn.putheader("Transfer-Encoding", "chunked")
-            conn.endheaders()
+            try:
+                conn.putrequest("POST", "/images/load?quiet=1")
+                conn.putheader("Content-Type", "application/x-tar")
+                conn.putheader("Transfer-Encoding", "chunked")
+                conn.endheaders()
+            except OSError as exc:  # the daemon went away between connect and request
+                conn.close()
+                raise RuntimeUnavailableError(f"docker daemon at {self.runtime.api.host} hung up: "
+                                              f"{exc.strerror or exc}",
+                                              "check that dockerd is running, then import again") from None
             self._conn = conn
             self._body = _ChunkedBody(conn)
             self._sink = ThreadedSink(self._body)
@@ -376,8 +391,9 @@ class DockerLoader:
         try:
             tar.add(blob_path(digest), size, pieces)
         except OSError as exc:  # the daemon hung up mid-archive
-            raise LoadError(f"docker daemon closed the load stream: {exc.strerror or exc}",
-                            "check the docker daemon's logs and free disk space; nothing was "
+            raise LoadError(f"docker daemon at {self.runtime.api.host} closed the load stream: "
+                            f"{exc.strerror or exc}",
+                            "check that dockerd runs, its logs and free disk space; nothing was "
                             "loaded") from None
 
     def commit(self, records: Sequence[ImageRecord]) -> List[str]:

@@ -12,7 +12,8 @@ from __future__ import annotations
 import queue
 import tarfile
 import threading
-from typing import Any, Iterable, Optional
+import time
+from typing import Any, Callable, Iterable, Optional
 
 BLOCK = 512
 
@@ -53,25 +54,51 @@ class ThreadedSink:
     The importer's thread decodes and hashes while this one feeds the runtime: zstd,
     sha256 and pipe/socket writes all release the GIL, so on a 2-core device they
     overlap instead of taking turns. ``depth`` bounds the pieces in flight (memory).
+
+    ``stall``: if one write makes no progress for that many seconds (the runtime stopped
+    reading: containerd frozen, a hung daemon), ``on_stall`` is called from a watchdog
+    thread; it must break the sink (kill ctr, shut the socket) so the write fails and
+    the import ends with an error instead of hanging until the runtime comes back.
     """
 
-    def __init__(self, sink: Any, depth: int = 8) -> None:
+    def __init__(self, sink: Any, depth: int = 8, stall: Optional[float] = None,
+                 on_stall: Optional[Callable[[], None]] = None) -> None:
         self._sink = sink
         self._queue: "queue.Queue[Optional[bytes]]" = queue.Queue(depth)
         self._error: Optional[BaseException] = None
+        self._busy_since: Optional[float] = None  # monotonic time the current write began
+        self._done = threading.Event()
+        self.stalled = False
         self._thread = threading.Thread(target=self._run, name="edgebundle-sink", daemon=True)
         self._thread.start()
+        if stall is not None and on_stall is not None:
+            threading.Thread(target=self._watch, args=(stall, on_stall),
+                             name="edgebundle-stall-watchdog", daemon=True).start()
 
     def _run(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
+        try:
+            while True:
+                item = self._queue.get()
+                if item is None:
+                    return
+                if self._error is None:
+                    self._busy_since = time.monotonic()
+                    try:
+                        self._sink.write(item)
+                    except BaseException as exc:  # re-raised in the importer's thread
+                        self._error = exc
+                    finally:
+                        self._busy_since = None
+        finally:
+            self._done.set()
+
+    def _watch(self, stall: float, on_stall: Callable[[], None]) -> None:
+        while not self._done.wait(min(1.0, stall / 4)):
+            since = self._busy_since
+            if since is not None and time.monotonic() - since > stall:
+                self.stalled = True
+                on_stall()
                 return
-            if self._error is None:
-                try:
-                    self._sink.write(item)
-                except BaseException as exc:  # re-raised in the importer's thread
-                    self._error = exc
 
     def write(self, data: bytes) -> int:
         if self._error is not None:

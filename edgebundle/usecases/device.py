@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO, Iterator, List, Optional, Sequence, Union
 
 from .. import volumeset
-from ..errors import UsageError
+from ..errors import LockedError, UsageError
 from ..files import check_output, open_output
 from ..format import (FEATURE_DELTA, KNOWN_FEATURES, BundleInfo, BundleReader,
                       read_index_from)
@@ -43,13 +43,19 @@ class RuntimeAddress:
     ctr: str  # the ctr command line, e.g. "k3s ctr"
     snapshotter: str
     host: str  # Docker Engine socket, unix://...
+    stall: float = 120.0  # seconds the runtime may read nothing of the stream (--stall-timeout)
 
 
-def open_runtime(where: RuntimeAddress) -> Runtime:
+#: How long an import waits for the ctr of a killed import to finish its unpack.
+RECOVERY_WAIT = 300.0
+
+
+def open_runtime(where: RuntimeAddress, state: Optional[StateDir] = None) -> Runtime:
     if where.kind == "containerd":
         from ..importer.containerd import ContainerdRuntime, Ctr
 
-        return ContainerdRuntime(Ctr(where.address, where.namespace, where.ctr, where.snapshotter))
+        return ContainerdRuntime(Ctr(where.address, where.namespace, where.ctr, where.snapshotter,
+                                     stall=where.stall), state)
     if where.kind == "docker":
         from ..importer.docker import DockerAPI, DockerRuntime
 
@@ -122,19 +128,21 @@ def import_file(path: str, runtime: Runtime, *, progress: Optional[ProgressFacto
 
     ``space_check`` False skips the disk pre-flight (``space``); a full disk met anyway
     is still reported as one. ``more``: the further volumes of a volume set, in order,
-    when ``path`` is volume 1.
+    when ``path`` is volume 1. The device lock is held throughout (a second import is
+    refused with LockedError) and what an interrupted import left is cleaned up first.
     """
     if report is not None:
         check_output(report, f"report {report}")
     trust = trust or TrustPolicy((), "")
     state = state or StateDir(state_dir_path())
     space = ImportSpace(lambda: runtime_storage(runtime), disk=None if space_check else UNCHECKED)
-    with open_bundle(path, more) as fh:
+    with open_bundle(path, more) as fh, state.lock():
+        runtime.recover(wait=RECOVERY_WAIT)
         result = import_bundle(fh, path, runtime, progress=progress,
                                verifier=admission(trust, state, allow_downgrade), space=space)
-    if result.signed_by is not None:
-        assert result.header is not None
-        record_imported(state, result.header, path, result.signed_by)
+        if result.signed_by is not None:
+            assert result.header is not None
+            record_imported(state, result.header, path, result.signed_by)
     if report is not None:
         assert result.inventory is not None
         write_report(report, stamped(result.inventory, runtime, trust), result.site)
@@ -142,8 +150,22 @@ def import_file(path: str, runtime: Runtime, *, progress: Optional[ProgressFacto
     return result
 
 
-def take_report(runtime: Runtime, trust: Optional[TrustPolicy] = None) -> Inventory:
-    """``edgebundle report``: what the runtime holds now, stamped with time and host."""
+def take_report(runtime: Runtime, trust: Optional[TrustPolicy] = None,
+                state: Optional[StateDir] = None) -> Inventory:
+    """``edgebundle report``: what the runtime holds now, stamped with time and host.
+
+    Leftovers of an interrupted import are cleaned first -- unless an import runs right
+    now (the lock is held): then it is its business, and the report is read as is
+    (temporary names are never reported either way).
+    """
+    if state is not None:
+        try:
+            with state.lock(what="an import"):
+                runtime.recover(wait=0)
+        except LockedError:
+            log.info("an import is running: not cleaning up after interrupted ones now")
+        except UsageError as exc:  # e.g. a user who may not write the state dir
+            log.info("no cleanup of interrupted imports: %s", exc.message)
     return stamped(runtime.inventory(), runtime, trust)
 
 

@@ -82,7 +82,14 @@ class _ImportProcess:
         self.stdin: Optional[IO[bytes]] = self._buf  # type: ignore[assignment]
         self.returncode: Optional[int] = None
         self.record = CtrImport(argv)
+        self.pid = 0  # no such process: the journal treats it as gone
         model.imports.append(self.record)
+        # As ctr's client.Import: a lease (random id, 24 h) before reading stdin.
+        self.lease = f"{len(model.imports)}000-fake"
+        model.leases[self.lease] = "containerd.io/gc.expire=2026-12-02T00:00:00Z"
+
+    def poll(self) -> Optional[int]:
+        return self.returncode
 
     def wait(self, timeout: Optional[float] = None) -> int:
         if self.returncode is None:
@@ -90,10 +97,12 @@ class _ImportProcess:
             self._stderr.write(err)
             self._stderr.flush()
             self.returncode = self.record.returncode = code
+            self._model.leases.pop(self.lease, None)  # its deferred done(), error or not
         return self.returncode
 
     def kill(self) -> None:
-        # Killed before exit: containerd never saw the end of the stream.
+        # Killed before exit: containerd never saw the end of the stream, and ctr's
+        # lease outlives it.
         if self.returncode is None:
             self.returncode = self.record.returncode = -9
         self._buf.broken = True
@@ -146,6 +155,8 @@ class FakeContainerd:
         self.root: Optional[str] = None  # data root `plugins ls -d` reports (None: as recorded)
         # the disk fills while a layer is extracted: what ctr then says (containerd 1.6)
         self.unpack_fails_with: Optional[str] = None
+        self.leases: Dict[str, str] = {}  # id -> labels column of `ctr leases ls`
+        self.collections = 0  # synchronous garbage collections asked for
 
     # -- the Runner protocol -----------------------------------------------------
 
@@ -183,7 +194,27 @@ class FakeContainerd:
             self.images[dst] = self.images[src]
             self.history.append(("tag", src, dst))
             return Completed(0, (dst + "\n").encode(), b"")
+        if args == ["leases", "ls"]:
+            rows = ["ID CREATED AT LABELS "]
+            rows += [f"{k} 2026-12-01T00:00:00Z {v} " for k, v in sorted(self.leases.items())]
+            return Completed(0, ("\n".join(rows) + "\n").encode(), b"")
+        if args[:2] == ["leases", "create"]:
+            lease = args[args.index("--id") + 1]
+            self.leases[lease] = ",".join(a for a in args[2:] if "=" in a)
+            return Completed(0, (lease + "\n").encode(), b"")
+        if args[:2] == ["leases", "rm"]:
+            ids = [a for a in args[2:] if a != "--sync"]
+            for lease in ids:
+                if self.leases.pop(lease, None) is None:
+                    return Completed(1, b"", f"ctr: lease {lease!r}: not found\n".encode())
+                self.history.append(("lease-rm", lease))
+            if "--sync" in args:
+                self.collections += 1
+            return Completed(0, b"", b"")
         if args[:2] == ["images", "rm"]:
+            if "--sync" in args:
+                self.collections += 1
+                args = [a for a in args if a != "--sync"]
             err = b""
             for name in args[2:]:
                 if self.images.pop(name, None) is None:

@@ -110,9 +110,10 @@ def test_containerd_full_then_nothing(tmp_path: Path, built: Images) -> None:
     result = do_import(out, site)
     (imp,) = site.ctr.imports
     assert imp.argv[imp.argv.index("--platform") + 1] == "linux/amd64"
-    # The OCI layout: every blob, then oci-layout, then index.json last.
-    assert imp.members[-2:] == ["oci-layout", "index.json"]
-    assert {m for m in imp.members[:-2]} == {"blobs/sha256/" + d[7:] for d in digests}
+    # The OCI layout: oci-layout first (ctr's lease exists once it is read), every
+    # blob, index.json last.
+    assert imp.members[0] == "oci-layout" and imp.members[-1] == "index.json"
+    assert {m for m in imp.members[1:-1]} == {"blobs/sha256/" + d[7:] for d in digests}
     for digest in digests:
         assert site.ctr.content[digest] == built.cache.read_bytes(digest)  # byte for byte
     assert [m["digest"] for m in imp.index["manifests"]] == [a.top.digest, b.top.digest]
@@ -372,7 +373,10 @@ def test_corrupted_entry_aborts(tmp_path: Path, built: Images, runtime: str) -> 
         do_import(out, site)
     assert site.names() == set()
     if runtime == "containerd":
-        assert [i.returncode for i in site.ctr.imports] == [-9]  # killed, never finished
+        # Ended gracefully (not killed): ctr failed on the poisoned tar and its lease
+        # went with it; the partial ingests were collected at once.
+        assert [i.returncode for i in site.ctr.imports] == [1]
+        assert site.ctr.leases == {} and site.ctr.collections >= 1
         assert site.ctr.images == {}
     else:
         site.engine.join()
@@ -407,7 +411,7 @@ def test_truncated_bundle_aborts_after_all_entries(tmp_path: Path, built: Images
     site = Site("containerd", tmp_path)
     with pytest.raises(BundleFormatError, match="truncated"):
         do_import(out, site)
-    assert [i.returncode for i in site.ctr.imports] == [-9]
+    assert [i.returncode for i in site.ctr.imports] == [1] and site.ctr.leases == {}
     assert site.ctr.images == {}
 
 
@@ -574,7 +578,8 @@ def _refused(out: Path, site: Site, fragment: str) -> None:
     assert site.names() == set()
     if site.kind == "containerd":
         assert site.ctr.images == {}
-        assert all(i.returncode == -9 for i in site.ctr.imports)
+        # ended gracefully, never killed: no lease of ctr's outlives the refusal
+        assert all(i.returncode == 1 for i in site.ctr.imports) and site.ctr.leases == {}
 
 
 def test_handmade_valid_bundle_imports(tmp_path: Path, built: Images) -> None:
