@@ -350,7 +350,7 @@ class Ctr:
         try:
             self.run("images", "rm", *(("--sync",) if sync else ()), *names, check=False)
         except (RuntimeUnavailableError, LoadError) as exc:
-            log.warning("could not remove %s: %s", ", ".join(names), exc)
+            log.info("could not remove %s: %s", ", ".join(names), exc)
             return False
         return True
 
@@ -567,7 +567,7 @@ class ContainerdLoader:
     def __init__(self, runtime: ContainerdRuntime, inv: Inventory, platform: str) -> None:
         self.runtime = runtime
         self.platform = platform
-        self._present = inv.blobs
+        self._present = referenced_blobs(inv)
         self._nonce = secrets.token_hex(6)
         self._proc: Optional[Process] = None
         self._tar: Optional[TarStream] = None
@@ -582,6 +582,9 @@ class ContainerdLoader:
         self._leases: List[str] = []  # ctr's import leases, identified (ctrsurvival)
         self._journal: Optional[Journal] = None
         self._killed = False  # ctr was killed: its lease outlives it
+        self._collected = False
+        self._frozen = False  # containerd stopped reading (the stall watchdog fired)
+        self._named = False  # index.json was sent: temporary images may exist
 
     def _ensure(self) -> TarStream:
         if self._tar is None:
@@ -621,8 +624,8 @@ class ContainerdLoader:
         """The watchdog's verdict: ctr stopped reading (containerd frozen). Kill it."""
         proc = self._proc
         if proc is not None:
-            log.warning("ctr images import read nothing for %.0fs: killing it", self.runtime.ctr.stall)
-            self._killed = True
+            log.info("ctr images import read nothing for %.0fs: killing it", self.runtime.ctr.stall)
+            self._killed = self._frozen = True
             proc.kill()
 
     def wants(self, head: EntryHead) -> bool:
@@ -678,7 +681,7 @@ class ContainerdLoader:
             if proc.returncode is not None and proc.returncode < 0:
                 self._killed = True  # by a signal: its deferred lease deletion never ran
         said = self._stderr_line()
-        if self._sink is not None and self._sink.stalled:
+        if self._frozen:
             return RuntimeUnavailableError(
                 f"containerd at {self.runtime.ctr.address} stopped reading the image stream "
                 f"(nothing for {self.runtime.ctr.stall:.0f}s); ctr was stopped",
@@ -710,6 +713,7 @@ class ContainerdLoader:
         for i, rec in enumerate(records):
             self._temp_names.append(f"{TEMP_PREFIX}{self._nonce}/{i}:pending")
         names = dict(zip((r.name for r in records), self._temp_names))
+        ok = False
         try:
             try:
                 tar = self._ensure()
@@ -733,24 +737,38 @@ class ContainerdLoader:
                 raise self._died(exc) from None
             log.info("ctr images import finished; checking %d image(s) before naming them",
                      len(records))
-            return self._publish(records)
+            done = self._publish(records)
+            ok = True
+            return done
         finally:
             self._proc = None
             self._stderr.close()
-            self._cleanup()
+            self._cleanup(collect=not ok)
 
-    def _cleanup(self) -> None:
+    def _cleanup(self, collect: bool) -> None:
         """Remove our temporary names and, if ctr was killed, its lease; then the journal.
 
+        ``collect``: the import failed, so run a garbage collection now -- after the
+        lease is gone -- for the partial ingests and the blobs nothing names. (Left to
+        containerd's own schedule, they linger a while and are listed as present.)
         If containerd cannot be reached the journal stays: the next run cleans up.
         """
         ctr = self.runtime.ctr
+        if self._frozen:
+            # containerd is frozen: every ctr call would wait for it (10 s to dial, each).
+            # The journal names what to clean; the next import or report does it.
+            log.info("containerd is not answering: leaving the cleanup to the next run")
+            return
         try:
             if self._killed and self._leases:
                 ctrsurvival.delete_leases(ctr, self._leases, sync=False)
-            clean = ctr.remove(*self._temp_names) and ctr.remove(*self._throwaways, sync=True)
+            names = self._temp_names if self._named else []
+            clean = ctr.remove(*names) and ctr.remove(*self._throwaways, sync=True)
+            if collect and not self._collected:
+                ctrsurvival.collect(ctr)
+                self._collected = True
         except EdgebundleError as exc:
-            log.warning("cleanup after the import failed (%s); the next import or report "
+            log.info("cleanup after the import failed (%s); the next import or report "
                         "will finish it", exc.message)
             return
         if clean and self.runtime.journal is not None:
@@ -787,6 +805,7 @@ class ContainerdLoader:
         assert self._journal is not None
         self._record(dataclasses.replace(self._journal, leases=tuple(self._leases)))
         tail = TarStream(proc.stdin)
+        self._named = True  # from the first byte of index.json on, ctr may name images
         tail.add_bytes("index.json", json.dumps(index).encode())
         tail.close()
         proc.stdin.close()
@@ -848,13 +867,13 @@ class ContainerdLoader:
         collection removes the ingests the lease held, so a refusal leaves nothing.
         """
         proc = self._proc
-        if self._sink is not None and self._sink.stalled:
-            # containerd is frozen: every ctr call would wait for it. The journal names
-            # what to clean; the next import or report does it.
+        if self._frozen:
             self._proc = None
-            self._sink.abort()
+            if self._sink is not None:
+                self._sink.abort()
             if not self._stderr.closed:
                 self._stderr.close()
+            self._cleanup(collect=False)  # says why it does nothing
             return
         if proc is not None:
             if self._sink is not None:
@@ -876,13 +895,23 @@ class ContainerdLoader:
             self._proc = None
         if not self._stderr.closed:
             self._stderr.close()
-        self._cleanup()
-        if proc is not None:
-            try:
-                ctrsurvival.collect(self.runtime.ctr)
-            except EdgebundleError as exc:
-                log.warning("could not collect the refused import's content (%s); "
-                            "containerd will", exc.message)
+        self._cleanup(collect=self._bracket is not None)  # ctr was started: collect
+
+
+def referenced_blobs(inv: Inventory) -> FrozenSet[str]:
+    """Blobs an image's tree holds: those, and only those, are safe not to send.
+
+    A blob in the content store that no image references -- what an interrupted or
+    refused import committed before its lease went -- is collected by containerd's
+    next garbage collection, which may run while we stream: relying on it failed the
+    rerun with "content digest ...: not found". Such blobs are sent again.
+    """
+    held: Set[str] = set()
+    for img in inv.images:
+        held.update(d for d in (img.target.digest if img.target else None, img.manifest,
+                                img.config) if d)
+        held.update(l.digest for l in img.layers if l.blob and l.digest)
+    return frozenset(held & inv.blobs)
 
 
 # Kept in memory for a second import when layers take the snapshot route.

@@ -144,7 +144,7 @@ class LeaseBracket:
             self.candidates &= set(leases(self.ctr))
         lease = self._one()
         if lease is None and self.candidates:
-            log.warning("cannot tell ctr's import lease from %d other new lease(s); if this "
+            log.info("cannot tell ctr's import lease from %d other new lease(s); if this "
                         "import is interrupted its lease expires in 24 h", len(self.candidates) - 1)
         return lease
 
@@ -201,12 +201,12 @@ def recover(runtime: "ContainerdRuntime", journal_file: Optional[JournalFile], *
         return Recovered()
     if temps:
         log.info("removing %d temporary image(s) of an interrupted import", len(temps))
-    delete_leases(ctr, stale, sync=not temps)
+    delete_leases(ctr, stale, sync=False)
+    # A collection now, after the leases are gone, so the ingests and blobs only they
+    # and the temporary names held go at once (and are not listed as present).
     if temps:
-        # --sync: the collection runs now, after the leases are gone, so the ingests
-        # and blobs only those leases and names held go at once.
         ctr.run("images", "rm", "--sync", *temps, check=False)
-    elif not stale:
+    else:
         collect(ctr)
     left = sorted(n for n, _, _ in ctr.images() if n.startswith(TEMP_PREFIX))
     if left:

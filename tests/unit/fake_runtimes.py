@@ -87,12 +87,15 @@ class _ImportProcess:
         # As ctr's client.Import: a lease (random id, 24 h) before reading stdin.
         self.lease = f"{len(model.imports)}000-fake"
         model.leases[self.lease] = "containerd.io/gc.expire=2026-12-02T00:00:00Z"
+        if model.on_import_start is not None:
+            model.on_import_start(model)  # e.g. another client's lease, created meanwhile
 
     def poll(self) -> Optional[int]:
         return self.returncode
 
     def wait(self, timeout: Optional[float] = None) -> int:
         if self.returncode is None:
+            self._model.stdin_sizes.append(len(self._buf.data()))
             code, err = self._model._import(self._buf.data(), self._argv, self.record)
             self._stderr.write(err)
             self._stderr.flush()
@@ -114,6 +117,7 @@ class _Stdin(io.RawIOBase):
         self._chunks: List[bytes] = []
         self.broken = False
         self.stop_after: Optional[int] = None  # bytes ctr reads before it dies
+        self.on_death: Optional[Callable[[], None]] = None
         self._seen = 0
 
     def writable(self) -> bool:
@@ -125,6 +129,8 @@ class _Stdin(io.RawIOBase):
         data = bytes(data)
         if self.stop_after is not None and self._seen + len(data) > self.stop_after:
             self.broken = True
+            if self.on_death is not None:
+                self.on_death()
             raise BrokenPipeError(32, "Broken pipe")
         self._seen += len(data)
         self._chunks.append(data)
@@ -157,6 +163,9 @@ class FakeContainerd:
         self.unpack_fails_with: Optional[str] = None
         self.leases: Dict[str, str] = {}  # id -> labels column of `ctr leases ls`
         self.collections = 0  # synchronous garbage collections asked for
+        self.stdin_sizes: List[int] = []  # bytes each finished import read
+        self.on_import_start: Optional[Callable[["FakeContainerd"], None]] = None
+        self.import_killed_after: Optional[int] = None  # ctr SIGKILLed after that many bytes
 
     # -- the Runner protocol -----------------------------------------------------
 
@@ -230,6 +239,9 @@ class FakeContainerd:
         assert args[:2] == ["images", "import"] and args[-1] == "-", args
         proc = _ImportProcess(self, list(argv), stderr)
         proc._buf.stop_after = self.import_dies_after
+        if self.import_killed_after is not None:
+            proc._buf.stop_after = self.import_killed_after
+            proc._buf.on_death = proc.kill  # killed: no deferred done(), the lease stays
         return proc
 
     # -- output formats (as recorded) -------------------------------------------------
