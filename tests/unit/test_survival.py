@@ -9,15 +9,20 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, List, Optional, Sequence
 
 import pytest
 
-from edgebundle.errors import LoadError, LockedError
+from edgebundle.cache import BlobCache
+from edgebundle.errors import LoadError, LockedError, RuntimeUnavailableError
 from edgebundle.format import read_index
 from edgebundle.importer import import_bundle
 from edgebundle.importer.containerd import TEMP_PREFIX, Completed, ContainerdRuntime, Ctr
+from edgebundle.importer.docker import DockerAPI, DockerLoader, DockerRuntime
 from edgebundle.importer.journal import (PHASE_PUBLISHING, PHASE_STREAMING, Journal, ProcessId,
                                          Rename, parse_journal, process_start, this_process)
 from edgebundle.state import StateDir
@@ -25,8 +30,6 @@ from fake_runtimes import FakeContainerd
 from test_loaders import _seeded
 from test_pack_import import make_plan, pack
 from tiny_images import APP, BASE, TOOL, Images
-
-from edgebundle.cache import BlobCache
 
 
 @pytest.fixture
@@ -269,3 +272,55 @@ def test_ambiguity_is_resolved_when_only_ours_survives(tmp_path: Path, built: Im
     model.after_import = lambda m: seen.append(rt.journal.read())  # type: ignore[union-attr]
     _import(out, rt)
     assert len(lists) == 3 and seen[0] is not None and seen[0].leases == ("1000-fake",)
+
+
+# --- losing the runtime: a broken pipe is named, not swallowed ------------------------
+
+
+SCRIPT = """
+import sys
+from edgebundle.cli import main as m
+def boom(args):
+    if {stdout_first}:
+        sys.stdout.write("x" * 200000); sys.stdout.flush()
+    raise BrokenPipeError(32, "Broken pipe")
+m.dispatch = boom
+sys.exit(m.main(["report", "--runtime", "docker"]))
+"""
+
+
+def _run_script(stdout_first: bool, close_reader: bool) -> "subprocess.CompletedProcess[bytes]":
+    proc = subprocess.Popen([sys.executable, "-c", SCRIPT.format(stdout_first=stdout_first)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    if close_reader:
+        proc.stdout.close()  # `edgebundle ... | head`: the reader went away
+        err = proc.stderr.read()
+        proc.wait(timeout=60)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, b"", err)
+    out, err = proc.communicate(timeout=60)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def test_broken_pipe_elsewhere_is_one_line_not_silence() -> None:
+    res = _run_script(stdout_first=False, close_reader=False)
+    lines = res.stderr.decode().strip().splitlines()
+    assert res.returncode == 1 and len(lines) == 1, res.stderr
+    assert lines[0].startswith("edgebundle: error: a pipe closed under us")
+
+
+def test_broken_pipe_on_our_stdout_stays_quiet() -> None:
+    res = _run_script(stdout_first=True, close_reader=True)
+    assert res.returncode == 1
+    assert b"edgebundle: error" not in res.stderr
+
+
+def test_docker_daemon_hanging_up_before_the_load_is_named() -> None:
+    def dial() -> socket.socket:
+        ours, theirs = socket.socketpair()
+        theirs.close()  # the daemon went away after accepting
+        return ours
+
+    loader = DockerLoader(DockerRuntime(DockerAPI("unix:///x/docker.sock", dial=dial)))
+    with pytest.raises(RuntimeUnavailableError, match="docker daemon at unix:///x/docker.sock hung up"):
+        loader.add("sha256:" + "a" * 64, 3, iter([b"abc"]))
