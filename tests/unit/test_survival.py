@@ -26,6 +26,7 @@ from edgebundle.importer.docker import DockerAPI, DockerLoader, DockerRuntime
 from edgebundle.importer.journal import (PHASE_PUBLISHING, PHASE_STREAMING, Journal, ProcessId,
                                          Rename, parse_journal, process_start, this_process)
 from edgebundle.state import StateDir
+from edgebundle.usecases.device import import_file, take_report
 from fake_runtimes import FakeContainerd
 from test_loaders import _seeded
 from test_pack_import import make_plan, pack
@@ -324,3 +325,30 @@ def test_docker_daemon_hanging_up_before_the_load_is_named() -> None:
     loader = DockerLoader(DockerRuntime(DockerAPI("unix:///x/docker.sock", dial=dial)))
     with pytest.raises(RuntimeUnavailableError, match="docker daemon at unix:///x/docker.sock hung up"):
         loader.add("sha256:" + "a" * 64, 3, iter([b"abc"]))
+
+
+def test_report_cleans_up_only_when_no_import_holds_the_lock(tmp_path: Path) -> None:
+    model = _seeded(tmp_path)
+    temp = f"{TEMP_PREFIX}n0/0:pending"
+    model.images[temp] = model.images["example.test/app:v1"]
+    rt = runtime(model, tmp_path)
+    state = StateDir(tmp_path / "state")
+    with state.lock():  # an import runs (its ctr already done: only the lock says so)
+        inv = take_report(rt, state)
+        assert temp in model.images  # not touched under a running import
+    assert [i.name for i in inv.images] == ["example.test/app:v1"]  # never reported
+    take_report(rt, state)
+    assert temp not in model.images
+
+
+def test_second_import_is_refused_while_the_lock_is_held(tmp_path: Path, built: Images) -> None:
+    out = _bundle(tmp_path, built, "example.test/shop/app:v1")
+    model = FakeContainerd("k8s.io")
+    rt = runtime(model, tmp_path)
+    state = StateDir(tmp_path / "state")
+    with state.lock():
+        with pytest.raises(LockedError, match=f"already running on this device \\(pid {os.getpid()}"):
+            import_file(str(out), rt, state=state)
+    assert model.imports == []
+    import_file(str(out), rt, state=state)
+    assert "example.test/shop/app:v1" in model.real_names()
