@@ -65,7 +65,8 @@ def _runtime_args(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 def _state_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state-dir", metavar="DIR",
-                   help="device state (import lock, records that must survive a power cut); "
+                   help="device state (import lock, journal of a running import, so the next "
+                   "import or report cleans up after an interrupted one); "
                    "default: $EDGEBUNDLE_STATE_DIR, else /var/lib/edgebundle")
 
 
@@ -148,8 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "or deduplicate, where the estimate is too high. A full disk is still "
                    "reported (exit 14)")
     p.add_argument("--stall-timeout", type=float, default=120.0, metavar="SECONDS",
-                   help="give up when the runtime reads nothing of the image stream for this "
-                   "long (a frozen containerd; default: %(default)s)")
+                   help="containerd: give up when ctr reads nothing of the image stream for "
+                   "this long (a frozen containerd; default: %(default)s; Docker: its API "
+                   "timeout, 600 s, bounds every request)")
     p.add_argument("--json", action="store_true", help="machine-readable summary")
     p.add_argument("--no-progress", action="store_true", help="no progress display")
 

@@ -352,3 +352,28 @@ def test_second_import_is_refused_while_the_lock_is_held(tmp_path: Path, built: 
     assert model.imports == []
     import_file(str(out), rt, state=state)
     assert "example.test/shop/app:v1" in model.real_names()
+
+
+def test_unreferenced_blobs_are_sent_again(tmp_path: Path, built: Images) -> None:
+    """What an interrupted import committed is in the store but named by no image: the
+    next garbage collection may take it mid-import, so it does not count as present."""
+    a = built.image("example.test/shop/app:v1", [BASE, APP])
+    out = tmp_path / "b.ebundle"
+    pack(make_plan([a], "containerd"), built.cache, out)
+    model = FakeContainerd("k8s.io")
+    layer = a.layers[1].digest
+    model.content[layer] = built.cache.read_bytes(layer)
+    _import(out, runtime(model, tmp_path))
+    assert "blobs/sha256/" + layer[7:] in model.imports[0].members
+
+
+def test_recover_collects_even_without_temporary_images(tmp_path: Path) -> None:
+    """Killed mid-stream: no images, but ctr's blobs and ingests; collected now, so the
+    rerun does not see them as present (and the journalled lease is gone)."""
+    model = _seeded(tmp_path)
+    model.leases["333-ours"] = ""
+    rt = runtime(model, tmp_path)
+    assert rt.journal is not None
+    rt.journal.write(journal_of(rt, leases=("333-ours",)))
+    rt.recover(wait=0)
+    assert model.leases == {} and model.collections == 1 and rt.journal.read() is None
