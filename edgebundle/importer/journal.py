@@ -137,8 +137,13 @@ class JournalFile:
 
     def sweep_temp_files(self) -> List[str]:
         """Temp files of atomic writes a kill interrupted (``.NAME.*.tmp``), removed."""
-        removed = []
-        for directory in (self.state.path, self.state.path / "journal"):
+        removed: List[str] = []
+        try:
+            subdirs = [self.state.path / d for d in os.listdir(self.state.path)
+                       if (self.state.path / d).is_dir()]
+        except OSError:
+            return removed
+        for directory in [self.state.path, *subdirs]:  # journal/, signed/, ...
             with contextlib.suppress(OSError):
                 for entry in os.listdir(directory):
                     if entry.startswith(".") and entry.endswith(".tmp"):

@@ -334,10 +334,10 @@ def test_report_cleans_up_only_when_no_import_holds_the_lock(tmp_path: Path) -> 
     rt = runtime(model, tmp_path)
     state = StateDir(tmp_path / "state")
     with state.lock():  # an import runs (its ctr already done: only the lock says so)
-        inv = take_report(rt, state)
+        inv = take_report(rt, state=state)
         assert temp in model.images  # not touched under a running import
     assert [i.name for i in inv.images] == ["example.test/app:v1"]  # never reported
-    take_report(rt, state)
+    take_report(rt, state=state)
     assert temp not in model.images
 
 
