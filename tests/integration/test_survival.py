@@ -390,6 +390,7 @@ def test_containerd_kill_points(world: World) -> None:
         check_after_kill(w, p, done)
         check_converges(w, p, done)
         done += 1
+    assert done >= 18, done  # a few byte points may land after the import ended
     KILLS["containerd"] += done
 
 
@@ -700,6 +701,7 @@ def test_docker_kill_points(world: World, dockerd: Any, tmp_path: Path) -> None:
             docker_converges(dockerd, w, state, done)
     finally:
         proxy.close()
+    assert done >= 20, done
     KILLS["docker"] += done
 
 
