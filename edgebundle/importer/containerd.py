@@ -769,7 +769,7 @@ class ContainerdLoader:
                 self._collected = True
         except EdgebundleError as exc:
             log.info("cleanup after the import failed (%s); the next import or report "
-                        "will finish it", exc.message)
+                     "will finish it", exc.message)
             return
         if clean and self.runtime.journal is not None:
             self.runtime.journal.clear()

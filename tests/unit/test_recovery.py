@@ -1,4 +1,4 @@
-"""Cleanup after interrupted imports, through the ctr seam (FakeContainerd as the Runner).
+"""Cleanup after interrupted imports (recovery), through the ctr seam (FakeContainerd as the Runner).
 
 The recovery (``ctrsurvival.recover``), the journal and the loader's lease bookkeeping
 run unchanged; only containerd is modelled. The real kills are in
