@@ -14,6 +14,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import shlex
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
@@ -31,7 +32,8 @@ MANIFEST_VERSION = 1
 
 TOP_KEYS = ("version", "registries", "images", "sites")
 IMAGE_KEYS = ("ref", "source", "platform", "sites")
-SITE_KEYS = ("runtime", "platform", "namespace", "ssh", "report_command", "deltas")
+SITE_KEYS = ("runtime", "platform", "namespace", "ssh", "report_command", "deltas", "address",
+             "edgebundle")
 REGISTRY_KEYS = ("insecure", "mirrors")
 DEFAULT_NAMESPACE = "default"
 
@@ -306,8 +308,40 @@ def _parse_site(ctx: _Ctx, name: object, body: object, line: int) -> SiteSpec:
         ssh=_site_ssh(ctx, name, entry),
         report_command=_optional_str(ctx, entry, "report_command", f"site {name!r} report_command"),
         deltas=_site_deltas(ctx, name, entry),
+        address=_site_address(ctx, name, runtime, entry),
+        edgebundle=_site_command(ctx, name, entry),
         line=line,
     )
+
+
+def _site_address(ctx: _Ctx, name: str, runtime: str, entry: _Map) -> Optional[str]:
+    """The runtime's socket on the device: a path for containerd, unix://PATH for Docker."""
+    address = _optional_str(ctx, entry, "address", f"site {name!r} address")
+    if address is None:
+        return None
+    line = entry.key_lines["address"]
+    ok = (address.startswith("/") if runtime == "containerd"
+          else address.startswith(("unix:///", "tcp://", "ssh://")))
+    if not ok or any(c.isspace() for c in address) or len(address) > 4096:
+        want = ("an absolute socket path, e.g. /run/k3s/containerd/containerd.sock"
+                if runtime == "containerd" else "a Docker host, e.g. unix:///var/run/docker.sock")
+        raise ctx.error(line, f"site {name!r}: invalid {runtime} address {address!r}", f"write {want}")
+    return address
+
+
+def _site_command(ctx: _Ctx, name: str, entry: _Map) -> str:
+    """How to run edgebundle on the device, as words: e.g. ``/opt/edgebundle/bin/edgebundle``."""
+    command = _optional_str(ctx, entry, "edgebundle", f"site {name!r} edgebundle")
+    if command is None:
+        return "edgebundle"
+    try:
+        shlex.split(command)  # blank is refused above, as for every string
+    except ValueError as exc:
+        raise ctx.error(entry.key_lines["edgebundle"], f"site {name!r}: edgebundle command "
+                        f"{command!r} is not a command line ({exc})",
+                        "write the command as the device's shell would, e.g. "
+                        "`edgebundle: /opt/edgebundle/bin/edgebundle` or `edgebundle: sudo edgebundle`") from None
+    return command
 
 
 def _site_deltas(ctx: _Ctx, name: str, entry: _Map) -> bool:

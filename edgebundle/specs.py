@@ -63,6 +63,10 @@ class SiteSpec:
     ssh: Optional[str] = None  # [user@]host[:port] or a ~/.ssh/config Host alias
     report_command: Optional[str] = None  # run over SSH by `inventory pull`
     deltas: bool = True  # ship changed layers as content deltas where clearly smaller
+    # On the device: the runtime's socket (containerd) or Docker host (unix://...); None:
+    # the runtime's standard one. And the edgebundle command line to run there.
+    address: Optional[str] = None
+    edgebundle: str = "edgebundle"
     line: int = 0
 
 

@@ -149,11 +149,17 @@ def _lookup_config(host: str, ssh_config_path: Optional[str]) -> Dict[str, Any]:
 
 
 def default_report_command(site: SiteSpec) -> str:
-    """``edgebundle report --runtime R [--namespace N] --json`` for ``site``."""
-    argv = ["edgebundle", "report", "--runtime", site.runtime]
+    """``EDGEBUNDLE report --runtime R [--namespace N] [--address A | --host H] --json``.
+
+    ``EDGEBUNDLE`` is the site's ``edgebundle:`` command line, as the device's shell
+    reads it (so ``sudo edgebundle`` or a venv's path work); the rest is quoted.
+    """
+    argv = ["report", "--runtime", site.runtime]
     if site.runtime == "containerd" and site.namespace:
         argv += ["--namespace", site.namespace]
-    return shlex.join(argv + ["--json"])
+    if site.address is not None:
+        argv += ["--address" if site.runtime == "containerd" else "--host", site.address]
+    return f"{site.edgebundle} {shlex.join(argv + ['--json'])}"
 
 
 def fingerprint(key: paramiko.PKey) -> str:
@@ -440,10 +446,28 @@ def _run_command(client: paramiko.SSHClient, site: SiteSpec, command: str, timeo
         chan.close()
     if status != 0:
         last = _last_line(b"".join(stderr))
+        if command == default_report_command(site):
+            _check_device_edgebundle(site, status, last)
         how = f"exited with status {status}" if status > 0 else "ended without an exit status"
         raise TransportError(f"report command on site {site.name} {how}: {last or '(no stderr)'}",
                              f"run it by hand on the device: {command}")
     return out
+
+
+# What argparse says when a flag or command is newer than the device's edgebundle.
+_TOO_OLD = ("unrecognized arguments", "invalid choice")
+
+
+def _check_device_edgebundle(site: SiteSpec, status: int, last: str) -> None:
+    """A missing or too old edgebundle on the device, said as such (not as a failed command)."""
+    if status == 127:  # the shell's "command not found"
+        raise TransportError(f"edgebundle is not installed on site {site.name} "
+                             f"(`{site.edgebundle}`: command not found)",
+                             "install it on the device (pip install edgebundle, Python >= 3.9), "
+                             "or set `edgebundle:` in the site entry to the command that runs it")
+    if status == 2 and any(marker in last for marker in _TOO_OLD):
+        raise TransportError(f"edgebundle on site {site.name} is too old for this packer: {last}",
+                             "upgrade it on the device: pip install -U edgebundle")
 
 
 def _drain_stderr(chan: paramiko.Channel, sink: List[bytes]) -> None:

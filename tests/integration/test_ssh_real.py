@@ -150,3 +150,22 @@ def test_wrong_client_key_fails_auth(sshd: Sshd, report_file: Path, tmp_path: Pa
     with pytest.raises(TransportError, match=f"SSH authentication as {sshd.user} to 127.0.0.1:{sshd.port} failed"):
         pull_report(site_for(sshd, report_file), known_hosts=str(kh), key_filename=str(stranger),
                     ssh_config_path=os.devnull, timeout=10)
+
+
+def test_edgebundle_missing_or_too_old_on_the_device(sshd: Sshd, report_file: Path, tmp_path: Path) -> None:
+    """Through the real sshd and the device's real shell: 127 and argparse's complaint."""
+    kh = tmp_path / "known_hosts"
+    kh.write_text(sshd.known_hosts_line() + "\n")
+    missing = site_for(sshd, report_file, report_command=None,
+                       edgebundle=str(tmp_path / "no-such-dir" / "edgebundle"))
+    with pytest.raises(TransportError, match="edgebundle is not installed on site gw-01"):
+        pull(sshd, missing, kh)
+    old = tmp_path / "old-edgebundle"  # what an older edgebundle says to a flag it lacks
+    old.write_text("#!/bin/sh\necho 'usage: edgebundle [-h] ...' >&2\n"
+                   "echo 'edgebundle: error: unrecognized arguments: --address /run/k3s.sock' >&2\nexit 2\n")
+    old.chmod(0o755)
+    too_old = site_for(sshd, report_file, report_command=None, edgebundle=str(old),
+                       address="/run/k3s.sock")
+    with pytest.raises(TransportError, match="edgebundle on site gw-01 is too old") as info:
+        pull(sshd, too_old, kh)
+    assert "pip install -U edgebundle" in (info.value.hint or "")

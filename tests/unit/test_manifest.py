@@ -131,6 +131,38 @@ def test_report_command_and_block_style(tmp_path: Path) -> None:
     assert ml.images[0].platform == Platform("linux", "arm", "v7")
 
 
+def test_site_address_and_edgebundle_command(tmp_path: Path) -> None:
+    ml = load_manifest(write(tmp_path, """\
+        version: 1
+        images: [alpine:3.19]
+        sites:
+          k3s: {runtime: containerd, namespace: k8s.io, platform: linux/arm64, ssh: root@gw,
+                address: /run/k3s/containerd/containerd.sock, edgebundle: /opt/eb/bin/edgebundle}
+          line: {runtime: docker, platform: linux/amd64, address: "unix:///run/docker.sock"}
+          plain: {runtime: docker, platform: linux/amd64}
+        """))
+    assert ml.sites["k3s"].address == "/run/k3s/containerd/containerd.sock"
+    assert ml.sites["k3s"].edgebundle == "/opt/eb/bin/edgebundle"
+    assert ml.sites["line"].address == "unix:///run/docker.sock"
+    assert (ml.sites["plain"].address, ml.sites["plain"].edgebundle) == (None, "edgebundle")
+
+
+@pytest.mark.parametrize("entry,fragment", [
+    ("{runtime: containerd, platform: linux/amd64, address: run/containerd.sock}", "invalid containerd address"),
+    ("{runtime: docker, platform: linux/amd64, address: /var/run/docker.sock}", "invalid docker address"),
+    ("{runtime: docker, platform: linux/amd64, edgebundle: \"'unclosed\"}", "is not a command line"),
+])
+def test_bad_site_address_or_command(tmp_path: Path, entry: str, fragment: str) -> None:
+    with pytest.raises(ManifestError, match=fragment) as info:
+        load_manifest(write(tmp_path, f"""\
+            version: 1
+            images: [alpine:3.19]
+            sites:
+              gw: {entry}
+            """))
+    assert info.value.hint
+
+
 def test_legacy_docker_hub_registry_key_is_normalised(tmp_path: Path) -> None:
     ml = load_manifest(write(tmp_path, """\
         version: 1

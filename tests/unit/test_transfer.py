@@ -244,6 +244,14 @@ def test_default_report_command() -> None:
     assert default_report_command(cd) == "edgebundle report --runtime containerd --namespace k8s.io --json"
     dk = SiteSpec("b", "docker", Platform.parse("linux/amd64"))
     assert default_report_command(dk) == "edgebundle report --runtime docker --json"
+    # The site's `address:` and `edgebundle:` keys; the command line is the device shell's.
+    k3s = SiteSpec("c", "containerd", Platform.parse("linux/arm64"), namespace="k8s.io",
+                   address="/run/k3s/containerd/containerd.sock", edgebundle="sudo /opt/eb/bin/edgebundle")
+    assert default_report_command(k3s) == ("sudo /opt/eb/bin/edgebundle report --runtime containerd "
+                                           "--namespace k8s.io --address "
+                                           "/run/k3s/containerd/containerd.sock --json")
+    remote = SiteSpec("d", "docker", Platform.parse("linux/amd64"), address="unix:///run/user docker.sock")
+    assert default_report_command(remote).endswith("--host 'unix:///run/user docker.sock' --json")
 
 
 def test_fingerprint_matches_openssh_format(keys: Tuple[paramiko.PKey, paramiko.PKey, Path]) -> None:
@@ -266,6 +274,30 @@ def test_site_without_ssh() -> None:
 def test_pull_report_runs_default_command(device: FakeDevice, known_hosts: Path, keys: tuple) -> None:
     assert pull(device, known_hosts, keys[2]) == REPORT
     assert device.commands == ["edgebundle report --runtime containerd --namespace k8s.io --json"]
+
+
+def test_edgebundle_missing_on_the_device_is_said_so(device: FakeDevice, known_hosts: Path,
+                                                     keys: tuple) -> None:
+    device.responder = lambda cmd: (b"", b"sh: 1: edgebundle: not found\n", 127)
+    with pytest.raises(TransportError, match="edgebundle is not installed on site gw-01") as info:
+        pull(device, known_hosts, keys[2])
+    assert "pip install edgebundle" in (info.value.hint or "") and "`edgebundle:`" in (info.value.hint or "")
+
+
+def test_edgebundle_too_old_on_the_device_is_said_so(device: FakeDevice, known_hosts: Path,
+                                                     keys: tuple) -> None:
+    device.responder = lambda cmd: (b"", b"usage: edgebundle ...\nedgebundle: error: unrecognized "
+                                    b"arguments: --address /run/x.sock\n", 2)
+    with pytest.raises(TransportError, match="edgebundle on site gw-01 is too old") as info:
+        pull(device, known_hosts, keys[2], site=device.site(address="/run/x.sock"))
+    assert "pip install -U edgebundle" in (info.value.hint or "")
+
+
+def test_a_custom_report_command_failing_is_not_blamed_on_edgebundle(device: FakeDevice, known_hosts: Path,
+                                                                     keys: tuple) -> None:
+    device.responder = lambda cmd: (b"", b"sh: 1: cat: not found\n", 127)
+    with pytest.raises(TransportError, match="report command on site gw-01 exited with status 127"):
+        pull(device, known_hosts, keys[2], site=device.site(report_command="cat /r.json"))
 
 
 def test_pull_report_custom_command(device: FakeDevice, known_hosts: Path, keys: tuple) -> None:
