@@ -17,19 +17,20 @@ import functools
 import logging
 import zlib
 from dataclasses import dataclass
-from typing import BinaryIO, Callable, Iterable, Iterator, List, Optional, Sequence, Set, Tuple
+from typing import BinaryIO, Callable, Iterable, Iterator, List, Optional, Sequence, Set, Tuple, Union
 
 import zstandard
 
 from . import __version__
 from .cache import BlobCache
 from .compression import MAGIC_BYTES, NONE, classify, decompress_stream
+from .encoded import EncodedCache
 from .errors import CacheError
 from .files import read_pieces
 from .format import (CODEC_STORED, CODEC_ZSTD, FEATURE_SIGNATURE, LAYER_FORM_TAR, BundleWriter,
                      Commitments, EntryHead, Header, ImageRecord, ImageSummary, LayerRecord, Signer)
 from .format.signature import entry_commitment, images_commitment
-from .format.writer import EntryHeads, EntryMismatch, Sink
+from .format.writer import EncodedRefused, EntryHeads, EntryMismatch, Sink, Tee
 from .image import Layer, ResolvedImage
 from .oci import MT_OCI_LAYER, Descriptor
 from .plan import LayerPlan, Plan
@@ -108,8 +109,13 @@ DeltaOps = Callable[[str], Iterator[bytes]]
 
 def write_bundle(plan: Plan, cache: BlobCache, out: Sink, *, level: int = 16, threads: int = 1,
                  created: Optional[str] = None, progress: Optional[Progress] = None,
-                 delta_ops: Optional[DeltaOps] = None, signers: Sequence[Signer] = ()) -> PackStats:
+                 delta_ops: Optional[DeltaOps] = None, signers: Sequence[Signer] = (),
+                 encoded: Union[EncodedCache, bool] = True) -> PackStats:
     """Write the bundle for ``plan`` to ``out``; ``signers`` sign its header.
+
+    ``encoded``: the cache of encoded layers and deltas (True: ``cache/encoded`` beside
+    the blobs; False: none). A layer encoded before at the same level is written from it,
+    checked, not compressed again; the bundle's bytes are the same either way.
 
     Every blob the plan ships must be in ``cache`` (``resolve.fetch_layers``); a missing
     or damaged one raises ``CacheError`` (a damaged one is removed, so a rerun refetches).
@@ -122,8 +128,9 @@ def write_bundle(plan: Plan, cache: BlobCache, out: Sink, *, level: int = 16, th
                               images_commitment(records))
     writer = BundleWriter(out, bundle_header(plan, created, commitments, bool(signers)),
                           level=level, threads=threads, signers=signers)
+    store = EncodedCache(cache.root / "encoded") if encoded is True else encoded or None
     for entry in planned:
-        entry.write(writer)
+        _write_entry(writer, entry, store, progress)
     total = writer.finish(records)
     return PackStats(total, len(writer.entries), len(plan.to_ship), plan.ship_bytes,
                      plan.full_bytes)
@@ -134,7 +141,37 @@ class _Planned:
     """One entry to write: its record (known before any byte) and how to write it."""
 
     head: EntryHead
-    write: Callable[[BundleWriter], object]
+    write: Callable[[BundleWriter, Optional[Tee]], object]  # the tee sees its stored chunks
+    units: int = 0  # progress units writing it reports (the layer's registry bytes)
+    cacheable: bool = False  # worth keeping encoded (layers and deltas, not small JSON)
+
+
+def _write_entry(writer: BundleWriter, entry: _Planned, store: Optional[EncodedCache],
+                 progress: Optional[Progress]) -> None:
+    """Write one entry: from the encoded cache when it holds it intact, else encoded
+    (and, when worth it, kept there for the next pack)."""
+    head = entry.head
+    if store is None or not entry.cacheable or not store.wanted(head):
+        entry.write(writer, None)
+        return
+    chunks = store.lookup(head, writer.encoding)
+    if chunks is not None:
+        try:
+            writer.add_encoded(head, chunks)
+        except EncodedRefused as exc:  # nothing written yet: encode it afresh below
+            store.discard(head, writer.encoding, str(exc))
+        except EntryMismatch:
+            store.discard(head, writer.encoding, "it changed while being written")
+            raise CacheError(f"encoded entry {head.digest} in the packer cache changed while "
+                             "it was being packed", "run the command again; if this recurs, "
+                             "check that nothing else writes the packer cache") from None
+        else:
+            log.debug("pack: entry %s from the encoded cache", head.digest)
+            if progress is not None and entry.units:
+                progress(entry.units)
+            return
+    with store.recording(head, writer.encoding) as tee:
+        entry.write(writer, tee)
 
 
 def _planned_entries(plan: Plan, cache: BlobCache, level: int, delta_ops: Optional[DeltaOps],
@@ -157,28 +194,32 @@ def _planned_entries(plan: Plan, cache: BlobCache, level: int, delta_ops: Option
                     raise ValueError("the plan has deltas but no delta_ops was given")
                 out.append(_Planned(heads.delta(lp.delta.head, lp.delta.entry, lp.delta.size),
                                     functools.partial(_add_delta, lp=lp, delta_ops=delta_ops,
-                                                      progress=progress)))
+                                                      progress=progress),
+                                    units=lp.layer.size, cacheable=True))
                 written.add(lp.delta.entry)
             elif lp.ship and lp.delta is None and lp.entry not in written:
                 head, kind = _layer_head(heads, cache, lp.layer, plan.layer_form)
                 out.append(_Planned(head, functools.partial(
                     _add_layer, cache=cache, layer=lp.layer, head=head, kind=kind,
-                    progress=progress)))
+                    progress=progress), units=lp.layer.size, cacheable=True))
                 written.add(lp.entry)
     return out
 
 
-def _add_delta(writer: BundleWriter, lp: LayerPlan, delta_ops: DeltaOps,
+def _add_delta(writer: BundleWriter, tee: Optional[Tee], lp: LayerPlan, delta_ops: DeltaOps,
                progress: Optional[Progress]) -> None:
     assert lp.delta is not None
     log.debug("pack: layer %s as a delta (%d bytes of ops)", lp.layer.digest, lp.delta.size)
     writer.add_delta(lp.delta.head, lp.delta.entry, lp.delta.size,
-                     _counting(delta_ops(lp.delta.entry), lp.layer.size, lp.delta.size, progress))
+                     _counting(delta_ops(lp.delta.entry), lp.layer.size, lp.delta.size, progress),
+                     tee)
 
 
-def _add_json(writer: BundleWriter, *, cache: BlobCache, desc: Descriptor) -> None:
+def _add_json(writer: BundleWriter, tee: Optional[Tee], *, cache: BlobCache,
+              desc: Descriptor) -> None:
     data = cache.read_bytes(desc.digest)
-    writer.add_blob(desc.digest, desc.size, [data], codec=CODEC_ZSTD, media_type=desc.media_type)
+    writer.add_blob(desc.digest, desc.size, [data], codec=CODEC_ZSTD, media_type=desc.media_type,
+                    tee=tee)
 
 
 def _layer_head(heads: EntryHeads, cache: BlobCache, layer: Layer,
@@ -199,7 +240,7 @@ def _layer_head(heads: EntryHeads, cache: BlobCache, layer: Layer,
                       media_type=layer.media_type), kind
 
 
-def _add_layer(writer: BundleWriter, *, cache: BlobCache, layer: Layer, head: EntryHead,
+def _add_layer(writer: BundleWriter, tee: Optional[Tee], *, cache: BlobCache, layer: Layer, head: EntryHead,
                kind: str, progress: Optional[Progress]) -> None:
     log.debug("pack: layer %s as %s (%d bytes)", layer.digest,
               "a tar" if head.digest != layer.digest else "its blob", layer.size)
@@ -210,7 +251,7 @@ def _add_layer(writer: BundleWriter, *, cache: BlobCache, layer: Layer, head: En
             else:
                 pieces = read_pieces(fh, progress)
             writer.add_blob(head.digest, head.size, pieces, codec=head.codec,
-                            media_type=head.media_type)
+                            media_type=head.media_type, tee=tee)
         except EntryMismatch:
             # The writer hashes what it packs: a cache blob that is not its digest is caught.
             raise cache.damaged(layer.digest) from None

@@ -157,37 +157,42 @@ class Entry:
         self._reader._seen.append(IndexEntry.of(self.head, self.stored_size, self.offset))
 
     def _zstd(self, raw: Iterator[bytes]) -> Iterator[bytes]:
-        dctx = zstandard.ZstdDecompressor(max_window_size=1 << MAX_WINDOW_LOG)
-        walker = FrameWalker(f"bundle entry {self.digest}")
-
-        def framed() -> Iterator[bytes]:
-            for chunk in raw:
-                walker.feed(chunk)  # refuses anything but exactly one frame, early
-                yield chunk
-            walker.finish()
-
-        # A stream reader hands back bounded pieces, so a small chunk that inflates
-        # hugely cannot blow up memory.
-        # read_size >= any chunk: the source hands over whole chunks, never slices.
-        source: Any = _ChunkStream(framed())  # zstandard calls only read(); its stub wants IO
-        reader = dctx.stream_reader(source, read_size=MAX_CHUNK_SIZE, read_across_frames=False)
-        try:
-            while True:
-                piece = reader.read(256 * 1024)
-                if not piece:
-                    break
-                yield piece
-        except zstandard.ZstdError as exc:
-            raise BundleFormatError(f"bundle entry {self.digest} does not decompress: {exc}",
-                                    _HINT) from None
-        # The decompressor stops at the frame's end; make the walker see every byte.
-        for chunk in framed():
-            pass
+        return zstd_decoded(raw, f"bundle entry {self.digest}")
 
     def skip(self) -> None:
         """Consume (and still verify) the entry without using its bytes."""
         for _ in self.chunks():
             pass
+
+
+def zstd_decoded(raw: Iterator[bytes], what: str) -> Iterator[bytes]:
+    """The decoded bytes of an entry's stored chunks ``raw``: exactly one zstd frame within
+    the window bound, or ``BundleFormatError``. The writer checks cached entries with it too."""
+    dctx = zstandard.ZstdDecompressor(max_window_size=1 << MAX_WINDOW_LOG)
+    walker = FrameWalker(what)
+
+    def framed() -> Iterator[bytes]:
+        for chunk in raw:
+            walker.feed(chunk)  # refuses anything but exactly one frame, early
+            yield chunk
+        walker.finish()
+
+    # A stream reader hands back bounded pieces, so a small chunk that inflates
+    # hugely cannot blow up memory.
+    # read_size >= any chunk: the source hands over whole chunks, never slices.
+    source: Any = _ChunkStream(framed())  # zstandard calls only read(); its stub wants IO
+    reader = dctx.stream_reader(source, read_size=MAX_CHUNK_SIZE, read_across_frames=False)
+    try:
+        while True:
+            piece = reader.read(256 * 1024)
+            if not piece:
+                break
+            yield piece
+    except zstandard.ZstdError as exc:
+        raise BundleFormatError(f"{what} does not decompress: {exc}", _HINT) from None
+    # The decompressor stops at the frame's end; make the walker see every byte.
+    for chunk in framed():
+        pass
 
 
 class _ChunkStream:

@@ -8,7 +8,8 @@ announced with; the writer never emits an entry it has not verified.
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Iterable, List, Optional, Protocol, Sequence, Set
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator, List, Optional, Protocol, Sequence, Set
 
 import xxhash
 import zstandard
@@ -20,6 +21,7 @@ from . import (CODEC_STORED, CODEC_ZSTD, CODECS, DEFAULT_CHUNK_SIZE, DEFAULT_WIN
                MAX_CHUNK_SIZE, SIGNATURE_ALGORITHM, TAG_ENTRY, TAG_FOOTER, TAG_HEADER, TAG_INDEX,
                TAG_SIGNATURE)
 from .framing import CHUNK_HEAD, RECORD_HEAD, U32, U64, pack_record, unpack_body
+from .reader import zstd_decoded
 from .records import (DeltaHead, EntryHead, Header, ImageRecord, Index, IndexEntry, check_entry,
                       check_index, parse_header, parse_index)
 from .signature import (Signature, Signer, check_entry_commitment, check_index_commitment,
@@ -28,6 +30,22 @@ from .signature import (Signature, Signer, check_entry_commitment, check_index_c
 
 class Sink(Protocol):
     def write(self, data: bytes) -> Any: ...
+
+
+#: Called with each stored chunk of an entry as it is written (``add_blob(tee=...)``).
+Tee = Callable[[bytes], None]
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """Everything besides an entry's content that decides its stored bytes: a cache of
+    encoded entries keys on this (with digest and codec), so reused bytes are the bytes this
+    writer would have made. zstd's version is in it: another libzstd may encode differently."""
+
+    level: int
+    chunk_size: int
+    window_log: int
+    zstd: str = ".".join(map(str, zstandard.ZSTD_VERSION)) + "/" + zstandard.__version__
 
 
 class _Out:
@@ -74,6 +92,7 @@ class BundleWriter:
             write_content_size=1)
         self._cctx = zstandard.ZstdCompressor(compression_params=params)
         self.level = level
+        self.encoding = Encoding(level, chunk_size, window_log)
         self._heads = EntryHeads(level)
         self.header = header
         signed = FEATURE_SIGNATURE in header.required_features
@@ -98,21 +117,46 @@ class BundleWriter:
         return list(self._entries)
 
     def add_blob(self, digest: str, size: int, data: Iterable[bytes], *, codec: int,
-                 media_type: Optional[str] = None) -> IndexEntry:
+                 media_type: Optional[str] = None, tee: Optional[Tee] = None) -> IndexEntry:
         """Append one content-addressed blob.
 
         ``data`` yields the decoded bytes; they must hash to ``digest`` and total
         ``size`` or ``ValueError`` is raised (the bundle is then unusable: write to a
-        temporary file and discard it on error).
+        temporary file and discard it on error). ``tee`` sees each stored chunk as it is
+        written (to cache the encoded entry: ``add_encoded`` writes it again later); it has
+        seen a good entry only if this returns.
         """
-        return self._add(self._heads.blob(digest, size, codec=codec, media_type=media_type), data)
+        return self._add(self._heads.blob(digest, size, codec=codec, media_type=media_type), data,
+                         tee)
+
+    def add_encoded(self, head: EntryHead, chunks: Callable[[], Iterable[bytes]]) -> IndexEntry:
+        """Append an entry from its stored bytes (as a ``tee`` saw them), not encoding again.
+
+        ``chunks()`` is called twice and must yield the same chunks each time: first they
+        are decoded and checked against ``head`` (one zstd frame, or stored bytes, of
+        exactly ``head.size`` bytes hashing to ``head.digest``; each chunk 1..MAX_CHUNK_SIZE)
+        with nothing written, so ``EncodedRefused`` leaves the writer as it was and the caller
+        may encode the entry afresh; then they are written, and if they differ from what was
+        checked (sha256 of the stored bytes) ``EntryMismatch`` is raised and the bundle is
+        unusable. ``head`` must be what ``add_blob``/``add_delta`` would have written.
+        """
+        self._admit(head)
+        if head.level != (self.level if head.codec == CODEC_ZSTD else None):
+            raise ValueError(f"entry {head.digest} is at level {head.level}, the writer at {self.level}")
+        try:
+            check_entry(head, self.header, f"entry {head.digest}")
+        except BundleFormatError as exc:
+            raise ValueError(f"refusing an entry the header does not allow: {exc.message}") from None
+        stored = _check_encoded(head, chunks())
+        return self._emit(head, _same_as(chunks(), stored, head), None)
 
     @staticmethod
     def heads(level: int) -> "EntryHeads":
         """The records this writer's ``add_*`` write (to compute commitments up front)."""
         return EntryHeads(level)
 
-    def add_delta(self, delta: DeltaHead, digest: str, size: int, data: Iterable[bytes]) -> IndexEntry:
+    def add_delta(self, delta: DeltaHead, digest: str, size: int, data: Iterable[bytes],
+                  tee: Optional[Tee] = None) -> IndexEntry:
         """Append a delta entry: ``data`` is its op stream (``digest``, ``size``), zstd-coded."""
         check_digest(delta.target)
         head = self._heads.delta(delta, digest, size)
@@ -120,10 +164,11 @@ class BundleWriter:
             check_entry(head, self.header, f"delta entry {digest}")
         except BundleFormatError as exc:
             raise ValueError(f"refusing a delta the header does not allow: {exc.message}") from None
-        return self._add(head, data)
+        return self._add(head, data, tee)
 
-    def _add(self, head: EntryHead, data: Iterable[bytes]) -> IndexEntry:
-        digest, size, codec = head.digest, head.size, head.codec
+    def _admit(self, head: EntryHead) -> None:
+        """The checks on an entry's record before any of it is written."""
+        digest, codec = head.digest, head.codec
         check_digest(digest)
         if codec not in CODECS:
             raise ValueError(f"unknown codec {codec}")
@@ -133,11 +178,12 @@ class BundleWriter:
             check_entry_commitment(head, self.header, len(self._entries), f"entry {digest}", False)
         except BundleFormatError as exc:
             raise ValueError(f"refusing an entry the header does not commit to: {exc.message}") from None
-        offset = self._out.offset
-        self._out.write(pack_record(TAG_ENTRY, head.to_wire()))
+
+    def _add(self, head: EntryHead, data: Iterable[bytes], tee: Optional[Tee] = None) -> IndexEntry:
+        digest, size, codec = head.digest, head.size, head.codec
+        self._admit(head)
         hasher = hashlib.sha256()
         seen = 0
-        stored = 0
 
         def counted() -> Iterable[bytes]:
             # Checked as the bytes pass, so a wrong blob is named before zstd (which was
@@ -157,14 +203,23 @@ class BundleWriter:
             chunks = _rechunk(counted(), self._chunk_size)
         else:
             chunks = _zstd_chunks(self._cctx, counted(), self._chunk_size, size)
+        return self._emit(head, chunks, tee)
+
+    def _emit(self, head: EntryHead, chunks: Iterable[bytes], tee: Optional[Tee]) -> IndexEntry:
+        """Write the record, then the chunks (whose source checks them as they pass)."""
+        offset = self._out.offset
+        self._out.write(pack_record(TAG_ENTRY, head.to_wire()))
+        stored = 0
         for chunk in chunks:
             self._out.write(CHUNK_HEAD.pack(len(chunk), xxhash.xxh3_64_intdigest(chunk)))
             self._out.write(chunk)
+            if tee is not None:
+                tee(chunk)
             stored += len(chunk)
         self._out.write(U32.pack(0))
         info = IndexEntry.of(head, stored, offset)
         self._entries.append(info)
-        self._digests.add(digest)
+        self._digests.add(head.digest)
         return info
 
     def finish(self, images: Sequence[ImageRecord]) -> int:
@@ -219,6 +274,55 @@ class EntryMismatch(ValueError):
     def __init__(self, digest: str, size: int, actual: str, seen: int) -> None:
         super().__init__(f"entry {digest} ({size} bytes) got content {actual} ({seen} bytes)")
         self.digest = digest
+
+
+class EncodedRefused(ValueError):
+    """Stored bytes handed to ``add_encoded`` are not the entry; nothing was written."""
+
+
+def _check_encoded(head: EntryHead, chunks: Iterable[bytes]) -> str:
+    """Decode ``chunks`` as a reader will and hold them to ``head``; the sha256 of the
+    stored bytes, so the second pass can be held to what was checked."""
+    what = f"cached entry {head.digest}"
+    stored = hashlib.sha256()
+
+    def raw() -> Iterator[bytes]:
+        for chunk in chunks:
+            if not 0 < len(chunk) <= MAX_CHUNK_SIZE:  # 0 would end the entry early
+                raise EncodedRefused(f"{what} has a chunk of {len(chunk)} bytes, not "
+                                     f"1..{MAX_CHUNK_SIZE}")
+            stored.update(chunk)
+            yield chunk
+
+    hasher = hashlib.sha256()
+    seen = 0
+    try:
+        decoded = raw() if head.codec == CODEC_STORED else zstd_decoded(raw(), what)
+        for piece in decoded:
+            seen += len(piece)
+            if seen > head.size:
+                raise EncodedRefused(f"{what} decodes to more than its {head.size} bytes")
+            hasher.update(piece)
+    except BundleFormatError as exc:
+        raise EncodedRefused(exc.message) from None
+    except OSError as exc:  # e.g. removed meanwhile: nothing was written, encode afresh
+        raise EncodedRefused(f"{what} cannot be read: {exc.strerror or exc}") from None
+    actual = "sha256:" + hasher.hexdigest()
+    if actual != head.digest or seen != head.size:
+        raise EncodedRefused(f"{what} ({head.size} bytes) decodes to {actual} ({seen} bytes)")
+    return stored.hexdigest()
+
+
+def _same_as(chunks: Iterable[bytes], stored: str, head: EntryHead) -> Iterator[bytes]:
+    """``chunks`` as written, held to the sha256 of the stored bytes checked before."""
+    hasher = hashlib.sha256()
+    for chunk in chunks:
+        if not 0 < len(chunk) <= MAX_CHUNK_SIZE:
+            raise EntryMismatch(head.digest, head.size, "(a chunk out of bounds)", 0)
+        hasher.update(chunk)
+        yield chunk
+    if hasher.hexdigest() != stored:  # raised before the entry's end marker is written
+        raise EntryMismatch(head.digest, head.size, "(stored bytes changed after the check)", 0)
 
 
 def _rechunk(pieces: Iterable[bytes], size: int) -> Iterable[bytes]:
