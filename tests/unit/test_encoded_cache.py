@@ -13,6 +13,7 @@ import zstandard
 
 from edgebundle.cache import BlobCache
 from edgebundle.encoded import EncodedCache
+from edgebundle.errors import CacheError
 from edgebundle.format import CODEC_STORED, CODEC_ZSTD, MAX_CHUNK_SIZE, BundleWriter
 from edgebundle.format import writer as writer_mod
 from edgebundle.format.writer import EncodedRefused, EntryMismatch, Encoding
@@ -273,3 +274,34 @@ def test_add_encoded_holds_the_second_pass_to_the_first() -> None:
     with pytest.raises(EntryMismatch, match="changed after the check"):
         writer.add_encoded(cap.head, changing)
     assert writer.entries == []  # the entry never completed
+
+
+def test_a_failed_entry_leaves_nothing_cached(built: Images) -> None:
+    imgs = images(built)
+    big = max((l for l in imgs[0].layers), key=lambda l: l.tar_size)
+    path = built.cache.path(big.digest)
+    data = bytearray(path.read_bytes())
+    data[-5000] ^= 0xFF  # inside the gzip stream: the tar it yields is not the diff_id
+    path.write_bytes(bytes(data))
+    with pytest.raises(CacheError):
+        pack_bytes(make_plan(imgs, "docker"), built.cache)
+    assert not any(big.diff_id[7:] in p.name for p in cached_files(built.cache))
+    assert not list((built.cache.root / "encoded").glob(".*.tmp"))
+
+
+def test_deltas_are_cached_by_their_op_stream(built: Images, encodes: List[int]) -> None:
+    from test_delta_plan import LIB_V1, LIB_V2, held
+    from edgebundle.bases import DeltaPlanner
+    v1 = built.image("example.test/app:v1", [BASE, LIB_V1])
+    v2 = built.image("example.test/app:v2", [BASE, LIB_V2])
+    plain = make_plan([v2], "containerd", held(v1))
+    with DeltaPlanner(built.cache) as planner:
+        plan = planner.apply(plain, held(v1))
+        (delta,) = [lp.delta for lp in plan.images[0].layers if lp.delta is not None]
+        uncached = pack_bytes(plan, built.cache, delta_ops=planner.ops, encoded=False)
+        assert delta.size in encodes
+        pack_bytes(plan, built.cache, delta_ops=planner.ops)
+        encodes.clear()
+        again = pack_bytes(plan, built.cache, delta_ops=planner.ops)
+    assert delta.size not in encodes and again == uncached
+    assert [p for p in cached_files(built.cache) if p.name.startswith(delta.entry[7:])]
