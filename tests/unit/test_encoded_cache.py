@@ -305,3 +305,18 @@ def test_deltas_are_cached_by_their_op_stream(built: Images, encodes: List[int])
         again = pack_bytes(plan, built.cache, delta_ops=planner.ops)
     assert delta.size not in encodes and again == uncached
     assert [p for p in cached_files(built.cache) if p.name.startswith(delta.entry[7:])]
+
+
+def test_a_damaged_entry_is_removed_even_when_its_replacement_cannot_be_kept(
+        built: Images, monkeypatch: pytest.MonkeyPatch) -> None:
+    plan = make_plan(images(built), "docker")
+    pack_bytes(plan, built.cache)
+    big = max(cached_files(built.cache), key=lambda p: p.stat().st_size)
+    damage_flip(big)
+
+    def no_space(*a: Any, **kw: Any) -> Any:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("edgebundle.encoded.tempfile.mkstemp", no_space)
+    assert verify_bundle_bytes(pack_bytes(plan, built.cache), built.cache.root)
+    assert not big.exists()  # not checked (and refused) again on every pack
