@@ -22,11 +22,10 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator, Optional
+from typing import BinaryIO, Callable, ContextManager, Iterator, Optional
 
-from .files import fsync_dir, read_pieces
+from .files import atomic_file, read_pieces
 from .format import CODEC_ZSTD, EntryHead
 from .format.writer import Encoding
 from .oci import check_digest
@@ -85,14 +84,20 @@ class EncodedCache:
 
 
 class _Tee:
+    """The stored chunks of one entry into the cache file, through ``files.atomic_file``.
+
+    Failing to keep a cache file (full disk, permissions) only costs time later: every
+    OSError here is logged and the file abandoned, never raised into the pack.
+    """
+
     def __init__(self, path: Path) -> None:
         self._path = path
+        self._cm: Optional[ContextManager[BinaryIO]] = None
         self._out: Optional[BinaryIO] = None
-        self._tmp = ""
         try:
-            fd, self._tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".",
-                                             suffix=".tmp")
-            self._out = os.fdopen(fd, "wb")
+            cm = atomic_file(path)
+            self._out = cm.__enter__()
+            self._cm = cm
         except OSError as exc:
             self._failed(exc)
 
@@ -110,28 +115,25 @@ class _Tee:
             self._failed(exc)
 
     def abandon(self) -> None:
-        if self._out is not None:
-            with contextlib.suppress(OSError):
-                self._out.close()
-            self._out = None
-        if self._tmp:
-            with contextlib.suppress(OSError):
-                os.unlink(self._tmp)
-            self._tmp = ""
+        """Remove the temp file (atomic_file does, when its block ends in an error)."""
+        cm, self._cm, self._out = self._cm, None, None
+        if cm is not None:
+            with contextlib.suppress(OSError, _Abandoned):
+                cm.__exit__(_Abandoned, _Abandoned(), None)
 
     def commit(self) -> None:
-        if self._out is None:
+        cm, self._cm, self._out = self._cm, None, None
+        if cm is None:
             return
         try:
-            self._out.flush()
-            os.fsync(self._out.fileno())
-            self._out.close()
-            self._out = None
-            os.replace(self._tmp, self._path)
-            self._tmp = ""
-            fsync_dir(self._path.parent)
+            cm.__exit__(None, None, None)  # flush, fsync, rename into place, fsync the dir
         except OSError as exc:
-            self._failed(exc)
+            log.warning("cannot keep encoded entry in the packer cache (%s): %s", self._path,
+                        exc.strerror or exc)
+
+
+class _Abandoned(Exception):
+    """Ends an atomic_file block without keeping the file."""
 
 
 def _chunks(path: Path, chunk_size: int) -> Iterator[bytes]:

@@ -182,7 +182,7 @@ def test_an_unwritable_cache_only_costs_time(built: Images, encodes: List[int],
     def no_space(*a: Any, **kw: Any) -> Any:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("edgebundle.encoded.tempfile.mkstemp", no_space)
+    monkeypatch.setattr("edgebundle.encoded.atomic_file", no_space)
     assert pack_bytes(plan, built.cache) == plain
     assert cached_files(built.cache) == []
 
@@ -317,6 +317,6 @@ def test_a_damaged_entry_is_removed_even_when_its_replacement_cannot_be_kept(
     def no_space(*a: Any, **kw: Any) -> Any:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("edgebundle.encoded.tempfile.mkstemp", no_space)
+    monkeypatch.setattr("edgebundle.encoded.atomic_file", no_space)
     assert verify_bundle_bytes(pack_bytes(plan, built.cache), built.cache.root)
     assert not big.exists()  # not checked (and refused) again on every pack
