@@ -128,6 +128,20 @@ def cmd_key_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_staged(args: argparse.Namespace) -> int:
+    from ..staged import describe
+
+    try:
+        staged = describe(args.path, args.block_size)
+    except ValueError as exc:
+        raise UsageError(str(exc), "pass --block-size between 4096 and 67108864") from None
+    except OSError as exc:
+        raise UsageError(f"cannot read staged file {args.path}: {exc.strerror or exc}",
+                         "check that the staging directory exists and is readable") from None
+    emit_json(staged.to_json())
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     info = inspect_bundle(args.bundle)
     if args.json:
@@ -149,5 +163,5 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["cmd_import", "cmd_report", "cmd_verify", "cmd_inspect", "cmd_key_generate",
+__all__ = ["cmd_import", "cmd_report", "cmd_verify", "cmd_inspect", "cmd_staged", "cmd_key_generate",
            "cmd_key_show"]

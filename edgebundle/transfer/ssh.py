@@ -207,6 +207,39 @@ def pull_report(
             remote command failure.
         InventoryError: The device sent something that is not a valid report.
     """
+    with connect(site, ssh_config_path=ssh_config_path, known_hosts=known_hosts,
+                 allow_unknown_host=allow_unknown_host, key_filename=key_filename, timeout=timeout) as client:
+        if path is not None:
+            data = _read_remote_file(client, site, path, timeout)
+            what = f"report file {path} on site {site.name}"
+        else:
+            command = site.report_command or default_report_command(site)
+            log.info("site %s: running %s", site.name, command)
+            data = _run_command(client, site, command, timeout, command_timeout)
+            what = f"output of `{command}` on site {site.name}"
+        log.info("site %s: got %d bytes of report", site.name, len(data))
+    return _parse_report(data, what)
+
+
+@contextmanager
+def connect(
+    site: SiteSpec,
+    *,
+    ssh_config_path: Optional[str] = None,
+    known_hosts: Optional[str] = None,
+    allow_unknown_host: bool = False,
+    key_filename: Optional[str] = None,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> Iterator[paramiko.SSHClient]:
+    """An authenticated SSH client to ``site``'s device, closed on exit.
+
+    The arguments mean what they mean for ``pull_report``. paramiko and socket errors
+    raised inside the ``with`` body become one-line ``TransportError``s, as they do
+    while connecting.
+
+    Raises:
+        TransportError: No ``ssh:`` for the site, connection, host key or auth failure.
+    """
     if not site.ssh:
         raise TransportError(f"site {site.name} has no ssh target",
                              f"add `ssh: user@host[:port]` to site {site.name} in the manifest")
@@ -226,18 +259,9 @@ def pull_report(
                            timeout=timeout, banner_timeout=timeout,
                            auth_timeout=timeout, look_for_keys=not key_filename, allow_agent=True)
             _check_not_revoked(client, target, revoked)
-            if path is not None:
-                data = _read_remote_file(client, site, path, timeout)
-                what = f"report file {path} on site {site.name}"
-            else:
-                command = site.report_command or default_report_command(site)
-                log.info("site %s: running %s", site.name, command)
-                data = _run_command(client, site, command, timeout, command_timeout)
-                what = f"output of `{command}` on site {site.name}"
-            log.info("site %s: got %d bytes of report", site.name, len(data))
+            yield client
     finally:
         client.close()
-    return _parse_report(data, what)
 
 
 # ---------------------------------------------------------------------------
