@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, List, Tuple
 
 import xxhash
 
@@ -41,7 +41,7 @@ class StagedFile:
 
 def block_digests(fh: Any, block_size: int) -> Tuple[str, ...]:
     """xxh3-128 hex digest of each ``block_size`` block read from ``fh`` to its end."""
-    out = []
+    out: List[str] = []
     while True:
         data = fh.read(block_size)
         if not data:
