@@ -207,7 +207,8 @@ def upload_bundle(
     except OSError as exc:
         raise TransportError(f"cannot read bundle {bundle}: {exc.strerror or exc}", "check the path") from None
     with connect(site, ssh_config_path=ssh_config_path, known_hosts=known_hosts,
-                 allow_unknown_host=allow_unknown_host, key_filename=key_filename, timeout=timeout) as client:
+                 allow_unknown_host=allow_unknown_host, key_filename=key_filename, timeout=timeout,
+                 bulk=True) as client:
         transport = client.get_transport()
         assert transport is not None  # connect() succeeded
         sftp = paramiko.SFTPClient.from_transport(transport, window_size=WINDOW_SIZE,
