@@ -34,6 +34,7 @@ the SSH I/O so unit tests can check them directly.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -244,7 +245,9 @@ def upload_bundle(
                                      f"{exc.strerror or exc}",
                                      "check the staging directory's permissions on the device") from None
         finally:
-            sftp.close()
+            # On a dead link closing fails too; that must not replace the error that says why.
+            with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
+                sftp.close()
     seconds = time.monotonic() - started
     log.info("site %s: uploaded %s (%d bytes sent, resumed from %d) in %.1fs", site.name, final, sent, offset,
              seconds)

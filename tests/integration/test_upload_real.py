@@ -183,3 +183,42 @@ def test_not_enough_space_is_refused_up_front(sshd: Sshd, bundle: Path, known_ho
     text = str(err.value)
     assert "\n" not in text and "site gw-01" in text and f"({SIZE} bytes) more" in text, text
     assert err.value.exit_code == 14
+
+
+def test_longer_stale_part_is_cut_to_the_bundle(sshd: Sshd, bundle: Path, known_hosts: Path, tmp_path: Path) -> None:
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    (staging / (bundle.name + ".part")).write_bytes(bundle.read_bytes() + os.urandom(3 * BLOCK))
+    result = upload(sshd, site(sshd), bundle, staging, known_hosts)
+    assert result.resumed_from == SIZE // BLOCK * BLOCK  # the short last block is not trusted
+    assert (staging / bundle.name).read_bytes() == bundle.read_bytes()
+
+
+def test_part_changed_during_upload_fails_verification_and_is_kept(sshd: Sshd, bundle: Path, known_hosts: Path,
+                                                                   tmp_path: Path) -> None:
+    staging = tmp_path / "staging"
+    part = staging / (bundle.name + ".part")
+    flipped: List[bool] = []
+
+    def corrupt_block_zero(sent: int) -> None:
+        # Once the device holds the first blocks, damage block 0 behind the uploader's back.
+        if flipped or not part.exists() or part.stat().st_size < 2 * BLOCK:
+            return
+        with open(part, "r+b") as fh:
+            first = fh.read(1)
+            fh.seek(0)
+            fh.write(bytes([first[0] ^ 0xFF]))
+        flipped.append(True)
+
+    with pytest.raises(TransportError, match=r"differs from .* after the upload \(from byte 0;") as err:
+        upload(sshd, site(sshd), bundle, staging, known_hosts, progress=corrupt_block_zero)
+    assert flipped and "\n" not in str(err.value)
+    assert part.exists() and not (staging / bundle.name).exists()
+    result = upload(sshd, site(sshd), bundle, staging, known_hosts)
+    assert (result.resumed_from, result.bytes_sent) == (0, SIZE)
+    assert (staging / bundle.name).read_bytes() == bundle.read_bytes()
+
+
+def test_limit_rate_paces_the_upload(sshd: Sshd, bundle: Path, known_hosts: Path, tmp_path: Path) -> None:
+    result = upload(sshd, site(sshd), bundle, tmp_path / "staging", known_hosts, limit_rate=SIZE / 0.8)
+    assert result.seconds >= 0.75
