@@ -13,6 +13,7 @@ from ..errors import UsageError
 from ..importer import Runtime
 from ..progress import progress_bar
 from ..report import inventory_to_json
+from ..staged import describe
 from ..state import StateDir, state_dir_path
 from ..trust import TrustPolicy, generate_key, load_public_key, load_signing_key
 from ..usecases.device import (RuntimeAddress, VolumeVerified, import_file, inspect_bundle,
@@ -129,8 +130,6 @@ def cmd_key_show(args: argparse.Namespace) -> int:
 
 
 def cmd_staged(args: argparse.Namespace) -> int:
-    from ..staged import describe
-
     try:
         staged = describe(args.path, args.block_size)
     except ValueError as exc:

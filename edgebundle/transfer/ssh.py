@@ -4,7 +4,8 @@ Host keys are checked the way OpenSSH does with ``StrictHostKeyChecking=yes``
 (default) or ``accept-new`` (``allow_unknown_host=True``): an unknown key is
 refused or appended to known_hosts, and a *changed* key is always refused, since
 a device whose key changed is either reinstalled (the user must confirm) or not
-the device at all. This is the only module that imports paramiko.
+the device at all. ``connect()`` is the connection itself, shared with the bundle
+upload (``transfer.upload``); those two are the only modules that import paramiko.
 """
 
 from __future__ import annotations
