@@ -13,7 +13,6 @@ from ..errors import UsageError
 from ..importer import Runtime
 from ..progress import progress_bar
 from ..report import inventory_to_json
-from ..staged import describe
 from ..state import StateDir, state_dir_path
 from ..trust import TrustPolicy, generate_key, load_public_key, load_signing_key
 from ..usecases.device import (RuntimeAddress, VolumeVerified, import_file, inspect_bundle,
@@ -129,18 +128,6 @@ def cmd_key_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_staged(args: argparse.Namespace) -> int:
-    try:
-        staged = describe(args.path, args.block_size)
-    except ValueError as exc:
-        raise UsageError(str(exc), "pass --block-size between 4096 and 67108864") from None
-    except OSError as exc:
-        raise UsageError(f"cannot read staged file {args.path}: {exc.strerror or exc}",
-                         "check that the staging directory exists and is readable") from None
-    emit_json(staged.to_json())
-    return 0
-
-
 def cmd_inspect(args: argparse.Namespace) -> int:
     info = inspect_bundle(args.bundle)
     if args.json:
@@ -162,5 +149,5 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["cmd_import", "cmd_report", "cmd_verify", "cmd_inspect", "cmd_staged", "cmd_key_generate",
+__all__ = ["cmd_import", "cmd_report", "cmd_verify", "cmd_inspect", "cmd_key_generate",
            "cmd_key_show"]

@@ -284,7 +284,10 @@ def stdout_gone() -> bool:
 
 def dispatch(args: argparse.Namespace) -> int:
     handler: Callable[[argparse.Namespace], int]
-    if args.command in ("import", "report", "verify", "inspect", "staged"):
+    if args.command == "staged":
+        from .staged import cmd_staged
+        handler = cmd_staged
+    elif args.command in ("import", "report", "verify", "inspect"):
         from . import device
         handler = getattr(device, "cmd_" + args.command)
     elif args.command == "key":

@@ -123,3 +123,19 @@ def test_rate_limiter_off_and_invalid() -> None:
     assert c.slept == []
     with pytest.raises(ValueError):
         RateLimiter(0)
+
+
+def test_staged_command_prints_json_and_refuses_bad_block_size(tmp_path: object,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    from edgebundle.cli.main import main
+
+    path = os.path.join(str(tmp_path), "b.part")
+    with open(path, "wb") as fh:
+        fh.write(os.urandom(B + 1))
+    assert main(["staged", path, "--block-size", str(B), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["size"] == B + 1 and out["blocks"] == list(local_blocks(path, B)) and out["free_bytes"] > 0
+    assert main(["staged", path, "--block-size", "100", "--json"]) == 2
+    assert "block size 100" in capsys.readouterr().err
+    assert main(["staged", os.path.join(str(tmp_path), "no", "dir", "x"), "--json"]) == 2
+    assert "cannot read staged file" in capsys.readouterr().err
