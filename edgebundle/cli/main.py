@@ -173,6 +173,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bundle", help="bundle file")
     p.add_argument("--json", action="store_true")
 
+    # No help=: hidden from the command list; the packer's resumable upload runs it on the device.
+    p = sub.add_parser("staged", parents=[common],
+                       description="print the size, per-block xxh3-128 digests and free space of a "
+                       "staged (partly uploaded) bundle, for the packer's resumable upload")
+    p.add_argument("path", help="the staged file (absent: size 0)")
+    p.add_argument("--block-size", type=int, default=1024 * 1024, metavar="BYTES",
+                   help="bytes per digested block (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="print JSON (the only output form)")
+
     p = sub.add_parser("key", parents=[common], help="signing keys: generate one, show a key's id")
     ksub = p.add_subparsers(dest="key_command", metavar="ACTION")
     q = ksub.add_parser("generate", parents=[common], help="write a new Ed25519 key pair")
@@ -275,7 +284,10 @@ def stdout_gone() -> bool:
 
 def dispatch(args: argparse.Namespace) -> int:
     handler: Callable[[argparse.Namespace], int]
-    if args.command in ("import", "report", "verify", "inspect"):
+    if args.command == "staged":
+        from .staged import cmd_staged
+        handler = cmd_staged
+    elif args.command in ("import", "report", "verify", "inspect"):
         from . import device
         handler = getattr(device, "cmd_" + args.command)
     elif args.command == "key":

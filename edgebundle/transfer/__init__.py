@@ -1,8 +1,10 @@
 """Moving reports and bundles between the packer and devices.
 
-``transfer.ssh`` pulls a device's inventory report over SSH (paramiko). It is
-imported lazily here so that ``import edgebundle.transfer`` does not load
-paramiko: only the module that talks SSH depends on it.
+``transfer.ssh`` pulls a device's inventory report over SSH (paramiko);
+``transfer.upload.upload_bundle`` sends a bundle to a device's staging directory,
+resumably and verified (what ``sync`` builds on). ``pull_report`` is imported
+lazily here so that ``import edgebundle.transfer`` does not load paramiko: only
+the modules that talk SSH depend on it.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ Host keys are checked the way OpenSSH does with ``StrictHostKeyChecking=yes``
 (default) or ``accept-new`` (``allow_unknown_host=True``): an unknown key is
 refused or appended to known_hosts, and a *changed* key is always refused, since
 a device whose key changed is either reinstalled (the user must confirm) or not
-the device at all. This is the only module that imports paramiko.
+the device at all. ``connect()`` is the connection itself, shared with the bundle
+upload (``transfer.upload``); those two are the only modules that import paramiko.
 """
 
 from __future__ import annotations
@@ -207,6 +208,42 @@ def pull_report(
             remote command failure.
         InventoryError: The device sent something that is not a valid report.
     """
+    with connect(site, ssh_config_path=ssh_config_path, known_hosts=known_hosts,
+                 allow_unknown_host=allow_unknown_host, key_filename=key_filename, timeout=timeout) as client:
+        if path is not None:
+            data = _read_remote_file(client, site, path, timeout)
+            what = f"report file {path} on site {site.name}"
+        else:
+            command = site.report_command or default_report_command(site)
+            log.info("site %s: running %s", site.name, command)
+            data = _run_command(client, site, command, timeout, command_timeout)
+            what = f"output of `{command}` on site {site.name}"
+        log.info("site %s: got %d bytes of report", site.name, len(data))
+    return _parse_report(data, what)
+
+
+@contextmanager
+def connect(
+    site: SiteSpec,
+    *,
+    ssh_config_path: Optional[str] = None,
+    known_hosts: Optional[str] = None,
+    allow_unknown_host: bool = False,
+    key_filename: Optional[str] = None,
+    timeout: float = DEFAULT_TIMEOUT,
+    bulk: bool = False,
+) -> Iterator[paramiko.SSHClient]:
+    """An authenticated SSH client to ``site``'s device, closed on exit.
+
+    The arguments mean what they mean for ``pull_report``; ``bulk`` prefers AES-GCM
+    (one pass per packet instead of AES-CTR plus an HMAC: the upload's throughput
+    is bound by paramiko's per-byte work). paramiko and socket errors
+    raised inside the ``with`` body become one-line ``TransportError``s, as they do
+    while connecting.
+
+    Raises:
+        TransportError: No ``ssh:`` for the site, connection, host key or auth failure.
+    """
     if not site.ssh:
         raise TransportError(f"site {site.name} has no ssh target",
                              f"add `ssh: user@host[:port]` to site {site.name} in the manifest")
@@ -224,20 +261,20 @@ def pull_report(
             client.connect(target.hostname, port=target.port, username=target.user,
                            key_filename=keys or None,  # type: ignore[arg-type]  # paramiko takes a list too
                            timeout=timeout, banner_timeout=timeout,
-                           auth_timeout=timeout, look_for_keys=not key_filename, allow_agent=True)
+                           auth_timeout=timeout, look_for_keys=not key_filename, allow_agent=True,
+                           transport_factory=_bulk_transport if bulk else None)
             _check_not_revoked(client, target, revoked)
-            if path is not None:
-                data = _read_remote_file(client, site, path, timeout)
-                what = f"report file {path} on site {site.name}"
-            else:
-                command = site.report_command or default_report_command(site)
-                log.info("site %s: running %s", site.name, command)
-                data = _run_command(client, site, command, timeout, command_timeout)
-                what = f"output of `{command}` on site {site.name}"
-            log.info("site %s: got %d bytes of report", site.name, len(data))
+            yield client
     finally:
         client.close()
-    return _parse_report(data, what)
+
+
+def _bulk_transport(sock: Any, **kwargs: Any) -> paramiko.Transport:
+    transport = paramiko.Transport(sock, **kwargs)
+    options = transport.get_security_options()
+    gcm = tuple(c for c in options.ciphers if "-gcm@" in c)  # listed only when cryptography has it
+    options.ciphers = gcm + tuple(c for c in options.ciphers if c not in gcm)
+    return transport
 
 
 # ---------------------------------------------------------------------------

@@ -17,7 +17,8 @@ from typing import Dict, List
 ROOT = Path(__file__).resolve().parents[2]
 PKG = ROOT / "edgebundle"
 
-ENTRY_POINTS = ["edgebundle.cli.device", "edgebundle.usecases.device", "edgebundle.importer",
+ENTRY_POINTS = ["edgebundle.cli.device", "edgebundle.cli.staged", "edgebundle.usecases.device",
+                "edgebundle.importer",
                 "edgebundle.importer.containerd", "edgebundle.importer.docker",
                 "edgebundle.format", "edgebundle.report", "edgebundle.holdings", "edgebundle.logs",
                 "edgebundle.trust", "edgebundle.state"]
