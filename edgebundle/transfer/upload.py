@@ -51,19 +51,22 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple
 import paramiko
 
 from ..errors import SpaceError, TransportError
+from ..files import IO_CHUNK, read_pieces
 from ..specs import SiteSpec
 from ..staged import StagedFile, block_digests
 from .ssh import DEFAULT_TIMEOUT, _check_device_edgebundle, _drain_stderr, _last_line, _read_all, connect
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BLOCK_SIZE = 1024 * 1024  # resume granularity; 1 GiB costs 1,024 digests (~36 KB of JSON)
+DEFAULT_BLOCK_SIZE = IO_CHUNK  # resume granularity; 1 GiB costs 1,024 digests (~36 KB of JSON)
 DEFAULT_COMMAND_TIMEOUT = 600.0  # hashing a multi-GB part on a slow eMMC takes a while
 # paramiko's default 2 MiB window stalls a fast link every 2 MiB waiting for the
 # server's window adjust; a large window lets pipelined writes flow.
 WINDOW_SIZE = 64 * 1024 * 1024
 MAX_PACKET_SIZE = 32768  # paramiko's SFTP writes are 32 KiB requests anyway
-CHUNK = 256 * 1024  # local read size; progress and rate limiting step by this much
+# Smaller than files.IO_CHUNK on purpose: progress and rate limiting step by this much,
+# and a metered link limited to a few kB/s must not burst a whole MiB at once.
+RATE_STEP = 256 * 1024
 
 Progress = Callable[[int], None]
 
@@ -351,7 +354,7 @@ def _send(sftp: paramiko.SFTPClient, site: SiteSpec, bundle: str, part: str, off
             fh.set_pipelined(True)
             src.seek(offset)
             while True:
-                data = src.read(CHUNK)
+                data = src.read(RATE_STEP)
                 if not data:
                     break
                 fh.write(data)
@@ -387,7 +390,7 @@ def _verify(client: paramiko.SSHClient, sftp: paramiko.SFTPClient, site: SiteSpe
     if status == 0 and out.split()[:1]:
         with open(bundle, "rb") as fh:
             digest = hashlib.sha256()
-            for data in iter(lambda: fh.read(1024 * 1024), b""):
+            for data in read_pieces(fh):
                 digest.update(data)
         if out.split()[0].decode("ascii", "replace") != digest.hexdigest():
             raise TransportError(f"{part} on site {site.name} differs from {bundle} after the upload (sha256)",
