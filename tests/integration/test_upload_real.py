@@ -23,7 +23,7 @@ from services import Sshd
 from edgebundle.errors import SpaceError, TransportError
 from edgebundle.oci import Platform
 from edgebundle.specs import SiteSpec
-from edgebundle.transfer.upload import CHUNK, upload_bundle
+from edgebundle.transfer.upload import RATE_STEP, upload_bundle
 
 BLOCK = 64 * 1024
 SIZE = 4 * 1024 * 1024 + 12345  # a short last block
@@ -227,4 +227,4 @@ def test_limit_rate_paces_the_upload(sshd: Sshd, bundle: Path, known_hosts: Path
            progress=lambda sent: stamps.append(time.monotonic()))
     # From the first chunk's callback to the last: the rest of the bundle at `rate` (unlimited,
     # pipelined writes to loopback take a few ms; connecting and hashing are outside this span).
-    assert stamps[-1] - stamps[0] >= (SIZE - CHUNK) / rate * 0.95
+    assert stamps[-1] - stamps[0] >= (SIZE - RATE_STEP) / rate * 0.95
