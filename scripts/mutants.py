@@ -248,7 +248,7 @@ MUTANTS: List[Mutant] = [
            "    _check_complete_images_are_held(inv)\n", "\n",
            "tests/unit/test_hostile_reports.py -k 'held or layer'"),
     Mutant("zstd errors escape the reader", "edgebundle/format/reader.py",
-           "        except zstandard.ZstdError as exc:", "        except KeyError as exc:",
+           "    except zstandard.ZstdError as exc:", "    except KeyError as exc:",
            "tests/property/test_fuzz.py -k records"),
     Mutant("plan and importer disagree on held layers", "edgebundle/holdings.py",
            "        return digest in self.inventory.blobs or chain_id in self.inventory.chains",
