@@ -672,14 +672,7 @@ class ContainerdLoader:
         """
         proc = self._proc
         if proc is not None:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self._killed = True
-                proc.kill()
-                proc.wait()
-            if proc.returncode is not None and proc.returncode < 0:
-                self._killed = True  # by a signal: its deferred lease deletion never ran
+            self._reap(proc)
         said = self._stderr_line()
         if self._frozen:
             return RuntimeUnavailableError(
@@ -857,6 +850,18 @@ class ContainerdLoader:
                 self.runtime.ctr.tag(r.temp, r.alias)  # as a CRI pull names it: found by digest
         return [rec.name for _, rec in done]
 
+    def _reap(self, proc: Process) -> None:
+        """Wait for ctr to end (killing it after 30 s); note whether a signal ended it,
+        for then its deferred lease deletion never ran."""
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self._killed = True
+            proc.kill()
+            proc.wait()
+        if proc.returncode is not None and proc.returncode < 0:
+            self._killed = True
+
     def abort(self) -> None:
         """End ctr before it sees index.json -- gracefully, so it deletes its own lease.
 
@@ -884,14 +889,7 @@ class ContainerdLoader:
                     proc.stdin.close()
             except OSError:
                 pass  # ctr already gone
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self._killed = True
-                proc.kill()
-                proc.wait()
-            if proc.returncode is not None and proc.returncode < 0:
-                self._killed = True
+            self._reap(proc)
             self._proc = None
         if not self._stderr.closed:
             self._stderr.close()
