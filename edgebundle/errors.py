@@ -118,6 +118,17 @@ class LockedError(EdgebundleError):
     exit_code = 15
 
 
+class LinkError(TransportError):
+    """The network path failed (refused, unreachable, timed out, dropped mid-session):
+    worth retrying, unlike a refused host key or a failed login."""
+
+
+class SyncIncomplete(EdgebundleError):
+    """``sync``: some selected sites did not reach the manifest (each says why)."""
+
+    exit_code = 16
+
+
 def type_name(value: object, *, mapping: str = "object", sequence: str = "array") -> str:
     """What kind of value this is, in the words of the file it came from (JSON or YAML)."""
     if value is None:

@@ -24,7 +24,8 @@ from .errors import ManifestError, UsageError, type_name
 from .sources import SOURCE_KINDS
 from .format import RUNTIMES
 from .oci import Platform
-from .specs import NAMESPACE_RE, SITE_NAME_HINT, SITE_NAME_RE, ImageSpec, ManifestList, RegistryConfig, SiteSpec
+from .specs import (DEFAULT_STAGING, NAMESPACE_RE, SITE_NAME_HINT, SITE_NAME_RE, ImageSpec, ManifestList,
+                    PrunePolicy, RegistryConfig, SiteSpec)
 from .naming import check_reference_host, device_name, docker_tag
 from .reference import DEFAULT_DOMAIN, LEGACY_DEFAULT_DOMAIN, parse_reference
 
@@ -33,7 +34,8 @@ MANIFEST_VERSION = 1
 TOP_KEYS = ("version", "registries", "images", "sites")
 IMAGE_KEYS = ("ref", "source", "platform", "sites")
 SITE_KEYS = ("runtime", "platform", "namespace", "ssh", "report_command", "deltas", "address",
-             "edgebundle")
+             "edgebundle", "staging", "prune")
+PRUNE_KEYS = ("keep_previous",)
 REGISTRY_KEYS = ("insecure", "mirrors")
 DEFAULT_NAMESPACE = "default"
 
@@ -310,8 +312,38 @@ def _parse_site(ctx: _Ctx, name: object, body: object, line: int) -> SiteSpec:
         deltas=_site_deltas(ctx, name, entry),
         address=_site_address(ctx, name, runtime, entry),
         edgebundle=_site_command(ctx, name, entry),
+        staging=_site_staging(ctx, name, entry),
+        prune=_site_prune(ctx, name, entry),
         line=line,
     )
+
+
+def _site_staging(ctx: _Ctx, name: str, entry: _Map) -> str:
+    """The device directory ``sync`` uploads to: absolute, one line, no shell surprises."""
+    staging = _optional_str(ctx, entry, "staging", f"site {name!r} staging")
+    if staging is None:
+        return DEFAULT_STAGING
+    if not staging.startswith("/") or any(c.isspace() or ord(c) < 32 for c in staging) \
+            or len(staging) > 1024 or "/../" in staging + "/":
+        raise ctx.error(entry.key_lines["staging"], f"site {name!r}: staging {staging!r} is not an "
+                        "absolute directory path", f"write e.g. `staging: {DEFAULT_STAGING}`")
+    return staging.rstrip("/") or "/"
+
+
+def _site_prune(ctx: _Ctx, name: str, entry: _Map) -> Optional[PrunePolicy]:
+    """``prune: {keep_previous: N}``, or ``prune: true`` (N = 0); absent or false: never."""
+    if "prune" not in entry:
+        return None
+    value, line = entry["prune"], entry.key_lines["prune"]
+    hint = "write `prune: {keep_previous: 1}` (keep one older version per image for rollback) or `prune: false`"
+    if isinstance(value, bool):
+        return PrunePolicy() if value else None
+    body = _want_map(ctx, value, line, f"site {name!r} prune", allow_null=False)
+    _check_keys(ctx, body, PRUNE_KEYS, f"site {name!r} prune", line)
+    keep = body.get("keep_previous", 0)
+    if isinstance(keep, bool) or not isinstance(keep, int) or not 0 <= keep <= 100:
+        raise ctx.error(line, f"site {name!r}: prune keep_previous is {keep!r}, not a count 0..100", hint)
+    return PrunePolicy(keep_previous=keep)
 
 
 def _site_address(ctx: _Ctx, name: str, runtime: str, entry: _Map) -> Optional[str]:

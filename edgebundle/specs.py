@@ -54,6 +54,17 @@ class ImageSpec:
     line: int = 0  # line in the manifest file, for error messages
 
 
+DEFAULT_STAGING = "/var/lib/edgebundle/staging"
+
+
+@dataclass(frozen=True)
+class PrunePolicy:
+    """A site's ``prune:``: after a sync, remove images edgebundle imported that the
+    manifest no longer names, keeping ``keep_previous`` older versions per repository."""
+
+    keep_previous: int = 0
+
+
 @dataclass(frozen=True)
 class SiteSpec:
     name: str
@@ -67,6 +78,8 @@ class SiteSpec:
     # the runtime's standard one. And the edgebundle command line to run there.
     address: Optional[str] = None
     edgebundle: str = "edgebundle"
+    staging: str = DEFAULT_STAGING  # directory on the device that `sync` uploads bundles to
+    prune: Optional[PrunePolicy] = None  # None: sync never prunes the site
     line: int = 0
 
 

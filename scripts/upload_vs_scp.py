@@ -21,6 +21,7 @@ import services  # noqa: E402
 
 from edgebundle.oci import Platform  # noqa: E402
 from edgebundle.specs import SiteSpec  # noqa: E402
+from edgebundle.transfer.options import SshOptions  # noqa: E402
 from edgebundle.transfer.upload import upload_bundle  # noqa: E402
 
 
@@ -49,8 +50,8 @@ def main() -> None:
                             f"{sd.user}@{sd.host}:{out}/scp.bin"], check=True, env=services.clean_env())
             scp = time.monotonic() - t
             t = time.monotonic()
-            upload_bundle(site, str(f), str(out), known_hosts=str(kh), key_filename=str(sd.client_key_path),
-                          ssh_config_path=os.devnull)
+            upload_bundle(site, str(f), str(out), SshOptions(known_hosts=str(kh), key_filename=str(sd.client_key_path),
+                                                             ssh_config_path=os.devnull))
             up = time.monotonic() - t
             size = f.stat().st_size / 1e6
             print(f"round {rnd}: scp {size / scp:.1f} MB/s ({scp:.2f}s); upload_bundle {size / up:.1f} MB/s "

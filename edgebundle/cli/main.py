@@ -80,6 +80,17 @@ def _trust_args(p: argparse.ArgumentParser) -> None:
                    "else /etc/edgebundle/trusted.d)")
 
 
+def _ssh_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("ssh")
+    g.add_argument("--accept-new-host-key", action="store_true",
+                   help="trust and remember an unknown host key (a changed key is always refused)")
+    g.add_argument("--known-hosts", help="known_hosts file (default: ~/.ssh/known_hosts)")
+    g.add_argument("--identity", help="private key file")
+    g.add_argument("--ssh-config", help="ssh config file (default: ~/.ssh/config)")
+    g.add_argument("--timeout", type=float, default=15.0,
+                   help="SSH connect timeout in seconds (default: %(default)s)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edgebundle", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -204,13 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("site")
     q.add_argument("-m", "--manifest", help="manifest list naming the site (default: the one "
                    "last used to plan or pack it)")
-    q.add_argument("--accept-new-host-key", action="store_true",
-                   help="trust and remember an unknown host key (a changed key is always refused)")
-    q.add_argument("--known-hosts", help="known_hosts file (default: ~/.ssh/known_hosts)")
-    q.add_argument("--identity", help="private key file")
-    q.add_argument("--ssh-config", help="ssh config file (default: ~/.ssh/config)")
-    q.add_argument("--timeout", type=float, default=15.0,
-                   help="SSH connect timeout in seconds (default: %(default)s)")
+    _ssh_args(q)
     q.add_argument("--path", help="fetch this report file over SFTP instead of running "
                    "`edgebundle report` on the device")
     q.add_argument("--json", action="store_true")

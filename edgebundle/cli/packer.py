@@ -19,6 +19,7 @@ from ..errors import UsageError
 from ..holdings import Inventory
 from ..plan import LayerPlan, Plan
 from ..report import inventory_to_json, rfc3339
+from ..transfer.options import SshOptions
 from ..trust import load_signing_key
 from ..usecases import packer as usecases
 from ..volumeset import FAT32_VOLUME_SIZE, parse_size
@@ -191,11 +192,16 @@ def cmd_inventory_record(args: argparse.Namespace) -> int:
     return _print_recorded(args, inv)
 
 
+def ssh_options(args: argparse.Namespace) -> SshOptions:
+    """The SSH flags shared by ``inventory pull`` and ``sync`` (``cli.main._ssh_args``)."""
+    return SshOptions(ssh_config_path=args.ssh_config, known_hosts=args.known_hosts,
+                      allow_unknown_host=args.accept_new_host_key, key_filename=args.identity,
+                      timeout=args.timeout)
+
+
 def cmd_inventory_pull(args: argparse.Namespace) -> int:
-    inv = usecases.pull_inventory(
-        _home(args), args.site, args.manifest, ssh_config_path=args.ssh_config,
-        known_hosts=args.known_hosts, allow_unknown_host=args.accept_new_host_key,
-        key_filename=args.identity, timeout=args.timeout, path=args.path)
+    inv = usecases.pull_inventory(_home(args), args.site, args.manifest, ssh_options(args),
+                                  path=args.path)
     return _print_recorded(args, inv)
 
 

@@ -14,7 +14,6 @@ import base64
 import errno
 import getpass
 import hashlib
-import json
 import logging
 import os
 import shlex
@@ -27,13 +26,13 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import paramiko
 
-from ..errors import InventoryError, TransportError
+from ..errors import InventoryError, LinkError, TransportError
 from ..report import MAX_REPORT_BYTES as REPORT_LIMIT
 from ..report import inventory_from_json, load_json_object
 from ..specs import SiteSpec
+from .options import DEFAULT_TIMEOUT, SshOptions
 
 DEFAULT_PORT = 22
-DEFAULT_TIMEOUT = 15.0  # connect, banner and auth: a device on a slow cellular link
 DEFAULT_COMMAND_TIMEOUT = 300.0  # seconds without output from the report command
 # Read at most one byte more than a report may be (report.MAX_REPORT_BYTES), so that an
 # endless or huge output is cut off, not buffered.
@@ -149,18 +148,25 @@ def _lookup_config(host: str, ssh_config_path: Optional[str]) -> Dict[str, Any]:
     return dict(config.lookup(host))
 
 
-def default_report_command(site: SiteSpec) -> str:
-    """``EDGEBUNDLE report --runtime R [--namespace N] [--address A | --host H] --json``.
-
-    ``EDGEBUNDLE`` is the site's ``edgebundle:`` command line, as the device's shell
-    reads it (so ``sudo edgebundle`` or a venv's path work); the rest is quoted.
-    """
-    argv = ["report", "--runtime", site.runtime]
+def runtime_argv(site: SiteSpec) -> List[str]:
+    """``--runtime R [--namespace N] [--address A | --host H]``: the device's runtime flags."""
+    argv = ["--runtime", site.runtime]
     if site.runtime == "containerd" and site.namespace:
         argv += ["--namespace", site.namespace]
     if site.address is not None:
         argv += ["--address" if site.runtime == "containerd" else "--host", site.address]
-    return f"{site.edgebundle} {shlex.join(argv + ['--json'])}"
+    return argv
+
+
+def device_command(site: SiteSpec, argv: Sequence[str]) -> str:
+    """``EDGEBUNDLE ARGV…``: the site's ``edgebundle:`` command line, as the device's shell
+    reads it (so ``sudo edgebundle`` or a venv's path work), then ``argv`` quoted."""
+    return f"{site.edgebundle} {shlex.join(argv)}"
+
+
+def default_report_command(site: SiteSpec) -> str:
+    """``EDGEBUNDLE report --runtime R [--namespace N] [--address A | --host H] --json``."""
+    return device_command(site, ["report", *runtime_argv(site), "--json"])
 
 
 def fingerprint(key: paramiko.PKey) -> str:
@@ -171,32 +177,16 @@ def fingerprint(key: paramiko.PKey) -> str:
 
 def pull_report(
     site: SiteSpec,
+    options: SshOptions = SshOptions(),
     *,
-    ssh_config_path: Optional[str] = None,
-    known_hosts: Optional[str] = None,
-    allow_unknown_host: bool = False,
-    key_filename: Optional[str] = None,
-    timeout: float = DEFAULT_TIMEOUT,
     command_timeout: float = DEFAULT_COMMAND_TIMEOUT,
     path: Optional[str] = None,
 ) -> Dict[str, Any]:
-    """Fetch and validate a site's inventory report over SSH.
-
-    Runs ``site.report_command`` (or ``default_report_command(site)``) and reads its
-    stdout, or with ``path`` downloads that file over SFTP instead.
+    """Fetch and validate a site's inventory report over SSH (one connection).
 
     Args:
         site: The site; its ``ssh`` names the device.
-        ssh_config_path: ssh config to apply; ``None`` uses ~/.ssh/config when present.
-        known_hosts: The only known_hosts file to trust (and to add new keys to).
-            ``None``: the config's UserKnownHostsFile or ~/.ssh/known_hosts, plus
-            /etc/ssh/ssh_known_hosts (read only).
-        allow_unknown_host: Accept a host key that known_hosts lacks and save it
-            (OpenSSH's ``StrictHostKeyChecking=accept-new``). A changed key is
-            refused regardless.
-        key_filename: Private key to authenticate with (default: the config's
-            IdentityFile, the ssh agent and the usual ~/.ssh/id_* keys).
-        timeout: Seconds allowed for connecting, the SSH banner and authentication.
+        options: How to connect (``SshOptions``).
         command_timeout: Seconds the report command may stay silent before giving up.
         path: Remote report file to fetch over SFTP instead of running a command.
 
@@ -208,34 +198,37 @@ def pull_report(
             remote command failure.
         InventoryError: The device sent something that is not a valid report.
     """
-    with connect(site, ssh_config_path=ssh_config_path, known_hosts=known_hosts,
-                 allow_unknown_host=allow_unknown_host, key_filename=key_filename, timeout=timeout) as client:
-        if path is not None:
-            data = _read_remote_file(client, site, path, timeout)
-            what = f"report file {path} on site {site.name}"
-        else:
-            command = site.report_command or default_report_command(site)
-            log.info("site %s: running %s", site.name, command)
-            data = _run_command(client, site, command, timeout, command_timeout)
-            what = f"output of `{command}` on site {site.name}"
-        log.info("site %s: got %d bytes of report", site.name, len(data))
+    with connect(site, options) as client:
+        return read_report(client, site, options.timeout, command_timeout=command_timeout, path=path)
+
+
+def read_report(client: paramiko.SSHClient, site: SiteSpec, timeout: float = DEFAULT_TIMEOUT, *,
+                command_timeout: float = DEFAULT_COMMAND_TIMEOUT,
+                path: Optional[str] = None) -> Dict[str, Any]:
+    """The report over an open connection: ``site.report_command`` (or
+    ``default_report_command(site)``) run on the device, or the file at ``path`` (SFTP)."""
+    if path is not None:
+        data = _read_remote_file(client, site, path, timeout)
+        what = f"report file {path} on site {site.name}"
+    else:
+        command = site.report_command or default_report_command(site)
+        log.info("site %s: running %s", site.name, command)
+        data = _run_command(client, site, command, timeout, command_timeout)
+        what = f"output of `{command}` on site {site.name}"
+    log.info("site %s: got %d bytes of report", site.name, len(data))
     return _parse_report(data, what)
 
 
 @contextmanager
 def connect(
     site: SiteSpec,
+    options: SshOptions = SshOptions(),
     *,
-    ssh_config_path: Optional[str] = None,
-    known_hosts: Optional[str] = None,
-    allow_unknown_host: bool = False,
-    key_filename: Optional[str] = None,
-    timeout: float = DEFAULT_TIMEOUT,
     bulk: bool = False,
 ) -> Iterator[paramiko.SSHClient]:
     """An authenticated SSH client to ``site``'s device, closed on exit.
 
-    The arguments mean what they mean for ``pull_report``; ``bulk`` prefers AES-GCM
+    ``options`` say how (``SshOptions``); ``bulk`` prefers AES-GCM
     (one pass per packet instead of AES-CTR plus an HMAC: the upload's throughput
     is bound by paramiko's per-byte work). paramiko and socket errors
     raised inside the ``with`` body become one-line ``TransportError``s, as they do
@@ -247,17 +240,18 @@ def connect(
     if not site.ssh:
         raise TransportError(f"site {site.name} has no ssh target",
                              f"add `ssh: user@host[:port]` to site {site.name} in the manifest")
-    target = resolve_target(site.ssh, ssh_config_path)
+    target = resolve_target(site.ssh, options.ssh_config_path)
+    key_filename, timeout = options.key_filename, options.timeout
     keys = [key_filename] if key_filename else [p for p in target.identity_files if os.path.isfile(p)]
     if key_filename and not os.path.isfile(key_filename):
         raise TransportError(f"SSH key file {key_filename} not found", "check the --identity path")
-    files, save_to = _known_hosts_files(target, known_hosts)
+    files, save_to = _known_hosts_files(target, options.known_hosts)
     client = paramiko.SSHClient()
     try:
         with _translate_errors(client, site, target, files, timeout):
             log.info("site %s: connecting to %s as %s", site.name, target.address, target.user)
             revoked = _load_host_keys(client, files)
-            client.set_missing_host_key_policy(_HostKeyPolicy(target, save_to, allow_unknown_host))
+            client.set_missing_host_key_policy(_HostKeyPolicy(target, save_to, options.allow_unknown_host))
             client.connect(target.hostname, port=target.port, username=target.user,
                            key_filename=keys or None,  # type: ignore[arg-type]  # paramiko takes a list too
                            timeout=timeout, banner_timeout=timeout,
@@ -423,14 +417,14 @@ def _translate_errors(client: paramiko.SSHClient, site: SiteSpec, target: SshTar
     except paramiko.ssh_exception.NoValidConnectionsError as exc:
         refused = all(getattr(e, "errno", None) == errno.ECONNREFUSED for e in exc.errors.values())
         problem = "refused" if refused else "failed (host unreachable)"
-        raise TransportError(f"SSH connection to {addr} {problem}",
+        raise LinkError(f"SSH connection to {addr} {problem}",
                              f"check that sshd runs on site {site.name}'s device and listens on port "
                              f"{target.port}") from None
     except socket.gaierror as exc:
         raise TransportError(f"cannot resolve SSH host {target.hostname!r}: {exc.strerror}",
                              f"fix `ssh:` of site {site.name}, or add a HostName to ~/.ssh/config") from None
     except socket.timeout:
-        raise TransportError(f"SSH connection to {addr} timed out",
+        raise LinkError(f"SSH connection to {addr} timed out",
                              "check that the device is online and reachable, or raise --timeout") from None
     except (paramiko.SSHException, EOFError) as exc:
         text = str(exc) or type(exc).__name__
@@ -442,15 +436,15 @@ def _translate_errors(client: paramiko.SSHClient, site: SiteSpec, target: SshTar
             text = str(cause)
         if text == "No existing session":
             # paramiko's start_client() gives up silently when `timeout` passes mid-handshake.
-            raise TransportError(f"SSH handshake with {addr} timed out after {timeout:g}s",
+            raise LinkError(f"SSH handshake with {addr} timed out after {timeout:g}s",
                                  "check that an SSH server answers on that port, or raise --timeout") from None
         if "banner" in text.lower():
             raise TransportError(f"no SSH server answered on {addr} ({text})",
                                  "check the port: something else listens there, or the device is overloaded") from None
-        raise TransportError(f"SSH session with {addr} failed: {text}",
+        raise LinkError(f"SSH session with {addr} failed: {text}",
                              "retry; if it persists, test with the ssh command line") from None
     except OSError as exc:
-        raise TransportError(f"SSH connection to {addr} failed: {exc.strerror or exc}",
+        raise LinkError(f"SSH connection to {addr} failed: {exc.strerror or exc}",
                              "check the network path to the device") from None
 
 
@@ -458,8 +452,25 @@ def _translate_errors(client: paramiko.SSHClient, site: SiteSpec, target: SshTar
 # Remote command / file
 
 
-def _run_command(client: paramiko.SSHClient, site: SiteSpec, command: str, timeout: float,
-                 command_timeout: float) -> bytes:
+@dataclass(frozen=True)
+class CommandResult:
+    """What a command run on the device gave back."""
+
+    status: int  # its exit status; -1 when the channel closed without one (killed, link lost)
+    stdout: bytes
+    stderr_tail: str  # the last non-blank line of its stderr ("" if none)
+
+
+def run_device_command(client: paramiko.SSHClient, site: SiteSpec, command: str, timeout: float,
+                       command_timeout: float, what: str) -> CommandResult:
+    """Run ``command`` on the device; its stdout (bounded), exit status and last stderr line.
+
+    ``what`` names the command in messages ("report command", "import").
+
+    Raises:
+        LinkError: It sent nothing for ``command_timeout`` seconds, or the link failed.
+        TransportError: Its stdout exceeded the report bound.
+    """
     transport = client.get_transport()
     assert transport is not None  # connect() succeeded
     chan = transport.open_session(timeout=timeout)
@@ -474,28 +485,34 @@ def _run_command(client: paramiko.SSHClient, site: SiteSpec, command: str, timeo
         try:
             out = _read_all(chan.recv, f"output of `{command}` on site {site.name}")
         except socket.timeout:
-            raise TransportError(f"report command on site {site.name} sent nothing for {command_timeout:.0f}s",
-                                 "check the command by hand on the device, or raise the command timeout") from None
+            raise LinkError(f"{what} on site {site.name} sent nothing for {command_timeout:.0f}s",
+                            "check the command by hand on the device, or raise the command timeout") from None
         drain.join(command_timeout)
         chan.status_event.wait(command_timeout)
         status = chan.exit_status if chan.status_event.is_set() else -1
     finally:
         chan.close()
-    if status != 0:
-        last = _last_line(b"".join(stderr))
+    return CommandResult(status, out, _last_line(b"".join(stderr)))
+
+
+def _run_command(client: paramiko.SSHClient, site: SiteSpec, command: str, timeout: float,
+                 command_timeout: float) -> bytes:
+    result = run_device_command(client, site, command, timeout, command_timeout, "report command")
+    if result.status != 0:
+        last = result.stderr_tail
         if command == default_report_command(site):
-            _check_device_edgebundle(site, status, last)
-        how = f"exited with status {status}" if status > 0 else "ended without an exit status"
+            check_device_edgebundle(site, result.status, last)
+        how = f"exited with status {result.status}" if result.status > 0 else "ended without an exit status"
         raise TransportError(f"report command on site {site.name} {how}: {last or '(no stderr)'}",
                              f"run it by hand on the device: {command}")
-    return out
+    return result.stdout
 
 
 # What argparse says when a flag or command is newer than the device's edgebundle.
 _TOO_OLD = ("unrecognized arguments", "invalid choice")
 
 
-def _check_device_edgebundle(site: SiteSpec, status: int, last: str) -> None:
+def check_device_edgebundle(site: SiteSpec, status: int, last: str) -> None:
     """A missing or too old edgebundle on the device, said as such (not as a failed command)."""
     if status == 127:  # the shell's "command not found"
         raise TransportError(f"edgebundle is not installed on site {site.name} "

@@ -43,18 +43,17 @@ import os
 import posixpath
 import shlex
 import socket
-import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import paramiko
 
-from ..errors import SpaceError, TransportError
+from ..errors import LinkError, SpaceError, TransportError
 from ..files import IO_CHUNK, read_pieces
 from ..specs import SiteSpec
 from ..staged import StagedFile, block_digests
-from .ssh import DEFAULT_TIMEOUT, _check_device_edgebundle, _drain_stderr, _last_line, _read_all, connect
+from .ssh import SshOptions, check_device_edgebundle, connect, run_device_command
 
 log = logging.getLogger(__name__)
 
@@ -172,12 +171,8 @@ def upload_bundle(
     site: SiteSpec,
     bundle: str,
     staging_dir: str,
+    options: SshOptions = SshOptions(),
     *,
-    ssh_config_path: Optional[str] = None,
-    known_hosts: Optional[str] = None,
-    allow_unknown_host: bool = False,
-    key_filename: Optional[str] = None,
-    timeout: float = DEFAULT_TIMEOUT,
     command_timeout: float = DEFAULT_COMMAND_TIMEOUT,
     block_size: int = DEFAULT_BLOCK_SIZE,
     limit_rate: Optional[float] = None,
@@ -185,19 +180,42 @@ def upload_bundle(
 ) -> UploadResult:
     """Upload ``bundle`` to ``staging_dir/<name>`` on ``site``'s device; see the module doc.
 
+    Opens its own connection (``ssh.connect`` with ``options``, bulk ciphers); ``sync``,
+    which reuses one connection per site, calls ``upload_over`` instead.
+    """
+    with connect(site, options, bulk=True) as client:
+        return upload_over(client, site, bundle, staging_dir, timeout=options.timeout,
+                           command_timeout=command_timeout, block_size=block_size,
+                           limit_rate=limit_rate, progress=progress)
+
+
+def upload_over(
+    client: paramiko.SSHClient,
+    site: SiteSpec,
+    bundle: str,
+    staging_dir: str,
+    *,
+    timeout: float = SshOptions.timeout,
+    command_timeout: float = DEFAULT_COMMAND_TIMEOUT,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    limit_rate: Optional[float] = None,
+    progress: Optional[Progress] = None,
+) -> UploadResult:
+    """``upload_bundle`` over an open connection (``ssh.connect(..., bulk=True)``).
+
     Args:
-        site: The site; ``ssh`` names the device, ``edgebundle`` the command there.
+        client: The connection to ``site``'s device.
+        site: The site; ``edgebundle`` is the command there.
         bundle: Local bundle file.
         staging_dir: Directory on the device (created if missing).
-        ssh_config_path, known_hosts, allow_unknown_host, key_filename, timeout:
-            As for ``ssh.pull_report``.
+        timeout: Seconds for opening a channel (as ``SshOptions.timeout``).
         command_timeout: Seconds a device command or SFTP reply may take.
         block_size: Resume and verification granularity (4 KiB..64 MiB).
         limit_rate: Average upload rate cap in bytes/s (``None``: unlimited).
         progress: Called with the bytes sent so far by this call.
 
     Raises:
-        TransportError: Connection, device command, SFTP or verification failure.
+        TransportError: Device command, SFTP or verification failure.
         SpaceError: The staging directory cannot hold the rest of the bundle.
     """
     name = os.path.basename(bundle)
@@ -210,47 +228,44 @@ def upload_bundle(
         local = local_blocks(bundle, block_size)
     except OSError as exc:
         raise TransportError(f"cannot read bundle {bundle}: {exc.strerror or exc}", "check the path") from None
-    with connect(site, ssh_config_path=ssh_config_path, known_hosts=known_hosts,
-                 allow_unknown_host=allow_unknown_host, key_filename=key_filename, timeout=timeout,
-                 bulk=True) as client:
-        transport = client.get_transport()
-        assert transport is not None  # connect() succeeded
-        sftp = paramiko.SFTPClient.from_transport(transport, window_size=WINDOW_SIZE,
-                                                  max_packet_size=MAX_PACKET_SIZE)
-        assert sftp is not None
+    transport = client.get_transport()
+    assert transport is not None  # connect() succeeded
+    sftp = paramiko.SFTPClient.from_transport(transport, window_size=WINDOW_SIZE,
+                                              max_packet_size=MAX_PACKET_SIZE)
+    assert sftp is not None
+    try:
+        channel = sftp.get_channel()
+        if channel is not None:
+            channel.settimeout(command_timeout)
+        _makedirs(sftp, site, staging_dir)
+        staged = _staged(client, site, part, block_size, timeout, command_timeout)
+        if staged is None:
+            offset, held = 0, 0
+            free = _df_free(client, site, staging_dir, timeout, command_timeout)
+        else:
+            offset = resume_offset(local, staged.blocks, staged.size, block_size)
+            held, free = staged.size, staged.free_bytes
+            log.info("site %s: %s on the device holds %d bytes, %d verified; resuming at %d",
+                     site.name, part, staged.size, offset, offset)
+        # What the part holds past the offset is freed by the truncation.
+        if free is not None and free + max(0, held - offset) < size - offset:
+            raise SpaceError(
+                f"staging directory {staging_dir} on site {site.name} has {_human(free)} free "
+                f"({free} bytes); the bundle needs {_human(size - offset)} ({size - offset} bytes) more",
+                "free space on the device or choose another staging directory")
+        sent = _send(sftp, site, bundle, part, offset, size, limiter, progress)
+        verified = _verify(client, sftp, site, bundle, part, size, local, block_size, timeout,
+                           command_timeout)
         try:
-            channel = sftp.get_channel()
-            if channel is not None:
-                channel.settimeout(command_timeout)
-            _makedirs(sftp, site, staging_dir)
-            staged = _staged(client, site, part, block_size, timeout, command_timeout)
-            if staged is None:
-                offset, held = 0, 0
-                free = _df_free(client, site, staging_dir, timeout, command_timeout)
-            else:
-                offset = resume_offset(local, staged.blocks, staged.size, block_size)
-                held, free = staged.size, staged.free_bytes
-                log.info("site %s: %s on the device holds %d bytes, %d verified; resuming at %d",
-                         site.name, part, staged.size, offset, offset)
-            # What the part holds past the offset is freed by the truncation.
-            if free is not None and free + max(0, held - offset) < size - offset:
-                raise SpaceError(
-                    f"staging directory {staging_dir} on site {site.name} has {_human(free)} free "
-                    f"({free} bytes); the bundle needs {_human(size - offset)} ({size - offset} bytes) more",
-                    "free space on the device or choose another staging directory")
-            sent = _send(sftp, site, bundle, part, offset, size, limiter, progress)
-            verified = _verify(client, sftp, site, bundle, part, size, local, block_size, timeout,
-                               command_timeout)
-            try:
-                sftp.posix_rename(part, final)
-            except OSError as exc:
-                raise TransportError(f"cannot rename {part} to {final} on site {site.name}: "
-                                     f"{exc.strerror or exc}",
-                                     "check the staging directory's permissions on the device") from None
-        finally:
-            # On a dead link closing fails too; that must not replace the error that says why.
-            with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
-                sftp.close()
+            sftp.posix_rename(part, final)
+        except OSError as exc:
+            raise TransportError(f"cannot rename {part} to {final} on site {site.name}: "
+                                 f"{exc.strerror or exc}",
+                                 "check the staging directory's permissions on the device") from None
+    finally:
+        # On a dead link closing fails too; that must not replace the error that says why.
+        with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
+            sftp.close()
     seconds = time.monotonic() - started
     log.info("site %s: uploaded %s (%d bytes sent, resumed from %d) in %.1fs", site.name, final, sent, offset,
              seconds)
@@ -282,35 +297,15 @@ def _sftp_error(site: SiteSpec, what: str, exc: OSError) -> TransportError:
                           "make the staging directory writable by the SSH user, or choose another")
 
 
-def _exec(client: paramiko.SSHClient, command: str, timeout: float,
-          command_timeout: float) -> Tuple[int, bytes, str]:
-    """(exit status, stdout, last stderr line) of one device command."""
-    transport = client.get_transport()
-    assert transport is not None
-    chan = transport.open_session(timeout=timeout)
-    try:
-        chan.settimeout(command_timeout)
-        chan.exec_command(command)
-        stderr: List[bytes] = []
-        drain = threading.Thread(target=_drain_stderr, args=(chan, stderr), daemon=True)
-        drain.start()
-        out = _read_all(chan.recv, f"output of `{command}`")
-        drain.join(command_timeout)
-        chan.status_event.wait(command_timeout)
-        status = chan.exit_status if chan.status_event.is_set() else -1
-    finally:
-        chan.close()
-    return status, out, _last_line(b"".join(stderr))
-
-
 def _staged(client: paramiko.SSHClient, site: SiteSpec, part: str, block_size: int, timeout: float,
             command_timeout: float) -> Optional[StagedFile]:
     """The device's view of the part, or None when its edgebundle has no ``staged``."""
     command = f"{site.edgebundle} staged {shlex.quote(part)} --block-size {block_size} --json"
-    status, out, last = _exec(client, command, timeout, command_timeout)
+    result = run_device_command(client, site, command, timeout, command_timeout, "`edgebundle staged`")
+    status, out, last = result.status, result.stdout, result.stderr_tail
     if status != 0:
         try:
-            _check_device_edgebundle(site, status, last)
+            check_device_edgebundle(site, status, last)
         except TransportError as exc:
             if status == 127:
                 raise  # no edgebundle at all: sync could not import anyway
@@ -327,7 +322,9 @@ def _staged(client: paramiko.SSHClient, site: SiteSpec, part: str, block_size: i
 
 def _df_free(client: paramiko.SSHClient, site: SiteSpec, directory: str, timeout: float,
              command_timeout: float) -> Optional[int]:
-    status, out, last = _exec(client, f"df -Pk -- {shlex.quote(directory)}", timeout, command_timeout)
+    result = run_device_command(client, site, f"df -Pk -- {shlex.quote(directory)}", timeout,
+                                command_timeout, "df")
+    status, out, last = result.status, result.stdout, result.stderr_tail
     try:
         if status != 0:
             raise ValueError(last or f"status {status}")
@@ -368,7 +365,7 @@ def _send(sftp: paramiko.SFTPClient, site: SiteSpec, bundle: str, part: str, off
         cause = str(exc) or type(exc).__name__
         if isinstance(exc, socket.timeout):
             cause = "the device stopped answering"
-        raise TransportError(f"upload of {os.path.basename(bundle)} to site {site.name} failed after "
+        raise LinkError(f"upload of {os.path.basename(bundle)} to site {site.name} failed after "
                              f"{offset + sent} of {size} bytes: {cause}; {part} is kept on the device",
                              "run the upload again: it resumes from the last verified block") from None
     return sent
@@ -386,7 +383,9 @@ def _verify(client: paramiko.SSHClient, sftp: paramiko.SFTPClient, site: SiteSpe
                              f"(from byte {bad}; {staged.size} of {size} bytes)",
                              "run the upload again: it re-sends from the first differing block; if it "
                              "repeats, check the device's storage")
-    status, out, _ = _exec(client, f"sha256sum -- {shlex.quote(part)}", timeout, command_timeout)
+    result = run_device_command(client, site, f"sha256sum -- {shlex.quote(part)}", timeout,
+                                command_timeout, "sha256sum")
+    status, out = result.status, result.stdout
     if status == 0 and out.split()[:1]:
         with open(bundle, "rb") as fh:
             digest = hashlib.sha256()

@@ -33,6 +33,7 @@ from ..resolve import ProgressFactory, Resolver
 from ..specs import ManifestList, SiteSpec
 from ..space import check_packer
 from ..store import InventoryStore
+from ..transfer.options import SshOptions
 from ..volumeset import write_volumes
 
 log = logging.getLogger(__name__)
@@ -309,18 +310,16 @@ def record_report(home: Path, site: str, report_path: str,
 
 
 def pull_inventory(home: Path, site: str, manifest_path: Optional[str] = None,
-                   **ssh: Any) -> Inventory:
-    """``inventory pull``: fetch the site's report over SSH and record it.
-
-    ``ssh`` are ``transfer.ssh.pull_report``'s options (known hosts, identity, timeout).
-    """
+                   options: SshOptions = SshOptions(), path: Optional[str] = None) -> Inventory:
+    """``inventory pull``: fetch the site's report over SSH (``options``; the file at
+    ``path`` instead of running ``edgebundle report``) and record it."""
     from ..transfer.ssh import pull_report
 
     spec = _manifest_site(home, site, manifest_path)
     if spec is None:
         raise UsageError(f"no manifest known for site {site}",
                          "pass -m MANIFEST (or plan/pack the site once)")
-    obj = pull_report(spec, **ssh)
+    obj = pull_report(spec, options, path=path)
     return InventoryStore(home).record(site, obj, spec)
 
 

@@ -23,6 +23,7 @@ from edgebundle.report import inventory_to_json
 from edgebundle.holdings import HeldImage, HeldLayer, Inventory
 from edgebundle.oci import Platform
 from edgebundle.specs import SiteSpec
+from edgebundle.transfer.options import SshOptions
 from edgebundle.transfer.ssh import pull_report
 
 REPORT = inventory_to_json(
@@ -56,8 +57,10 @@ def site_for(sshd: Sshd, report_file: Path, **kw: Any) -> SiteSpec:
 
 
 def pull(sshd: Sshd, site: SiteSpec, known_hosts: Path, **kw: Any) -> Dict[str, Any]:
-    return pull_report(site, known_hosts=str(known_hosts), key_filename=str(sshd.client_key_path),
-                       ssh_config_path=os.devnull, timeout=10, **kw)
+    options = SshOptions(known_hosts=str(known_hosts), key_filename=str(sshd.client_key_path),
+                         ssh_config_path=os.devnull, timeout=10,
+                         allow_unknown_host=bool(kw.pop("allow_unknown_host", False)))
+    return pull_report(site, options, **kw)
 
 
 def test_trusted_host_runs_report_command(sshd: Sshd, report_file: Path, tmp_path: Path) -> None:
@@ -148,8 +151,8 @@ def test_wrong_client_key_fails_auth(sshd: Sshd, report_file: Path, tmp_path: Pa
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(stranger)], check=True,
                    capture_output=True, env=clean_env())
     with pytest.raises(TransportError, match=f"SSH authentication as {sshd.user} to 127.0.0.1:{sshd.port} failed"):
-        pull_report(site_for(sshd, report_file), known_hosts=str(kh), key_filename=str(stranger),
-                    ssh_config_path=os.devnull, timeout=10)
+        pull_report(site_for(sshd, report_file), SshOptions(known_hosts=str(kh), key_filename=str(stranger),
+                                                            ssh_config_path=os.devnull, timeout=10))
 
 
 def test_edgebundle_missing_or_too_old_on_the_device(sshd: Sshd, report_file: Path, tmp_path: Path) -> None:

@@ -23,6 +23,7 @@ from services import Sshd
 from edgebundle.errors import SpaceError, TransportError
 from edgebundle.oci import Platform
 from edgebundle.specs import SiteSpec
+from edgebundle.transfer.options import SshOptions
 from edgebundle.transfer.upload import RATE_STEP, upload_bundle
 
 BLOCK = 64 * 1024
@@ -98,8 +99,9 @@ def site(sshd: Sshd, port: int = 0, edgebundle: str = DEVICE_EDGEBUNDLE) -> Site
 
 
 def upload(sshd: Sshd, s: SiteSpec, bundle: Path, staging: Path, kh: Path, **kw: Any) -> Any:
-    return upload_bundle(s, str(bundle), str(staging), known_hosts=str(kh), key_filename=str(sshd.client_key_path),
-                         ssh_config_path=os.devnull, timeout=10, command_timeout=30, block_size=BLOCK, **kw)
+    options = SshOptions(known_hosts=str(kh), key_filename=str(sshd.client_key_path),
+                         ssh_config_path=os.devnull, timeout=10)
+    return upload_bundle(s, str(bundle), str(staging), options, command_timeout=30, block_size=BLOCK, **kw)
 
 
 def test_fresh_upload_is_verified_and_renamed(sshd: Sshd, bundle: Path, known_hosts: Path, tmp_path: Path) -> None:

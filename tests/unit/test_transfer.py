@@ -30,6 +30,7 @@ from edgebundle.report import inventory_to_json
 from edgebundle.holdings import HeldImage, Inventory
 from edgebundle.oci import Platform
 from edgebundle.specs import SiteSpec
+from edgebundle.transfer.options import SshOptions
 from edgebundle.transfer.ssh import (
     default_report_command,
     fingerprint,
@@ -194,8 +195,10 @@ def known_hosts(tmp_path: Path, device: FakeDevice) -> Path:
 def pull(device: FakeDevice, known_hosts: Path, client_key: Path, **kw: object) -> dict:
     kw.setdefault("site", device.site())
     site = kw.pop("site")
-    return pull_report(site, known_hosts=str(known_hosts), key_filename=str(client_key),  # type: ignore[arg-type]
-                       ssh_config_path=kw.pop("ssh_config_path", os.devnull), timeout=5, **kw)  # type: ignore[arg-type]
+    options = SshOptions(known_hosts=str(known_hosts), key_filename=str(client_key),
+                         ssh_config_path=kw.pop("ssh_config_path", os.devnull),  # type: ignore[arg-type]
+                         timeout=5, allow_unknown_host=bool(kw.pop("allow_unknown_host", False)))
+    return pull_report(site, options, **kw)  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------------------
@@ -422,7 +425,8 @@ def test_connection_refused(tmp_path: Path, keys: tuple) -> None:
         port = s.getsockname()[1]
     site = SiteSpec("gw-01", "docker", Platform.parse("linux/amd64"), ssh=f"edge@127.0.0.1:{port}")
     with pytest.raises(TransportError, match=f"SSH connection to 127.0.0.1:{port} refused") as info:
-        pull_report(site, known_hosts=str(tmp_path / "kh"), key_filename=str(keys[2]), ssh_config_path=os.devnull)
+        pull_report(site, SshOptions(known_hosts=str(tmp_path / "kh"), key_filename=str(keys[2]),
+                                     ssh_config_path=os.devnull))
     assert "sshd" in (info.value.hint or "")
 
 
@@ -433,8 +437,8 @@ def test_silent_server_times_out(tmp_path: Path, keys: tuple) -> None:
         port = listener.getsockname()[1]
         site = SiteSpec("gw-01", "docker", Platform.parse("linux/amd64"), ssh=f"edge@127.0.0.1:{port}")
         with pytest.raises(TransportError, match=f"127.0.0.1:{port}") as info:
-            pull_report(site, known_hosts=str(tmp_path / "kh"), key_filename=str(keys[2]),
-                        ssh_config_path=os.devnull, timeout=0.5)
+            pull_report(site, SshOptions(known_hosts=str(tmp_path / "kh"), key_filename=str(keys[2]),
+                                         ssh_config_path=os.devnull, timeout=0.5))
     assert "timed out" in info.value.message or "no SSH server answered" in info.value.message
 
 
@@ -443,7 +447,8 @@ def test_ssh_config_alias_end_to_end(device: FakeDevice, known_hosts: Path, keys
     config.write_text(f"Host gw01\n  HostName 127.0.0.1\n  Port {device.port}\n  User {device.user}\n"
                       f"  IdentityFile {keys[2]}\n")
     site = device.site(ssh="gw01")
-    assert pull_report(site, ssh_config_path=str(config), known_hosts=str(known_hosts), timeout=5) == REPORT
+    assert pull_report(site, SshOptions(ssh_config_path=str(config), known_hosts=str(known_hosts),
+                                        timeout=5)) == REPORT
 
 
 def test_known_key_of_other_type_counts_as_changed(device: FakeDevice, tmp_path: Path, keys: tuple) -> None:
