@@ -72,7 +72,7 @@ class ImagePlan:
 
 @dataclass(frozen=True)
 class Plan:
-    site: str
+    site: Optional[str]  # None: a fleet bundle, for every site in one state (``sync``)
     runtime: str
     namespace: Optional[str]
     platform: str

@@ -63,7 +63,8 @@ class StateDir:
         atomic_write(target, (json.dumps(obj, sort_keys=True, indent=1) + "\n").encode())
 
     @contextlib.contextmanager
-    def lock(self, name: str = "import.lock", what: str = "an import") -> Iterator[None]:
+    def lock(self, name: str = "import.lock", what: str = "an import",
+             where: str = "on this device") -> Iterator[None]:
         """Hold ``name`` exclusively for the block; refuse at once if another process does.
 
         ``flock`` locks die with their process, so a killed import never leaves the
@@ -78,7 +79,7 @@ class StateDir:
                 if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
                     raise
                 holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-                raise LockedError(f"{what} is already running on this device (pid {holder}, "
+                raise LockedError(f"{what} is already running {where} (pid {holder}, "
                                   f"lock {path})",
                                   "wait for it to finish and run again") from None
             os.ftruncate(fd, 0)

@@ -46,16 +46,21 @@ _SIZE = re.compile(r"(\d+)\s*([kKmMgGtT]?)(?:i?B)?")
 _SUFFIX = re.compile(r"\A(.*)\.([0-9]{3,})\Z", re.DOTALL)  # \Z: no match before a final newline
 
 
-def parse_size(text: str) -> int:
-    """``700M``, ``4G``, ``1048576``: bytes, with binary suffixes (1k = 1024)."""
+def parse_size(text: str, what: str = "volume size", minimum: int = MIN_VOLUME_SIZE,
+               example: str = "700M") -> int:
+    """``700M``, ``4G``, ``1048576``: bytes, with binary suffixes (1k = 1024).
+
+    ``what`` names the value in errors (``sync --limit-rate`` parses bytes/s with it too).
+    """
     m = _SIZE.fullmatch(text.strip())
     if not m:
-        raise UsageError(f"volume size {text!r} is not a size",
-                         "give bytes with an optional k, M, G or T suffix (binary: 1k = 1024), e.g. 700M")
+        raise UsageError(f"{what} {text!r} is not a size",
+                         f"give bytes with an optional k, M, G or T suffix (binary: 1k = 1024), e.g. {example}")
     size = int(m.group(1)) * _UNITS[m.group(2).lower()]
-    if size < MIN_VOLUME_SIZE:
-        raise UsageError(f"volume size {text} is {size} bytes, below the minimum of 1M "
-                         f"({MIN_VOLUME_SIZE} bytes)", "give a suffix, e.g. 4G or 700M")
+    if size < minimum:
+        shown = f"{minimum >> 20}M ({minimum} bytes)" if minimum % (1 << 20) == 0 else f"{minimum} bytes"
+        raise UsageError(f"{what} {text} is {size} bytes, below the minimum of {shown}",
+                         f"give a suffix, e.g. 4G or {example}")
     return size
 
 

@@ -11,6 +11,7 @@ import argparse
 import errno
 import json
 import logging
+import os
 import sys
 import traceback
 from typing import Any, Callable, List, Optional
@@ -20,7 +21,7 @@ from ..errors import EdgebundleError, SpaceError, UsageError
 from ..logs import redact, setup_logging
 
 EPILOG = """\
-packer:  plan, pack, inventory record|pull|show, key generate|show
+packer:  plan, pack, sync, inventory record|pull|show, key generate|show
 device:  import, report, verify, inspect
 
 Every command takes -v (what happens) and --debug (more, with library requests).
@@ -29,7 +30,7 @@ Exit codes: 0 ok, 1 error, 2 usage, 3 manifest, 4 resolve, 5 bundle format,
 6 prerequisite missing, 7 runtime unreachable, 8 load failed, 9 transport, 10 inventory,
 11 packer cache, 12 output not writable, 13 trust policy refused the bundle,
 14 not enough disk space (refused up front, or the disk filled), 15 another import
-is running.
+(or sync of the site) is running, 16 sync: some sites are not done.
 """
 
 log = logging.getLogger("edgebundle")
@@ -57,8 +58,10 @@ def _runtime_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     g.add_argument("--namespace", default="default",
                    help="containerd namespace, e.g. k8s.io for k3s/Kubernetes (default: %(default)s)")
     g.add_argument("--ctr", default="ctr", help="ctr command, e.g. 'k3s ctr' (default: %(default)s)")
-    g.add_argument("--snapshotter", default="overlayfs",
-                   help="containerd snapshotter (default: %(default)s)")
+    # Like ctr, $CONTAINERD_SNAPSHOTTER sets the default (so a device's `edgebundle:` command
+    # line can carry it for sync, which passes no --snapshotter).
+    g.add_argument("--snapshotter", default=os.environ.get("CONTAINERD_SNAPSHOTTER") or "overlayfs",
+                   help="containerd snapshotter (default: $CONTAINERD_SNAPSHOTTER, else overlayfs)")
     g.add_argument("--host", default="unix:///var/run/docker.sock",
                    help="Docker Engine socket (default: %(default)s)")
 
@@ -141,6 +144,48 @@ def build_parser() -> argparse.ArgumentParser:
                    "repeat to co-sign with a new and an old key while rotating")
     p.add_argument("--json", action="store_true", help="machine-readable summary")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    p = sub.add_parser(
+        "sync", parents=[common], help="bring sites to the manifest over SSH: report, pack, upload, import",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="For every selected site, in parallel: read the device's live report over "
+        "SSH, pack the bundle its state needs (once per distinct state, cached under the packer "
+        "home's bundles/), upload it to the site's staging: directory (resumable), import it "
+        "there, prune when the site has prune:, and read the report again. A site is done only "
+        "when that report holds every manifest image complete.",
+        epilog="Exit 0 when every selected site is done; 16 when some are not (each says why "
+        "in the summary); 2, 3 for bad flags or a bad manifest.")
+    p.add_argument("manifest", help="manifest list YAML")
+    p.add_argument("--site", action="append", default=[], metavar="SITE",
+                   help="a site to sync (repeatable)")
+    p.add_argument("--all", action="store_true", help="every site of the manifest")
+    p.add_argument("--parallel", type=int, default=4, metavar="N",
+                   help="sites worked on at once (default: %(default)s)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="read every site's report and plan: bytes per site and in total; "
+                   "nothing is packed, uploaded, imported or recorded")
+    p.add_argument("--limit-rate", metavar="RATE",
+                   help="upload at most RATE bytes/s per site, binary units (k, M), e.g. 200k")
+    p.add_argument("--retries", type=int, default=2, metavar="N",
+                   help="further attempts for a site after a failure that may pass (link lost "
+                   "or timed out, device busy or its runtime restarting, import killed), with "
+                   "backoff (default: %(default)s)")
+    p.add_argument("--retry-delay", type=float, default=5.0, metavar="SECONDS",
+                   help="first backoff, doubled per attempt (default: %(default)s)")
+    p.add_argument("--site-timeout", type=float, default=3600.0, metavar="SECONDS",
+                   help="start no step or attempt for a site after this long (default: %(default)s)")
+    p.add_argument("--command-timeout", type=float, default=3600.0, metavar="SECONDS",
+                   help="how long a device command (the import) may stay silent (default: %(default)s)")
+    p.add_argument("--sign", action="append", default=[], metavar="KEYFILE",
+                   help="sign the bundles with this private key (repeatable), as for pack")
+    p.add_argument("--level", type=int, default=16, choices=range(1, 23), metavar="1-22",
+                   help="zstd level, as for pack (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=0, help="zstd worker threads (default: 0 = one per CPU)")
+    p.add_argument("--no-delta", action="store_true", help="ship changed layers whole, never as deltas")
+    _ssh_args(p)
+    p.add_argument("--json", action="store_true",
+                   help="print {ok, sites: [{site, ok, action, error, exit_code, bytes_sent, ...}]}")
+    p.add_argument("--no-progress", action="store_true", help="no progress display")
 
     p = sub.add_parser("import", parents=[common], help="verify a bundle and load it into the runtime")
     p.add_argument("bundle", nargs="+", help="bundle file, or - for standard input; for a bundle "
@@ -309,7 +354,10 @@ def dispatch(args: argparse.Namespace) -> int:
                 raise  # our own bug, not a missing extra: the last-resort handler says so
             raise UsageError(f"`edgebundle {args.command}` needs the packer extra ({exc.name} "
                              "is not installed)", "pip install 'edgebundle[packer]'") from None
-        if args.command == "inventory":
+        if args.command == "sync":
+            from .sync import cmd_sync
+            handler = cmd_sync
+        elif args.command == "inventory":
             if not args.inventory_command:
                 raise UsageError("inventory needs an action: record, pull or show",
                                  "e.g. `edgebundle inventory show SITE`; see `edgebundle inventory --help`")

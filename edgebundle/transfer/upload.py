@@ -53,7 +53,8 @@ from ..errors import LinkError, SpaceError, TransportError
 from ..files import IO_CHUNK, read_pieces
 from ..specs import SiteSpec
 from ..staged import StagedFile, block_digests
-from .ssh import SshOptions, check_device_edgebundle, connect, run_device_command
+from .options import SshOptions
+from .ssh import check_device_edgebundle, connect, run_device_command
 
 log = logging.getLogger(__name__)
 

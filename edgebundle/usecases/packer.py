@@ -140,13 +140,15 @@ class PackerSession:
         return self._inventories[site.name]
 
     def plan(self, site: SiteSpec, *, full: bool = False, deltas: bool = True,
-             fetch: bool = False, before_fetch: Optional[Callable[[Plan], None]] = None) -> Plan:
+             fetch: bool = False, before_fetch: Optional[Callable[[Plan], None]] = None,
+             inventory: Optional[Inventory] = None) -> Plan:
         """What ``site`` lacks; with ``deltas`` (and the site's ``deltas:``), as deltas
         where clearly smaller. The layers that ship are fetched when ``fetch`` asks (to
         pack them), or when deltas are considered (to diff them): once either way.
-        ``before_fetch`` sees the plan before anything is downloaded (the disk pre-flight)."""
+        ``before_fetch`` sees the plan before anything is downloaded (the disk pre-flight).
+        ``inventory``: plan against this (a report just read) instead of the recorded one."""
         images = self.resolve(site)
-        inv = self.inventory(site, full=full)
+        inv = inventory if inventory is not None else self.inventory(site, full=full)
         plan = plan_bundle(site.name, images, inv, runtime=site.runtime,
                            namespace=site.namespace, platform=str(site.platform))
         with_deltas = deltas and site.deltas and bool(plan.shipped_layers()) and bool(inv.images)
@@ -189,9 +191,19 @@ class PackerSession:
                 raise UsageError(f"volumes are files: cannot write them to {output}",
                                  "name a file with -o, e.g. -o /media/usb/site.ebundle")
         check_output(output, what)  # before any download, not after
-        self._check_signers(site, signers)
+        self.check_signers(site, self._recorded(site), signers)
         plan = self.plan(site, full=full, deltas=deltas, fetch=True,
-                         before_fetch=lambda plan: self._check_space(plan, output))
+                         before_fetch=lambda plan: self.check_space(plan, output))
+        return self.write(plan, output, level=level, threads=threads, created=created,
+                          signers=signers, volume_size=volume_size)
+
+    def write(self, plan: Plan, output: str, *, level: int = 16, threads: int = 0,
+              created: Optional[str] = None, signers: Sequence[Signer] = (),
+              volume_size: Optional[int] = None) -> PackOutcome:
+        """Write the bundle of ``plan`` (its layers fetched) to ``output``; see ``pack``."""
+        what = "bundle to standard output" if output == "-" else f"bundle {output}"
+        if volume_size is not None:
+            what = f"volumes {output}.001…"
         workers = threads if threads > 0 else (os.cpu_count() or 1)
         shipped = sum(lp.layer.size for lp in plan.shipped_layers())
         bar = (self._progress or _no_bar)(shipped, "pack")
@@ -213,9 +225,10 @@ class PackerSession:
         log.info("wrote %s: %d bytes, %d entries", what, stats.bundle_bytes, stats.entries)
         return PackOutcome(output, plan, stats, volumes)
 
-
-    def _check_signers(self, site: SiteSpec, signers: Sequence[Signer]) -> None:
-        trusted = self._recorded(site).trusted_keys
+    @staticmethod
+    def check_signers(site: SiteSpec, inventory: Inventory, signers: Sequence[Signer]) -> None:
+        """Refuse to pack what ``site`` (its trust policy as ``inventory`` reports it) would refuse."""
+        trusted = inventory.trusted_keys
         if not trusted:
             return  # the site enforces nothing, or its report predates signatures
         ids = sorted(trusted)
@@ -229,7 +242,7 @@ class PackerSession:
                              "sign with a key it trusts, or first add the new .pub to its "
                              "trust directory (co-sign with --sign OLD --sign NEW meanwhile)")
 
-    def _check_space(self, plan: Plan, output: str) -> None:
+    def check_space(self, plan: Plan, output: str) -> None:
         """Downloads into the cache and the bundle at ``output`` must fit (``space``).
 
         The bundle is estimated at the registry size of what ships (stored blobs as they

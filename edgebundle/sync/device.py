@@ -1,0 +1,117 @@
+"""What ``sync`` runs on one device, over one SSH connection (``transfer.ssh.connect``).
+
+Every device command is the site's ``edgebundle:`` command line plus quoted
+arguments (``transfer.ssh.device_command``), so a device needs only edgebundle and
+sshd. A command that fails becomes a ``DeviceCommandError`` carrying the device's
+exit code (exit 14 there is a full disk there) and its last stderr line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import posixpath
+from typing import Any, Dict, List, Optional, Sequence
+
+import paramiko
+
+from ..errors import EdgebundleError, LockedError, RuntimeUnavailableError
+from ..specs import SiteSpec
+from ..transfer.ssh import (CommandResult, check_device_edgebundle, device_command, read_report,
+                            run_device_command, runtime_argv)
+from ..transfer.upload import Progress, UploadResult, upload_over
+from .bundles import SUFFIX
+
+log = logging.getLogger(__name__)
+
+# A device exit code that says "try again later": another import holds the device's
+# lock, or the runtime is restarting. Killed (-1: no exit status; 137: SIGKILL through
+# the shell) is retried too: the next import recovers from the journal.
+RETRY_EXIT_CODES = frozenset({LockedError.exit_code, RuntimeUnavailableError.exit_code, -1, 137})
+
+
+class DeviceCommandError(EdgebundleError):
+    """A command on the device failed; ``exit_code`` is the device's own (1 when it has
+    none, e.g. killed), ``device_status`` what the channel said (-1: no status)."""
+
+    def __init__(self, message: str, hint: Optional[str], status: int) -> None:
+        super().__init__(message, hint)
+        self.device_status = status
+        self.exit_code = status if 0 < status < 126 else 1
+
+    @property
+    def retryable(self) -> bool:
+        return self.device_status in RETRY_EXIT_CODES
+
+
+def import_argv(site: SiteSpec, staged: str) -> List[str]:
+    return ["import", staged, *runtime_argv(site), "--json", "--no-progress"]
+
+
+def prune_argv(site: SiteSpec, keep: Sequence[str], keep_previous: int) -> List[str]:
+    argv = ["prune", *runtime_argv(site)]
+    for name in keep:
+        argv += ["--keep", name]
+    return argv + ["--keep-previous", str(keep_previous), "--json"]
+
+
+class Device:
+    """One site's device over an open connection."""
+
+    def __init__(self, client: paramiko.SSHClient, site: SiteSpec, *, timeout: float,
+                 command_timeout: float) -> None:
+        self.client = client
+        self.site = site
+        self.timeout = timeout
+        self.command_timeout = command_timeout
+
+    def report(self) -> Dict[str, Any]:
+        """The device's live inventory report (validated)."""
+        return read_report(self.client, self.site, self.timeout)
+
+    def upload(self, bundle: str, *, limit_rate: Optional[float] = None,
+               progress: Optional[Progress] = None) -> UploadResult:
+        return upload_over(self.client, self.site, bundle, self.site.staging, timeout=self.timeout,
+                           limit_rate=limit_rate, progress=progress)
+
+    def import_bundle(self, staged: str) -> None:
+        """``edgebundle import STAGED`` on the device, read from the staged file there."""
+        self._run(import_argv(self.site, staged), "import")
+
+    def prune(self, keep: Sequence[str], keep_previous: int) -> None:
+        self._run(prune_argv(self.site, keep, keep_previous), "prune")
+
+    def clear_staging(self) -> List[str]:
+        """Remove every staged bundle and partial upload (``*.ebundle[.part]``) there.
+
+        Called once the site is done: bundles of earlier states are of no use any more.
+        """
+        removed = []
+        sftp = self.client.open_sftp()
+        try:
+            for name in sftp.listdir(self.site.staging):
+                if name.endswith(SUFFIX) or name.endswith(SUFFIX + ".part"):
+                    with contextlib.suppress(OSError):
+                        sftp.remove(posixpath.join(self.site.staging, name))
+                        removed.append(name)
+        except OSError as exc:
+            log.warning("site %s: cannot clean %s: %s", self.site.name, self.site.staging, exc)
+        finally:
+            with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
+                sftp.close()
+        return removed
+
+    def _run(self, argv: Sequence[str], what: str) -> CommandResult:
+        command = device_command(self.site, argv)
+        log.info("site %s: running %s", self.site.name, command)
+        result = run_device_command(self.client, self.site, command, self.timeout,
+                                    self.command_timeout, what)
+        if result.status == 0:
+            return result
+        check_device_edgebundle(self.site, result.status, result.stderr_tail)
+        how = (f"exited with status {result.status}" if result.status > 0 else
+               "ended without an exit status (killed, or the link dropped)")
+        raise DeviceCommandError(
+            f"{what} on site {self.site.name} {how}: {result.stderr_tail or '(no stderr)'}",
+            f"the device keeps the staged bundle; sync again, or run it by hand there: {command}",
+            result.status)
