@@ -1,9 +1,13 @@
-"""What ``sync`` runs on one device, over one SSH connection (``transfer.ssh.connect``).
+"""What ``sync`` runs on one device, through one ``Shell`` (over SSH: ``SshShell``).
 
 Every device command is the site's ``edgebundle:`` command line plus quoted
 arguments (``transfer.ssh.device_command``), so a device needs only edgebundle and
 sshd. A command that fails becomes a ``DeviceCommandError`` carrying the device's
 exit code (exit 14 there is a full disk there) and its last stderr line.
+
+``Shell`` is the seam at the SSH boundary: ``SshShell`` is the real one (one
+paramiko connection: exec channels and SFTP); unit tests run the same device command
+lines on a local shell and copy files instead of uploading.
 """
 
 from __future__ import annotations
@@ -11,14 +15,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import posixpath
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Protocol, Sequence
 
 import paramiko
 
 from ..errors import EdgebundleError, LockedError, RuntimeUnavailableError
 from ..specs import SiteSpec
-from ..transfer.ssh import (CommandResult, check_device_edgebundle, device_command, read_report,
-                            run_device_command, runtime_argv)
+from ..transfer.ssh import (CommandResult, check_device_edgebundle, default_report_command,
+                            device_command, parse_report, report_output, run_device_command,
+                            runtime_argv)
 from ..transfer.upload import Progress, UploadResult, upload_over
 from .bundles import SUFFIX
 
@@ -28,6 +33,7 @@ log = logging.getLogger(__name__)
 # lock, or the runtime is restarting. Killed (-1: no exit status; 137: SIGKILL through
 # the shell) is retried too: the next import recovers from the journal.
 RETRY_EXIT_CODES = frozenset({LockedError.exit_code, RuntimeUnavailableError.exit_code, -1, 137})
+REPORT_TIMEOUT = 300.0  # seconds a report may stay silent (it reads the whole runtime)
 
 
 class DeviceCommandError(EdgebundleError):
@@ -44,7 +50,54 @@ class DeviceCommandError(EdgebundleError):
         return self.device_status in RETRY_EXIT_CODES
 
 
-def import_argv(site: SiteSpec, staged: str) -> List[str]:
+class Shell(Protocol):
+    """The device end of one connection."""
+
+    def run(self, command: str, what: str, timeout: float) -> CommandResult:
+        """Run a shell command line there; ``timeout``: seconds it may stay silent."""
+
+    def upload(self, bundle: str, staging: str, *, limit_rate: Optional[float],
+               progress: Optional[Progress]) -> UploadResult:
+        """Put ``bundle`` at ``staging/<its name>`` there (resuming a partial one)."""
+
+    def remove_staged(self, staging: str, suffixes: Sequence[str]) -> List[str]:
+        """Remove the files in ``staging`` ending in one of ``suffixes``; their names."""
+
+
+class SshShell:
+    """``Shell`` over an open paramiko connection (``transfer.ssh.connect(bulk=True)``)."""
+
+    def __init__(self, client: paramiko.SSHClient, site: SiteSpec, timeout: float) -> None:
+        self.client = client
+        self.site = site
+        self.timeout = timeout
+
+    def run(self, command: str, what: str, timeout: float) -> CommandResult:
+        return run_device_command(self.client, self.site, command, self.timeout, timeout, what)
+
+    def upload(self, bundle: str, staging: str, *, limit_rate: Optional[float],
+               progress: Optional[Progress]) -> UploadResult:
+        return upload_over(self.client, self.site, bundle, staging, timeout=self.timeout,
+                           limit_rate=limit_rate, progress=progress)
+
+    def remove_staged(self, staging: str, suffixes: Sequence[str]) -> List[str]:
+        removed = []
+        sftp = self.client.open_sftp()
+        try:
+            for name in sftp.listdir(staging):
+                if name.endswith(tuple(suffixes)):
+                    with contextlib.suppress(OSError):
+                        sftp.remove(posixpath.join(staging, name))
+                        removed.append(name)
+        except OSError as exc:
+            log.warning("site %s: cannot clean %s: %s", self.site.name, staging, exc)
+        finally:
+            with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
+                sftp.close()
+        return removed
+
+
+def import_argv(staged: str, site: SiteSpec) -> List[str]:
     return ["import", staged, *runtime_argv(site), "--json", "--no-progress"]
 
 
@@ -56,27 +109,28 @@ def prune_argv(site: SiteSpec, keep: Sequence[str], keep_previous: int) -> List[
 
 
 class Device:
-    """One site's device over an open connection."""
+    """One site's device, through ``shell``."""
 
-    def __init__(self, client: paramiko.SSHClient, site: SiteSpec, *, timeout: float,
-                 command_timeout: float) -> None:
-        self.client = client
+    def __init__(self, shell: Shell, site: SiteSpec, *, command_timeout: float) -> None:
+        self.shell = shell
         self.site = site
-        self.timeout = timeout
         self.command_timeout = command_timeout
 
     def report(self) -> Dict[str, Any]:
         """The device's live inventory report (validated)."""
-        return read_report(self.client, self.site, self.timeout)
+        command = self.site.report_command or default_report_command(self.site)
+        log.info("site %s: running %s", self.site.name, command)
+        result = self.shell.run(command, "report command", REPORT_TIMEOUT)
+        return parse_report(report_output(self.site, command, result),
+                            f"output of `{command}` on site {self.site.name}")
 
     def upload(self, bundle: str, *, limit_rate: Optional[float] = None,
                progress: Optional[Progress] = None) -> UploadResult:
-        return upload_over(self.client, self.site, bundle, self.site.staging, timeout=self.timeout,
-                           limit_rate=limit_rate, progress=progress)
+        return self.shell.upload(bundle, self.site.staging, limit_rate=limit_rate, progress=progress)
 
     def import_bundle(self, staged: str) -> None:
         """``edgebundle import STAGED`` on the device, read from the staged file there."""
-        self._run(import_argv(self.site, staged), "import")
+        self._run(import_argv(staged, self.site), "import")
 
     def prune(self, keep: Sequence[str], keep_previous: int) -> None:
         self._run(prune_argv(self.site, keep, keep_previous), "prune")
@@ -86,26 +140,12 @@ class Device:
 
         Called once the site is done: bundles of earlier states are of no use any more.
         """
-        removed = []
-        sftp = self.client.open_sftp()
-        try:
-            for name in sftp.listdir(self.site.staging):
-                if name.endswith(SUFFIX) or name.endswith(SUFFIX + ".part"):
-                    with contextlib.suppress(OSError):
-                        sftp.remove(posixpath.join(self.site.staging, name))
-                        removed.append(name)
-        except OSError as exc:
-            log.warning("site %s: cannot clean %s: %s", self.site.name, self.site.staging, exc)
-        finally:
-            with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
-                sftp.close()
-        return removed
+        return self.shell.remove_staged(self.site.staging, (SUFFIX, SUFFIX + ".part"))
 
     def _run(self, argv: Sequence[str], what: str) -> CommandResult:
         command = device_command(self.site, argv)
         log.info("site %s: running %s", self.site.name, command)
-        result = run_device_command(self.client, self.site, command, self.timeout,
-                                    self.command_timeout, what)
+        result = self.shell.run(command, what, self.command_timeout)
         if result.status == 0:
             return result
         check_device_edgebundle(self.site, result.status, result.stderr_tail)

@@ -23,6 +23,7 @@ for that site, and the other sites carry on.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import logging
 import random
@@ -30,7 +31,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Protocol, Sequence, Tuple
+from typing import Any, Callable, ContextManager, Dict, Iterator, List, Optional, Protocol, Sequence, Tuple
 
 from ..errors import EdgebundleError, LinkError, LoadError, TransportError
 from ..format import Signer
@@ -42,7 +43,7 @@ from ..state import StateDir
 from ..transfer.options import SshOptions
 from ..usecases.packer import PackerSession
 from .bundles import BundleCache, FleetBundle
-from .device import Device, DeviceCommandError
+from .device import Device, DeviceCommandError, Shell, SshShell
 from .states import Holding, PackSettings, holding, site_plan, state_key
 
 log = logging.getLogger(__name__)
@@ -191,14 +192,34 @@ class _Attempt:
         self._call_sent = n
 
 
+Link = Callable[[SiteSpec, SyncOptions], ContextManager[Shell]]
+
+
+@contextlib.contextmanager
+def ssh_link(site: SiteSpec, options: SyncOptions) -> Iterator[Shell]:
+    """The real link: one SSH connection to the site's device (known_hosts enforced)."""
+    from ..transfer.ssh import connect
+
+    with connect(site, options.ssh, bulk=True) as client:
+        transport = client.get_transport()
+        if transport is not None:
+            transport.set_keepalive(30)  # the link idles while another site packs
+        yield SshShell(client, site, options.ssh.timeout)
+
+
 class Syncer:
-    """Runs ``sync`` for a list of sites (``run``), one outcome per site."""
+    """Runs ``sync`` for a list of sites (``run``), one outcome per site.
+
+    ``link`` opens the connection to a site's device (``ssh_link``; the seam unit
+    tests replace).
+    """
 
     def __init__(self, session: PackerSession, options: SyncOptions,
-                 events: Optional[Events] = None) -> None:
+                 events: Optional[Events] = None, link: Link = ssh_link) -> None:
         self.session = session
         self.options = options
         self.events: Events = events or _Quiet()
+        self.link = link
         self.packer = FleetPacker(session, options)
 
     def run(self, sites: Sequence[SiteSpec]) -> List[SiteOutcome]:
@@ -259,15 +280,10 @@ class Syncer:
 
     def _attempt(self, site: SiteSpec, images: Sequence[ResolvedImage], state: _Attempt,
                  attempt: int, started: float, deadline: float) -> SiteOutcome:
-        from ..transfer.ssh import connect
-
         opts = self.options
         self.events.phase(site.name, "connect")
-        with connect(site, opts.ssh, bulk=True) as client:
-            transport = client.get_transport()
-            if transport is not None:
-                transport.set_keepalive(30)  # the link idles while another site packs
-            device = Device(client, site, timeout=opts.ssh.timeout, command_timeout=opts.command_timeout)
+        with self.link(site, opts) as shell:
+            device = Device(shell, site, command_timeout=opts.command_timeout)
             self.events.phase(site.name, "report")
             inventory = self._report(device, site)
             state.before = holding(site, images, inventory)

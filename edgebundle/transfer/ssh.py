@@ -216,7 +216,7 @@ def read_report(client: paramiko.SSHClient, site: SiteSpec, timeout: float = DEF
         data = _run_command(client, site, command, timeout, command_timeout)
         what = f"output of `{command}` on site {site.name}"
     log.info("site %s: got %d bytes of report", site.name, len(data))
-    return _parse_report(data, what)
+    return parse_report(data, what)
 
 
 @contextmanager
@@ -498,6 +498,11 @@ def run_device_command(client: paramiko.SSHClient, site: SiteSpec, command: str,
 def _run_command(client: paramiko.SSHClient, site: SiteSpec, command: str, timeout: float,
                  command_timeout: float) -> bytes:
     result = run_device_command(client, site, command, timeout, command_timeout, "report command")
+    return report_output(site, command, result)
+
+
+def report_output(site: SiteSpec, command: str, result: CommandResult) -> bytes:
+    """The report command's stdout, or the one-line error its exit status means."""
     if result.status != 0:
         last = result.stderr_tail
         if command == default_report_command(site):
@@ -584,7 +589,7 @@ def _last_line(data: bytes) -> str:
 _NOT_A_REPORT = "run the report command by hand on the device and check that it prints the report with --json"
 
 
-def _parse_report(data: bytes, what: str) -> Dict[str, Any]:
+def parse_report(data: bytes, what: str) -> Dict[str, Any]:
     try:
         obj = load_json_object(data.decode("utf-8"), what, _NOT_A_REPORT)
     except (UnicodeDecodeError, ValueError) as exc:

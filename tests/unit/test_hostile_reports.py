@@ -23,7 +23,7 @@ from edgebundle.errors import InventoryError
 from edgebundle.holdings import HeldImage, HeldLayer, Inventory
 from edgebundle.oci import Descriptor, chain_ids
 from edgebundle.report import MAX_REPORT_BYTES, MAX_REPORT_VALUES, inventory_from_json, inventory_to_json
-from edgebundle.transfer.ssh import _parse_report
+from edgebundle.transfer.ssh import parse_report
 from edgebundle.usecases.packer import record_report
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -132,7 +132,7 @@ def test_deep_nesting_in_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[st
 
 def test_deep_nesting_over_ssh() -> None:
     with pytest.raises(InventoryError, match="nested too deeply"):
-        _parse_report(deep(100_000).encode(), "output of `edgebundle report` on site gw")
+        parse_report(deep(100_000).encode(), "output of `edgebundle report` on site gw")
 
 
 def test_a_report_over_the_size_limit(tmp_path: Path) -> None:
@@ -149,7 +149,7 @@ def test_a_report_with_too_many_values() -> None:
     rep = containerd_report()
     rep["extra"] = {"x": [[]] * MAX_REPORT_VALUES}  # unknown contents: ignored, but still parsed
     with pytest.raises(InventoryError, match="has more than 1048576 JSON values"):
-        _parse_report(json.dumps(rep).encode(), "output")
+        parse_report(json.dumps(rep).encode(), "output")
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux /proc")
