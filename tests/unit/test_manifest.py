@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import textwrap
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from edgebundle.manifest import load_manifest, parse_manifest
 from edgebundle.oci import Platform
 from edgebundle.reference import Reference
 from edgebundle.registry import RegistryClient
-from edgebundle.specs import ManifestList, RegistryConfig
+from edgebundle.specs import DEFAULT_STAGING, ManifestList, PrunePolicy, RegistryConfig
 
 
 def registry_config(ml: ManifestList, host: str) -> RegistryConfig:
@@ -159,6 +160,42 @@ def test_bad_site_address_or_command(tmp_path: Path, entry: str, fragment: str) 
             images: [alpine:3.19]
             sites:
               gw: {entry}
+            """))
+    assert info.value.hint
+
+
+def test_site_staging_and_prune(tmp_path: Path) -> None:
+    ml = load_manifest(write(tmp_path, """\
+        version: 1
+        images: [alpine:3.19]
+        sites:
+          a: {runtime: docker, platform: linux/amd64, staging: /data/eb/staging/, prune: {keep_previous: 2}}
+          b: {runtime: docker, platform: linux/amd64, prune: true}
+          c: {runtime: docker, platform: linux/amd64, prune: false}
+          d: {runtime: docker, platform: linux/amd64}
+        """))
+    assert (ml.sites["a"].staging, ml.sites["a"].prune) == ("/data/eb/staging", PrunePolicy(2))
+    assert ml.sites["b"].prune == PrunePolicy(0)
+    assert ml.sites["c"].prune is None and ml.sites["d"].prune is None
+    assert ml.sites["d"].staging == DEFAULT_STAGING == "/var/lib/edgebundle/staging"
+
+
+@pytest.mark.parametrize("entry,fragment", [
+    ("staging: relative/dir", "staging 'relative/dir' is not an absolute directory path"),
+    ("staging: '/a b'", "is not an absolute directory path"),
+    ("staging: /a/../etc", "is not an absolute directory path"),
+    ("prune: {keep_previous: -1}", "prune keep_previous is -1, not a count 0..100"),
+    ("prune: {keep_previous: yes}", "prune keep_previous is True"),
+    ("prune: {keep: 1}", "keep"),
+    ("prune: 3", "prune"),
+])
+def test_bad_site_staging_or_prune(tmp_path: Path, entry: str, fragment: str) -> None:
+    with pytest.raises(ManifestError, match=re.escape(fragment)) as info:
+        load_manifest(write(tmp_path, f"""\
+            version: 1
+            images: [alpine:3.19]
+            sites:
+              gw: {{runtime: docker, platform: linux/amd64, {entry}}}
             """))
     assert info.value.hint
 
