@@ -11,8 +11,14 @@ live under the temp dir too), then:
 2. records the sites' inventory reports, publishes app:v2 (one file changed in its
    top layer), packs again: the changed layer ships as a content delta against the
    files the site holds;
-3. shows a replayed older bundle refused (a downgrade), and prints what was shipped against what a layer-level update (`--no-delta`) and a full
-   transfer would cost.
+3. shows a replayed older bundle refused (a downgrade);
+4. syncs three gateways over SSH (each its own sshd in front of its own containerd;
+   one sshd is down): `edgebundle sync --all` packs one bundle for the two in the same
+   state, brings both to the manifest and reports the third as failed, exit 16, with
+   the summary table; the next run finds them done in one round trip each;
+
+and prints what was shipped against what a layer-level update (`--no-delta`) and a
+full transfer would cost.
 
 Every step runs the real `edgebundle` CLI, exactly as a user would.
 """
@@ -27,7 +33,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests" / "integration"))
@@ -61,6 +67,7 @@ class Demo:
         self.sign = sign  # ["--sign", KEYFILE]
         self.env = services.clean_env({"EDGEBUNDLE_HOME": str(tmp / "packer-home")})
         self.rows: List[Dict[str, Any]] = []
+        self.started: List[Any] = []  # services to stop at the end
 
     def eb(self, *args: str, capture_json: bool = False, expect: int = 0) -> Any:
         argv = [sys.executable, "-m", "edgebundle", *args]
@@ -69,7 +76,9 @@ class Demo:
             out = subprocess.run(argv, env=self.env, capture_output=True, text=True)
             if out.returncode != expect:
                 raise SystemExit(f"demo: expected exit {expect}, got {out.returncode}: {out.stderr}")
-            print(f"   (exit {out.returncode}) {out.stderr.strip()}")
+            for line in out.stdout.splitlines():  # e.g. sync's summary table
+                print(f"   {line}")
+            print(f"   (exit {out.returncode}) {out.stderr.strip().splitlines()[-1]}")
             return None
         if capture_json:
             out = subprocess.run(argv, env=self.env, check=True, capture_output=True, text=True)
@@ -106,6 +115,7 @@ class Demo:
 def run(keep: bool) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="edgebundle-demo-"))
     started: List[Any] = []
+    demo: Optional[Demo] = None
     try:
         say("starting a private docker-registry, containerd and dockerd under " + str(tmp))
         reg = services.start_registry(tmp / "registry"); started.append(reg)
@@ -185,6 +195,8 @@ def run(keep: bool) -> int:
         say("replaying the older seed bundle is a downgrade: refused")
         demo.eb("import", str(b1), *ctr_args, expect=13)
 
+        fleet_sync(demo, tmp, reg, keys)
+
         say("what was shipped against a layer-level update and a full transfer")
         print(f"   {'scenario':<26} {'images':>6} {'bundle bytes':>14} {'layer-level':>14} "
               f"{'full transfer':>14} {'ratio':>7}")
@@ -194,12 +206,69 @@ def run(keep: bool) -> int:
                   f"{r['bundle'] / r['full']:>7.1%}")
         return 0
     finally:
-        for svc in reversed(started):
+        for svc in reversed(started + (demo.started if demo else [])):
             svc.stop()
         if keep:
             print(f"\n(kept {tmp})")
         else:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+FLEET = """\
+# three gateways for the sync demo (written by scripts/demo.py)
+version: 1
+registries:
+  "{reg}": {{insecure: true}}
+images:
+  - ref: {reg}/shop/app:v2
+  - ref: {reg}/shop/worker:v1
+sites:
+{sites}"""
+
+
+def fleet_sync(demo: Demo, tmp: Path, reg: Any, keys: Path) -> None:
+    """Three gateways, each its own sshd and containerd (one of them down), one `edgebundle sync`."""
+    say("4. fleet sync over SSH: three k3s-like gateways, each its own sshd and containerd; "
+        "gw-c's sshd is down")
+    fleet = tmp / "fleet"
+    known_hosts, ssh_config = fleet / "known_hosts", fleet / "ssh_config"
+    fleet.mkdir()
+    entries, hosts, config = [], [], []
+    runtimes: Dict[str, Any] = {}
+    for name in ("gw-a", "gw-b", "gw-c"):
+        cd = runtimes[name] = services.start_containerd(fleet / name / "containerd")
+        demo.started.append(cd)
+        sshd = services.start_sshd(fleet / name / "sshd")
+        demo.started.append(sshd)
+        hosts.append(sshd.known_hosts_line())
+        config.append(f"Host {name}\n  HostName 127.0.0.1\n  Port {sshd.port}\n  User root\n"
+                      f"  IdentityFile {sshd.client_key_path}\n")
+        if name == "gw-c":
+            sshd.stop()  # the gateway that is offline today
+        device = fleet / name / "device"
+        (device / "trusted.d").mkdir(parents=True)
+        shutil.copy(keys / "fleet.pub", device / "trusted.d" / "fleet.pub")
+        command = (f"env EDGEBUNDLE_STATE_DIR={device / 'state'} EDGEBUNDLE_TRUST_DIR={device / 'trusted.d'} "
+                   f"CONTAINERD_SNAPSHOTTER={cd.snapshotter} {sys.executable} -m edgebundle")
+        entries.append(f"  {name}: {{runtime: containerd, namespace: k8s.io, platform: linux/amd64, "
+                       f"ssh: {name}, address: '{cd.address}', staging: '{device / 'staging'}', "
+                       f"edgebundle: '{command}'}}")
+    known_hosts.write_text("\n".join(hosts) + "\n")
+    ssh_config.write_text("\n".join(config))
+    fleet_manifest = fleet / "fleet.yaml"
+    fleet_manifest.write_text(FLEET.format(reg=reg.host, sites="\n".join(entries) + "\n"))
+    print(f"   manifest {fleet_manifest}: app:v2 and worker:v1 for gw-a, gw-b, gw-c")
+    ssh = ["--known-hosts", str(known_hosts), "--ssh-config", str(ssh_config)]
+    demo.eb("sync", str(fleet_manifest), "--all", "--dry-run", "--retries", "0", *ssh, expect=16)
+    demo.eb("sync", str(fleet_manifest), "--all", "--retries", "1", "--retry-delay", "1",
+            "--no-progress", *demo.sign, *ssh, expect=16)
+    cd = runtimes["gw-a"]
+    out = subprocess.run(cd.ctr_argv("k8s.io") + ["run", "--rm", "--snapshotter", cd.snapshotter,
+                                                  f"{reg.host}/shop/app:v2", "demo-gw-a"],
+                         capture_output=True, text=True, env=cd.env(), check=True)
+    print(f"   gw-a runs app:v2: {out.stdout.strip()}")
+    say("the next run finds gw-a and gw-b done in one round trip each")
+    demo.eb("sync", str(fleet_manifest), "--site", "gw-a", "--site", "gw-b", *demo.sign, *ssh)
 
 
 def main() -> int:
