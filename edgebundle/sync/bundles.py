@@ -120,6 +120,11 @@ class BundleCache:
             with contextlib.suppress(FileNotFoundError):
                 (self._dir(key) / "needs" / site).unlink()
 
+    def claimed(self, site: str) -> bool:
+        """Whether ``site`` still needs some bundle (its last sync did not finish)."""
+        check_site_name(site)
+        return any((self._dir(key) / "needs" / site).exists() for key in self._keys())
+
     def needed_by(self, key: str) -> List[str]:
         try:
             return sorted(p.name for p in (self._dir(key) / "needs").iterdir())

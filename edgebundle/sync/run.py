@@ -289,7 +289,14 @@ class Syncer:
             state.before = holding(site, images, inventory)
             done = _outcome(site, state, attempt, started)
             if state.before.done:
-                return dataclasses.replace(done, ok=True, action="up-to-date", after=state.before)
+                state.after = state.before
+                if not opts.dry_run and self.packer.bundles.claimed(site.name):
+                    # An earlier run got the images there but stopped before the end
+                    # (prune, cleaning the staging directory): finish that now.
+                    self._finish(device, site, images, state)
+                    self.packer.bundles.release(site.name)
+                return dataclasses.replace(_outcome(site, state, attempt, started), ok=True,
+                                           action="up-to-date")
             if opts.dry_run:
                 key, ship, cached = self.packer.estimate(site, images, inventory)
                 return dataclasses.replace(done, ok=True, action="planned", bundle=key, ship_bytes=ship,
@@ -311,20 +318,32 @@ class Syncer:
             _check_deadline(site, deadline, "import")
             self.events.phase(site.name, "import")
             device.import_bundle(uploaded.remote_path)
-            if site.prune is not None:
-                self.events.phase(site.name, "prune")
-                device.prune([i.name for i in images], site.prune.keep_previous)
-            self.events.phase(site.name, "report")
-            after = self._report(device, site)
-            state.after = holding(site, images, after)
-            if not state.after.done:
-                missing = _missing(site, images, after)
-                raise LoadError(f"site {site.name} imported the bundle, but its report holds "
-                                f"{state.after} of the manifest's images (missing: {', '.join(missing)})",
-                                "run `edgebundle report` on the device and check the runtime's log")
-            device.clear_staging()
+            self._check_done(device, site, images, state, "imported the bundle")
+            self._finish(device, site, images, state)
         self.packer.bundles.release(site.name)
         return dataclasses.replace(_outcome(site, state, attempt, started), ok=True, action="updated")
+
+    def _check_done(self, device: Device, site: SiteSpec, images: Sequence[ResolvedImage],
+                    state: _Attempt, after_what: str) -> None:
+        """Read and record the report; the site is done only if it holds every image."""
+        self.events.phase(site.name, "report")
+        after = self._report(device, site)
+        state.after = holding(site, images, after)
+        if not state.after.done:
+            missing = _missing(site, images, after)
+            raise LoadError(f"site {site.name} {after_what}, but its report holds {state.after} "
+                            f"of the manifest's images (missing: {', '.join(missing)})",
+                            "run `edgebundle report` on the device and check the runtime's log")
+
+    def _finish(self, device: Device, site: SiteSpec, images: Sequence[ResolvedImage],
+                state: _Attempt) -> None:
+        """Prune as the site asks (then the report again: it must show the prune), and
+        clear the staging directory."""
+        if site.prune is not None:
+            self.events.phase(site.name, "prune")
+            device.prune([i.name for i in images], site.prune.keep_previous)
+            self._check_done(device, site, images, state, "pruned")
+        device.clear_staging()
 
     def _report(self, device: Device, site: SiteSpec) -> Inventory:
         """The live report; recorded as the site's inventory (not in a dry run)."""

@@ -298,8 +298,9 @@ def test_sync_packs_once_per_state_imports_and_checks_the_fresh_report(tmp_path:
     assert not list((fleet.home / "bundles").glob("*/*.ebundle"))
     # Prune ran after the import, keeping the manifest's images.
     sock = str(tmp_path / "devices" / "gw-1" / "containerd.sock")
-    assert pruned[0] == ["prune", "--runtime", "containerd", "--namespace", "k8s.io", "--address", sock,
-                         "--keep", fleet.app.name, "--keep", fleet.tool.name, "--keep-previous", "1", "--json"]
+    assert len(pruned) == 2 and ["prune", "--runtime", "containerd", "--namespace", "k8s.io", "--address", sock,
+                                 "--keep", fleet.app.name, "--keep", fleet.tool.name, "--keep-previous", "1",
+                                 "--json"] in pruned
     # The packer recorded each fresh report as the site's inventory.
     recorded = json.loads((fleet.home / "sites" / "gw-1" / "inventory.json").read_text())
     assert {i["name"] for i in recorded["images"] if i["complete"]} >= {fleet.app.name, fleet.tool.name}
@@ -358,6 +359,27 @@ def test_done_only_when_the_fresh_report_holds_every_image(tmp_path: Path) -> No
     assert (outcome.ok, outcome.exit_code, str(outcome.after)) == (False, 8, "0/2")
     assert outcome.error and "holds 0/2 of the manifest's images (missing: " in outcome.error
     assert fleet.app.name in outcome.error
+
+
+def test_a_failed_prune_is_finished_by_the_next_run(tmp_path: Path) -> None:
+    fleet = Fleet(tmp_path, ["gw-1"], prune=", prune: true")
+    old = CommandResult(2, b"", "edgebundle: error: argument COMMAND: invalid choice: 'prune'")
+    fleet.on_command["gw-1"] = lambda c: old if " prune " in c else None
+    (first,) = fleet.sync()
+    assert (first.ok, first.exit_code, str(first.after)) == (False, 9, "2/2")
+    assert first.error and first.error.startswith("edgebundle on site gw-1 is too old for this packer")
+    staging = tmp_path / "devices" / "gw-1" / "staging"
+    assert os.listdir(staging) == [f"{first.bundle}.ebundle"]  # kept until the site is finished
+    # The device is upgraded: the next run finds the images there and finishes the job.
+    fleet.on_command["gw-1"] = lambda c: CommandResult(0, b"{}", "") if " prune " in c else None
+    fleet.commands.clear()
+    (second,) = fleet.sync()
+    assert (second.ok, second.action, second.bytes_sent) == (True, "up-to-date", 0)
+    assert [c.split()[-1] for _, c in fleet.commands if " prune " in c] == ["--json"]
+    assert os.listdir(staging) == [] and not BundleCache(fleet.home / "bundles").claimed("gw-1")
+    fleet.commands.clear()
+    fleet.sync()
+    assert not [c for _, c in fleet.commands if " prune " in c]  # finished: one round trip again
 
 
 def test_a_site_another_sync_holds_is_left_alone(tmp_path: Path) -> None:
