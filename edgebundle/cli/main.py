@@ -69,7 +69,8 @@ def _runtime_args(p: argparse.ArgumentParser, required: bool = True) -> None:
 def _state_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state-dir", metavar="DIR",
                    help="device state (import lock, journal of a running import, so the next "
-                   "import or report cleans up after an interrupted one); "
+                   "import or report cleans up after an interrupted one, and the record of "
+                   "imported images that prune reads); "
                    "default: $EDGEBUNDLE_STATE_DIR, else /var/lib/edgebundle")
 
 
