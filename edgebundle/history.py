@@ -110,15 +110,17 @@ def record(state: StateDir, runtime: str, target: str, published: Iterable[Tuple
            when: str, bundle: str) -> None:
     """Add what one import published: ``(runtime name, digest, bundle image name)``.
 
-    One sequence number per import. A name recorded again replaces its older entry.
+    One sequence number per import. The same name and digest recorded again replaces its
+    older entry; a name now pointing elsewhere keeps the old one, for the image it named
+    may still be there (Docker keeps it, untagged) and is ours to remove.
     """
     published = list(published)
     if not published:
         return
     old = load(state, runtime, target)
     seq = old.seq + 1
-    names = {name for name, _, _ in published}
-    kept: List[Imported] = [e for e in old.images if e.name not in names]
+    pairs = {(name, digest) for name, digest, _ in published}
+    kept: List[Imported] = [e for e in old.images if (e.name, e.digest) not in pairs]
     kept += [Imported(name, digest, image, when, seq, bundle) for name, digest, image in published]
     save(state, History(runtime, target, seq, tuple(kept)))
 

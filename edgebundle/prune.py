@@ -14,6 +14,11 @@ whose record says an import set it to exactly the digest it points at now. Of th
    (target or config), so every name of that image stays;
 4. the rest is **removed**.
 
+Docker keeps an image whose tag a newer load took, untagged ("dangling"); one that
+edgebundle imported is a candidate too, under its image ID, in the repository of the
+name it had (so ``--keep-previous`` may keep it for a rollback). containerd has no such
+images: a name moved elsewhere leaves its old content to the garbage collector.
+
 Pure: no I/O. Device-safe.
 """
 
@@ -49,9 +54,11 @@ class Decision:
     digest: str
     verdict: str  # KEPT | PREVIOUS | IN_USE | REMOVE
     seq: int  # when it was imported (the history's order)
+    was: str = ""  # an untagged Docker image (``name`` is its ID): the name it had
 
     def to_json(self) -> object:
-        return {"name": self.name, "digest": self.digest, "verdict": self.verdict}
+        return {"name": self.name, "digest": self.digest, "verdict": self.verdict,
+                "was": self.was or None}
 
 
 @dataclass(frozen=True)
@@ -95,25 +102,46 @@ def _repository(name: str) -> str:
         return name
 
 
+@dataclass(frozen=True)
+class _Candidate:
+    present: Present
+    seq: int
+    repo: str
+    was: str = ""
+
+
 def plan_prune(runtime: str, present: Iterable[Present], history: Iterable[Imported],
                keep: Sequence[str], keep_previous: int = 0,
-               in_use: InUse = InUse()) -> PrunePlan:
-    """Decide, for every image edgebundle imported that the runtime still holds."""
+               in_use: InUse = InUse(), untagged: Iterable[str] = ()) -> PrunePlan:
+    """Decide, for every image edgebundle imported that the runtime still holds.
+
+    ``untagged``: Docker's image IDs that no tag names (``GET /images/json``).
+    """
     if keep_previous < 0:
         raise UsageError(f"--keep-previous {keep_previous} is negative", "pass 0 or more")
     docker = runtime == RUNTIME_DOCKER
     present = list(present)
+    history = list(history)
     wanted = {comparable_name(docker_tag(k) if docker else k) for k in keep}
     ours: Dict[Tuple[str, str], int] = {}  # (comparable name, digest) -> import seq
     for entry in history:
         key = (comparable_name(entry.name), entry.digest)
         ours[key] = max(ours.get(key, 0), entry.seq)
 
-    candidates = []  # (present, seq)
+    candidates: List[_Candidate] = []
     for p in present:
         seq = ours.get((comparable_name(p.name), p.digest))
         if seq is not None:
-            candidates.append((p, seq))
+            candidates.append(_Candidate(p, seq, _repository(p.name)))
+    orphaned = frozenset(untagged) - {p.digest for p in present} if docker else frozenset()
+    orphans: Dict[str, Imported] = {}  # image ID -> its newest entry
+    for entry in history:
+        if entry.digest in orphaned:
+            if entry.digest not in orphans or orphans[entry.digest].seq < entry.seq:
+                orphans[entry.digest] = entry
+    for digest, entry in sorted(orphans.items()):
+        candidates.append(_Candidate(Present(digest, digest, digest), entry.seq,
+                                     _repository(entry.name), entry.name))
 
     # 1. kept: named, or the same image in the same repository as a named one
     kept_images: Set[Tuple[str, str]] = set()  # (repository, digest)
@@ -126,22 +154,22 @@ def plan_prune(runtime: str, present: Iterable[Present], history: Iterable[Impor
         kept_repos.add(_repository(docker_tag(k) if docker else k))
 
     verdicts: Dict[str, str] = {}
-    for p, _ in candidates:
-        if (_repository(p.name), p.digest) in kept_images:
-            verdicts[p.name] = KEPT
+    for c in candidates:
+        if (c.repo, c.present.digest) in kept_images:
+            verdicts[c.present.name] = KEPT
 
     # 2. previous: per kept repository, the newest other images (by digest), newest first
     newest: Dict[Tuple[str, str], int] = {}
-    for p, seq in candidates:
-        if p.name not in verdicts:
-            key = (_repository(p.name), p.digest)
-            newest[key] = max(newest.get(key, 0), seq)
+    for c in candidates:
+        if c.present.name not in verdicts:
+            key = (c.repo, c.present.digest)
+            newest[key] = max(newest.get(key, 0), c.seq)
     for repo in kept_repos:
         others = sorted((seq, digest) for (r, digest), seq in newest.items() if r == repo)
         chosen = {digest for _, digest in others[::-1][:keep_previous]}
-        for p, _ in candidates:
-            if p.name not in verdicts and _repository(p.name) == repo and p.digest in chosen:
-                verdicts[p.name] = PREVIOUS
+        for c in candidates:
+            if c.present.name not in verdicts and c.repo == repo and c.present.digest in chosen:
+                verdicts[c.present.name] = PREVIOUS
 
     # 3. in use: a container's image by name, and every name of the same image
     used_names = {comparable_name(n) for n in in_use.names}
@@ -153,12 +181,13 @@ def plan_prune(runtime: str, present: Iterable[Present], history: Iterable[Impor
             if p.config:
                 used.add(p.config)
     decisions = []
-    for p, seq in candidates:
+    for c in candidates:
+        p = c.present
         verdict = verdicts.get(p.name)
         if verdict is None:
             busy = comparable_name(p.name) in used_names or p.digest in used or \
                 (bool(p.config) and p.config in used)
             verdict = IN_USE if busy else REMOVE
-        decisions.append(Decision(p.name, p.digest, verdict, seq))
+        decisions.append(Decision(p.name, p.digest, verdict, c.seq, c.was))
     decisions.sort(key=lambda d: (d.name, d.digest))
     return PrunePlan(tuple(decisions))

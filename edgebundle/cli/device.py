@@ -13,7 +13,7 @@ from ..errors import UsageError
 from ..files import check_output
 from ..importer import Runtime
 from ..progress import progress_bar
-from ..prune import PREVIOUS
+from ..prune import PREVIOUS, Decision
 from ..report import inventory_to_json
 from ..state import StateDir, state_dir_path
 from ..trust import TrustPolicy, generate_key, load_public_key, load_signing_key
@@ -92,14 +92,18 @@ def cmd_prune(args: argparse.Namespace) -> int:
         emit_json(result.to_json(args.site))
     else:
         would = "would remove" if result.dry_run else "removed"
+        def line(label: str, d: Decision, note: str = "") -> None:
+            was = f" (untagged, was {d.was})" if d.was else ""
+            print(f"{label:<13} {d.name}{was}{note}")
+
         for d in result.removed:
-            print(f"{would:<13} {d.name}")
+            line(would, d)
         for d in result.kept:
-            print(f"{'kept':<13} {d.name}{' (previous)' if d.verdict == PREVIOUS else ''}")
+            line("kept", d, " (previous)" if d.verdict == PREVIOUS else "")
         for d in result.in_use:
-            print(f"{'in use':<13} {d.name}")
+            line("in use", d)
         for d in result.failed:
-            print(f"{'still held':<13} {d.name}")
+            line("still held", d)
         print(f"{len(result.removed)} {would}, {len(result.kept)} kept, {len(result.in_use)} in "
               f"use, of {result.recorded} image name(s) edgebundle imported")
         if args.output:

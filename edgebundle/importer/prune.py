@@ -12,7 +12,8 @@ Through the importer's own seams: ``Ctr`` (the ``Runner``) for containerd, ``Doc
 - Docker: ``GET /containers/json?all=1`` lists running and stopped containers with the
   image ID they use. ``DELETE /images/<name>`` (never ``force``) untags the name, and
   deletes the image when that was its last tag; a container created meanwhile makes it
-  answer 409, which is reported as in use, not as a failure.
+  answer 409, which is reported as in use, not as a failure. An image a newer load took
+  the tag of stays, untagged: ``DELETE /images/<ID>`` removes it.
 
 Device-safe: standard library only.
 """
@@ -62,6 +63,21 @@ def parse_containers_json(body: object) -> InUse:
     return InUse(names=frozenset(names), digests=frozenset(ids))
 
 
+def parse_untagged(body: object) -> FrozenSet[str]:
+    """``GET /images/json?all=1`` -> IDs of images without a tag (``<none>:<none>``)."""
+    if not isinstance(body, list):
+        raise LoadError(f"docker API /images/json answered {type(body).__name__}, not a list",
+                        "check that the host is a docker daemon")
+    out = set()
+    for summary in body:
+        if not isinstance(summary, dict) or not isinstance(summary.get("Id"), str):
+            continue
+        tags = summary.get("RepoTags") or []
+        if all(t == "<none>:<none>" for t in tags if isinstance(t, str)):
+            out.add(str(summary["Id"]))
+    return frozenset(out)
+
+
 @dataclass(frozen=True)
 class Removal:
     name: str
@@ -83,6 +99,10 @@ class ContainerdImages:
     def in_use(self) -> InUse:
         return InUse(names=parse_containers_ls(self.ctr.run("containers", "ls")
                                                .decode(errors="replace")))
+
+    def untagged(self) -> FrozenSet[str]:
+        """containerd has no image without a name."""
+        return frozenset()
 
     def remove(self, names: Sequence[str]) -> List[Removal]:
         """One ``ctr images rm --sync`` for all; the caller reads the runtime back to see."""
@@ -106,7 +126,12 @@ class DockerImages:
     def in_use(self) -> InUse:
         return parse_containers_json(self.api.get_json("/containers/json?all=1"))
 
+    def untagged(self) -> FrozenSet[str]:
+        """Image IDs no tag names (a newer load took their tag)."""
+        return parse_untagged(self.api.get_json("/images/json?all=1"))
+
     def remove(self, names: Sequence[str]) -> List[Removal]:
+        """Each name (a tag, or an untagged image's ID) by ``DELETE /images/NAME``."""
         out = []
         for name in names:
             status, body = self.api.delete(f"/images/{quote(name, safe='/:@')}")
@@ -139,4 +164,4 @@ def images_of(runtime: object) -> Images:
 
 
 __all__ = ["ContainerdImages", "DockerImages", "Images", "InUse", "Removal", "images_of",
-           "parse_containers_json", "parse_containers_ls", "GONE", "BUSY"]
+           "parse_containers_json", "parse_containers_ls", "parse_untagged", "GONE", "BUSY"]

@@ -240,7 +240,7 @@ def prune(runtime: Runtime, keep: Sequence[str], *, keep_previous: int = 0,
         record = history.load(state, runtime.kind, images.target)
         present = [_present(runtime.kind, i) for i in before.images]
         plan = plan_prune(runtime.kind, present, record.images, keep, keep_previous,
-                          images.in_use())
+                          images.in_use(), images.untagged())
         if not record.images:
             log.info("no image imported by edgebundle is recorded for %s: nothing to prune",
                      images.describe())
@@ -252,10 +252,12 @@ def prune(runtime: Runtime, keep: Sequence[str], *, keep_previous: int = 0,
         busy = {r.name for r in images.remove([d.name for d in plan.remove]) if r.outcome == BUSY}
         after = runtime.inventory()
         still = {(i.name, _present(runtime.kind, i).digest) for i in after.images}
+        still |= {(d, d) for d in images.untagged()}
         removed = [d for d in plan.remove if d.name not in busy and (d.name, d.digest) not in still]
         in_use += [d for d in plan.remove if d.name in busy]
         failed = [d for d in plan.remove if d.name not in busy and (d.name, d.digest) in still]
-        history.forget(state, record, [e for e in record.images if (e.name, e.digest) in still])
+        history.forget(state, record, [e for e in record.images if (e.name, e.digest) in still
+                                       or (e.digest, e.digest) in still])
     for d in removed:
         log.info("removed %s (%s)", d.name, d.digest)
     return Pruned(False, removed, kept, in_use, stamped(after, runtime, trust), images.target,

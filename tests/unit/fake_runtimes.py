@@ -551,6 +551,16 @@ class FakeEngine:
         assert "?" not in name, f"DELETE /images/{name}: this model takes no query (never force)"
         if self.before_delete is not None:
             self.before_delete(self)
+        if name in self.images:  # by ID: what prune does only for an untagged image
+            img = self.images[name]
+            assert not img.tags, f"DELETE /images/{name}: by ID, but it has tags {img.tags}"
+            user = next((c for c in self.containers if c[2] == img.id), None)
+            if user is not None:  # as recorded: docker_delete_dangling_in_use
+                message = (f"conflict: unable to delete {img.id[7:19]} (must be forced) - image "
+                           f"is being used by stopped container {user[0][:12]}")
+                return response(409, json.dumps({"message": message}).encode() + b"\n")
+            del self.images[name]
+            return response(200, json.dumps([{"Deleted": img.id}]).encode() + b"\n")
         img = next((i for i in self.images.values() if name in i.tags), None)
         if img is None:
             return response(404, json.dumps({"message": f"No such image: {name}"}).encode() + b"\n")

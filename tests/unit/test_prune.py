@@ -21,7 +21,7 @@ from edgebundle.holdings import Inventory
 from edgebundle.image import ResolvedImage
 from edgebundle.importer.containerd import ContainerdRuntime, Ctr
 from edgebundle.importer.docker import DockerAPI, DockerRuntime
-from edgebundle.importer.prune import parse_containers_json, parse_containers_ls
+from edgebundle.importer.prune import parse_containers_json, parse_containers_ls, parse_untagged
 from edgebundle.pack import write_bundle
 from edgebundle.plan import plan_bundle
 from edgebundle.prune import IN_USE, KEPT, PREVIOUS, REMOVE, InUse, Present, plan_prune
@@ -124,6 +124,25 @@ def test_names_compare_normalised_and_docker_by_its_tag() -> None:
         {f"reg/shop/app:sha256-{'2' * 64}": KEPT, "reg/shop/app:v1": REMOVE}
 
 
+def test_untagged_docker_images_we_imported_are_candidates_under_their_id() -> None:
+    # reg/shop/app:latest was D1, then a newer load took the tag (D2): D1 is untagged.
+    present = [Present("reg/shop/app:latest", D2), Present("reg/other:1", D9)]
+    hist = [entry("reg/shop/app:latest", D1, 1), entry("reg/shop/app:latest", D2, 2),
+            entry("reg/gone:1", D3, 1)]
+    untagged = [D1, D3, C1]  # C1: not ours
+    plan = plan_prune("docker", present, hist, ["reg/shop/app:latest"], untagged=untagged)
+    assert verdicts(plan) == {"reg/shop/app:latest": KEPT, D1: REMOVE, D3: REMOVE}
+    assert {d.name: d.was for d in plan.decisions}[D1] == "reg/shop/app:latest"
+    kept = plan_prune("docker", present, hist, ["reg/shop/app:latest"], 1, untagged=untagged)
+    assert verdicts(kept) == {"reg/shop/app:latest": KEPT, D1: PREVIOUS, D3: REMOVE}
+    busy = plan_prune("docker", present, hist, ["reg/shop/app:latest"], untagged=untagged,
+                      in_use=InUse(digests=frozenset({D1})))
+    assert verdicts(busy)[D1] == IN_USE
+    # containerd has no untagged images: a name moved on leaves its content to the GC
+    assert D1 not in verdicts(plan_prune("containerd", present, hist, ["reg/shop/app:latest"],
+                                         untagged=untagged))
+
+
 def test_bad_input_is_refused() -> None:
     present = [Present("reg/shop/app:v1", D1)]
     with pytest.raises(UsageError, match="at least one --keep"):
@@ -143,16 +162,18 @@ def prune_nothing(keep: Sequence[str]) -> None:
 # the history
 
 
-def test_history_records_in_import_order_and_replaces_a_name(tmp_path: Path) -> None:
+def test_history_records_in_import_order_per_name_and_digest(tmp_path: Path) -> None:
     state = StateDir(tmp_path / "s")
     history.record(state, "docker", "docker:unix:///a", [("r/a:1", D1, "r/a:1")], "t1", "b1")
+    history.record(state, "docker", "docker:unix:///a", [("r/a:2", D2, "r/a:2")], "t2", "b2")
     history.record(state, "docker", "docker:unix:///a", [("r/a:2", D2, "r/a:2"),
-                                                         ("r/a:1", D3, "r/a:1")], "t2", "b2")
-    history.record(state, "docker", "docker:unix:///b", [("r/b:1", D1, "r/b:1")], "t3", "b3")
+                                                         ("r/a:1", D3, "r/a:1")], "t3", "b3")
+    history.record(state, "docker", "docker:unix:///b", [("r/b:1", D1, "r/b:1")], "t4", "b4")
     h = history.load(state, "docker", "docker:unix:///a")
-    assert h.seq == 2
+    assert h.seq == 3
+    # r/a:2 again: one entry, the newer; r/a:1 moved to D3: the D1 image may linger untagged
     assert sorted((e.name, e.digest, e.seq, e.bundle) for e in h.images) == \
-        [("r/a:1", D3, 2, "b2"), ("r/a:2", D2, 2, "b2")]
+        [("r/a:1", D1, 1, "b1"), ("r/a:1", D3, 3, "b3"), ("r/a:2", D2, 3, "b3")]
     assert [e.name for e in history.load(state, "docker", "docker:unix:///b").images] == ["r/b:1"]
 
 
@@ -174,6 +195,9 @@ def test_history_unreadable_is_empty_and_bounded(tmp_path: Path, monkeypatch: An
 
 
 def test_parsers_read_the_recorded_outputs() -> None:
+    dangling = parse_untagged(json.loads(fixture("docker_get_images_json_all_dangling.body")))
+    assert "sha256:bf6e9578da872be827a5eaab099f25a964fce9838442aab32f3cea720def8cfa" in dangling
+    assert len(dangling) == 1
     assert parse_containers_ls(fixture("ctr_containers_ls.stdout")) == {"shop/app:v1"}
     assert parse_containers_ls(fixture("ctr_containers_ls_empty.stdout")) == set()
     used = parse_containers_json(json.loads(fixture("docker_get_containers_json_all.body")))
@@ -318,6 +342,28 @@ def test_dry_run_removes_nothing(site: Site) -> None:
     else:
         assert not [r for r in site.engine.requests if r.method == "DELETE"]
     assert site.prune([V2]).removed  # and the history still knows it
+
+
+def test_docker_image_a_newer_load_untagged_goes_by_its_id(tmp_path: Path) -> None:
+    site = Site("docker", tmp_path)
+    latest = "example.test/shop/app:latest"
+    old = site.images.image(latest, [BASE, APP])
+    site.ship(old)
+    site.ship(site.images.image(latest, [BASE, APP, EXTRA]))
+    assert site.engine.images[old.config.digest].tags == []  # dangling, still on disk
+    kept = site.prune([latest], keep_previous=1)
+    assert [(d.name, d.was) for d in kept.kept if d.verdict == PREVIOUS] == \
+        [(old.config.digest, latest)]
+    site.engine.containers.append(("d" * 64, old.config.digest, old.config.digest))
+    assert [d.name for d in site.prune([latest]).in_use] == [old.config.digest]
+    assert not [r for r in site.engine.requests if r.method == "DELETE"]
+    site.engine.containers.clear()
+    result = site.prune([latest])
+    assert [d.name for d in result.removed] == [old.config.digest]
+    assert old.config.digest not in site.engine.images and latest in site.names()
+    assert [r.path for r in site.engine.requests if r.method == "DELETE"] == \
+        [f"/images/{old.config.digest}"]
+    assert site.prune([latest]).removed == []  # and the history forgot it
 
 
 def test_docker_container_created_meanwhile_is_in_use_not_a_failure(tmp_path: Path) -> None:
