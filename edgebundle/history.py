@@ -21,7 +21,8 @@ alias the import set, with ``image`` the bundle's name it belongs to). ``seq`` o
 imports: gateways without a real-time clock boot in 1970, so wall times may go back,
 while the sequence only grows. A record that cannot be read counts as empty (nothing is
 ours, so nothing is removed). The list is bounded (``MAX_ENTRIES``, oldest dropped), and
-``prune`` drops entries whose image is gone.
+``prune`` drops entries whose image is gone. A name that an import points elsewhere
+keeps its old entry too: Docker keeps the old image, untagged, and it is still ours.
 
 Device-safe: standard library only.
 """

@@ -5,7 +5,8 @@ image of its own (``shop/prune``, so no other test's imports count as ours), and
 keeping v2. Checked against the runtime's own tools (ctr, docker), never against
 edgebundle's reading of them: what goes, what stays (previous version, a container's
 image, images edgebundle did not import), and that the report printed is what the
-runtime holds afterwards, content included (``ctr images rm --sync`` waits for the GC).
+runtime holds afterwards, content included (``ctr images rm --sync`` waits for the GC);
+and on Docker, the image a moved ``:latest`` left untagged.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ def prune_images(request: pytest.FixtureRequest, registry: Any) -> Dict[str, Any
         imagefactory.push_image(registry.host, "shop/prune", version, img)
         out[version] = {"top": img.manifest_digest, "config": img.config_digest,
                         "top_layer": img.layer_digests[-1],
-                        "message": imagefactory.message_for(f"shop/prune:{version}")}
+                        "message": imagefactory.message_for(f"shop/prune:{version}"),
+                        "built": img}
     return out
 
 
@@ -183,3 +185,18 @@ def test_prune_docker(tmp_path: Path, registry: Any, dockerd: Any, pushed_images
     later = eb(capsys, "report", *args, "--state-dir", str(state), "--json")
     assert {i["name"] for i in later["images"]} == names
     assert run(docker + ["run", "--rm", "--network", "none", v2]) == prune_images["v2"]["message"]
+
+    # :latest moves from v1's image to v2's: docker keeps v1's untagged, and it is ours.
+    latest = f"{reg}/shop/prune:latest"
+    for version in ("v1", "v2"):
+        imagefactory.push_image(reg, "shop/prune", "latest", prune_images[version]["built"])
+        ship(capsys, tmp_path, reg, "line", "latest", args, state)
+    old = prune_images["v1"]["config"]
+    assert old in ids() and latest in tags()
+    prune = ["prune", *args, "--state-dir", str(state), "--keep", latest, "--json"]
+    out = eb(capsys, *prune, "--keep-previous", "1")
+    assert out["removed"] == [] and old in out["kept"] and old in ids()
+    out = eb(capsys, *prune)
+    assert out["removed"] == [old] and old not in ids()
+    assert {latest, v0} <= tags()  # v2's image keeps its :latest (and v2, the same image)
+    assert run(docker + ["run", "--rm", "--network", "none", latest]) == prune_images["v2"]["message"]
