@@ -289,7 +289,7 @@ def take_report(runtime: Runtime, trust: Optional[TrustPolicy] = None,
     """
     if state is not None:
         try:
-            with state.lock(what="an import"):
+            with state.lock(what="a report (cleaning up after an interrupted import)"):
                 runtime.recover(wait=0)
         except LockedError:
             log.info("an import is running: not cleaning up after interrupted ones now")
