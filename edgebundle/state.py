@@ -4,8 +4,10 @@ Default ``/var/lib/edgebundle``; ``--state-dir`` or ``$EDGEBUNDLE_STATE_DIR`` ov
 What lives here is small and written atomically (``files.atomic_file``, fsynced), so a
 power cut leaves the old record or the new one:
 
-- ``import.lock``: held (``flock``) for the whole of an import, so two imports into the
-  same device never interleave; the holder's pid is written into it for the message.
+- ``import.lock``: held (``flock``) for the whole of an import or a prune, so two never
+  interleave on the same device; the holder's pid and kind are written into it for the
+  message.
+- ``imported/…``: the images imports published, which ``prune`` may remove (``history``).
 - JSON records named by their users (e.g. the newest signed bundle imported per site).
 
 Device-safe: standard library only.
@@ -67,6 +69,9 @@ class StateDir:
              where: str = "on this device") -> Iterator[None]:
         """Hold ``name`` exclusively for the block; refuse at once if another process does.
 
+        ``what`` names the holder (written into the lock file, for the message another
+        process gets): "an import", "a prune".
+
         ``flock`` locks die with their process, so a killed import never leaves the
         device locked.
         """
@@ -78,12 +83,15 @@ class StateDir:
             except OSError as exc:
                 if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
                     raise
-                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-                raise LockedError(f"{what} is already running {where} (pid {holder}, "
+                # "<pid> <what>" as the holder wrote it (an older holder wrote the pid only)
+                said = os.pread(fd, 200, 0).decode(errors="replace").strip().split(None, 1)
+                pid = said[0] if said else "unknown"
+                holder = said[1] if len(said) > 1 else what
+                raise LockedError(f"{holder} is already running {where} (pid {pid}, "
                                   f"lock {path})",
                                   "wait for it to finish and run again") from None
             os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            os.pwrite(fd, f"{os.getpid()} {what}\n".encode(), 0)
             yield
         finally:
             os.close(fd)

@@ -10,13 +10,16 @@ import sys
 from typing import Any, List, Optional
 
 from ..errors import UsageError
+from ..files import check_output
 from ..importer import Runtime
 from ..progress import progress_bar
+from ..prune import PREVIOUS, Decision
 from ..report import inventory_to_json
 from ..state import StateDir, state_dir_path
 from ..trust import TrustPolicy, generate_key, load_public_key, load_signing_key
 from ..usecases.device import (RuntimeAddress, VolumeVerified, import_file, inspect_bundle,
-                               open_runtime, take_report, verify_bundle, write_report)
+                               open_runtime, prune, prune_failure, take_report, verify_bundle,
+                               write_report)
 from .main import emit_json
 
 
@@ -75,6 +78,39 @@ def cmd_report(args: argparse.Namespace) -> int:
         write_report(args.output, inv, args.site)
     if args.json or not args.output:
         emit_json(inventory_to_json(inv, args.site))
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    if args.output:
+        check_output(args.output, f"report {args.output}")
+    result = prune(_runtime(args), args.keep, keep_previous=args.keep_previous,
+                   dry_run=args.dry_run, trust=_trust(args), state=_state(args))
+    if args.output:
+        write_report(args.output, result.inventory, args.site)
+    if args.json:
+        emit_json(result.to_json(args.site))
+    else:
+        would = "would remove" if result.dry_run else "removed"
+        def line(label: str, d: Decision, note: str = "") -> None:
+            was = f" (untagged, was {d.was})" if d.was else ""
+            print(f"{label:<13} {d.name}{was}{note}")
+
+        for d in result.removed:
+            line(would, d)
+        for d in result.kept:
+            line("kept", d, " (previous)" if d.verdict == PREVIOUS else "")
+        for d in result.in_use:
+            line("in use", d)
+        for d in result.failed:
+            line("still held", d)
+        print(f"{len(result.removed)} {would}, {len(result.kept)} kept, {len(result.in_use)} in "
+              f"use, of {result.recorded} image name(s) edgebundle imported")
+        if args.output:
+            print(f"report written to {args.output}")
+    failure = prune_failure(result)
+    if failure is not None:
+        raise failure
     return 0
 
 
@@ -149,5 +185,5 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["cmd_import", "cmd_report", "cmd_verify", "cmd_inspect", "cmd_key_generate",
+__all__ = ["cmd_import", "cmd_report", "cmd_prune", "cmd_verify", "cmd_inspect", "cmd_key_generate",
            "cmd_key_show"]

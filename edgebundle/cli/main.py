@@ -22,7 +22,7 @@ from ..logs import redact, setup_logging
 
 EPILOG = """\
 packer:  plan, pack, sync, inventory record|pull|show, key generate|show
-device:  import, report, verify, inspect
+device:  import, report, prune, verify, inspect
 
 Every command takes -v (what happens) and --debug (more, with library requests).
 
@@ -30,7 +30,7 @@ Exit codes: 0 ok, 1 error, 2 usage, 3 manifest, 4 resolve, 5 bundle format,
 6 prerequisite missing, 7 runtime unreachable, 8 load failed, 9 transport, 10 inventory,
 11 packer cache, 12 output not writable, 13 trust policy refused the bundle,
 14 not enough disk space (refused up front, or the disk filled), 15 another import
-(or sync of the site) is running, 16 sync: some sites are not done.
+(or prune, or sync of the site) is running, 16 sync: some sites are not done.
 """
 
 log = logging.getLogger("edgebundle")
@@ -69,7 +69,8 @@ def _runtime_args(p: argparse.ArgumentParser, required: bool = True) -> None:
 def _state_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state-dir", metavar="DIR",
                    help="device state (import lock, journal of a running import, so the next "
-                   "import or report cleans up after an interrupted one); "
+                   "import or report cleans up after an interrupted one, and the record of "
+                   "imported images that prune reads); "
                    "default: $EDGEBUNDLE_STATE_DIR, else /var/lib/edgebundle")
 
 
@@ -219,6 +220,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--site", help="site name to put in the report")
     p.add_argument("--json", action="store_true", help="print the report JSON to stdout")
 
+    p = sub.add_parser(
+        "prune", parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="remove images edgebundle imported that are no longer wanted, then report",
+        description="Remove images that edgebundle imported and that are no longer wanted,\n"
+        "then print the inventory report (as `edgebundle report` does).",
+        epilog="Only images an import published are candidates (recorded in the state dir); "
+        "images that were\non the device before, or that someone pulled or retagged since, "
+        "are never touched. Kept:\nevery --keep name (and other names of the same image), "
+        "the --keep-previous newest other\nimages of each kept name's repository, and every "
+        "image a container uses (running or\nstopped). Holds the device lock: never runs "
+        "beside an import (exit 15).")
+    _runtime_args(p)
+    _state_args(p)
+    _trust_args(p)
+    p.add_argument("--keep", action="append", default=[], metavar="NAME",
+                   help="an image that must stay, as the bundle names it (repeatable; at least "
+                   "one: the manifest's images for this site)")
+    p.add_argument("--keep-previous", type=int, default=0, metavar="N",
+                   help="also keep the N most recently imported other images of each kept "
+                   "name's repository, for a rollback (default: %(default)s)")
+    p.add_argument("--dry-run", action="store_true", help="say what would be removed; remove nothing")
+    p.add_argument("-o", "--output", metavar="PATH", help="also write the report (after pruning) to PATH")
+    p.add_argument("--site", help="site name to put in the report")
+    p.add_argument("--json", action="store_true",
+                   help="print JSON: removed, kept, in_use, failed and the report")
+
     p = sub.add_parser("verify", parents=[common], help="check a bundle completely without importing it")
     p.add_argument("bundle", nargs="+", help="bundle file, or - for standard input; volumes as "
                    "for import; a single volume other than the first is checked on its own")
@@ -337,7 +364,7 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.command == "staged":
         from .staged import cmd_staged
         handler = cmd_staged
-    elif args.command in ("import", "report", "verify", "inspect"):
+    elif args.command in ("import", "report", "prune", "verify", "inspect"):
         from . import device
         handler = getattr(device, "cmd_" + args.command)
     elif args.command == "key":

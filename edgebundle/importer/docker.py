@@ -109,6 +109,29 @@ class DockerAPI:
             raise LoadError(f"docker API GET {path} answered something that is not JSON: "
                             f"{body[:100]!r}", f"check that {self.host} is a docker daemon") from None
 
+    def delete(self, path: str) -> Tuple[int, Any]:
+        """DELETE ``path``: the status and the parsed JSON body (None if not JSON).
+
+        The caller judges the status: for an image, 404 (gone) and 409 (in use) are
+        answers, not failures.
+        """
+        log.debug("docker API: DELETE %s", path)
+        conn = self.connection()
+        try:
+            conn.request("DELETE", path)
+            resp = conn.getresponse()
+            body = resp.read()
+        except (OSError, http.client.HTTPException) as exc:
+            raise RuntimeUnavailableError(f"docker daemon at {self.host} failed: {exc}",
+                                          "check that dockerd is running and healthy") from None
+        finally:
+            conn.close()
+        try:
+            return resp.status, json.loads(body)
+        except ValueError:
+            return resp.status, None
+
+
 class _ChunkedBody:
     """Sends HTTP/1.1 chunked transfer encoding: small writes are coalesced, large
     pieces go out as their own chunk without being copied into a buffer first."""

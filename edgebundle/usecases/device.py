@@ -13,16 +13,19 @@ import os
 import socket
 import sys
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Iterator, List, Optional, Sequence, Union
+from typing import Any, BinaryIO, Dict, Iterator, List, Optional, Sequence, Union
 
-from .. import volumeset
-from ..errors import LockedError, UsageError
+from .. import history, volumeset
+from ..errors import EdgebundleError, LoadError, LockedError, UsageError
 from ..files import check_output, open_output
 from ..format import (FEATURE_DELTA, KNOWN_FEATURES, BundleInfo, BundleReader,
                       read_index_from)
 from ..format.volumes import VolumeHead
-from ..holdings import Inventory
+from ..holdings import HeldImage, Holdings, Inventory
 from ..importer import ImportResult, ProgressFactory, Runtime, import_bundle
+from ..importer.prune import BUSY, images_of
+from ..naming import CRI_NAMESPACE, cri_digest_name
+from ..prune import IN_USE, REMOVE, Decision, Present, check_keep, plan_prune
 from ..importer.storage import runtime_storage
 from ..report import inventory_to_json, now_rfc3339
 from ..format.reader import Verifier
@@ -143,11 +146,137 @@ def import_file(path: str, runtime: Runtime, *, progress: Optional[ProgressFacto
         if result.signed_by is not None:
             assert result.header is not None
             record_imported(state, result.header, path, result.signed_by)
+        _record_published(state, runtime, result, path)
     if report is not None:
         assert result.inventory is not None
         write_report(report, stamped(result.inventory, runtime, trust), result.site)
         log.info("report written to %s", report)
     return result
+
+
+def _record_published(state: StateDir, runtime: Runtime, result: ImportResult, path: str) -> None:
+    """Remember what this import named, so that ``prune`` may remove it one day (``history``).
+
+    Only what it published itself: an image already present was not put there by it.
+    The import has succeeded whatever happens here; a record that cannot be written
+    only means those images are never pruned.
+    """
+    target = _target(runtime)
+    if target is None or result.inventory is None or result.header is None or not result.imported:
+        return
+    held = Holdings(result.inventory)
+    names = {(i.name, i.target.digest if i.target else None) for i in result.inventory.images}
+    published = []
+    for summary in result.header.images:
+        if summary.name not in result.imported:
+            continue
+        image = held.image(summary.name, summary.top, summary.config)
+        if image is None:
+            continue
+        if runtime.kind == "docker":
+            published.append((image.name, image.config, summary.name))
+            continue
+        published.append((image.name, summary.top, summary.name))
+        alias = cri_digest_name(summary.name, summary.top) \
+            if runtime.namespace == CRI_NAMESPACE else None
+        if alias is not None and (alias, summary.top) in names:
+            published.append((alias, summary.top, summary.name))
+    try:
+        history.record(state, runtime.kind, target, published, now_rfc3339(),
+                       os.path.basename(path))
+    except (EdgebundleError, OSError) as exc:
+        log.warning("could not record the imported images for prune (%s); they will not be "
+                    "pruned", getattr(exc, "message", exc))
+
+
+def _target(runtime: Runtime) -> Optional[str]:
+    try:
+        return images_of(runtime).target
+    except TypeError:  # a runtime prune does not know (a test's): nothing to record
+        return None
+
+
+@dataclass(frozen=True)
+class Pruned:
+    """What ``prune`` did (or, with ``dry_run``, would do), and the report after it."""
+
+    dry_run: bool
+    removed: List[Decision]  # with dry_run: would be removed
+    kept: List[Decision]  # named by --keep (or the same image), or --keep-previous
+    in_use: List[Decision]
+    inventory: Inventory
+    target: str
+    recorded: int  # images edgebundle imported that the runtime still holds
+    # removed without error, yet still held afterwards (re-pulled meanwhile?): exit 8
+    failed: List[Decision] = dataclasses.field(default_factory=list)
+
+    def to_json(self, site: Optional[str]) -> Dict[str, Any]:
+        return {"dry_run": self.dry_run, "target": self.target,
+                "removed": [d.name for d in self.removed],
+                "kept": [d.name for d in self.kept],
+                "in_use": [d.name for d in self.in_use],
+                "failed": [d.name for d in self.failed],
+                "decisions": [d.to_json() for d in self.removed + self.kept + self.in_use],
+                "report": inventory_to_json(self.inventory, site)}
+
+
+def prune(runtime: Runtime, keep: Sequence[str], *, keep_previous: int = 0,
+          dry_run: bool = False, trust: Optional[TrustPolicy] = None,
+          state: Optional[StateDir] = None) -> Pruned:
+    """``edgebundle prune``: remove images edgebundle imported that are no longer wanted.
+
+    Under the device lock (never beside an import); leftovers of an interrupted import
+    are cleaned first, as ``report`` does. Never removes an image a container uses. The
+    report returned is read from the runtime after the removal.
+    """
+    check_keep(keep)
+    if keep_previous < 0:
+        raise UsageError(f"--keep-previous {keep_previous} is negative", "pass 0 or more")
+    state = state or StateDir(state_dir_path())
+    images = images_of(runtime)
+    with state.lock(what="a prune"):
+        runtime.recover(wait=0)
+        before = runtime.inventory()
+        record = history.load(state, runtime.kind, images.target)
+        present = [_present(runtime.kind, i) for i in before.images]
+        plan = plan_prune(runtime.kind, present, record.images, keep, keep_previous,
+                          images.in_use(), images.untagged())
+        if not record.images:
+            log.info("no image imported by edgebundle is recorded for %s: nothing to prune",
+                     images.describe())
+        kept = [d for d in plan.decisions if d.verdict not in (REMOVE, IN_USE)]
+        in_use = plan.of(IN_USE)
+        if dry_run:
+            return Pruned(True, plan.remove, kept, in_use, stamped(before, runtime, trust),
+                          images.target, len(plan.decisions))
+        busy = {r.name for r in images.remove([d.name for d in plan.remove]) if r.outcome == BUSY}
+        after = runtime.inventory()
+        still = {(i.name, _present(runtime.kind, i).digest) for i in after.images}
+        still |= {(d, d) for d in images.untagged()}
+        removed = [d for d in plan.remove if d.name not in busy and (d.name, d.digest) not in still]
+        in_use += [d for d in plan.remove if d.name in busy]
+        failed = [d for d in plan.remove if d.name not in busy and (d.name, d.digest) in still]
+        history.forget(state, record, [e for e in record.images if (e.name, e.digest) in still
+                                       or (e.digest, e.digest) in still])
+    for d in removed:
+        log.info("removed %s (%s)", d.name, d.digest)
+    return Pruned(False, removed, kept, in_use, stamped(after, runtime, trust), images.target,
+                  len(plan.decisions), failed)
+
+
+def prune_failure(result: Pruned) -> Optional[LoadError]:
+    """The error to exit with after the output, when a removal did not take."""
+    if not result.failed:
+        return None
+    return LoadError(f"the runtime still holds {', '.join(d.name for d in result.failed)} "
+                     "after removing it", "check the runtime's logs (did something pull it "
+                     "again?); `edgebundle report` shows what it holds")
+
+
+def _present(kind: str, image: HeldImage) -> Present:
+    if kind == "docker":
+        return Present(image.name, image.config, image.config)
+    return Present(image.name, image.target.digest if image.target else "", image.config)
 
 
 def take_report(runtime: Runtime, trust: Optional[TrustPolicy] = None,
@@ -160,7 +289,7 @@ def take_report(runtime: Runtime, trust: Optional[TrustPolicy] = None,
     """
     if state is not None:
         try:
-            with state.lock(what="an import"):
+            with state.lock(what="a report (cleaning up after an interrupted import)"):
                 runtime.recover(wait=0)
         except LockedError:
             log.info("an import is running: not cleaning up after interrupted ones now")

@@ -55,6 +55,7 @@ INDEX_TYPES = ("application/vnd.oci.image.index.v1+json",
 
 
 IMAGES_HEADER = fixture("ctr_images_ls.txt").splitlines()[0]
+CONTAINERS_HEADER = fixture("ctr_containers_ls_empty.stdout").splitlines()[0]
 SNAPSHOTS_HEADER = fixture("ctr_snapshots_ls.txt").splitlines()[0]
 VERSION_OUT = fixture("ctr_version.txt").encode()
 PLUGINS_OUT = fixture("ctr_plugins_ls_d.txt")
@@ -166,6 +167,7 @@ class FakeContainerd:
         self.stdin_sizes: List[int] = []  # bytes each finished import read
         self.on_import_start: Optional[Callable[["FakeContainerd"], None]] = None
         self.import_killed_after: Optional[int] = None  # ctr SIGKILLed after that many bytes
+        self.containers: Dict[str, str] = {}  # container id -> the image name it was made from
 
     # -- the Runner protocol -----------------------------------------------------
 
@@ -220,6 +222,13 @@ class FakeContainerd:
             if "--sync" in args:
                 self.collections += 1
             return Completed(0, b"", b"")
+        if args == ["containers", "ls"]:
+            # As recorded: tab-aligned columns, the image name a container was created
+            # from (ctr images rm removes it all the same: containerd does not refuse).
+            rows = [CONTAINERS_HEADER]
+            rows += [f"{cid}    {image}    io.containerd.runc.v2    "
+                     for cid, image in sorted(self.containers.items())]
+            return Completed(0, ("\n".join(rows) + "\n").encode(), b"")
         if args[:2] == ["images", "rm"]:
             if "--sync" in args:
                 self.collections += 1
@@ -392,7 +401,7 @@ def read_request(rfile: IO[bytes], first: Optional[bytes] = None) -> HttpRequest
 
 
 def response(status: int, body: bytes, *, chunked: bool = False) -> bytes:
-    reason = {200: "OK", 404: "Not Found", 500: "Internal Server Error"}[status]
+    reason = {200: "OK", 404: "Not Found", 409: "Conflict", 500: "Internal Server Error"}[status]
     head = (f"HTTP/1.1 {status} {reason}\r\nApi-Version: 1.41\r\nContent-Type: application/json\r\n"
             "Server: Docker/20.10.24+dfsg1 (linux)\r\nConnection: close\r\n")
     if chunked:
@@ -423,6 +432,9 @@ class FakeEngine:
         self.hang_up_after: Optional[int] = None  # close the load connection after N bytes
         self.forget_loads = False  # answer "Loaded image" but keep nothing (a daemon bug)
         self.load_fails_with: Optional[str] = None  # the error line a failed load answers
+        self.containers: List[Tuple[str, str, str]] = []  # (id, image as given, image ID)
+        # called before a DELETE is answered (a container created meanwhile, say)
+        self.before_delete: Optional[Callable[["FakeEngine"], None]] = None
         self._threads: List[threading.Thread] = []
 
     def dial(self) -> socket.socket:
@@ -482,6 +494,13 @@ class FakeEngine:
             detail.update(Id=img.id, RepoTags=img.tags, Os=img.os, Architecture=img.architecture,
                           RootFS={"Type": "layers", "Layers": img.diff_ids})
             return response(200, json.dumps(detail).encode(), chunked=True)
+        if req.method == "GET" and req.path == "/containers/json?all=1":
+            template = json.loads(fixture("docker_get_containers_json_all.body"))[0]
+            out = [dict(template, Id=cid, Names=[f"/c-{cid[:6]}"], Image=image, ImageID=image_id)
+                   for cid, image, image_id in self.containers]
+            return response(200, json.dumps(out).encode())
+        if req.method == "DELETE" and req.path.startswith("/images/"):
+            return self._delete(req.path[len("/images/"):])
         if req.method == "POST" and req.path == "/images/load?quiet=1":
             return response(200, self._load(req.body), chunked=True)
         raise AssertionError(f"unexpected request {req.method} {req.path}")
@@ -524,6 +543,37 @@ class FakeEngine:
             if self.forget_loads:
                 del self.images[image_id]
         return out
+
+    def _delete(self, name: str) -> bytes:
+        """dockerd's ImageDelete without force (recorded: docker_delete_image_*): a tag of
+        several is untagged; the last one deletes the image, unless a container (running
+        or not) uses it: 409. Query strings (force, noprune) are refused by this model."""
+        assert "?" not in name, f"DELETE /images/{name}: this model takes no query (never force)"
+        if self.before_delete is not None:
+            self.before_delete(self)
+        if name in self.images:  # by ID: what prune does only for an untagged image
+            img = self.images[name]
+            assert not img.tags, f"DELETE /images/{name}: by ID, but it has tags {img.tags}"
+            user = next((c for c in self.containers if c[2] == img.id), None)
+            if user is not None:  # as recorded: docker_delete_dangling_in_use
+                message = (f"conflict: unable to delete {img.id[7:19]} (must be forced) - image "
+                           f"is being used by stopped container {user[0][:12]}")
+                return response(409, json.dumps({"message": message}).encode() + b"\n")
+            del self.images[name]
+            return response(200, json.dumps([{"Deleted": img.id}]).encode() + b"\n")
+        img = next((i for i in self.images.values() if name in i.tags), None)
+        if img is None:
+            return response(404, json.dumps({"message": f"No such image: {name}"}).encode() + b"\n")
+        if len(img.tags) > 1:
+            img.tags.remove(name)
+            return response(200, json.dumps([{"Untagged": name}]).encode() + b"\n")
+        user = next((c for c in self.containers if c[2] == img.id), None)
+        if user is not None:
+            message = (f'conflict: unable to remove repository reference "{name}" (must force) '
+                       f"- container {user[0][:12]} is using its referenced image {img.id[7:19]}")
+            return response(409, json.dumps({"message": message}).encode() + b"\n")
+        del self.images[img.id]
+        return response(200, json.dumps([{"Untagged": name}, {"Deleted": img.id}]).encode() + b"\n")
 
     def add_image(self, config: bytes, tags: List[str]) -> DockerImage:
         diff_ids = json.loads(config)["rootfs"]["diff_ids"]

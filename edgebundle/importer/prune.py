@@ -1,0 +1,167 @@
+"""What ``prune`` asks of the runtimes: which images containers use, and removing names.
+
+Through the importer's own seams: ``Ctr`` (the ``Runner``) for containerd, ``DockerAPI``
+(its dial) for Docker, so unit tests replay recorded outputs (tests/fixtures/runtime).
+
+- containerd: ``ctr containers ls`` lists every container of the namespace, CRI's (k3s,
+  kubelet in ``k8s.io``) included, with the image *name* it was created from.
+  ``ctr images rm`` does not refuse an image a container uses (recorded: rc 0, the name
+  goes), so the check is ours. ``--sync`` waits for the garbage collection the removal
+  triggers: when it returns, the content no other image holds is gone, and a report
+  read next lists neither the name nor its blobs.
+- Docker: ``GET /containers/json?all=1`` lists running and stopped containers with the
+  image ID they use. ``DELETE /images/<name>`` (never ``force``) untags the name, and
+  deletes the image when that was its last tag; a container created meanwhile makes it
+  answer 409, which is reported as in use, not as a failure. An image a newer load took
+  the tag of stays, untagged: ``DELETE /images/<ID>`` removes it.
+
+Device-safe: standard library only.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import FrozenSet, List, Sequence, Union
+from urllib.parse import quote
+
+from ..errors import LoadError
+from ..prune import InUse
+from .containerd import ContainerdRuntime, Ctr
+from .docker import DockerAPI, DockerRuntime
+
+log = logging.getLogger(__name__)
+
+GONE = "removed"
+BUSY = "in-use"
+
+
+def parse_containers_ls(text: str) -> FrozenSet[str]:
+    """``ctr containers ls`` -> the image names containers were created from."""
+    names = set()
+    for line in text.splitlines()[1:]:
+        parts = line.split()
+        if len(parts) >= 2 and parts[1] != "-":
+            names.add(parts[1])
+    return frozenset(names)
+
+
+def parse_containers_json(body: object) -> InUse:
+    """``GET /containers/json?all=1`` -> the image IDs (and names) containers use."""
+    if not isinstance(body, list):
+        raise LoadError(f"docker API /containers/json answered {type(body).__name__}, not a list",
+                        "check that the host is a docker daemon")
+    ids, names = set(), set()
+    for c in body:
+        if not isinstance(c, dict):
+            continue
+        image_id, image = c.get("ImageID"), c.get("Image")
+        if isinstance(image_id, str) and image_id:
+            ids.add(image_id)
+        if isinstance(image, str) and image:
+            names.add(image)
+    return InUse(names=frozenset(names), digests=frozenset(ids))
+
+
+def parse_untagged(body: object) -> FrozenSet[str]:
+    """``GET /images/json?all=1`` -> IDs of images without a tag (``<none>:<none>``)."""
+    if not isinstance(body, list):
+        raise LoadError(f"docker API /images/json answered {type(body).__name__}, not a list",
+                        "check that the host is a docker daemon")
+    out = set()
+    for summary in body:
+        if not isinstance(summary, dict) or not isinstance(summary.get("Id"), str):
+            continue
+        tags = summary.get("RepoTags") or []
+        if all(t == "<none>:<none>" for t in tags if isinstance(t, str)):
+            out.add(str(summary["Id"]))
+    return frozenset(out)
+
+
+@dataclass(frozen=True)
+class Removal:
+    name: str
+    outcome: str  # GONE | BUSY
+    detail: str = ""
+
+
+class ContainerdImages:
+    def __init__(self, ctr: Ctr) -> None:
+        self.ctr = ctr
+
+    @property
+    def target(self) -> str:
+        return f"containerd:{self.ctr.address}#{self.ctr.namespace}"
+
+    def describe(self) -> str:
+        return f"containerd at {self.ctr.address} namespace {self.ctr.namespace}"
+
+    def in_use(self) -> InUse:
+        return InUse(names=parse_containers_ls(self.ctr.run("containers", "ls")
+                                               .decode(errors="replace")))
+
+    def untagged(self) -> FrozenSet[str]:
+        """containerd has no image without a name."""
+        return frozenset()
+
+    def remove(self, names: Sequence[str]) -> List[Removal]:
+        """One ``ctr images rm --sync`` for all; the caller reads the runtime back to see."""
+        if not names:
+            return []
+        self.ctr.run("images", "rm", "--sync", *names)
+        return [Removal(n, GONE) for n in names]
+
+
+class DockerImages:
+    def __init__(self, api: DockerAPI) -> None:
+        self.api = api
+
+    @property
+    def target(self) -> str:
+        return f"docker:{self.api.host}"
+
+    def describe(self) -> str:
+        return f"docker at {self.api.host}"
+
+    def in_use(self) -> InUse:
+        return parse_containers_json(self.api.get_json("/containers/json?all=1"))
+
+    def untagged(self) -> FrozenSet[str]:
+        """Image IDs no tag names (a newer load took their tag)."""
+        return parse_untagged(self.api.get_json("/images/json?all=1"))
+
+    def remove(self, names: Sequence[str]) -> List[Removal]:
+        """Each name (a tag, or an untagged image's ID) by ``DELETE /images/NAME``."""
+        out = []
+        for name in names:
+            status, body = self.api.delete(f"/images/{quote(name, safe='/:@')}")
+            if status in (200, 404):  # 404: gone already, which is what we wanted
+                out.append(Removal(name, GONE))
+            elif status == 409:
+                out.append(Removal(name, BUSY, _message(body)))
+            else:
+                raise LoadError(f"docker API DELETE /images/{name} returned {status}: "
+                                f"{_message(body)}", "check the docker daemon's logs")
+        return out
+
+
+def _message(body: object) -> str:
+    if isinstance(body, dict) and isinstance(body.get("message"), str):
+        return str(body["message"])[:300]
+    return repr(body)[:300]
+
+
+Images = Union[ContainerdImages, DockerImages]
+
+
+def images_of(runtime: object) -> Images:
+    """The pruning side of a runtime ``usecases.device.open_runtime`` made."""
+    if isinstance(runtime, ContainerdRuntime):
+        return ContainerdImages(runtime.ctr)
+    if isinstance(runtime, DockerRuntime):
+        return DockerImages(runtime.api)
+    raise TypeError(f"cannot prune a {type(runtime).__name__}")
+
+
+__all__ = ["ContainerdImages", "DockerImages", "Images", "InUse", "Removal", "images_of",
+           "parse_containers_json", "parse_containers_ls", "parse_untagged", "GONE", "BUSY"]
