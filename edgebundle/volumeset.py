@@ -46,12 +46,15 @@ _SIZE = re.compile(r"(\d+)\s*([kKmMgGtT]?)(?:i?B)?")
 _SUFFIX = re.compile(r"\A(.*)\.([0-9]{3,})\Z", re.DOTALL)  # \Z: no match before a final newline
 
 
-def parse_size(text: str, what: str = "volume size", minimum: int = MIN_VOLUME_SIZE,
+def parse_size(text: str, what: str = "volume size", minimum: Optional[int] = None,
                example: str = "700M") -> int:
     """``700M``, ``4G``, ``1048576``: bytes, with binary suffixes (1k = 1024).
 
-    ``what`` names the value in errors (``sync --limit-rate`` parses bytes/s with it too).
+    ``what`` names the value in errors (``sync --limit-rate`` parses bytes/s with it too);
+    ``minimum`` defaults to ``MIN_VOLUME_SIZE``, read at the call (tests lower it).
     """
+    if minimum is None:
+        minimum = MIN_VOLUME_SIZE
     m = _SIZE.fullmatch(text.strip())
     if not m:
         raise UsageError(f"{what} {text!r} is not a size",

@@ -339,7 +339,7 @@ class Syncer:
                 state: _Attempt) -> None:
         """Prune as the site asks (then the report again: it must show the prune), and
         clear the staging directory."""
-        if site.prune is not None:
+        if site.prune is not None and images:  # prune keeps nothing without names: refused
             self.events.phase(site.name, "prune")
             device.prune([i.name for i in images], site.prune.keep_previous)
             self._check_done(device, site, images, state, "pruned")
