@@ -325,7 +325,7 @@ MUTANTS: List[Mutant] = [
            "                if not self.needed_by(key):", "                if True:",
            "tests/unit/test_sync.py -k 'packs_once or refusal_is_not'"),
     Mutant("sync retries nothing", "edgebundle/sync/run.py",
-           "    return isinstance(exc, LinkError)", "    return False",
+           "    return isinstance(exc, (LinkError, LockedError))", "    return False",
            "tests/unit/test_sync.py -k 'retried'"),
     Mutant("sync retries a refusal", "edgebundle/sync/device.py",
            "        return self.device_status in RETRY_EXIT_CODES", "        return True",

@@ -263,6 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="the staged file (absent: size 0)")
     p.add_argument("--block-size", type=int, default=1024 * 1024, metavar="BYTES",
                    help="bytes per digested block (default: %(default)s)")
+    p.add_argument("--hold", action="store_true",
+                   help="instead: hold the staging directory's upload lock until standard input "
+                   "ends (refused with exit 15 while another upload holds it)")
     p.add_argument("--json", action="store_true", help="print JSON (the only output form)")
 
     p = sub.add_parser("key", parents=[common], help="signing keys: generate one, show a key's id")

@@ -1,5 +1,11 @@
 """``edgebundle staged PATH --block-size N --json`` (device side, hidden from --help).
 
+With ``--hold`` it instead holds the staging directory's upload lock
+(``.upload.lock``, flock) until its standard input ends: the packer keeps that
+command running on its own channel for the whole upload, so two packers never write
+one ``.part`` at once (the second is refused, exit 15), and a packer that dies lets go
+of the lock with its connection.
+
 A module of its own so that the packer's upload, which runs it on the device twice
 per upload, does not pay for importing the importer (about 60 ms a call).
 """
@@ -7,13 +13,21 @@ per upload, does not pay for importing the importer (about 60 ms a call).
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 from ..errors import UsageError
+from ..state import StateDir
 from ..staged import MAX_BLOCK, MIN_BLOCK, describe
 from .main import emit_json
 
 
+UPLOAD_LOCK = ".upload.lock"
+
+
 def cmd_staged(args: argparse.Namespace) -> int:
+    if args.hold:
+        return hold_upload_lock(os.path.dirname(os.path.abspath(args.path)))
     try:
         staged = describe(args.path, args.block_size)
     except ValueError as exc:
@@ -22,4 +36,14 @@ def cmd_staged(args: argparse.Namespace) -> int:
         raise UsageError(f"cannot read staged file {args.path}: {exc.strerror or exc}",
                          "check that the staging directory exists and is readable") from None
     emit_json(staged.to_json())
+    return 0
+
+
+def hold_upload_lock(directory: str) -> int:
+    """Hold ``directory``'s upload lock until stdin ends; say so on stdout first."""
+    with StateDir(directory).lock(UPLOAD_LOCK, f"an upload to {directory}"):
+        emit_json({"held": os.path.join(directory, UPLOAD_LOCK), "pid": os.getpid()})
+        sys.stdout.flush()
+        while sys.stdin.buffer.read(65536):
+            pass  # nothing is sent; EOF (the packer closed the channel) ends the hold
     return 0

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Dict, Iterator, List, Optional, Protocol, Sequence, Tuple
 
-from ..errors import EdgebundleError, LinkError, LoadError, TransportError
+from ..errors import EdgebundleError, LinkError, LoadError, LockedError, TransportError
 from ..format import Signer
 from ..holdings import Inventory
 from ..image import ResolvedImage
@@ -358,7 +358,9 @@ class Syncer:
 def _retryable(exc: EdgebundleError) -> bool:
     if isinstance(exc, DeviceCommandError):
         return exc.retryable
-    return isinstance(exc, LinkError)
+    # LockedError here is the device's upload lock (another packer uploading there):
+    # the packer's own site lock is taken before the attempts.
+    return isinstance(exc, (LinkError, LockedError))
 
 
 def _check_deadline(site: SiteSpec, deadline: float, step: str) -> None:

@@ -49,12 +49,12 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import paramiko
 
-from ..errors import LinkError, SpaceError, TransportError
+from ..errors import LinkError, LockedError, SpaceError, TransportError
 from ..files import IO_CHUNK, read_pieces
 from ..specs import SiteSpec
 from ..staged import StagedFile, block_digests
 from .options import SshOptions
-from .ssh import check_device_edgebundle, connect, run_device_command
+from .ssh import _last_line, check_device_edgebundle, connect, run_device_command
 
 log = logging.getLogger(__name__)
 
@@ -234,11 +234,13 @@ def upload_over(
     sftp = paramiko.SFTPClient.from_transport(transport, window_size=WINDOW_SIZE,
                                               max_packet_size=MAX_PACKET_SIZE)
     assert sftp is not None
+    holder: Optional[paramiko.Channel] = None
     try:
         channel = sftp.get_channel()
         if channel is not None:
             channel.settimeout(command_timeout)
         _makedirs(sftp, site, staging_dir)
+        holder = _hold_upload_lock(client, site, part, timeout, command_timeout)
         staged = _staged(client, site, part, block_size, timeout, command_timeout)
         if staged is None:
             offset, held = 0, 0
@@ -264,6 +266,7 @@ def upload_over(
                                  f"{exc.strerror or exc}",
                                  "check the staging directory's permissions on the device") from None
     finally:
+        _release(holder)
         # On a dead link closing fails too; that must not replace the error that says why.
         with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
             sftp.close()
@@ -271,6 +274,62 @@ def upload_over(
     log.info("site %s: uploaded %s (%d bytes sent, resumed from %d) in %.1fs", site.name, final, sent, offset,
              seconds)
     return UploadResult(final, size, sent, offset, seconds, verified)
+
+
+def _hold_upload_lock(client: paramiko.SSHClient, site: SiteSpec, part: str, timeout: float,
+                      command_timeout: float) -> Optional[paramiko.Channel]:
+    """Hold the staging directory's upload lock on the device for the rest of the upload.
+
+    ``edgebundle staged PART --hold`` keeps the lock until its channel closes (ours, or
+    the connection's when we die), so two packers never write one part at once; the
+    second gets LockedError (exit 15 there). A device whose edgebundle predates
+    ``--hold`` uploads without it (said at -v). Returns the channel to close.
+    """
+    command = f"{site.edgebundle} staged {shlex.quote(part)} --hold --json"
+    transport = client.get_transport()
+    assert transport is not None
+    chan = transport.open_session(timeout=timeout)
+    chan.settimeout(command_timeout)
+    chan.exec_command(command)
+    line = b""
+    try:
+        while not line.endswith(b"\n"):
+            data = chan.recv(1)
+            if not data:
+                break
+            line += data
+    except socket.timeout:
+        chan.close()
+        raise LinkError(f"`{command}` on site {site.name} did not answer in {command_timeout:.0f}s",
+                        "check the device, or raise the command timeout") from None
+    if line.endswith(b"\n"):
+        return chan  # held
+    chan.status_event.wait(command_timeout)
+    status = chan.exit_status if chan.status_event.is_set() else -1
+    tail = b""
+    while chan.recv_stderr_ready():
+        tail += chan.recv_stderr(65536)
+    chan.close()
+    last = _last_line(tail)
+    if status == LockedError.exit_code:
+        raise LockedError(f"site {site.name}: {last.removeprefix('edgebundle: error: ') or 'its upload lock is held'}",
+                          "another packer is uploading to this device; sync again later")
+    try:
+        check_device_edgebundle(site, status, last)
+    except TransportError as exc:
+        if status == 127:
+            raise
+        log.info("site %s: %s; uploading without the device's upload lock", site.name, exc.message)
+        return None
+    raise TransportError(f"`{command}` on site {site.name} exited with status {status}: {last or '(no stderr)'}",
+                         f"run it by hand on the device: {command}")
+
+
+def _release(chan: Optional[paramiko.Channel]) -> None:
+    if chan is not None:
+        with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
+            chan.shutdown_write()  # EOF on its stdin: the device lets go of the lock
+            chan.close()
 
 
 def _makedirs(sftp: paramiko.SFTPClient, site: SiteSpec, path: str) -> None:
