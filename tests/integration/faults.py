@@ -20,11 +20,12 @@ from services import ServiceError
 class CuttingProxy:
     """127.0.0.1:port → 127.0.0.1:target_port; the link drops after ``cut_after`` bytes.
 
-    Bytes from clients to the target are counted over *all* connections: the one that
-    crosses ``cut_after`` is closed on both sides mid-stream, as a cellular link that
-    goes down mid-upload. After that cut, the link stays down: new connections are
-    accepted and closed at once (so retries within the same run fail too), until
-    ``heal()`` makes the proxy forward everything again.
+    Bytes from the client to the target are counted per connection: the first
+    connection that sends ``cut_after`` bytes is closed on both sides mid-stream, as a
+    cellular link that goes down mid-upload (short connections, e.g. an inventory
+    report, pass). After that cut the link stays down: every open connection drops and
+    new ones are accepted and closed at once (so retries within the same run fail
+    too), until ``heal()`` makes the proxy forward everything again.
     """
 
     def __init__(self, target_port: int, cut_after: int) -> None:
@@ -32,7 +33,7 @@ class CuttingProxy:
         self.cut_after = cut_after
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = int(self.listener.getsockname()[1])
-        self.forwarded = 0  # client → target bytes, all connections
+        self.forwarded = 0  # client → target bytes, all connections together
         self.cuts = 0  # connections cut mid-stream
         self.refused = 0  # connections closed at once while the link was down
         self.healed = False
@@ -79,19 +80,19 @@ class CuttingProxy:
 
     def _pump(self, src: socket.socket, dst: socket.socket, count: bool) -> None:
         cut = False
+        sent = 0  # this connection's client → target bytes
         try:
             while not self.down:
                 data = src.recv(65536)
                 if not data:
                     break
                 if count and not self.healed:
+                    data = data[:max(self.cut_after - sent, 0)]
+                    sent += len(data)
+                    cut = sent >= self.cut_after
                     with self._lock:
-                        room = self.cut_after - self.forwarded
-                        data = data[:max(room, 0)]
                         self.forwarded += len(data)
-                        cut = self.forwarded >= self.cut_after
-                        if cut:
-                            self.cuts += 1
+                        self.cuts += cut
                 dst.sendall(data)
                 if cut:
                     break
