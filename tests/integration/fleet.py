@@ -53,6 +53,7 @@ from services import Containerd, Dockerd, ServiceError, Sshd
 
 from edgebundle.oci import Platform
 from edgebundle.specs import SiteSpec
+from edgebundle.transfer.options import SshOptions
 
 FAULTS = ("wrong-host-key", "sshd-down", "cut-upload", "disk-full", "edgebundle-missing", "import-killed")
 # The old version some gateways hold at the start, and what the manifest asks for
@@ -152,20 +153,19 @@ class Gateway:
     def ssh(self) -> str:
         return f"root@127.0.0.1:{self.port}"
 
-    def site_entry(self, *, staging: bool = True) -> Dict[str, Any]:
-        """The manifest's site entry; ``staging=False`` for an edgebundle without that key."""
+    def site_entry(self) -> Dict[str, Any]:
+        """The manifest's site entry."""
         entry: Dict[str, Any] = {"runtime": self.runtime, "platform": PLATFORM}
         if self.namespace is not None:
             entry["namespace"] = self.namespace
         entry.update({"ssh": self.ssh, "address": self.address, "edgebundle": self.edgebundle})
-        if staging:
-            entry["staging"] = str(self.staging)
+        entry["staging"] = str(self.staging)
         return entry
 
     def site_spec(self) -> SiteSpec:
         return SiteSpec(name=self.name, runtime=self.runtime, platform=Platform.parse(PLATFORM),
                         namespace=self.namespace, ssh=self.ssh, address=self.address,
-                        edgebundle=self.edgebundle)
+                        edgebundle=self.edgebundle, staging=str(self.staging))
 
     def local_args(self, containerd: Containerd) -> List[str]:
         """Runtime flags for running the device's edgebundle locally (seeding, checks)."""
@@ -205,6 +205,10 @@ class Fleet:
     @property
     def faulty(self) -> Tuple[Gateway, ...]:
         return tuple(g for g in self.gateways if g.fault is not None)
+
+    def ssh_options(self) -> SshOptions:
+        return SshOptions(ssh_config_path=os.devnull, known_hosts=str(self.known_hosts),
+                          key_filename=str(self.client_key), timeout=10)
 
     def ssh_flags(self) -> List[str]:
         """The packer's SSH flags for this fleet (never ~/.ssh)."""
@@ -344,7 +348,7 @@ def eb(*args: str) -> List[str]:
 
 
 def write_manifest(fleet: Fleet, path: Path, registry_host: str, refs: Sequence[str],
-                   gateways: Optional[Iterable[Gateway]] = None, *, staging: bool = True) -> Path:
+                   gateways: Optional[Iterable[Gateway]] = None) -> Path:
     """A manifest list asking every site of ``gateways`` (default: all) for ``refs``.
 
     ``refs`` are repo:tag in the registry at ``registry_host`` (plain HTTP). JSON is
@@ -355,7 +359,7 @@ def write_manifest(fleet: Fleet, path: Path, registry_host: str, refs: Sequence[
     lines = ["version: 1", "registries:", f"  {json.dumps(registry_host)}: {{insecure: true}}", "images:"]
     lines += [f"  - ref: {json.dumps(f'{registry_host}/{r}')}" for r in refs]
     lines.append("sites:")
-    lines += [f"  {g.name}: {json.dumps(g.site_entry(staging=staging))}" for g in chosen]
+    lines += [f"  {g.name}: {json.dumps(g.site_entry())}" for g in chosen]
     path.write_text("\n".join(lines) + "\n")
     return path
 

@@ -8,7 +8,6 @@ pull``): nothing here needs ``edgebundle sync``.
 from __future__ import annotations
 
 import json
-import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Dict
@@ -25,8 +24,7 @@ START_BUDGET = 30.0  # seconds for 22 sshd + 2 dockerd; measured ~3-6 s on 2 sha
 
 def pull(fl: fleetlib.Fleet, g: fleetlib.Gateway) -> Any:
     try:
-        return pull_report(g.site_spec(), known_hosts=str(fl.known_hosts), key_filename=str(fl.client_key),
-                           ssh_config_path=os.devnull, timeout=10, command_timeout=120)
+        return pull_report(g.site_spec(), fl.ssh_options(), command_timeout=120)
     except TransportError as exc:
         return exc
 
@@ -64,7 +62,7 @@ def test_edgebundle_inventory_pull_through_the_manifest(fleet: fleetlib.Fleet, r
     """The CLI reads the fleet's site entries (ssh, address, edgebundle) as written."""
     picked = [g for g in fleet.healthy if g.runtime == "docker" and g.spec.holds == "old"][:1] + [fleet["gw-01"]]
     manifest = fleetlib.write_manifest(fleet, tmp_path / "m.yaml", registry.host, fleetlib.MANIFEST_REFS,
-                                       picked, staging=False)
+                                       picked)
     home = ["--home", str(tmp_path / "home")]
     for g in picked:
         capsys.readouterr()
