@@ -265,7 +265,7 @@ def start_fleet(root: Path, containerd: Containerd, layout: Sequence[GatewaySpec
     proxies: List[CuttingProxy] = []
     mounts: List[Path] = []
     try:
-        sshds += _parallel(lambda s: services.start_sshd(root / s.name / "sshd", client_key=client_key), layout)
+        sshds += _parallel(lambda s: _start_sshd(root / s.name / "sshd", client_key), layout)
         stamps["sshd"] = time.monotonic() - t0
         t1 = time.monotonic()
         dockers = [s for s in layout if s.runtime == "docker"]
@@ -326,6 +326,18 @@ def start_fleet(root: Path, containerd: Containerd, layout: Sequence[GatewaySpec
     known_hosts.write_text("".join(g.known_hosts_line + "\n" for g in gateways))
     stamps["total"] = time.monotonic() - t0
     return Fleet(root, containerd, tuple(gateways), client_key, known_hosts, signing_key, stamps, mounts)
+
+
+def _start_sshd(tmp: Path, client_key: Path, attempts: int = 3) -> Sshd:
+    """start_sshd, again on another port if the one picked was taken meanwhile (free_port's
+    race: 20 start-ups at once, and other tests on the machine, pick ports too)."""
+    for attempt in range(attempts):
+        try:
+            return services.start_sshd(tmp, client_key=client_key)
+        except ServiceError:
+            if attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
 
 
 def _signing_key(root: Path) -> Path:
@@ -407,10 +419,10 @@ def _check(argv: List[str], what: str) -> str:
 
 
 def runtime_images(fleet: Fleet, g: Gateway) -> Dict[str, str]:
-    """name -> manifest/image id as the runtime lists it."""
+    """name -> manifest digest (containerd) or image id = config digest (docker), as the runtime lists it."""
     if g.runtime == "docker":
         assert g.dockerd is not None
-        out = subprocess.run(g.dockerd.docker_argv() + ["images", "--digests", "--format",
+        out = subprocess.run(g.dockerd.docker_argv() + ["images", "--no-trunc", "--format",
                                                         "{{.Repository}}:{{.Tag}} {{.ID}}"],
                              capture_output=True, text=True, timeout=60, env=g.dockerd.env())
         if out.returncode != 0:
