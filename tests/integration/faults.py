@@ -12,7 +12,7 @@ import socket
 import subprocess
 import threading
 from pathlib import Path
-from typing import Iterator, List
+from typing import Callable, Iterator, List, Optional
 
 from services import ServiceError
 
@@ -23,14 +23,19 @@ class CuttingProxy:
     Bytes from the client to the target are counted per connection: the first
     connection that sends ``cut_after`` bytes is closed on both sides mid-stream, as a
     cellular link that goes down mid-upload (short connections, e.g. an inventory
-    report, pass). After that cut the link stays down: every open connection drops and
+    report, pass). Or the cut comes when ``cut_when()`` turns true (asked before each
+    client chunk is forwarded), e.g. once the device's partial file holds some blocks:
+    bytes forwarded are not bytes written, since sshd and sftp-server buffer and lag
+    behind under load. After that cut the link stays down: every open connection drops and
     new ones are accepted and closed at once (so retries within the same run fail
     too), until ``heal()`` makes the proxy forward everything again.
     """
 
-    def __init__(self, target_port: int, cut_after: int) -> None:
+    def __init__(self, target_port: int, cut_after: int = 1 << 62,
+                 cut_when: Optional[Callable[[], bool]] = None) -> None:
         self.target_port = target_port
         self.cut_after = cut_after
+        self.cut_when = cut_when
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = int(self.listener.getsockname()[1])
         self.forwarded = 0  # client → target bytes, all connections together
@@ -87,9 +92,12 @@ class CuttingProxy:
                 if not data:
                     break
                 if count and not self.healed:
-                    data = data[:max(self.cut_after - sent, 0)]
-                    sent += len(data)
-                    cut = sent >= self.cut_after
+                    if self.cut_when is not None and self.cut_when():
+                        data, cut = b"", True
+                    else:
+                        data = data[:max(self.cut_after - sent, 0)]
+                        sent += len(data)
+                        cut = sent >= self.cut_after
                     with self._lock:
                         self.forwarded += len(data)
                         self.cuts += cut

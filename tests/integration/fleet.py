@@ -20,8 +20,8 @@ Faulty gateways carry real faults, not mocks (``FAULTS``):
 - ``wrong-host-key``: known_hosts holds another key for its port;
 - ``sshd-down``: its sshd was started, then stopped: nothing listens on its port;
 - ``cut-upload``: ``ssh:`` names a ``faults.CuttingProxy`` in front of its sshd that
-  drops the link once ``CUT_AFTER`` bytes went through (its report and a few MiB
-  fit, the bundle does not) and stays down until ``heal()``;
+  drops the link mid-upload, once the partial bundle on the device holds
+  ``CUT_AT_PART_BYTES``, and stays down until ``heal()``;
 - ``disk-full``: the staging dir is a real 1 MiB tmpfs;
 - ``edgebundle-missing``: ``edgebundle: /nonexistent/edgebundle``;
 - ``import-killed``: ``edgebundle:`` is a wrapper (``KILLER``) that, for the first
@@ -44,7 +44,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import faults
 import services
@@ -62,10 +62,11 @@ OLD_REFS = ("shop/app:v1",)
 MANIFEST_REFS = ("shop/app:v2", "shop/worker:v1")
 NAMESPACE_PREFIX = "fleet-"
 PLATFORM = "linux/amd64"
-# The cut link lets the SSH handshakes, reports and `staged` answers of a run through
-# (a few kB each) and a few blocks of the upload, then drops: the bundle of an empty
-# site is about 5 MiB, the upload resumes at a 1 MiB block boundary.
-CUT_AFTER = 2 * 1024 * 1024 + 300 * 1024
+# The cut link drops once the device's partial upload holds this much (so at least one
+# whole 1 MiB block is there to resume from; an empty site's bundle is about 4 MiB).
+# Counting bytes through the proxy would not do: under load sshd's sftp-server lags
+# megabytes behind what was forwarded.
+CUT_AT_PART_BYTES = 1536 * 1024
 DISK_FULL_MB = 1
 MISSING_EDGEBUNDLE = "/nonexistent/edgebundle"
 START_WORKERS = 8  # sshd / dockerd start-ups at once
@@ -292,7 +293,7 @@ def start_fleet(root: Path, containerd: Containerd, layout: Sequence[GatewaySpec
             elif spec.fault == "sshd-down":
                 sshd.stop()  # a real sshd that was there and is gone: its port refuses
             elif spec.fault == "cut-upload":
-                proxy = CuttingProxy(sshd.port, CUT_AFTER)
+                proxy = CuttingProxy(sshd.port, cut_when=_part_holds(staging, CUT_AT_PART_BYTES))
                 proxies.append(proxy)
                 port = proxy.port
                 known = known.replace(f":{sshd.port} ", f":{proxy.port} ")
@@ -326,6 +327,16 @@ def start_fleet(root: Path, containerd: Containerd, layout: Sequence[GatewaySpec
     known_hosts.write_text("".join(g.known_hosts_line + "\n" for g in gateways))
     stamps["total"] = time.monotonic() - t0
     return Fleet(root, containerd, tuple(gateways), client_key, known_hosts, signing_key, stamps, mounts)
+
+
+def _part_holds(staging: Path, size: int) -> Callable[[], bool]:
+    """True once a ``*.part`` in ``staging`` holds ``size`` bytes."""
+    def check() -> bool:
+        try:
+            return any(p.stat().st_size >= size for p in staging.glob("*.part"))
+        except OSError:
+            return False  # the part was renamed or removed meanwhile
+    return check
 
 
 def _start_sshd(tmp: Path, client_key: Path, attempts: int = 3) -> Sshd:
