@@ -229,9 +229,22 @@ class Fleet:
         self._mounts.clear()
 
 
-def _parallel(fn: Any, items: Iterable[Any]) -> List[Any]:
+def _parallel(fn: Any, items: Iterable[Any], started: Optional[List[Any]] = None) -> List[Any]:
+    """``fn`` over ``items`` in threads, results in order. Every call runs to its end; what
+    did start is also appended to ``started`` (so the caller can stop it when another failed)."""
     with ThreadPoolExecutor(START_WORKERS) as ex:
-        return list(ex.map(fn, items))
+        futures = [ex.submit(fn, item) for item in items]
+    results, errors = [], []
+    for f in futures:
+        if f.exception() is None:
+            results.append(f.result())
+            if started is not None:
+                started.append(f.result())
+        else:
+            errors.append(f.exception())
+    if errors:
+        raise errors[0]  # type: ignore[misc]
+    return results
 
 
 def start_fleet(root: Path, containerd: Containerd, layout: Sequence[GatewaySpec] = default_layout()) -> Fleet:
@@ -262,17 +275,17 @@ def start_fleet(root: Path, containerd: Containerd, layout: Sequence[GatewaySpec
     signing_key = _signing_key(root)
 
     sshds: List[Sshd] = []
+    started: List[Tuple[str, Dockerd]] = []
     dockerds: Dict[str, Dockerd] = {}
     proxies: List[CuttingProxy] = []
     mounts: List[Path] = []
     try:
-        sshds += _parallel(lambda s: _start_sshd(root / s.name / "sshd", client_key), layout)
+        _parallel(lambda s: _start_sshd(root / s.name / "sshd", client_key), layout, sshds)
         stamps["sshd"] = time.monotonic() - t0
         t1 = time.monotonic()
         dockers = [s for s in layout if s.runtime == "docker"]
-        for spec, dk in zip(dockers, _parallel(lambda s: services.start_dockerd(root / s.name / "dockerd"),
-                                               dockers)):
-            dockerds[spec.name] = dk
+        _parallel(lambda s: (s.name, services.start_dockerd(root / s.name / "dockerd")), dockers, started)
+        dockerds.update(started)
         stamps["dockerd"] = time.monotonic() - t1
 
         gateways = []
@@ -318,7 +331,7 @@ def start_fleet(root: Path, containerd: Containerd, layout: Sequence[GatewaySpec
             p.close()
         for s in sshds:
             s.stop()
-        for dk in dockerds.values():
+        for _, dk in started:
             dk.stop()
         for m in mounts:
             faults.umount(m)
