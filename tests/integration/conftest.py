@@ -103,11 +103,14 @@ def skopeo(request: pytest.FixtureRequest) -> str:
     return str(path)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def fleet(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, containerd: Containerd,
           registry: Registry, pushed_images: dict[str, Any]) -> Iterator[fleetlib.Fleet]:
     """fleet.default_layout(): 22 gateways (sshd each) on the session containerd, 2 own dockerds;
-    the "old" ones already hold fleet.OLD_REFS. See tests/integration/fleet.py."""
+    the "old" ones already hold fleet.OLD_REFS. See tests/integration/fleet.py.
+
+    One fleet per test module (a few seconds): sync tests change what the gateways hold.
+    """
     root = tmp_path_factory.mktemp("fleet")
     fl = _start(request.config, "gateway fleet", lambda: fleetlib.start_fleet(root, containerd))
     try:

@@ -9,7 +9,7 @@ the packer only through its site entry, as a real gateway's would be:
 
     ssh: root@127.0.0.1:PORT
     address: /…/containerd.sock | unix:///…/docker.sock
-    namespace: fleet-gw-03                       (containerd)
+    namespace: fleet0-gw-03                      (containerd)
     staging: /…/gw-03/staging
     edgebundle: env EDGEBUNDLE_STATE_DIR=… EDGEBUNDLE_TRUST_DIR=… /…/python -m edgebundle
 
@@ -60,7 +60,6 @@ FAULTS = ("wrong-host-key", "sshd-down", "cut-upload", "disk-full", "edgebundle-
 # (imagefactory.standard_set: app v1 -> v2 changes one file of the top layer).
 OLD_REFS = ("shop/app:v1",)
 MANIFEST_REFS = ("shop/app:v2", "shop/worker:v1")
-NAMESPACE_PREFIX = "fleet-"
 PLATFORM = "linux/amd64"
 # The cut link drops once the device's partial upload holds this much (so at least one
 # whole 1 MiB block is there to resume from; an empty site's bundle is about 4 MiB).
@@ -250,7 +249,8 @@ def _parallel(fn: Any, items: Iterable[Any], started: Optional[List[Any]] = None
 def start_fleet(root: Path, containerd: Containerd, layout: Sequence[GatewaySpec] = default_layout()) -> Fleet:
     """Start every gateway of ``layout`` under ``root``; ``Fleet.stop()`` undoes it.
 
-    ``containerd`` is the shared one (each containerd gateway is a namespace of it).
+    ``containerd`` is the shared one: each containerd gateway is its namespace
+    ``<root's name>-<gateway name>``, so several fleets can share one containerd.
     """
     if containerd.snapshotter != "overlayfs":
         # The device command sync runs is `EDGEBUNDLE import … --runtime containerd`, with
@@ -324,7 +324,7 @@ def start_fleet(root: Path, containerd: Containerd, layout: Sequence[GatewaySpec
             gateways.append(Gateway(
                 spec=spec, root=groot, port=port, sshd=sshd, state_dir=state, trust_dir=trust,
                 staging=staging, address=dk.host if dk else containerd.address,
-                namespace=None if dk else NAMESPACE_PREFIX + spec.name, edgebundle=edgebundle,
+                namespace=None if dk else f"{root.name}-{spec.name}", edgebundle=edgebundle,
                 known_hosts_line=known, dockerd=dk, proxy=proxy))
     except BaseException:
         for p in proxies:
