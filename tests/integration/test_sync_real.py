@@ -406,8 +406,14 @@ def check_overlap(w: World, g: fleetlib.Gateway, runs: List[Run], *, loser_says_
 
 
 def test_overlapping_runs_with_one_packer_home(world: World, up_to_date: Run) -> None:
+    """Two timer runs at once (uploads slowed so that the first surely still works when
+    the second starts): the second is refused by the packer's per-site lock, at once."""
     g = world.fleet["gw-02"]
-    check_overlap(world, g, overlap(world, g, [world.home, world.home]))
+    runs = overlap(world, g, [world.home, world.home], "--limit-rate", "400k")
+    check_overlap(world, g, runs)
+    loser = next(r.sites[g.name] for r in runs if not r.sites[g.name]["ok"])
+    assert loser["exit_code"] == LOCKED and loser["attempts"] == 0, loser
+    assert f"a sync of site {g.name} is already running on this packer" in loser["error"], loser
 
 
 def test_overlapping_runs_from_two_packers_leave_the_device_consistent(world: World, up_to_date: Run) -> None:
