@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
@@ -20,6 +21,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:  # tests/integration has no __init__.py
     sys.path.insert(0, str(HERE))
 
+import fleet as fleetlib  # noqa: E402
 import imagefactory  # noqa: E402
 import services  # noqa: E402
 from services import Containerd, Dockerd, Registry, ServiceError, Sshd  # noqa: E402
@@ -99,3 +101,23 @@ def skopeo(request: pytest.FixtureRequest) -> str:
     if not path:
         unavailable(request.config, "skopeo not installed")
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def fleet(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, containerd: Containerd,
+          registry: Registry, pushed_images: dict[str, Any]) -> Iterator[fleetlib.Fleet]:
+    """fleet.default_layout(): 22 gateways (sshd each) on the session containerd, 2 own dockerds;
+    the "old" ones already hold fleet.OLD_REFS. See tests/integration/fleet.py.
+
+    One fleet per test module (a few seconds): sync tests change what the gateways hold.
+    """
+    root = tmp_path_factory.mktemp("fleet")
+    fl = _start(request.config, "gateway fleet", lambda: fleetlib.start_fleet(root, containerd))
+    try:
+        started = time.monotonic()
+        _start(request.config, "fleet seeding",
+               lambda: fleetlib.seed_old(fl, registry.host, fleetlib.OLD_REFS, root / "seed-home"))
+        fl.startup["seed"] = time.monotonic() - started
+        yield fl
+    finally:
+        fl.stop()

@@ -626,7 +626,8 @@ class Sshd:
         _terminate(self._proc)
 
 
-def _keygen(path: Path, comment: str) -> None:
+def keygen(path: Path, comment: str) -> None:
+    """An ed25519 key pair without passphrase: ``path`` and ``path.pub``."""
     subprocess.run(
         ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)],
         check=True,
@@ -635,8 +636,13 @@ def _keygen(path: Path, comment: str) -> None:
     )
 
 
-def start_sshd(tmp: Path) -> Sshd:
-    """OpenSSH sshd on 127.0.0.1:PORT accepting only a generated client key."""
+def start_sshd(tmp: Path, *, client_key: Optional[Path] = None) -> Sshd:
+    """OpenSSH sshd on 127.0.0.1:PORT accepting only one client key.
+
+    The key is generated under ``tmp`` unless ``client_key`` (a private key whose
+    ``.pub`` sits beside it) is given: a fleet of sshds then shares one client key,
+    as a real fleet's gateways share the operator's key.
+    """
     sshd_bin = "/usr/sbin/sshd"  # sshd refuses to re-exec unless started by absolute path
     if not os.path.exists(sshd_bin):
         raise ServiceError("/usr/sbin/sshd not found (install openssh-server)")
@@ -645,12 +651,16 @@ def start_sshd(tmp: Path) -> Sshd:
     tmp.mkdir(parents=True, exist_ok=True)
     # Privilege separation dir is hard-coded into Debian's sshd.
     os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
-    host_key, client_key = tmp / "ssh_host_ed25519_key", tmp / "client_ed25519"
-    for p in (host_key, client_key):
+    host_key = tmp / "ssh_host_ed25519_key"
+    generated = [host_key] if client_key is not None else [host_key, tmp / "client_ed25519"]
+    for p in generated:
         for q in (p, p.with_name(p.name + ".pub")):
             q.unlink(missing_ok=True)
-    _keygen(host_key, "edgebundle-test-host")
-    _keygen(client_key, "edgebundle-test-client")
+    keygen(host_key, "edgebundle-test-host")
+    if client_key is None:
+        client_key = tmp / "client_ed25519"
+        keygen(client_key, "edgebundle-test-client")
+    client_key = Path(client_key)
     authorized = tmp / "authorized_keys"
     authorized.write_text(client_key.with_name(client_key.name + ".pub").read_text())
     authorized.chmod(0o600)

@@ -14,7 +14,6 @@ mounted under the test's own temp dir and unmounted afterwards.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import subprocess
@@ -26,6 +25,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 import pytest
 
 import services
+from faults import tmpfs
 
 UNIT = Path(__file__).resolve().parents[1] / "unit"
 if str(UNIT) not in sys.path:
@@ -46,20 +46,6 @@ BIG = 24 * MB  # the incompressible layer
 
 def big_layer() -> Dict[str, bytes]:
     return {"data/blob.bin": os.urandom(BIG)}
-
-
-@contextlib.contextmanager
-def tmpfs(path: Path, size_mb: int) -> Iterator[Path]:
-    path.mkdir(parents=True, exist_ok=True)
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m,mode=0755", "tmpfs",
-                        str(path)], capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.fail(f"cannot mount a tmpfs at {path}: {r.stderr.strip()}", pytrace=False)
-    try:
-        yield path
-    finally:
-        if subprocess.run(["umount", str(path)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
 def grow(path: Path, size_mb: int) -> None:

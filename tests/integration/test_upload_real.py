@@ -7,17 +7,14 @@ after N bytes; a full staging disk is a real small tmpfs.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import socket
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator, List
+from typing import Any, List
 
 import pytest
+from faults import CuttingProxy, tmpfs
 from services import Sshd
 
 from edgebundle.errors import SpaceError, TransportError
@@ -30,53 +27,6 @@ BLOCK = 64 * 1024
 SIZE = 4 * 1024 * 1024 + 12345  # a short last block
 DEVICE_EDGEBUNDLE = f"{sys.executable} -m edgebundle"
 OLD_EDGEBUNDLE = ("sh -c 'echo \"edgebundle: error: argument COMMAND: invalid choice: staged\" >&2; exit 2' x")
-
-
-class CuttingProxy:
-    """127.0.0.1:port → sshd; closes both sides once ``cut_after`` client bytes went through."""
-
-    def __init__(self, target_port: int, cut_after: int) -> None:
-        self.target_port = target_port
-        self.cut_after = cut_after
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.forwarded = 0
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        try:
-            client, _ = self.listener.accept()
-        except OSError:
-            return
-        server = socket.create_connection(("127.0.0.1", self.target_port))
-        up = threading.Thread(target=self._pump, args=(server, client, False), daemon=True)
-        up.start()
-        self._pump(client, server, True)
-        up.join(5)
-
-    def _pump(self, src: socket.socket, dst: socket.socket, count: bool) -> None:
-        try:
-            while True:
-                data = src.recv(65536)
-                if not data:
-                    break
-                if count:
-                    room = self.cut_after - self.forwarded
-                    data = data[:max(room, 0)]
-                    self.forwarded += len(data)
-                dst.sendall(data)
-                if count and self.forwarded >= self.cut_after:
-                    break
-        except OSError:
-            pass
-        for s in (src, dst):
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-            s.close()
-
-    def close(self) -> None:
-        self.listener.close()
 
 
 @pytest.fixture
@@ -160,20 +110,6 @@ def test_old_device_edgebundle_restarts_from_zero(sshd: Sshd, bundle: Path, know
     assert (result.resumed_from, result.bytes_sent, result.verified) == (0, SIZE, "sha256")
     assert "restarts from 0" in caplog.text and "too old" in caplog.text
     assert (staging / bundle.name).read_bytes() == bundle.read_bytes()
-
-
-@contextlib.contextmanager
-def tmpfs(path: Path, size_mb: int) -> Iterator[Path]:
-    path.mkdir(parents=True, exist_ok=True)
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m,mode=0755", "tmpfs", str(path)],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.fail(f"cannot mount a tmpfs at {path}: {r.stderr.strip()}", pytrace=False)
-    try:
-        yield path
-    finally:
-        if subprocess.run(["umount", str(path)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
 @pytest.mark.parametrize("edgebundle", [DEVICE_EDGEBUNDLE, OLD_EDGEBUNDLE], ids=["staged", "df"])
