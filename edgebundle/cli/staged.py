@@ -1,7 +1,7 @@
 """``edgebundle staged PATH --block-size N --json`` (device side, hidden from --help).
 
-With ``--hold`` it instead holds the staging directory's upload lock
-(``.upload.lock``, flock) until its standard input ends: the packer keeps that
+With ``--hold`` it instead holds the staging directory's upload lock (a
+``flock`` on the directory) until its standard input ends: the packer keeps that
 command running on its own channel for the whole upload, so two packers never write
 one ``.part`` at once (the second is refused, exit 15), and a packer that dies lets go
 of the lock with its connection.
@@ -13,16 +13,15 @@ per upload, does not pay for importing the importer (about 60 ms a call).
 from __future__ import annotations
 
 import argparse
+import errno
+import fcntl
+import json
 import os
 import sys
 
-from ..errors import UsageError
-from ..state import StateDir
+from ..errors import LockedError, UsageError
 from ..staged import MAX_BLOCK, MIN_BLOCK, describe
 from .main import emit_json
-
-
-UPLOAD_LOCK = ".upload.lock"
 
 
 def cmd_staged(args: argparse.Namespace) -> int:
@@ -40,10 +39,29 @@ def cmd_staged(args: argparse.Namespace) -> int:
 
 
 def hold_upload_lock(directory: str) -> int:
-    """Hold ``directory``'s upload lock until stdin ends; say so on stdout first."""
-    with StateDir(directory).lock(UPLOAD_LOCK, f"an upload to {directory}"):
-        emit_json({"held": os.path.join(directory, UPLOAD_LOCK), "pid": os.getpid()})
+    """Hold ``directory``'s upload lock until stdin ends; say so on stdout first.
+
+    The lock is a ``flock`` on the directory itself: no file is left behind, and
+    it dies with the process.
+    """
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as exc:
+        raise UsageError(f"cannot open staging directory {directory}: {exc.strerror or exc}",
+                         "check that it exists and is readable by the SSH user") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise
+            raise LockedError(f"an upload to {directory} is already running on this device",
+                              "wait for it to finish and run again") from None
+        # One line: the packer reads up to the newline to know the lock is held.
+        sys.stdout.write(json.dumps({"held": directory, "pid": os.getpid()}) + "\n")
         sys.stdout.flush()
         while sys.stdin.buffer.read(65536):
             pass  # nothing is sent; EOF (the packer closed the channel) ends the hold
+    finally:
+        os.close(fd)
     return 0

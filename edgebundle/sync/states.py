@@ -5,8 +5,9 @@ the resolved images (by content), the runtime form (runtime, namespace, platform
 what each device holds (the inventory, minus what says *when* or *where* it was read)
 and how the packer encodes (level, deltas, signers, this edgebundle's version). The
 state key is a digest of exactly that, so 1,000 gateways in one state cost one pack,
-and a second run finds the bundle the first one packed (byte-identical, so an
-interrupted upload resumes).
+and a second run finds the very file the first one packed (``bundles``), so an
+interrupted upload resumes. (Packed again it would differ: ``created``, and layer
+sizes the packer's cache learnt meanwhile.)
 """
 
 from __future__ import annotations

@@ -424,9 +424,6 @@ def test_overlapping_runs_from_two_packers_leave_the_device_consistent(world: Wo
                   loser_says_busy=False)
 
 
-@pytest.mark.xfail(strict=True, reason="sync on main: two packers upload into the same staging/<key>.ebundle.part "
-                                       "at once (nothing locks the upload on the device); the loser fails its "
-                                       "verification ('differs … from byte 0') instead of saying the site is busy")
 def test_overlapping_uploads_from_two_packers_the_loser_says_busy(world: World, up_to_date: Run) -> None:
     """As above, with uploads slowed so that they surely overlap on the device."""
     g = world.fleet["gw-05"]

@@ -8,6 +8,7 @@ after N bytes; a full staging disk is a real small tmpfs.
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -17,7 +18,7 @@ import pytest
 from faults import CuttingProxy, tmpfs
 from services import Sshd
 
-from edgebundle.errors import SpaceError, TransportError
+from edgebundle.errors import LockedError, SpaceError, TransportError
 from edgebundle.oci import Platform
 from edgebundle.specs import SiteSpec
 from edgebundle.transfer.options import SshOptions
@@ -166,3 +167,23 @@ def test_limit_rate_paces_the_upload(sshd: Sshd, bundle: Path, known_hosts: Path
     # From the first chunk's callback to the last: the rest of the bundle at `rate` (unlimited,
     # pipelined writes to loopback take a few ms; connecting and hashing are outside this span).
     assert stamps[-1] - stamps[0] >= (SIZE - RATE_STEP) / rate * 0.95
+
+
+def test_an_upload_another_packer_holds_is_refused(sshd: Sshd, bundle: Path, known_hosts: Path,
+                                                   tmp_path: Path) -> None:
+    # The device's lock as another packer's upload holds it: `staged --hold`, stdin open.
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    holder = subprocess.Popen([sys.executable, "-m", "edgebundle", "staged", str(staging / "x.part"),
+                               "--hold", "--json"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout is not None and b'"held"' in holder.stdout.readline()
+        with pytest.raises(LockedError, match=f"site gw-01: an upload to {staging} is already running"):
+            upload(sshd, site(sshd), bundle, staging, known_hosts)
+        assert not any(staging.iterdir())  # nothing written, no lock file left
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()  # EOF: the holder lets go, as when a packer's channel closes
+        assert holder.wait(10) == 0
+    result = upload(sshd, site(sshd), bundle, staging, known_hosts)
+    assert result.verified == "blocks" and sorted(p.name for p in staging.iterdir()) == [bundle.name]
