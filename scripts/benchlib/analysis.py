@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from typing import Any, Dict, List, Optional
 
 from . import report as R
@@ -269,7 +270,17 @@ def _fleet_misses(r: Dict[str, Any]) -> List[str]:
                        f"an entry encoded up to {s['max_encodes']} times.")
         sec = s["second"]
         for key, what in (("hit_s", "bundle cache hit"), ("repack_s", "repack from the encoded cache")):
-            if sec[key] > R.SECOND_PACK * sec["first_s"]:
+            row = next((x for x in s["rows"] if x["state"] == sec["state"]), {})
+            if sec[key] > R.SECOND_PACK * sec["first_s"] and row.get("delta_s", 0.0) > 0.5 * sec[key]:
+                out.append(f"- **Second pack, {s['runtime']} form, {what}: {sec[key]:.2f} s against the first "
+                           f"pack's {sec['first_s']:.2f} s.** The first pack of this state spent "
+                           f"{row['delta_s']:.1f} s computing {row['deltas_computed']} deltas; the repack, with "
+                           "the encoded cache warm, takes about as long, so it seems to compute them again: "
+                           "`cache/deltas` (keyed by layer and bases) did not answer for them. Likely cause, "
+                           "not yet confirmed: a delta that is computed and then refused (`check`, or a tar "
+                           "error) is not cached, so every pack for that state pays it again. For the lead: "
+                           "cache the refusal too, keyed the same way.")
+            elif sec[key] > R.SECOND_PACK * sec["first_s"]:
                 out.append(f"- **Second pack, {s['runtime']} form, {what}: {sec[key]:.2f} s against the first "
                            f"pack's {sec['first_s']:.2f} s.** A repack still plans, copies every entry into a "
                            "new file (stored blobs as they are, encoded ones decoded once to check them) and "
@@ -284,7 +295,15 @@ def _fleet_misses(r: Dict[str, Any]) -> List[str]:
             text = (f"- **Sync of {n} sites up to date, `--parallel {p}`: {v['median_s']:.2f} s against the bound "
                     f"{v['bound_s']:.2f} s** (one site {sy['one_median_s']:.2f} s through the CLI, "
                     f"{sy['bare_median_s']:.2f} s for a bare connect + report).")
-            if dev:
+            runs = v.get("runs") or []
+            if runs and "device_cpu" in runs[0]:
+                pc = statistics.median(x["packer_cpu"] for x in runs)
+                dc = statistics.median(x["device_cpu"] for x in runs)
+                text += (f" CPU per run: packer {pc:.2f} s, devices {dc:.2f} s (sshd, shells, `edgebundle "
+                         f"report`, `ctr`, containerd): {(pc + dc) / sy['cores']:.1f} s of wall time on "
+                         f"{sy['cores']} cores at best, before the load other work put on the machine "
+                         f"(load averages during the runs: {', '.join(x.get('load', '?') for x in runs)}).")
+            elif dev:
                 need = n * dev["report_cpu_s"] / sy["cores"]
                 text += (f" Every device here is this machine: each round trip costs the device "
                          f"{dev['report_cpu_s']:.2f} CPU s (`edgebundle report` and `ctr`; sshd's key exchange "

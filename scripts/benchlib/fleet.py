@@ -527,8 +527,15 @@ def sync_up_to_date(b: "Bench", root: Path, images: Sequence[Any]) -> Dict[str, 
         shutil.rmtree(home)  # the packer starts knowing nothing: sync reads the reports
         ssh = ["--known-hosts", str(kh), "--identity", str(client_key), "--ssh-config", os.devnull]
 
+        device_pids = [sd.pid for sd in sshds] + [cd.pid]
+        last: Dict[str, float] = {}
+
         def sync(*sel: str) -> Tuple[float, Dict[str, Any]]:
+            # CPU: the sync process tree (the packer), and the devices' side: every sshd with
+            # the sessions, shells, edgebundle and ctr processes it reaped, and containerd
+            before = proc.cpu_seconds(device_pids)
             r = b.eb("--home", str(home), "sync", str(mpath), *sel, *ssh, "--json", "--no-progress")
+            last.update(packer_cpu=r.cpu, device_cpu=proc.cpu_seconds(device_pids) - before)
             try:
                 obj = json.loads(r.stdout)
             except ValueError:
@@ -549,10 +556,12 @@ def sync_up_to_date(b: "Bench", root: Path, images: Sequence[Any]) -> Dict[str, 
         reps = o.sync_repeat
         one: List[float] = []
         one_site: List[float] = []
+        one_cpu: List[Dict[str, float]] = []
         for _ in range(reps):
             wall, obj = sync("--site", "gw00")
             b.check("fleet sync: one site up to date", all_up_to_date(obj, 1), json.dumps(obj)[:300])
             one.append(wall)
+            one_cpu.append(dict(last))
             one_site.extend(s["seconds"] for s in obj.get("sites", []))
         manifest = load_manifest(str(mpath))
         site0 = manifest.site("gw00")
@@ -578,14 +587,15 @@ def sync_up_to_date(b: "Bench", root: Path, images: Sequence[Any]) -> Dict[str, 
                         all_up_to_date(obj, n), json.dumps(obj)[:300])
                 per = [s["seconds"] for s in obj.get("sites", [])]
                 runs[p].append({"wall": wall, "site_median_s": statistics.median(per) if per else 0.0,
-                                "site_max_s": max(per, default=0.0)})
+                                "site_max_s": max(per, default=0.0), **last,
+                                "load": _loadavg()})
                 b.log(f"  sync --all --parallel {p}: {wall:.2f} s (per site median "
                       f"{runs[p][-1]['site_median_s']:.2f} s)")
         one_m = statistics.median(one)
         out = {
             "sites": n, "images": [i.ref for i in images], "setup_s": setup_s, "seed_s": seed_s,
             "first_all_s": first_s, "repeat": reps,
-            "one_s": one, "one_median_s": one_m, "one_site_s": one_site,
+            "one_s": one, "one_median_s": one_m, "one_site_s": one_site, "one_cpu": one_cpu,
             "bare_s": bare, "bare_median_s": statistics.median(bare),
             # more workers than sites work as many as there are sites
             "parallel": {str(p): {"runs": rs, "median_s": statistics.median(r["wall"] for r in rs),

@@ -24,7 +24,14 @@ one machine and in one run, by `scripts/bench`:
 ```sh
 bash scripts/bench --write-doc docs/BENCHMARKS.md   # full run, rewrites the results below (~15 min)
 bash scripts/bench --quick                           # small images, every scenario, < 1 min, checks only
+bash scripts/bench --only fleet --write-doc docs/BENCHMARKS.md   # only the fleet phase (~6 min), below
 ```
+
+`--only fleet` measures issue 9's fleet goals alone (pack once per state, upload against
+`scp`, sync of sites up to date; *Fleet sync* below), merges them into the saved results
+of the last full run (`~/.cache/edgebundle-bench/last-results-full.json`) and rewrites
+this file from those: every other section keeps the numbers and the command of that run,
+the fleet section names its own.
 
 With `py-spy` on `PATH` (`pip install py-spy`) or `--py-spy PATH`, the full run also
 profiles one pack and one import per kind of site. `--json FILE` keeps the raw numbers;
@@ -57,6 +64,12 @@ gets four images sharing a base. (e) all six images at once, only to extend the
 memory-versus-bundle-size series. Each runs for a containerd site (layers as the
 registry's gzip blobs, for digest fidelity) and a Docker site (layers as zstd-compressed
 tars).
+
+**Fleet sync (issue 9).** In-process, `FleetPacker` packs for 1,000 sites dealt 10
+inventory states (a Docker form at `--level 16` and a containerd form); `upload_bundle`
+races `scp` on a loopback sshd; and `edgebundle sync` runs against 20 real sshd in front
+of 20 containerd namespaces that already hold the manifest's images. Every device runs
+on this machine, so the sync's parallelism shares its cores with the devices' own work.
 
 **How to read the numbers.** Ratios are taken within one run, against baselines on the
 same data and machine, minutes apart; absolute seconds move from machine to machine,
@@ -310,12 +323,22 @@ def fleet_section(r: Dict[str, Any]) -> List[str]:
              ", ".join(f"{x:.2f}" for x in sy["one_s"])],
             ["bare `transfer.ssh.connect` + `read_report` (in-process)", f"{sy['bare_median_s']:.2f}", "", "",
              ", ".join(f"{x:.2f}" for x in sy["bare_s"])]]
+    def cpu(runs: List[Dict[str, Any]]) -> str:
+        if not runs or "packer_cpu" not in runs[0]:
+            return ""
+        return (f"{statistics.median(x['packer_cpu'] for x in runs):.2f} + "
+                f"{statistics.median(x['device_cpu'] for x in runs):.2f}")
+    rows[0].append(cpu(sy.get("one_cpu") or []))
+    rows[1].append("")
     for p, v in sy["parallel"].items():
         rows.append([f"`{sy['argv']['all'].replace(' P ', f' {p} ')}`", f"{v['median_s']:.2f}",
                      f"{v['bound_s']:.2f}", f"{v['bare_bound_s']:.2f}",
-                     ", ".join(f"{x['wall']:.2f}" for x in v["runs"])])
+                     ", ".join(f"{x['wall']:.2f}" for x in v["runs"]), cpu(v["runs"])])
     L += table(["command", "median s", "bound: 2 x one site x n / P s", "same with the bare round trip s",
-                "runs s"], rows)
+                "runs s", "CPU s: packer + devices (median)"], rows)
+    L += ["*CPU s*: the `edgebundle sync` process tree, and the devices' side: all sshd listeners with the "
+          "sessions, shells, device `edgebundle` and `ctr` processes they reaped, plus containerd. Their sum "
+          f"over the machine's {sy['cores']} cores is a floor for the wall time when every device runs here.", ""]
     per = sy.get("one_site_s") or []
     if per:
         L += [f"Within `sync --site gw00`, the site itself (connect, report, plan) took "
