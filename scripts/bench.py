@@ -24,13 +24,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any, Dict, Optional
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
 
-from benchlib import deltas, report, runner  # noqa: E402
+from benchlib import deltas, fleet, report, runner  # noqa: E402
 
 
 def default_cache() -> Path:
@@ -81,6 +82,15 @@ def main() -> int:
     ap.add_argument("--py-spy", metavar="PATH", default=None,
                     help="profile a pack and an import per site kind with this py-spy binary "
                          "(e.g. after `pip install py-spy`); default: py-spy on PATH, if any (not in --quick)")
+    ap.add_argument("--fleet-sites", type=int, default=None,
+                    help="simulated sites for the pack-once-per-state measurement (default: 1000; --quick: 100)")
+    ap.add_argument("--sync-sites", type=int, default=None,
+                    help="real sshd sites for the up-to-date sync (default: 20; --quick: 4)")
+    ap.add_argument("--only", choices=["fleet"], default=None,
+                    help="run only this phase (with the images and registry it needs) and merge its results "
+                         "into the saved results of the last run of the same mode "
+                         "(last-results-{full,quick}.json in the cache); with --write-doc, rewrite the doc "
+                         "from them")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (bundles, archives, logs)")
     ap.add_argument("--render", metavar="RESULTS_JSON",
                     help="measure nothing: re-render --write-doc from saved results (every run saves "
@@ -110,7 +120,26 @@ def main() -> int:
         plan_sites=args.plan_sites if args.plan_sites is not None else (100 if q else 10_000),
         plan_budget=args.plan_budget if args.plan_budget is not None else (10.0 if q else 150.0),
         keep=args.keep,
-        py_spy=args.py_spy or (None if q else shutil.which("py-spy")))
+        py_spy=args.py_spy or (None if q else shutil.which("py-spy")),
+        fleet_sites=args.fleet_sites if args.fleet_sites is not None else (100 if q else 1000),
+        sync_sites=args.sync_sites if args.sync_sites is not None else (4 if q else 20),
+        parallels=(2, 4) if q else (4, 8),
+        upload_rounds=1 if q else 3,
+        sync_repeat=1 if q else 3)
+    for flag, n in (("--fleet-sites", opts.fleet_sites), ("--sync-sites", opts.sync_sites)):
+        if n < 1:
+            print(f"bench: {flag} {n}: need at least 1", file=sys.stderr)
+            return 2
+    saved = opts.cache / f"last-results-{'quick' if q else 'full'}.json"
+    merge_into: Optional[Dict[str, Any]] = None
+    if args.only:
+        try:
+            merge_into = json.loads(saved.read_text())
+        except (OSError, ValueError) as exc:
+            print(f"bench: --only {args.only} merges into the saved results of a whole run, and {saved} "
+                  f"cannot be read ({exc}); run the whole benchmark once first "
+                  f"(bash scripts/bench{' --quick' if q else ''})", file=sys.stderr)
+            return 2
     tmp = Path(tempfile.mkdtemp(prefix="ebbench-"))
     bench = runner.Bench(opts, tmp)
     t0 = time.monotonic()
@@ -125,12 +154,19 @@ def main() -> int:
         b.packs_and_imports()
         deltas.run(b)
         b.level_sweep()
+        fleet.run(b)
         b.profiles()
         b.consistency()
         b.reproducibility()
 
+    def only_fleet(b: runner.Bench) -> None:
+        b.machine()
+        b.build_images()
+        b.start_services(helper=False)
+        fleet.run(b)
+
     try:
-        res = bench.run(phases)
+        res = bench.run(only_fleet if args.only else phases)
     except Exception:
         print(f"bench: failed; temp dir kept at {tmp}", file=sys.stderr)
         raise
@@ -142,18 +178,24 @@ def main() -> int:
     res["pack_repeat"] = opts.pack_repeat
     res["elapsed_s"] = time.monotonic() - t0
     res["command"] = " ".join(["bash scripts/bench", *sys.argv[1:]])
+    res["fleet"]["run"].update(command=res["command"], edgebundle=res["versions"]["edgebundle"])
     from benchlib import analysis
-    res["analysis"] = analysis.explain(res.data)
-    summary(res)
+    if merge_into is not None:
+        data = merge(merge_into, res)
+    else:
+        data = res.data | {"checks": res.checks}
+    data["analysis"] = analysis.explain(data)
+    summary(data)
     if args.write_doc:
-        report.write(Path(args.write_doc), res.data | {"checks": res.checks})
-        print(f"bench: wrote {args.write_doc}")
-    raw = json.dumps(res.data | {"checks": res.checks}, indent=1, default=str)
+        report.write(Path(args.write_doc), data)
+        print(f"bench: wrote {args.write_doc}" + (f" (the {args.only} phase merged into {saved})"
+                                                   if args.only else ""))
+    raw = json.dumps(data, indent=1, default=str)
     if args.json:
         Path(args.json).write_text(raw)
     try:
         opts.cache.mkdir(parents=True, exist_ok=True)
-        (opts.cache / f"last-results-{'quick' if q else 'full'}.json").write_text(raw)
+        saved.write_text(raw)
     except OSError as exc:
         print(f"bench: could not save the results in {opts.cache}: {exc}", file=sys.stderr)
     if args.keep:
@@ -168,9 +210,20 @@ def main() -> int:
     return 1 if failed else 0
 
 
-def summary(res: runner.Results) -> None:
+def merge(saved: Dict[str, Any], res: runner.Results) -> Dict[str, Any]:
+    """The saved results of a whole run with this run's fleet phase in place of theirs:
+    its numbers and its checks (named "fleet ..."); the rest, with its own command and
+    machine, stays as measured then (the fleet section names its own command)."""
+    data = dict(saved)
+    data["fleet"] = res["fleet"]
+    data["checks"] = [c for c in saved.get("checks", []) if not str(c[0]).startswith("fleet")] + \
+        [c for c in res.checks if str(c[0]).startswith("fleet")]
+    return data
+
+
+def summary(data: Dict[str, Any]) -> None:
     print("\n== goals (measured, not asserted)")
-    for goal, measured, ok, _ in report.goals(res.data):
+    for goal, measured, ok, _ in report.goals(data):
         print(f"  {'met   ' if ok else 'MISSED' if ok is False else 'n/a   '} {goal}: {measured}")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from typing import Any, Dict, List, Optional
 
 from . import report as R
@@ -152,6 +153,8 @@ def explain(r: Dict[str, Any]) -> List[str]:
                 f"`edgebundle/importer/{rt}.py`).")
     if "deltas" in missed:
         out += _delta_misses(r)
+    if "fleet" in missed:
+        out += _fleet_misses(r)
     if "rss" in missed:
         worst = max((i for i in r["imports"] if i["tool"] == "edgebundle"), key=lambda i: i["hwm_kb"])
         out.append(f"- **Importer RSS**: {worst['hwm_kb'] / 1024:.1f} MiB for {R.SC_NAMES[worst['scenario']]} "
@@ -241,3 +244,74 @@ def _delta_misses(r: Dict[str, Any]) -> List[str]:
 
 def mib(kb: float) -> str:
     return f"{kb / 1024:.0f}"
+
+
+def _fleet_misses(r: Dict[str, Any]) -> List[str]:
+    f = r.get("fleet") or {}
+    out: List[str] = []
+    up = f.get("upload")
+    if up and up["ratio"] < R.UPLOAD_VS_SCP:
+        size = up["bytes"] / 1e6
+        text = (f"- **Upload: {up['ratio']:.2f} x scp** ({size:.1f} MB in {up['upload_median_s']:.2f} s against "
+                f"{up['scp_median_s']:.2f} s).")
+        if "floor_upload_s" in up:
+            rest_up = max(up["upload_median_s"] - up["floor_upload_s"], 1e-3)
+            rest_scp = max(up["scp_median_s"] - up["floor_scp_s"], 1e-3)
+            text += (f" Fixed costs: {up['floor_upload_s']:.2f} s against scp's {up['floor_scp_s']:.2f} s (a 64 KiB "
+                     f"file: connect, and the device's `edgebundle staged` twice, each a Python start on the "
+                     f"device); above them {size / rest_up:.0f} MB/s against {size / rest_scp:.0f} MB/s, "
+                     f"{rest_scp / rest_up:.2f} x.")
+        if up.get("profile"):
+            text += " Profile of the upload (py-spy): " + up["profile"]
+        out.append(text)
+    for s in f.get("states", []):
+        if s["packed"] != s["states"] or s["max_encodes"] > 1:
+            out.append(f"- **States, {s['runtime']} form**: {s['packed']} bundles packed for {s['states']} states, "
+                       f"an entry encoded up to {s['max_encodes']} times.")
+        sec = s["second"]
+        for key, what in (("hit_s", "bundle cache hit"), ("repack_s", "repack from the encoded cache")):
+            row = next((x for x in s["rows"] if x["state"] == sec["state"]), {})
+            if sec[key] > R.SECOND_PACK * sec["first_s"] and row.get("delta_s", 0.0) > 0.5 * sec[key]:
+                out.append(f"- **Second pack, {s['runtime']} form, {what}: {sec[key]:.2f} s against the first "
+                           f"pack's {sec['first_s']:.2f} s.** The first pack of this state spent "
+                           f"{row['delta_s']:.1f} s computing {row['deltas_computed']} deltas; the repack, with "
+                           "the encoded cache warm, takes about as long, so it seems to compute them again: "
+                           "`cache/deltas` (keyed by layer and bases) did not answer for them. Likely cause, "
+                           "not yet confirmed: a delta that is computed and then refused (`check`, or a tar "
+                           "error) is not cached, so every pack for that state pays it again. For the lead: "
+                           "cache the refusal too, keyed the same way.")
+            elif sec[key] > R.SECOND_PACK * sec["first_s"]:
+                out.append(f"- **Second pack, {s['runtime']} form, {what}: {sec[key]:.2f} s against the first "
+                           f"pack's {sec['first_s']:.2f} s.** A repack still plans, copies every entry into a "
+                           "new file (stored blobs as they are, encoded ones decoded once to check them) and "
+                           "fsyncs it; with little to encode in the first place, that copy is most of a pack.")
+    sy = f.get("sync")
+    if sy:
+        dev = sy.get("device") or {}
+        for p, v in sy["parallel"].items():
+            if v["median_s"] <= v["bound_s"]:
+                continue
+            n = sy["sites"]
+            text = (f"- **Sync of {n} sites up to date, `--parallel {p}`: {v['median_s']:.2f} s against the bound "
+                    f"{v['bound_s']:.2f} s** (one site {sy['one_median_s']:.2f} s through the CLI, "
+                    f"{sy['bare_median_s']:.2f} s for a bare connect + report).")
+            runs = v.get("runs") or []
+            if runs and "device_cpu" in runs[0]:
+                pc = statistics.median(x["packer_cpu"] for x in runs)
+                dc = statistics.median(x["device_cpu"] for x in runs)
+                text += (f" CPU per run: packer {pc:.2f} s, devices {dc:.2f} s (sshd, shells, `edgebundle "
+                         f"report`, `ctr`, containerd): {(pc + dc) / sy['cores']:.1f} s of wall time on "
+                         f"{sy['cores']} cores at best, before the load other work put on the machine "
+                         f"(load averages during the runs: {', '.join(x.get('load', '?') for x in runs)}).")
+            elif dev:
+                need = n * dev["report_cpu_s"] / sy["cores"]
+                text += (f" Every device here is this machine: each round trip costs the device "
+                         f"{dev['report_cpu_s']:.2f} CPU s (`edgebundle report` and `ctr`; sshd's key exchange "
+                         f"comes on top), so {n} of them need {need:.1f} s of this machine's {sy['cores']} cores "
+                         f"however many run at once, and {p} parallel workers cannot divide the time by {p}. "
+                         "Real gateways bring their own CPU; the packer's share of a round trip is the "
+                         "connection and the plan.")
+            load = f.get("run", {})
+            text += f" Load average during the phase: {load.get('load_start')} -> {load.get('load_end')}."
+            out.append(text)
+    return out

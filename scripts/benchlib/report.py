@@ -7,6 +7,7 @@ run. A missing file gets ``DEFAULT_INTRO``.
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -23,7 +24,14 @@ one machine and in one run, by `scripts/bench`:
 ```sh
 bash scripts/bench --write-doc docs/BENCHMARKS.md   # full run, rewrites the results below (~15 min)
 bash scripts/bench --quick                           # small images, every scenario, < 1 min, checks only
+bash scripts/bench --only fleet --write-doc docs/BENCHMARKS.md   # only the fleet phase (~6 min), below
 ```
+
+`--only fleet` measures issue 9's fleet goals alone (pack once per state, upload against
+`scp`, sync of sites up to date; *Fleet sync* below), merges them into the saved results
+of the last full run (`~/.cache/edgebundle-bench/last-results-full.json`) and rewrites
+this file from those: every other section keeps the numbers and the command of that run,
+the fleet section names its own.
 
 With `py-spy` on `PATH` (`pip install py-spy`) or `--py-spy PATH`, the full run also
 profiles one pack and one import per kind of site. `--json FILE` keeps the raw numbers;
@@ -56,6 +64,12 @@ gets four images sharing a base. (e) all six images at once, only to extend the
 memory-versus-bundle-size series. Each runs for a containerd site (layers as the
 registry's gzip blobs, for digest fidelity) and a Docker site (layers as zstd-compressed
 tars).
+
+**Fleet sync (issue 9).** In-process, `FleetPacker` packs for 1,000 sites dealt 10
+inventory states (a Docker form at `--level 16` and a containerd form); `upload_bundle`
+races `scp` on a loopback sshd; and `edgebundle sync` runs against 20 real sshd in front
+of 20 containerd namespaces that already hold the manifest's images. Every device runs
+on this machine, so the sync's parallelism shares its cores with the devices' own work.
 
 **How to read the numbers.** Ratios are taken within one run, against baselines on the
 same data and machine, minutes apart; absolute seconds move from machine to machine,
@@ -150,7 +164,195 @@ def goals(r: Dict[str, Any]) -> List[Tuple[str, str, Optional[bool], str]]:
         meas = f"{proj:.1f} s" + ("" if p["complete"] else f" (projected from {p['planned']} sites)")
         out.append((f"plan {p['sites']:,} sites x {p['images']} images <= 10 s ({p['runtime']})", meas,
                     proj <= 10.0, "plan"))
+    out += fleet_goals(r)
     return out
+
+
+SECOND_PACK = 0.1  # a second pack of a packed state: at most this fraction of the first
+UPLOAD_VS_SCP = 0.5
+
+
+def fleet_goals(r: Dict[str, Any]) -> List[Tuple[str, str, Optional[bool], str]]:
+    """Issue 9's goals (docs/BENCHMARKS.md, "Fleet sync"); none without a fleet phase."""
+    f = r.get("fleet")
+    if not f:
+        return []
+    out: List[Tuple[str, str, Optional[bool], str]] = []
+    up = f["upload"]
+    size = up["bytes"]
+    out.append((f"upload throughput on loopback >= {UPLOAD_VS_SCP} x OpenSSH `scp` (same {mb(size)} MB bundle, "
+                f"median of {up['rounds']})",
+                f"{up['ratio']:.2f} x ({size / 1e6 / up['upload_median_s']:.0f} vs "
+                f"{size / 1e6 / up['scp_median_s']:.0f} MB/s)", up["ratio"] >= UPLOAD_VS_SCP, "fleet"))
+    for s in f["states"]:
+        rt = s["runtime"]
+        if s["encodes"]:
+            enc = (f"{s['encoded_entries']} entries encoded {s['encodes']} times for {s['layer_entries']} "
+                   f"layer entries written")
+        else:
+            enc = "layers stored as the registry's blobs: none encoded"
+        ok = s["packed"] == s["states"] and s["max_encodes"] <= 1
+        out.append((f"{s['sites']:,} sites in {s['states']} states: exactly {s['states']} bundles, each layer "
+                    f"encoded once ({rt} form)",
+                    f"{s['packed']} bundles, {enc}; {s['total_s']:.1f} s in all", ok, "fleet"))
+        sec = s["second"]
+        first = sec["first_s"]
+        for what, key in (("bundle cache hit", "hit_s"), ("bundle dropped, encoded cache warm", "repack_s")):
+            x = sec[key] / first
+            shown = f"{1000 * sec[key]:.1f} ms" if sec[key] < 1 else f"{sec[key]:.2f} s"
+            out.append((f"second pack of a packed state <= {SECOND_PACK} x the first ({rt} form, {what})",
+                        f"{x:.3f} x ({shown} vs {first:.2f} s)", x <= SECOND_PACK, "fleet"))
+    sy = f["sync"]
+    n = sy["sites"]
+    for p, v in sy["parallel"].items():
+        out.append((f"sync of {n} sites up to date <= 2 x one site's round trip x {n} / {p} (`--parallel {p}`)",
+                    f"{v['median_s']:.2f} s vs {v['bound_s']:.2f} s (one site: {sy['one_median_s']:.2f} s)",
+                    v["median_s"] <= v["bound_s"], "fleet"))
+    return out
+
+
+def fleet_section(r: Dict[str, Any]) -> List[str]:
+    f = r.get("fleet")
+    if not f:
+        return []
+    run = f["run"]
+    L = ["### Fleet sync (issue 9)", ""]
+    L += [f"Measured by `{run.get('command', r.get('command'))}` on {run['date']} in {run['seconds']:.0f} s "
+          f"(edgebundle {run.get('edgebundle', r['versions']['edgebundle'])}; load average "
+          f"{run['load_start']} at the start, {run['load_end']} at the end, on {r['machine']['cores']} cores). "
+          "To measure only this part again and merge it into the saved results of the last full run "
+          "(`~/.cache/edgebundle-bench/last-results-full.json`), then rewrite this file:", "",
+          "```sh", "bash scripts/bench --only fleet --write-doc docs/BENCHMARKS.md   # ~5 min", "```", ""]
+    if run.get("note"):
+        L += [run["note"], ""]
+    # states
+    L += ["#### Pack once per state", ""]
+    L += ["`edgebundle.sync.run.FleetPacker.bundle_for` in the benchmark's process (no SSH): sites sharing "
+          "runtime, namespace and platform, each dealt one of the inventory states in a seeded random order, "
+          "each checked first as sync does (`sync.states.holding`: the planner's own answer). The states' "
+          "inventories are what a device holding a subset of the manifest's images reports (their blobs and "
+          "applied chains, the delta feature, no trust policy), built from the resolved images; the empty "
+          "subset is a new device. *Encoded*: entries (layers or deltas) compressed and kept in the encoded "
+          "cache (`EncodedCache.recording`, counted per entry digest); *reused*: taken from it (`lookup` "
+          "hits); *deltas computed*: `DeltaPlanner._delta` calls not answered by `cache/deltas` (a delta "
+          "is keyed by the layer and the set of bases the site holds, so states holding different sets "
+          "each compute their own, and a delta not clearly smaller than the layer is computed, then "
+          "shipped whole). "
+          f"Sync's settings: `--level {f['states'][0]['level']}`, deltas on, a fixed `created` time (as "
+          "`SOURCE_DATE_EPOCH` gives) so that repacks can be compared byte for byte.", ""]
+    rows = []
+    for s in f["states"]:
+        rows.append([s["runtime"], f"{s['sites']:,}", f"{len(s['images'])}", s["packed"],
+                     f"{s['encoded_entries']} / {s['encodes']} / {s['reuses']}",
+                     (f"{s['deltas']['computed']} in {s['deltas']['seconds']:.1f} s ({s['deltas']['cached']} cached)"
+                      if s.get("deltas") else "n/a"),
+                     f"{s['total_s']:.1f}", f"{s['pack_s']:.1f}",
+                     f"{s['hits']} x {1000 * s['hit_median_s']:.1f} (max {1000 * s['hit_max_s']:.1f})",
+                     f"{s['plans_s']:.2f}", f"{s['resolve_s']:.1f}"])
+    L += table(["form", "sites", "images", "bundles packed", "entries encoded / encodes / reuses",
+                "deltas computed",
+                "plan + pack, all sites s", "the packs s", "bundle cache hits: n x median ms",
+                "per-site plans s", "resolve, all sites s (before)"], rows)
+    for s in f["states"]:
+        L += [f"{s['runtime']} form, per state (in the order first met; images: "
+              + ", ".join(f"`{i.split('/', 1)[-1]}`" for i in s["images"]) + "):", ""]
+        L += table(["state holds", "bundle MB", "entries", "images shipped", "pack s", "encoded", "reused",
+                    "deltas computed (s)"],
+                   [["+".join(x.split("/")[-1] for x in row["holds"]) or "nothing", mb(row["bundle_bytes"]),
+                     row["entries"], row["images"], f"{row['seconds']:.2f}", row["encoded"], row["reused"],
+                     f"{row.get('deltas_computed', 0)} ({row.get('delta_s', 0.0):.1f})"]
+                    for row in s["rows"]])
+        sec = s["second"]
+        L += [f"Second pack of state {sec['state']} (its first pack: {sec['first_s']:.2f} s): bundle cache hit "
+              f"{1000 * sec['hit_s']:.1f} ms; bundle dropped, encoded cache warm {sec['repack_s']:.2f} s "
+              f"({'byte-identical to the first' if sec['identical'] else 'not byte-identical to the first: ' + sec['difference']})"
+              + (f"; bundle and encoded cache dropped (blobs cached: the cost of encoding) "
+                 f"{sec['no_encoded_s']:.2f} s" if "no_encoded_s" in sec else "") + ".", ""]
+        if not sec["identical"]:
+            L += ["The repack's header differs (`edgebundle inspect --json`, first vs repack): "
+                  + "; ".join(f"`{d}`" for d in sec["header_diff"]) + ". Image records carry each layer's "
+                  "tar size where the packer knows it (`tar_size`, -1 otherwise); a layer the site already "
+                  "holds is not fetched for its bundle, so its size is known only if some earlier pack "
+                  "inflated it. A state's bundle therefore depends on what the packer cache had seen when it "
+                  "was packed, not only on the state key. Sync keeps a bundle while a site needs it, so a "
+                  "resumed upload meets the same bytes; a bundle collected and packed again later can "
+                  "differ, and a partial upload of the old bytes then restarts at the first differing block "
+                  "(the header: from 0).", ""]
+    # upload
+    up = f["upload"]
+    L += ["#### Upload against scp", ""]
+    L += [f"The same {mb(up['bytes'])} MB bundle ({up['bundle']}) to the same loopback sshd "
+          f"(`tests/integration/services.py`, {up['ssh_version']}), {up['rounds']} rounds alternating which "
+          f"goes first, the destination emptied before each: `{up['scp_argv']}` against "
+          f"`{up['upload_call']}` (paramiko {up['paramiko']}: connect, the device's `edgebundle staged` "
+          "check, pipelined SFTP writes, verification by the device's block digests, rename; everything "
+          "sync pays).", ""]
+    L += table(["", "median s", "MB/s", "runs s"],
+               [["`scp`", f"{up['scp_median_s']:.2f}", f"{up['bytes'] / 1e6 / up['scp_median_s']:.1f}",
+                 ", ".join(f"{x:.2f}" for x in up["scp_s"])],
+                ["`upload_bundle`", f"{up['upload_median_s']:.2f}",
+                 f"{up['bytes'] / 1e6 / up['upload_median_s']:.1f}", ", ".join(f"{x:.2f}" for x in up["upload_s"])]])
+    if "floor_upload_s" in up:
+        def above(total: float, floor: float) -> str:
+            return f"{up['bytes'] / 1e6 / max(total - floor, 1e-3):.0f} MB/s"
+        L += [f"Fixed costs, the same commands on a 64 KiB file (median): `scp` {up['floor_scp_s']:.2f} s, "
+              f"`upload_bundle` {up['floor_upload_s']:.2f} s (connect, the device's `edgebundle staged` before "
+              f"and after, the rename). Above them: `scp` {above(up['scp_median_s'], up['floor_scp_s'])}, "
+              f"`upload_bundle` {above(up['upload_median_s'], up['floor_upload_s'])}.", ""]
+    if up.get("before"):
+        bf = up["before"]
+        L += [f"Before the fix in this branch ({bf['what']}): {bf['ratio']:.2f} x scp "
+              f"({bf['bytes'] / 1e6 / bf['upload_median_s']:.1f} vs {bf['bytes'] / 1e6 / bf['scp_median_s']:.1f} MB/s, "
+              f"{bf['when']}).", ""]
+    # sync
+    sy = f["sync"]
+    L += ["#### Sync of sites already up to date", ""]
+    L += [f"{sy['sites']} real sshd (own host key and port each, one client key) in front of {sy['sites']} "
+          f"namespaces of one containerd, each holding the manifest's images ("
+          + ", ".join(f"`{i.split('/', 1)[-1]}`" for i in sy["images"])
+          + f"; imported once per namespace in {sy['seed_s']:.0f} s before the timings"
+          + ("" if r.get("quick") else ": the quick set's fleet, four images on one base like the full "
+             "fleet but a few MB each, pushed as `bench-small/…`: an up-to-date round trip reads image "
+             "and layer records, never layer bytes, and unpacking the full fleet into 20 namespaces "
+             "takes minutes") + "); the device's "
+          "edgebundle is this checkout, run by sshd's shell. Each sync reads every site's live report over "
+          "SSH and finds nothing to do (checked: every site `up-to-date`, 0 bytes sent, no bundle packed). "
+          f"Median of {sy['repeat']} run(s); the first `--all` run (packer home empty) took "
+          f"{sy['first_all_s']:.2f} s. With P workers for n sites the bound is 2 x one site x n / min(P, n).", ""]
+    rows = [[f"`{sy['argv']['one']}`", f"{sy['one_median_s']:.2f}", "", "",
+             ", ".join(f"{x:.2f}" for x in sy["one_s"])],
+            ["bare `transfer.ssh.connect` + `read_report` (in-process)", f"{sy['bare_median_s']:.2f}", "", "",
+             ", ".join(f"{x:.2f}" for x in sy["bare_s"])]]
+    def cpu(runs: List[Dict[str, Any]]) -> str:
+        if not runs or "packer_cpu" not in runs[0]:
+            return ""
+        return (f"{statistics.median(x['packer_cpu'] for x in runs):.2f} + "
+                f"{statistics.median(x['device_cpu'] for x in runs):.2f}")
+    rows[0].append(cpu(sy.get("one_cpu") or []))
+    rows[1].append("")
+    for p, v in sy["parallel"].items():
+        rows.append([f"`{sy['argv']['all'].replace(' P ', f' {p} ')}`", f"{v['median_s']:.2f}",
+                     f"{v['bound_s']:.2f}", f"{v['bare_bound_s']:.2f}",
+                     ", ".join(f"{x['wall']:.2f}" for x in v["runs"]), cpu(v["runs"])])
+    L += table(["command", "median s", "bound: 2 x one site x n / P s", "same with the bare round trip s",
+                "runs s", "CPU s: packer + devices (median)"], rows)
+    L += ["*CPU s*: the `edgebundle sync` process tree, and the devices' side: all sshd listeners with the "
+          "sessions, shells, device `edgebundle` and `ctr` processes they reaped, plus containerd. Their sum "
+          f"over the machine's {sy['cores']} cores is a floor for the wall time when every device runs here.", ""]
+    per = sy.get("one_site_s") or []
+    if per:
+        L += [f"Within `sync --site gw00`, the site itself (connect, report, plan) took "
+              f"{statistics.median(per):.2f} s (median); the rest of the command is the CLI's start, "
+              "loading the manifest and resolving the images against the registry.", ""]
+    dev = sy.get("device")
+    if dev:
+        L += [f"The device's side of a round trip alone (its `edgebundle report --runtime containerd "
+              f"--namespace gw00 --address … --json`, no SSH): {dev['report_wall_s']:.2f} s, "
+              f"{dev['report_cpu_s']:.2f} CPU s (with `ctr`'s). Here every device shares this machine's "
+              f"{sy['cores']} cores with the packer and sshd, so {sy['sites']} reports alone need about "
+              f"{sy['sites'] * dev['report_cpu_s'] / sy['cores']:.1f} s of wall time whatever the parallelism; "
+              "real gateways each bring their own CPU.", ""]
+    return L
 
 
 DELTA_LIMITS = (("b", 1.0), ("c", 1.1), ("f", 1.1))
@@ -541,6 +743,8 @@ def render(r: Dict[str, Any]) -> str:
               "on the stack. Main thread only.", ""]
         for p in r["profiles"]:
             L += P.render(p["name"], p["argv"], p["wall"], p["summary"])
+
+    L += fleet_section(r)
 
     # analysis
     if r.get("analysis"):

@@ -60,6 +60,12 @@ class Options:
     plan_budget: float = 120.0
     keep: bool = False
     py_spy: Optional[str] = None
+    # the fleet phase (issue 9, benchlib/fleet.py)
+    fleet_sites: int = 1000
+    sync_sites: int = 20
+    parallels: Tuple[int, ...] = (4, 8)
+    upload_rounds: int = 3
+    sync_repeat: int = 3
 
 
 @dataclass
@@ -184,12 +190,16 @@ class Bench:
             self.log(f"  {i.ref:<18} {i.build().manifest_digest[:19]}  registry {_mb(i.registry_bytes)}, "
                      f"tars {_mb(i.tar_bytes)}: " + ", ".join(f"{l.name} {_mb(l.size)}" for l in i.layers))
 
-    def start_services(self) -> None:
-        self.log("starting registry and the packer-side dockerd (for docker save / ctr export baselines)")
+    def start_services(self, helper: bool = True) -> None:
+        """The registry (images pushed), and unless ``helper`` is False the packer-side
+        dockerd the baselines need."""
+        self.log("starting registry" + (" and the packer-side dockerd (for docker save / ctr export baselines)"
+                                         if helper else ""))
         self.reg = services.start_registry(self.tmp / "registry")
         self.started.append(self.reg)
-        self.helper = services.start_dockerd(self.tmp / "helper")
-        self.started.append(self.helper)
+        if helper:
+            self.helper = services.start_dockerd(self.tmp / "helper")
+            self.started.append(self.helper)
         assert self.set is not None
         t0 = time.monotonic()
         self.set.push(self.reg.host)
