@@ -168,7 +168,7 @@ MUTANTS: List[Mutant] = [
            '    key = site if site is not None else ""', '    key = ""',
            "tests/unit/test_signing.py -k per_site"),
     Mutant("trust: pack writes what an enforcing site refuses", "edgebundle/usecases/packer.py",
-           "        trusted = self._recorded(site).trusted_keys\n", "        trusted = None\n",
+           "        trusted = inventory.trusted_keys\n", "        trusted = None\n",
            "tests/unit/test_cli.py -k signed"),
     # interrupted imports (issue 8)
     Mutant("recovery: import without the device lock", "edgebundle/usecases/device.py",
