@@ -30,6 +30,17 @@ DEFAULT_STATE_DIR = "/var/lib/edgebundle"
 STATE_DIR_ENV = "EDGEBUNDLE_STATE_DIR"
 
 
+def try_flock(fd: int) -> bool:
+    """Take an exclusive ``flock`` on ``fd`` if no other process holds one (False if one does)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise
+        return False
+    return True
+
+
 def state_dir_path(explicit: Optional[str] = None) -> Path:
     """``--state-dir``, else ``$EDGEBUNDLE_STATE_DIR``, else ``/var/lib/edgebundle``."""
     return Path(explicit or os.environ.get(STATE_DIR_ENV) or DEFAULT_STATE_DIR)
@@ -78,18 +89,14 @@ class StateDir:
         path = self.ensure() / name
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as exc:
-                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                    raise
+            if not try_flock(fd):
                 # "<pid> <what>" as the holder wrote it (an older holder wrote the pid only)
                 said = os.pread(fd, 200, 0).decode(errors="replace").strip().split(None, 1)
                 pid = said[0] if said else "unknown"
                 holder = said[1] if len(said) > 1 else what
                 raise LockedError(f"{holder} is already running {where} (pid {pid}, "
                                   f"lock {path})",
-                                  "wait for it to finish and run again") from None
+                                  "wait for it to finish and run again")
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()} {what}\n".encode(), 0)
             yield

@@ -13,13 +13,12 @@ per upload, does not pay for importing the importer (about 60 ms a call).
 from __future__ import annotations
 
 import argparse
-import errno
-import fcntl
 import json
 import os
 import sys
 
 from ..errors import LockedError, UsageError
+from ..state import try_flock
 from ..staged import MAX_BLOCK, MIN_BLOCK, describe
 from .main import emit_json
 
@@ -50,13 +49,9 @@ def hold_upload_lock(directory: str) -> int:
         raise UsageError(f"cannot open staging directory {directory}: {exc.strerror or exc}",
                          "check that it exists and is readable by the SSH user") from None
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise
+        if not try_flock(fd):
             raise LockedError(f"an upload to {directory} is already running on this device",
-                              "wait for it to finish and run again") from None
+                              "wait for it to finish and run again")
         # One line: the packer reads up to the newline to know the lock is held.
         sys.stdout.write(json.dumps({"held": directory, "pid": os.getpid()}) + "\n")
         sys.stdout.flush()

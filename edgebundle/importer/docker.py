@@ -87,21 +87,11 @@ class DockerAPI:
 
     def get_json(self, path: str) -> Any:
         """GET ``path``; the parsed JSON body, or None on 404."""
-        log.debug("docker API: GET %s", path)
-        conn = self.connection()
-        try:
-            conn.request("GET", path)
-            resp = conn.getresponse()
-            body = resp.read()
-        except (OSError, http.client.HTTPException) as exc:
-            raise RuntimeUnavailableError(f"docker daemon at {self.host} failed: {exc}",
-                                          "check that dockerd is running and healthy") from None
-        finally:
-            conn.close()
-        if resp.status == 404:
+        status, body = self._request("GET", path)
+        if status == 404:
             return None
-        if resp.status != 200:
-            raise LoadError(f"docker API GET {path} returned {resp.status}: {body[:200]!r}",
+        if status != 200:
+            raise LoadError(f"docker API GET {path} returned {status}: {body[:200]!r}",
                             "check the docker daemon's logs")
         try:
             return json.loads(body)
@@ -115,21 +105,25 @@ class DockerAPI:
         The caller judges the status: for an image, 404 (gone) and 409 (in use) are
         answers, not failures.
         """
-        log.debug("docker API: DELETE %s", path)
+        status, body = self._request("DELETE", path)
+        try:
+            return status, json.loads(body)
+        except ValueError:
+            return status, None
+
+    def _request(self, method: str, path: str) -> Tuple[int, bytes]:
+        """One bodiless request on a fresh connection: its status and body."""
+        log.debug("docker API: %s %s", method, path)
         conn = self.connection()
         try:
-            conn.request("DELETE", path)
+            conn.request(method, path)
             resp = conn.getresponse()
-            body = resp.read()
+            return resp.status, resp.read()
         except (OSError, http.client.HTTPException) as exc:
             raise RuntimeUnavailableError(f"docker daemon at {self.host} failed: {exc}",
                                           "check that dockerd is running and healthy") from None
         finally:
             conn.close()
-        try:
-            return resp.status, json.loads(body)
-        except ValueError:
-            return resp.status, None
 
 
 class _ChunkedBody:

@@ -21,9 +21,8 @@ import paramiko
 
 from ..errors import EdgebundleError, LockedError, RuntimeUnavailableError
 from ..specs import SiteSpec
-from ..transfer.ssh import (CommandResult, check_device_edgebundle, default_report_command,
-                            device_command, parse_report, report_output, run_device_command,
-                            runtime_argv)
+from ..transfer.ssh import (CommandResult, check_device_edgebundle, command_report, device_command,
+                            report_command, run_device_command, runtime_argv)
 from ..transfer.upload import Progress, UploadResult, upload_over
 from .bundles import SUFFIX
 
@@ -118,11 +117,9 @@ class Device:
 
     def report(self) -> Dict[str, Any]:
         """The device's live inventory report (validated)."""
-        command = self.site.report_command or default_report_command(self.site)
+        command = report_command(self.site)
         log.info("site %s: running %s", self.site.name, command)
-        result = self.shell.run(command, "report command", REPORT_TIMEOUT)
-        return parse_report(report_output(self.site, command, result),
-                            f"output of `{command}` on site {self.site.name}")
+        return command_report(self.site, command, self.shell.run(command, "report command", REPORT_TIMEOUT))
 
     def upload(self, bundle: str, *, limit_rate: Optional[float] = None,
                progress: Optional[Progress] = None) -> UploadResult:

@@ -287,7 +287,6 @@ class Syncer:
             self.events.phase(site.name, "report")
             inventory = self._report(device, site)
             state.before = holding(site, images, inventory)
-            done = _outcome(site, state, attempt, started)
             if state.before.done:
                 state.after = state.before
                 if not opts.dry_run and self.packer.bundles.claimed(site.name):
@@ -299,7 +298,8 @@ class Syncer:
                                            action="up-to-date")
             if opts.dry_run:
                 key, ship, cached = self.packer.estimate(site, images, inventory)
-                return dataclasses.replace(done, ok=True, action="planned", bundle=key, ship_bytes=ship,
+                return dataclasses.replace(_outcome(site, state, attempt, started), ok=True,
+                                           action="planned", bundle=key, ship_bytes=ship,
                                            bundle_bytes=cached.bundle_bytes if cached else 0)
             _check_deadline(site, deadline, "pack")
             self.events.phase(site.name, "pack")

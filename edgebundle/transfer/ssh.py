@@ -210,13 +210,24 @@ def read_report(client: paramiko.SSHClient, site: SiteSpec, timeout: float = DEF
     if path is not None:
         data = _read_remote_file(client, site, path, timeout)
         what = f"report file {path} on site {site.name}"
-    else:
-        command = site.report_command or default_report_command(site)
-        log.info("site %s: running %s", site.name, command)
-        data = _run_command(client, site, command, timeout, command_timeout)
-        what = f"output of `{command}` on site {site.name}"
+        log.info("site %s: got %d bytes of report", site.name, len(data))
+        return parse_report(data, what)
+    command = report_command(site)
+    log.info("site %s: running %s", site.name, command)
+    result = run_device_command(client, site, command, timeout, command_timeout, "report command")
+    return command_report(site, command, result)
+
+
+def report_command(site: SiteSpec) -> str:
+    """The command that prints the site's report: its ``report_command``, else the default."""
+    return site.report_command or default_report_command(site)
+
+
+def command_report(site: SiteSpec, command: str, result: CommandResult) -> Dict[str, Any]:
+    """The validated report a run of ``command`` printed (or its one-line failure)."""
+    data = report_output(site, command, result)
     log.info("site %s: got %d bytes of report", site.name, len(data))
-    return parse_report(data, what)
+    return parse_report(data, f"output of `{command}` on site {site.name}")
 
 
 @contextmanager
@@ -493,12 +504,6 @@ def run_device_command(client: paramiko.SSHClient, site: SiteSpec, command: str,
     finally:
         chan.close()
     return CommandResult(status, out, _last_line(b"".join(stderr)))
-
-
-def _run_command(client: paramiko.SSHClient, site: SiteSpec, command: str, timeout: float,
-                 command_timeout: float) -> bytes:
-    result = run_device_command(client, site, command, timeout, command_timeout, "report command")
-    return report_output(site, command, result)
 
 
 def report_output(site: SiteSpec, command: str, result: CommandResult) -> bytes:

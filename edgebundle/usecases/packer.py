@@ -184,9 +184,8 @@ class PackerSession:
         bundle it would refuse (unsigned, or signed by keys it does not trust).
         ``volume_size``: write volumes ``output.001`` … of at most that many bytes each.
         """
-        what = "bundle to standard output" if output == "-" else f"bundle {output}"
+        what = _output_what(output, volume_size)
         if volume_size is not None:
-            what = f"volumes {output}.001…"
             if output == "-" or is_stream_target(output):
                 raise UsageError(f"volumes are files: cannot write them to {output}",
                                  "name a file with -o, e.g. -o /media/usb/site.ebundle")
@@ -201,9 +200,7 @@ class PackerSession:
               created: Optional[str] = None, signers: Sequence[Signer] = (),
               volume_size: Optional[int] = None) -> PackOutcome:
         """Write the bundle of ``plan`` (its layers fetched) to ``output``; see ``pack``."""
-        what = "bundle to standard output" if output == "-" else f"bundle {output}"
-        if volume_size is not None:
-            what = f"volumes {output}.001…"
+        what = _output_what(output, volume_size)
         workers = threads if threads > 0 else (os.cpu_count() or 1)
         shipped = sum(lp.layer.size for lp in plan.shipped_layers())
         bar = (self._progress or _no_bar)(shipped, "pack")
@@ -255,6 +252,13 @@ class PackerSession:
         log.info("space: %d bytes to fetch into %s, a bundle of about %d bytes", fetch,
                  self.cache.root, plan.ship_bytes)
         check_packer(str(self.cache.root), fetch, target, plan.ship_bytes)
+
+
+def _output_what(output: str, volume_size: Optional[int]) -> str:
+    """How messages name what ``pack`` writes."""
+    if volume_size is not None:
+        return f"volumes {output}.001…"
+    return "bundle to standard output" if output == "-" else f"bundle {output}"
 
 
 def _no_bar(total: int, desc: str) -> Bar:
