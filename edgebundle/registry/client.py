@@ -112,11 +112,14 @@ class HostTransports(httpx.BaseTransport):
         self._lock = threading.Lock()
         self._transports: Dict[Tuple[str, str, Optional[str]], httpx.HTTPTransport] = {}
 
-    def handle_request(self, request: httpx.Request) -> httpx.Response:
-        url = request.url
+    def key_for(self, url: httpx.URL) -> Tuple[str, str, Optional[str]]:
+        """(scheme, host[:port] for https, proxy URL or None): what a transport is made for."""
         proxy = self._proxies.proxy_for(url.scheme, url.host, url.port)
-        host = url_host(url) if url.scheme == "https" else ""
-        key = (url.scheme, host, proxy)
+        return url.scheme, url_host(url) if url.scheme == "https" else "", proxy
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        key = self.key_for(request.url)
+        _, host, proxy = key
         with self._lock:
             transport = self._transports.get(key)
             if transport is None:
