@@ -243,3 +243,27 @@ def test_cli_plan_reads_certs_dirs_and_proxy_from_env(setup: Setup, proxy: servi
     assert lines[0].startswith(f"edgebundle: error: registry {host}: x509: certificate signed by unknown "
                                "authority"), lines[0]
     assert f"{tmp_path / 'none'}/{host}/ca.crt" in lines[0]
+
+
+# -- other certificate failures users meet -------------------------------------------
+
+
+def test_certificate_for_another_name(setup: Setup, tmp_path: Path) -> None:
+    host = f"localhost:{setup.tls.port}"  # the certificate names 127.0.0.1 and PROXIED_NAME only
+    root = certs_root(tmp_path, host, {"ca.crt": setup.pki.ca.cert})
+    with pytest.raises(ResolveError) as err:
+        pull(host, tmp_path / "cache", roots=[root])
+    assert err.value.message == f"registry {host}: x509: certificate is not valid for {host}"
+    assert "subjectAltName" in (err.value.hint or "")
+
+
+def test_expired_certificate(setup: Setup, tmp_path: Path) -> None:
+    expired = setup.pki.ca.issue(tmp_path / "pki", "expired", days=-1)
+    reg = services.start_registry(tmp_path / "reg", tls=expired, storage=setup.origin.root)
+    try:
+        root = certs_root(tmp_path, reg.host, {"ca.crt": setup.pki.ca.cert})
+        with pytest.raises(ResolveError) as err:
+            pull(reg.host, tmp_path / "cache", roots=[root])
+    finally:
+        reg.stop()
+    assert err.value.message == f"registry {reg.host}: x509: certificate has expired or is not yet valid"
