@@ -267,3 +267,35 @@ def test_expired_certificate(setup: Setup, tmp_path: Path) -> None:
     finally:
         reg.stop()
     assert err.value.message == f"registry {reg.host}: x509: certificate has expired or is not yet valid"
+
+
+# -- a TLS mirror with its own certs.d entry ------------------------------------------
+
+
+def test_each_host_its_own_certificates_mirror_and_upstream(setup: Setup, tmp_path: Path) -> None:
+    """Mirror (client certificates required) and upstream (CA only), one certs.d each."""
+    up, mirror = setup.tls.host, setup.mtls.host
+    configs = {up: RegistryConfig(up, mirrors=(mirror,))}
+
+    def fetch(files: Dict[str, Path], cache: Path) -> Dict[str, str]:
+        root = certs_root(cache.parent, up, {"ca.crt": setup.pki.ca.cert})
+        certs_root(cache.parent, mirror, files)
+        client = RegistryClient(configs, timeout=20.0, retries=0, certs_dirs=[str(root)])
+        resolver = Resolver(BlobCache(cache), client)
+        try:
+            ref = f"{up}/{REPO}:v1"
+            image = resolver.resolve(ImageSpec(ref, parse_reference(ref)), Platform.parse("linux/amd64"))
+            (image,) = resolver.fetch_layers([image], {la.digest for la in image.layers})
+            check_image(image, setup.image)
+            return client.served()
+        finally:
+            resolver.close()
+            client.close()
+
+    wanted = [setup.image.manifest_digest, *setup.image.layer_digests]
+    served = fetch({"ca.crt": setup.pki.ca.cert, "client.cert": setup.pki.client.cert,
+                    "client.key": setup.pki.client.key}, tmp_path / "a" / "cache")
+    assert {served[d] for d in wanted} == {mirror}
+    # Without its client certificate the mirror refuses us: upstream serves, nothing breaks.
+    served = fetch({"ca.crt": setup.pki.ca.cert}, tmp_path / "b" / "cache")
+    assert {served[d] for d in wanted} == {up}
