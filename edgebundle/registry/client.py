@@ -126,9 +126,16 @@ class HostTransports(httpx.BaseTransport):
                 # Plain HTTP never verifies anything: no context to build for it.
                 verify: "ssl.SSLContext | bool" = self._ssl_for(host) if host else False
                 transport = httpx.HTTPTransport(verify=verify, trust_env=False,
-                                                proxy=httpx.Proxy(proxy) if proxy else None)
+                                                proxy=self._proxy(proxy) if proxy else None)
                 self._transports[key] = transport
         return transport.handle_request(request)
+
+    def _proxy(self, url: str) -> httpx.Proxy:
+        """An https:// proxy is verified like a registry: certs.d of its host[:port]."""
+        parsed = httpx.URL(url)
+        if parsed.scheme != "https":
+            return httpx.Proxy(url)
+        return httpx.Proxy(url, ssl_context=self._ssl_for(url_host(parsed)))
 
     def close(self) -> None:
         with self._lock:
@@ -168,8 +175,9 @@ class RegistryClient:
         self._tls: Dict[str, TlsFiles] = {}
         self._served: Dict[str, str] = {}
         self._served_lock = threading.Lock()
+        self._proxies = proxies or ProxySettings()
         if transport is None:
-            transport = HostTransports(self._ssl_for, proxies or ProxySettings())
+            transport = HostTransports(self._ssl_for, self._proxies)
         self.retries = retries
         self.backoff = backoff
         self.backoff_max = backoff_max
@@ -458,10 +466,18 @@ class RegistryClient:
                                       "unable to get issuer", "unknown authority")):
             loaded = f"the CA certificates loaded ({', '.join(files.ca_files)}) did not sign it; " \
                 if files.ca_files else ""
+            target = httpx.URL(f"{ep.scheme}://{ep.api_host}/")
+            proxy = self._proxies.proxy_for(target.scheme, target.host, target.port)
+            via = ""
+            if proxy and proxy.startswith("https://"):
+                # The failing certificate may be the proxy's own: name its directory too.
+                proxy_host = url_host(httpx.URL(proxy))
+                via = f"; or, if it is the HTTPS proxy {proxy_host}'s, put that CA in " \
+                      f"{host_dir(root, proxy_host)}/ca.crt"
             return ResolveError(f"registry {where}: x509: certificate signed by unknown authority",
                                 f"{loaded}put the CA certificate that signed it in "
                                 f"{host_dir(root, host)}/ca.crt (or set ca_file under registries: "
-                                f"{config_host} in the manifest)")
+                                f"{config_host} in the manifest){via}")
         if "mismatch" in lowered and "certificate verify failed" in lowered:
             return ResolveError(f"registry {where}: x509: certificate is not valid for {host}",
                                 f"the registry's certificate must name {host.rsplit(':', 1)[0]} in its "

@@ -408,12 +408,19 @@ class ConnectProxy:
             server.server_close()  # type: ignore[attr-defined]
 
 
-def start_connect_proxy(names: Optional[Mapping[str, str]] = None) -> ConnectProxy:
+def start_connect_proxy(names: Optional[Mapping[str, str]] = None, *,
+                        tls: Optional[ServerCert] = None) -> ConnectProxy:
+    """``ConnectProxy`` in a thread; with ``tls`` clients speak TLS to the proxy itself
+    (an ``https://`` proxy URL), CONNECT tunnels then carrying TLS inside TLS."""
     import select
     import socketserver
     import threading
 
     proxy = ConnectProxy(0, dict(names or {}))
+    server_ctx: Optional[ssl.SSLContext] = None
+    if tls is not None:
+        server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        server_ctx.load_cert_chain(str(tls.cert), str(tls.key))
 
     def target(authority: str) -> tuple[str, int]:
         host, _, port = authority.rpartition(":")
@@ -426,7 +433,10 @@ def start_connect_proxy(names: Optional[Mapping[str, str]] = None) -> ConnectPro
     def pipe(a: socket.socket, b: socket.socket) -> None:
         socks = [a, b]
         while True:
-            ready, _, _ = select.select(socks, [], [], 30)
+            # TLS may hold decrypted bytes select() cannot see.
+            ready = [s for s in socks if isinstance(s, ssl.SSLSocket) and s.pending()]
+            if not ready:
+                ready, _, _ = select.select(socks, [], [], 30)
             if not ready:
                 return
             for s in ready:
@@ -438,6 +448,12 @@ def start_connect_proxy(names: Optional[Mapping[str, str]] = None) -> ConnectPro
     class Handler(socketserver.BaseRequestHandler):
         def handle(self) -> None:
             conn: socket.socket = self.request
+            if server_ctx is not None:
+                try:
+                    conn = server_ctx.wrap_socket(conn, server_side=True)
+                except (ssl.SSLError, OSError):
+                    proxy.requests.append("TLS handshake failed")
+                    return
             head = b""
             while b"\r\n\r\n" not in head:
                 chunk = conn.recv(65536)

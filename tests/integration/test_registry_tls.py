@@ -299,3 +299,25 @@ def test_each_host_its_own_certificates_mirror_and_upstream(setup: Setup, tmp_pa
     # Without its client certificate the mirror refuses us: upstream serves, nothing breaks.
     served = fetch({"ca.crt": setup.pki.ca.cert}, tmp_path / "b" / "cache")
     assert {served[d] for d in wanted} == {up}
+
+
+def test_https_proxy_verified_by_its_own_certs_d(setup: Setup, tmp_path: Path) -> None:
+    """TLS to the proxy (its CA from certs.d of the proxy's host:port), TLS to the registry inside."""
+    proxy_ca = services.make_ca(tmp_path / "proxy-ca", "corporate proxy CA")
+    p = services.start_connect_proxy({PROXIED_NAME: "127.0.0.1"},
+                                     tls=proxy_ca.issue(tmp_path / "pki", "proxy"))
+    try:
+        host = f"{PROXIED_NAME}:{setup.tls.port}"
+        proxy_host = f"127.0.0.1:{p.port}"
+        root = certs_root(tmp_path, host, {"ca.crt": setup.pki.ca.cert})
+        settings = ProxySettings(https_proxy=f"https://{proxy_host}")
+        with pytest.raises(ResolveError) as err:  # the proxy's CA is not trusted yet
+            pull(host, tmp_path / "c1", roots=[root], proxies=settings)
+        assert "unknown authority" in err.value.message
+        assert f"the HTTPS proxy {proxy_host}" in (err.value.hint or "")
+        assert f"{root}/{proxy_host}/ca.crt" in (err.value.hint or "")
+        certs_root(tmp_path, proxy_host, {"proxy-ca.crt": proxy_ca.cert})
+        check_image(pull(host, tmp_path / "c2", roots=[root], proxies=settings), setup.image)
+        assert f"CONNECT {host}" in p.requests
+    finally:
+        p.stop()
