@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import ssl
 from dataclasses import dataclass
-from pathlib import Path
 from typing import List, Mapping, Optional, Sequence, Tuple
 
 from ..errors import ResolveError
