@@ -26,6 +26,10 @@ device:  import, report, prune, verify, inspect
 
 Every command takes -v (what happens) and --debug (more, with library requests).
 
+Registries (packer): CAs and client certificates from /etc/docker/certs.d/<host[:port]>/
+and /etc/containers/certs.d/ (*.crt, client.cert + client.key; EDGEBUNDLE_CERTS_DIRS=a:b
+replaces those roots); HTTPS_PROXY, HTTP_PROXY and NO_PROXY as Docker reads them.
+
 Exit codes: 0 ok, 1 error, 2 usage, 3 manifest, 4 resolve, 5 bundle format,
 6 prerequisite missing, 7 runtime unreachable, 8 load failed, 9 transport, 10 inventory,
 11 packer cache, 12 output not writable, 13 trust policy refused the bundle,

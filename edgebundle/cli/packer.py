@@ -66,14 +66,17 @@ def plan_json(plan: Plan) -> Dict[str, Any]:
             "top": ip.image.top.digest, "config": ip.image.config.digest,
             "platform": str(ip.image.platform),
             "ship_bytes": ip.ship_bytes, "full_bytes": ip.full_bytes,
-            "layers": [_layer_json(lp, held) for lp in ip.layers],
+            # the registry or mirror that served it this run; null: from the cache
+            "source": plan.source_of(ip.image.top.digest),
+            "layers": [_layer_json(lp, held, plan.source_of(lp.layer.digest)) for lp in ip.layers],
         } for ip in plan.images],
     }
 
 
-def _layer_json(lp: LayerPlan, held: Set[str]) -> Dict[str, Any]:
+def _layer_json(lp: LayerPlan, held: Set[str], source: Optional[str]) -> Dict[str, Any]:
     out: Dict[str, Any] = {"digest": lp.layer.digest, "diff_id": lp.layer.diff_id,
-                           "size": lp.layer.size, "ship": lp.ship, "how": _how(lp, held)}
+                           "size": lp.layer.size, "ship": lp.ship, "how": _how(lp, held),
+                           "source": source}
     if lp.delta is not None:
         out["delta"] = {"entry": lp.delta.entry, "bytes": lp.delta.stored,
                         "bases": [b.diff_id for b in lp.delta.bases],
@@ -104,20 +107,24 @@ def _print_plan(plan: Plan, out: Any) -> None:
         shipped = sum(1 for lp in ip.layers if lp.ship)
         status = "up to date" if ip.up_to_date else \
             f"ship {_mb(ip.ship_bytes)}: {shipped} of {len(ip.layers)} layers"
-        print(f"  {ip.image.name}  [{ip.image.platform}]  {status}", file=out)
+        source = plan.source_of(ip.image.top.digest)
+        print(f"  {ip.image.name}  [{ip.image.platform}]  {status}"
+              + (f"  (from {source})" if source else ""), file=out)
         if ip.up_to_date:
             continue
         for lp in ip.layers:
             if not lp.ship:
                 continue
             short = lp.layer.digest[7:19]
+            source = plan.source_of(lp.layer.digest)
+            origin = f" from {source}" if source else ""
             if lp.delta is not None:
                 bases = ", ".join(b.diff_id[7:19] for b in lp.delta.bases)
                 print(f"    {short}  delta {_mb(lp.delta.stored)} (whole {_mb(lp.layer.size)}) "
-                      f"against {bases}", file=out)
+                      f"against {bases}{origin}", file=out)
             else:
                 why = f" ({lp.note[len('whole: '):]})" if lp.note.startswith("whole: ") else ""
-                print(f"    {short}  whole {_mb(lp.layer.size)}{why}", file=out)
+                print(f"    {short}  whole {_mb(lp.layer.size)}{why}{origin}", file=out)
     full = plan.full_bytes
     pct = f" ({100 * plan.ship_bytes / full:.1f}%)" if full else ""
     print(f"ships {_mb(plan.ship_bytes)} of {_mb(full)} for a full transfer{pct}; "

@@ -605,5 +605,7 @@ def test_certificate_error_hint_is_about_trust_not_insecure() -> None:
     client, _ = make_client(reg)
     with pytest.raises(ResolveError) as err:
         client.get_manifest(parse_reference("reg.test/shop/app:v1"))
-    assert "CERTIFICATE_VERIFY_FAILED" in err.value.message
-    assert "SSL_CERT_FILE" in (err.value.hint or "")
+    # Named as Docker names it, pointing at the certs.d directory to put the CA in.
+    assert err.value.message == "registry reg.test: x509: certificate signed by unknown authority"
+    assert "/etc/docker/certs.d/reg.test/ca.crt" in (err.value.hint or "")
+    assert "insecure" not in (err.value.hint or "")
