@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -210,16 +211,34 @@ def _bcrypt_hash(password: str) -> str:
         return crypt.crypt(password, crypt.mksalt(crypt.METHOD_BLOWFISH, rounds=1 << 4))
 
 
-def start_registry(tmp: Path, *, auth: bool = False, username: str = "edge", password: Optional[str] = None) -> Registry:
+@dataclass(frozen=True)
+class TokenAuth:
+    """``auth: token`` settings: the realm clients are sent to and what the JWTs carry.
+
+    ``rootcertbundle`` holds the certificate whose key signs the tokens (the token
+    server puts it in the JWT's ``x5c``); see tests/integration/tokenserver.py.
+    """
+
+    realm: str
+    service: str
+    issuer: str
+    rootcertbundle: Path
+
+
+def start_registry(tmp: Path, *, auth: bool = False, username: str = "edge", password: Optional[str] = None,
+                   token: Optional[TokenAuth] = None, storage: Optional[Path] = None) -> Registry:
     """``docker-registry serve`` (distribution 2.x) on 127.0.0.1, plain HTTP.
 
-    With ``auth=True`` the registry requires HTTP basic auth (htpasswd).
+    With ``auth=True`` the registry requires HTTP basic auth (htpasswd); with ``token``
+    it requires bearer tokens from that realm (distribution's token auth). ``storage``
+    shares a storage root with an earlier registry (e.g. one images were pushed to
+    without auth: imagefactory pushes with basic auth only).
     """
     binary = _require("docker-registry")
     tmp = Path(tmp)
     tmp.mkdir(parents=True, exist_ok=True)
-    root = tmp / "storage"
-    root.mkdir(exist_ok=True)
+    root = Path(storage) if storage is not None else tmp / "storage"
+    root.mkdir(parents=True, exist_ok=True)
     port = free_port()
     # JSON is valid YAML, so no YAML library is needed.
     config: dict[str, object] = {
@@ -233,6 +252,9 @@ def start_registry(tmp: Path, *, auth: bool = False, username: str = "edge", pas
         htpasswd = tmp / "htpasswd"
         htpasswd.write_text(f"{username}:{_bcrypt_hash(password)}\n")
         config["auth"] = {"htpasswd": {"realm": "edgebundle-test", "path": str(htpasswd)}}
+    elif token is not None:
+        config["auth"] = {"token": {"realm": token.realm, "service": token.service, "issuer": token.issuer,
+                                    "rootcertbundle": str(token.rootcertbundle)}}
     cfg = tmp / "config.yml"
     cfg.write_text(json.dumps(config, indent=2))
     log = tmp / "registry.log"
@@ -241,12 +263,17 @@ def start_registry(tmp: Path, *, auth: bool = False, username: str = "edge", pas
     def probe() -> bool:
         req = urllib.request.Request(f"http://127.0.0.1:{port}/v2/")
         if auth:
-            token = base64.b64encode(f"{username}:{password}".encode()).decode()
-            req.add_header("Authorization", f"Basic {token}")
+            basic = base64.b64encode(f"{username}:{password}".encode()).decode()
+            req.add_header("Authorization", f"Basic {basic}")
         # Bypass any proxy settings: traffic must stay on loopback.
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        with opener.open(req, timeout=2) as resp:
-            return bool(resp.status == 200)
+        try:
+            with opener.open(req, timeout=2) as resp:
+                return bool(resp.status == 200)
+        except urllib.error.HTTPError as exc:
+            # A token registry answers /v2/ with a Bearer challenge once it serves.
+            return token is not None and exc.code == 401 and \
+                exc.headers.get("WWW-Authenticate", "").startswith("Bearer ")
 
     _wait_ready("docker-registry", proc, log, probe)
     return Registry(
