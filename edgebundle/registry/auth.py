@@ -318,6 +318,9 @@ class Authenticator:
         self._clock = clock
         self._tokens: Dict[Tuple[str, str], Tuple[str, float]] = {}
         self._basic: Dict[str, str] = {}  # host -> "Basic ..." once the host asked for it
+        # host -> its Bearer challenge (realm, service): lets a token for another repository,
+        # or one that expired mid-pack, be fetched before the request instead of after a 401.
+        self._realms: Dict[str, Challenge] = {}
         self._lock = threading.Lock()
 
     @property
@@ -331,6 +334,28 @@ class Authenticator:
             if hit and hit[1] > self._clock():
                 return hit[0]
             return self._basic.get(host)
+
+    def authorization(self, host: str, cred_host: str, repo_path: str) -> Optional[str]:
+        """The ``Authorization`` value to send up front to ``host`` for ``repo_path``.
+
+        A cached token while it lives; once it expired (or for a repository not asked
+        for yet) a fresh one from the realm ``host`` challenged us with before, as docker
+        does; else Basic credentials the host asked for; else None (anonymous first try).
+
+        Raises:
+            AuthFailed, ResolveError: as ``answer`` when a fresh token is fetched.
+        """
+        cached = self.cached(host, repo_path)
+        if cached is not None and not cached.startswith("Basic "):
+            return cached
+        with self._lock:
+            known = self._realms.get(host)
+        if known is None:
+            return cached
+        # The remembered challenge's scope was for another request: ask for this repository.
+        ch = Challenge(known.scheme, {k: v for k, v in known.params.items() if k not in ("scope", "error")})
+        value, _ = self._bearer(host, cred_host, repo_path, ch, self.credential(cred_host))
+        return value
 
     def forget(self, host: str, repo_path: str) -> None:
         """Drop what ``cached`` returned: the registry refused it (revoked, expired early)."""
@@ -357,6 +382,8 @@ class Authenticator:
         cred = self.credential(cred_host)
         for ch in challenges:
             if ch.scheme == "bearer" and ch.params.get("realm"):
+                with self._lock:
+                    self._realms[host] = ch
                 return self._bearer(host, cred_host, repo_path, ch, cred)
         for ch in challenges:
             if ch.scheme == "basic":
@@ -369,6 +396,30 @@ class Authenticator:
         raise AuthFailed(f"{cred_host} asked for authentication for {repo_path} with an unsupported scheme "
                          f"({response.headers.get('www-authenticate', 'no WWW-Authenticate header')!r})",
                          "edgebundle speaks Bearer (token) and Basic auth; check the registry's auth setup")
+
+    def refused(self, cred_host: str, repo_path: str, response: httpx.Response, *, presented: bool) -> AuthFailed:
+        """The error for a 401 that came back although we sent what the realm gave us.
+
+        distribution says why in the challenge's ``error``: ``insufficient_scope`` (the
+        token grants no pull on this repository: credentials accepted but not allowed,
+        or anonymous, or no such repository) or ``invalid_token`` (expired, or signed by
+        a key the registry does not trust).
+        """
+        error = ""
+        for ch in parse_www_authenticate(response.headers.get("www-authenticate", "")):
+            if ch.scheme == "bearer":
+                error = ch.params.get("error", "")
+        if error == "insufficient_scope" and presented:
+            cred = self.credential(cred_host)
+            who = f" (user {cred.username})" if cred is not None and cred.username else ""
+            return AuthFailed(f"credentials for {cred_host}{who} do not grant pull access to {repo_path}",
+                              f"ask the admin of {cred_host} for pull access to {repo_path}, or check the "
+                              "repository name (one that does not exist answers the same)")
+        if error == "invalid_token":
+            return AuthFailed(f"{cred_host} rejected the token its token server issued for {repo_path} "
+                              "(invalid_token)", f"the registry {cred_host} does not trust its token server's "
+                              "signing certificate, or their clocks disagree; check its auth: token settings")
+        return self.denied(cred_host, repo_path, presented=presented)
 
     def denied(self, cred_host: str, repo_path: str, *, presented: bool) -> AuthFailed:
         """The error for a registry that still says 401 after we did what it asked."""

@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import datetime
+import email.utils
 import json
 import logging
 import random
@@ -90,7 +92,8 @@ class RegistryClient:
                  credentials: Optional[CredentialStore] = None,
                  transport: Optional[httpx.BaseTransport] = None, timeout: float = 60.0,
                  retries: int = 4, *, backoff: float = 0.25, backoff_max: float = 10.0,
-                 digest_retries: int = 2, sleep: Callable[[float], None] = time.sleep) -> None:
+                 digest_retries: int = 2, retry_after_max: float = 60.0,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
         """Args:
             registries: per-host settings (insecure, mirrors), keyed by ``host[:port]``.
             credentials: where to find credentials; None means anonymous only.
@@ -101,6 +104,8 @@ class RegistryClient:
             backoff: first backoff delay in seconds; doubles per attempt, plus jitter.
             backoff_max: cap of one delay.
             digest_retries: extra attempts for a blob that arrives with the wrong digest.
+            retry_after_max: longest ``Retry-After`` (429/503) waited for; a longer one
+                fails at once with the registry's wait in the message.
             sleep: how to wait (injectable so tests do not).
         """
         self._registries: Dict[str, RegistryConfig] = dict(registries or {})
@@ -108,6 +113,7 @@ class RegistryClient:
         self.backoff = backoff
         self.backoff_max = backoff_max
         self.digest_retries = digest_retries
+        self.retry_after_max = retry_after_max
         self._sleep = sleep
         self._http = httpx.Client(transport=transport, timeout=httpx.Timeout(timeout), follow_redirects=True,
                                   headers={"User-Agent": f"edgebundle/{__version__}"})
@@ -262,7 +268,8 @@ class RegistryClient:
                 return attempt()
             except Retryable as exc:
                 failures += 1
-                if failures > retries:
+                # A registry asking for a longer pause than we would wait: say so now.
+                if failures > retries or (exc.retry_after or 0.0) > self.retry_after_max:
                     raise ResolveError(exc.message, exc.hint) from None
                 delay = self._delay(failures, exc.retry_after)
                 log.info("%s; retry %d/%d in %.2fs", exc.message, failures, retries, delay)
@@ -278,7 +285,8 @@ class RegistryClient:
 
     def _delay(self, attempt: int, retry_after: Optional[float]) -> float:
         if retry_after is not None:
-            return min(max(retry_after, 0.0), self.backoff_max)
+            # Retry-After is honoured as given (up to retry_after_max, see _retrying).
+            return min(max(retry_after, 0.0), self.retry_after_max)
         base = min(self.backoff * 2.0 ** (attempt - 1), self.backoff_max)
         with self._rng_lock:
             # Jitter (half the delay) keeps parallel packers from retrying in lockstep.
@@ -290,19 +298,20 @@ class RegistryClient:
 
         The caller must close it (``with``). Non-2xx statuses become ResolveErrors.
         """
-        cached = self._auth.cached(ep.api_host, repo_path)
+        cred_host = normalize_host(ep.host)
+        cached = self._auth.authorization(ep.api_host, cred_host, repo_path)
         resp = self._send(ep, url, headers, cached)
-        presented = cached is not None
+        presented = cached is not None and self._auth.credential(cred_host) is not None
         if resp.status_code == 401:
             resp.close()
             if cached is not None:
                 # A cached token may have been revoked or expired early: get a fresh one.
                 self._auth.forget(ep.api_host, repo_path)
-            value, presented = self._auth.answer(ep.api_host, normalize_host(ep.host), repo_path, resp)
+            value, presented = self._auth.answer(ep.api_host, cred_host, repo_path, resp)
             resp = self._send(ep, url, headers, value)
             if resp.status_code == 401:
                 resp.close()
-                raise self._auth.denied(normalize_host(ep.host), repo_path, presented=presented)
+                raise self._auth.refused(cred_host, repo_path, resp, presented=presented)
         if resp.is_success:
             return resp
         try:
@@ -329,13 +338,21 @@ class RegistryClient:
         code, detail = _registry_error(resp)
         if status == 404:
             return NotFound(f"{what} not found on {ep.host}", "check the name", code)
-        if status == 429 or status >= 500:
+        if status == 429:
+            wait = _retry_after(resp)
+            return Retryable(f"registry {ep.host} rate-limits pulls (HTTP 429 for {what}"
+                             + (f", retry after {wait:.0f}s)" if wait is not None else ")")
+                             + (f": {detail}" if detail else ""),
+                             f"try again later, log in (`docker login {ep.host}`: accounts usually get a "
+                             "higher limit), or pull through a mirror", wait)
+        if status >= 500:
             return Retryable(f"registry {ep.host} answered HTTP {status} for {what}"
                              + (f": {detail}" if detail else ""),
                              "the registry is overloaded or failing; try again later",
-                             _retry_after(resp) if status in (429, 503) else None)
+                             _retry_after(resp) if status == 503 else None)
         if status == 403:
-            return AuthFailed(f"access to {repo_path} on {ep.host} denied (HTTP 403)",
+            return AuthFailed(f"access to {repo_path} on {ep.host} denied (HTTP 403"
+                              + (f": {detail})" if detail else ")"),
                               f"the credentials used for {ep.host} lack pull permission on {repo_path}"
                               if presented else f"run `docker login {ep.host}` with an account that may pull it")
         if status == 400 and "https" in resp.text.lower() and ep.scheme == "http":
@@ -441,11 +458,21 @@ def _registry_error(resp: httpx.Response) -> Tuple[str, str]:
 
 
 def _retry_after(resp: httpx.Response) -> Optional[float]:
-    value = resp.headers.get("retry-after", "")
+    """Seconds a ``Retry-After`` header asks for: delta-seconds or an HTTP date."""
+    value = resp.headers.get("retry-after", "").strip()
+    if not value:
+        return None
     try:
-        return float(value)
+        return max(float(value), 0.0)
     except ValueError:
-        return None  # an HTTP date: plain backoff is good enough
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max((when - datetime.datetime.now(datetime.timezone.utc)).total_seconds(), 0.0)
 
 
 def _is_ssl_error(exc: BaseException) -> bool:

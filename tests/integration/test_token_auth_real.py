@@ -1,0 +1,301 @@
+"""Bearer token auth against a real ``docker-registry`` with ``auth: token``.
+
+The realm is tests/integration/tokenserver.py (RS256 JWTs whose x5c certificate the
+registry trusts through ``rootcertbundle``). Images are pushed to a plain registry on
+the same storage root first (imagefactory pushes with basic auth only). What only a
+gateway in front of a registry sends (429 with Retry-After, 403 DENIED) comes from
+tests/integration/httpfront.py, which forwards everything else to the real registry.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Iterator, Optional
+
+import pytest
+
+import httpfront
+import imagefactory
+import services
+import tokenserver
+from conftest import _start, unavailable
+from edgebundle.cache import BlobCache
+from edgebundle.errors import ResolveError
+from edgebundle.oci import Platform
+from edgebundle.reference import parse_reference
+from edgebundle.registry import CredentialStore, RegistryClient
+from edgebundle.resolve import Resolver
+from edgebundle.specs import ImageSpec, RegistryConfig
+
+LINUX = Platform.parse("linux/amd64")
+ALICE_PW = "alice-pw-7f3a"
+BOB_PW = "bob-pw-91c2"
+
+
+@dataclass
+class TokenSite:
+    """Pushed images on a storage root, and how to start token registries on it."""
+
+    storage: Path
+    images: Dict[str, imagefactory.BuiltImage]  # repo -> image (tag v1)
+
+
+@pytest.fixture(scope="module")
+def site(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> TokenSite:
+    if not imagefactory.BUSYBOX.exists():
+        unavailable(request.config, "/bin/busybox missing (apt-get install busybox-static)")
+    tmp = tmp_path_factory.mktemp("token-seed")
+    plain = _start(request.config, "docker-registry", lambda: services.start_registry(tmp))
+    try:
+        images = {
+            "team/a": imagefactory.build_image([{"a.txt": "team a\n"}, {"more/a2.txt": "a2\n" * 500}], media="docker"),
+            "team/b": imagefactory.build_image([{"b.txt": "team b\n"}], media="docker"),
+            "public/base": imagefactory.build_image([{"base.txt": "base\n"}]),
+        }
+        for repo, img in images.items():
+            imagefactory.push_image(plain.host, repo, "v1", img)
+    finally:
+        plain.stop()
+    return TokenSite(plain.root, images)
+
+
+@dataclass
+class TokenRegistry:
+    tokens: tokenserver.TokenServer
+    registry: services.Registry
+
+    @property
+    def host(self) -> str:
+        return self.registry.host
+
+    def log_count(self, pattern: str) -> int:
+        return len(re.findall(pattern, self.registry.log_path.read_text()))
+
+
+ACL = {
+    "alice": {"team/a": {"pull", "push"}, "public/base": {"pull"}},
+    "bob": {"team/b": {"pull"}, "public/base": {"pull"}},
+    tokenserver.ANONYMOUS: {"public/base": {"pull"}},
+}
+
+
+@pytest.fixture
+def start_token_registry(request: pytest.FixtureRequest, tmp_path: Path,
+                         site: TokenSite) -> Iterator["StartFn"]:
+    started: list[TokenRegistry] = []
+
+    def start(name: str = "reg", **token_kw: object) -> TokenRegistry:
+        ts = tokenserver.TokenServer(tmp_path / f"{name}-tokens", users={"alice": ALICE_PW, "bob": BOB_PW},
+                                     acl=ACL, **token_kw)  # type: ignore[arg-type]
+        try:
+            reg = _start(request.config, "docker-registry (auth: token)", lambda: services.start_registry(
+                tmp_path / name, token=ts.auth_config(), storage=site.storage))
+        except BaseException:
+            ts.stop()
+            raise
+        started.append(TokenRegistry(ts, reg))
+        return started[-1]
+
+    yield start
+    for tr in started:
+        tr.registry.stop()
+        tr.tokens.stop()
+
+
+StartFn = object  # the fixture's callable (typing it fully buys nothing in a test)
+
+
+def docker_config(tmp_path: Path, auths: Dict[str, tuple[str, str]]) -> CredentialStore:
+    path = tmp_path / "docker" / "config.json"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps({"auths": {h: {"username": u, "password": p} for h, (u, p) in auths.items()}}))
+    return CredentialStore.load(path)
+
+
+def client_for(*hosts: str, credentials: Optional[CredentialStore] = None, **kw: object) -> RegistryClient:
+    return RegistryClient({h: RegistryConfig(h, insecure=True) for h in hosts}, credentials,
+                          timeout=30.0, **kw)  # type: ignore[arg-type]
+
+
+def spec(host: str, ref: str) -> ImageSpec:
+    return ImageSpec(f"{host}/{ref}", parse_reference(f"{host}/{ref}"))
+
+
+def pull(client: RegistryClient, cache: Path, host: str, repo: str, built: imagefactory.BuiltImage) -> None:
+    """Resolve and fetch ``host/repo:v1`` and check it is exactly what was pushed."""
+    resolver = Resolver(BlobCache(cache), client)
+    image = resolver.resolve(spec(host, f"{repo}:v1"), LINUX)
+    (image,) = resolver.fetch_layers([image], {la.digest for la in image.layers})
+    assert image.manifest.digest == built.manifest_digest
+    assert [la.diff_id for la in image.layers] == list(built.diff_ids)
+
+
+def fails(client: RegistryClient, ref: str) -> ResolveError:
+    with pytest.raises(ResolveError) as err:
+        client.get_manifest(parse_reference(ref))
+    assert "\n" not in str(err.value)
+    return err.value
+
+
+# ---------------------------------------------------------------------------
+
+
+def test_token_scopes_are_per_repository(start_token_registry, site: TokenSite, tmp_path: Path) -> None:
+    tr = start_token_registry()
+    client = client_for(tr.host, credentials=docker_config(tmp_path, {tr.host: ("alice", ALICE_PW)}))
+    pull(client, tmp_path / "cache", tr.host, "team/a", site.images["team/a"])
+    # alice may not pull team/b: the token the realm gives for it grants nothing, and the
+    # team/a token is never replayed for team/b (its own scope was asked for).
+    err = fails(client, f"{tr.host}/team/b:v1")
+    assert err.message == f"credentials for {tr.host} (user alice) do not grant pull access to team/b"
+    assert "ask the admin" in (err.hint or "")
+    scopes = [r.scopes for r in tr.tokens.seen()]
+    assert ("repository:team/a:pull",) in scopes and ("repository:team/b:pull",) in scopes
+    assert all(len(s) == 1 for s in scopes)  # pull only, one repository per token
+    assert tr.tokens.users_seen() == {"alice"}
+
+
+def test_anonymous_token_pulls_public_and_private_needs_login(start_token_registry, site: TokenSite,
+                                                              tmp_path: Path) -> None:
+    tr = start_token_registry()
+    client = client_for(tr.host, credentials=docker_config(tmp_path, {}))
+    pull(client, tmp_path / "cache", tr.host, "public/base", site.images["public/base"])
+    assert tr.tokens.users_seen() == {None}  # anonymous tokens, no Authorization sent to the realm
+    err = fails(client, f"{tr.host}/team/a:v1")
+    assert err.message == f"{tr.host} requires authentication for team/a"
+    assert f"docker login {tr.host}" in (err.hint or "")
+
+
+def test_401_with_wrong_credentials(start_token_registry, tmp_path: Path) -> None:
+    tr = start_token_registry()
+    client = client_for(tr.host, credentials=docker_config(tmp_path, {tr.host: ("alice", "not-her-password")}))
+    err = fails(client, f"{tr.host}/team/a:v1")
+    assert err.message == f"authentication to {tr.host} failed for team/a"
+    assert f"docker login {tr.host}" in (err.hint or "") and "not-her-password" not in str(err)
+    assert [r.status for r in tr.tokens.seen()] == [401]  # refused once, not retried
+
+
+def test_404_manifest_unknown_behind_token_auth(start_token_registry, tmp_path: Path) -> None:
+    tr = start_token_registry()
+    client = client_for(tr.host, credentials=docker_config(tmp_path, {tr.host: ("alice", ALICE_PW)}))
+    err = fails(client, f"{tr.host}/team/a:nope")
+    assert err.message == f"image {tr.host}/team/a:nope not found in {tr.host} (manifest unknown)"
+    assert "check the repository name and tag" in (err.hint or "")
+
+
+def test_expiring_token_is_renewed_before_the_request_mid_pack(start_token_registry, site: TokenSite,
+                                                               tmp_path: Path) -> None:
+    # expires_in 6 s: the client keeps it 1 s (it renews 5 s early), so a pack that
+    # pauses 2 s between manifest and blobs needs a second token.
+    tr = start_token_registry(expires_in=6)
+    client = client_for(tr.host, credentials=docker_config(tmp_path, {tr.host: ("alice", ALICE_PW)}))
+    resolver = Resolver(BlobCache(tmp_path / "cache"), client)
+    image = resolver.resolve(spec(tr.host, "team/a:v1"), LINUX)
+    assert tr.tokens.issued == 1
+    time.sleep(2.0)
+    (image,) = resolver.fetch_layers([image], {la.digest for la in image.layers})
+    assert [la.diff_id for la in image.layers] == list(site.images["team/a"].diff_ids)
+    assert tr.tokens.issued == 2
+    # Renewed up front from the remembered realm: only the very first request went
+    # out without a token, none with a stale one.
+    assert tr.log_count(r"authorization token required.*uri=/v2/team/") == 1
+    assert tr.log_count(r"invalid token") == 0
+
+
+def test_token_rejected_by_the_registry_mid_pack_is_fetched_again(start_token_registry, site: TokenSite,
+                                                                   tmp_path: Path) -> None:
+    # The realm says 300 s, but the JWT's exp is 57 s in the past: distribution's 60 s
+    # leeway lets it pass for about 3 s, then the registry answers invalid_token, as
+    # with a token revoked or a token server whose clock runs ahead.
+    tr = start_token_registry(expires_in=300, jwt_lifetime=-57)
+    client = client_for(tr.host, credentials=docker_config(tmp_path, {tr.host: ("alice", ALICE_PW)}))
+    resolver = Resolver(BlobCache(tmp_path / "cache"), client)
+    image = resolver.resolve(spec(tr.host, "team/a:v1"), LINUX)
+    assert tr.tokens.issued == 1
+    time.sleep(4.0)
+    (image,) = resolver.fetch_layers([image], {la.digest for la in image.layers})
+    assert [la.diff_id for la in image.layers] == list(site.images["team/a"].diff_ids)
+    assert tr.tokens.issued >= 2
+    assert tr.log_count(r"invalid token") >= 1
+
+
+def test_docker_config_credentials_go_only_to_their_registrys_realm(start_token_registry, site: TokenSite,
+                                                                     tmp_path: Path) -> None:
+    a = start_token_registry("a")
+    b = start_token_registry("b")
+    # Credentials for A only: B's realm must never see an Authorization header.
+    client = client_for(a.host, b.host, credentials=docker_config(tmp_path, {a.host: ("alice", ALICE_PW)}))
+    pull(client, tmp_path / "cache", a.host, "team/a", site.images["team/a"])
+    pull(client, tmp_path / "cache2", b.host, "public/base", site.images["public/base"])
+    pull(client, tmp_path / "cache3", a.host, "public/base", site.images["public/base"])
+    assert a.tokens.users_seen() == {"alice"}
+    assert b.tokens.users_seen() == {None}
+    assert b.tokens.seen() and all(r.password is None for r in b.tokens.seen())
+
+    # Credentials for both: each realm sees its own account, never the other's.
+    (tmp_path / "docker" / "config.json").unlink()
+    both = client_for(a.host, b.host, credentials=docker_config(
+        tmp_path, {a.host: ("alice", ALICE_PW), b.host: ("bob", BOB_PW)}))
+    pull(both, tmp_path / "cache4", b.host, "team/b", site.images["team/b"])
+    pull(both, tmp_path / "cache5", a.host, "team/a", site.images["team/a"])
+    assert a.tokens.users_seen() == {"alice"}
+    assert b.tokens.users_seen() == {None, "bob"}
+    assert {r.password for r in b.tokens.seen()} == {None, BOB_PW}
+
+
+# -- what a gateway in front of the registry answers ------------------------------
+
+
+@pytest.fixture
+def fronted(start_token_registry) -> Iterator[tuple[TokenRegistry, httpfront.HttpFront]]:
+    tr = start_token_registry()
+    front = httpfront.HttpFront(tr.registry.port)
+    yield tr, front
+    front.stop()
+
+
+def test_429_retry_after_is_honoured(fronted, site: TokenSite, tmp_path: Path) -> None:
+    tr, front = fronted
+    front.rules.append(httpfront.Rule(r"/manifests/", 429, {"Retry-After": "2"},
+                                      httpfront.registry_error("TOOMANYREQUESTS", "pull rate limit"), times=1))
+    client = client_for(front.host, credentials=docker_config(tmp_path, {front.host: ("alice", ALICE_PW)}))
+    pull(client, tmp_path / "cache", front.host, "team/a", site.images["team/a"])
+    (t0, s0), (t1, s1), *_ = front.times(r"/manifests/v1")
+    assert (s0, s1) == (429, 401)  # then the token handshake, then 200
+    assert t1 - t0 >= 2.0  # waited what the registry asked, not the 0.25 s backoff
+
+
+def test_429_asking_for_too_long_a_wait_fails_at_once(fronted, tmp_path: Path) -> None:
+    tr, front = fronted
+    front.rules.append(httpfront.Rule(r"/manifests/", 429, {"Retry-After": "3600"},
+                                      httpfront.registry_error("TOOMANYREQUESTS", "pull rate limit"), times=5))
+    client = client_for(front.host, credentials=docker_config(tmp_path, {}))
+    started = time.monotonic()
+    err = fails(client, f"{front.host}/team/a:v1")
+    assert time.monotonic() - started < 5
+    assert err.message == (f"registry {front.host} rate-limits pulls (HTTP 429 for manifest {front.host}/team/a:v1, "
+                           "retry after 3600s): pull rate limit")
+    assert f"docker login {front.host}" in (err.hint or "")
+    assert len(front.times(r"/manifests/")) == 1
+
+
+def test_403_denied_names_registry_and_fix(fronted, tmp_path: Path) -> None:
+    tr, front = fronted
+    front.rules.append(httpfront.Rule(r"/team/a/manifests/", 403, {},
+                                      httpfront.registry_error("DENIED", "requested access to the resource is denied"),
+                                      times=5, authorized_only=True))
+    with_creds = client_for(front.host, credentials=docker_config(tmp_path, {front.host: ("alice", ALICE_PW)}),
+                            retries=2)
+    err = fails(with_creds, f"{front.host}/team/a:v1")
+    assert err.message == (f"access to team/a on {front.host} denied (HTTP 403: "
+                           "requested access to the resource is denied)")
+    assert f"the credentials used for {front.host} lack pull permission on team/a" == err.hint
+    assert [st for _, st in front.times(r"/team/a/manifests/")] == [401, 403]  # the 403 not retried
+
+    anonymous = client_for(front.host)
+    err = fails(anonymous, f"{front.host}/team/a:v1")
+    assert err.hint == f"run `docker login {front.host}` with an account that may pull it"
