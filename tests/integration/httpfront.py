@@ -16,10 +16,20 @@ import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 # Hop-by-hop headers (RFC 7230 6.1) are the proxy's own business, never forwarded.
 _HOP = frozenset({"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade"})
+
+
+@dataclass(frozen=True)
+class Seen:
+    """One request the front received."""
+
+    time: float  # time.monotonic() at arrival
+    path: str
+    status: int  # what the front answered
+    authorization: str = field(default="", repr=False)
 
 
 @dataclass
@@ -44,7 +54,7 @@ class HttpFront:
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
         self.rules: List[Rule] = []
-        self.log: List[Tuple[float, str, int]] = []  # (monotonic time, path, status answered)
+        self.log: List[Seen] = []
         self._lock = threading.Lock()
         front = self
 
@@ -69,10 +79,10 @@ class HttpFront:
         self._httpd.shutdown()
         self._httpd.server_close()
 
-    def times(self, path_re: str) -> List[Tuple[float, int]]:
-        """(arrival, status) of the requests whose path matched ``path_re``."""
+    def seen(self, path_re: str) -> List[Seen]:
+        """The requests whose path matched ``path_re``, in arrival order."""
         with self._lock:
-            return [(t, st) for t, p, st in self.log if re.search(path_re, p)]
+            return [s for s in self.log if re.search(path_re, s.path)]
 
     def _rule_for(self, path: str, authorized: bool) -> Optional[Rule]:
         with self._lock:
@@ -100,7 +110,7 @@ class HttpFront:
         else:
             status = self._forward(h)
         with self._lock:
-            self.log.append((arrived, h.path, status))
+            self.log.append(Seen(arrived, h.path, status, h.headers.get("Authorization", "")))
 
     def _forward(self, h: BaseHTTPRequestHandler) -> int:
         conn = http.client.HTTPConnection("127.0.0.1", self.target_port, timeout=30)

@@ -51,6 +51,7 @@ class TokenRequest:
     user: Optional[str]  # basic-auth user sent, None when no Authorization header
     password: Optional[str] = field(default=None, repr=False)
     status: int = 0
+    token: str = field(default="", repr=False)  # the JWT issued, if any
 
 
 def _b64url(data: bytes) -> str:
@@ -140,6 +141,11 @@ class TokenServer:
         with self._lock:
             return list(self.requests)
 
+    def scopes_of(self, authorization: str) -> Tuple[str, ...]:
+        """The scopes the token in ``Authorization: Bearer <jwt>`` was issued for (() if not ours)."""
+        token = authorization[len("Bearer "):] if authorization.startswith("Bearer ") else ""
+        return next((r.scopes for r in self.seen() if token and r.token == token), ())
+
     def users_seen(self) -> Set[Optional[str]]:
         return {r.user for r in self.seen()}
 
@@ -161,8 +167,8 @@ class TokenServer:
             status = 404
         elif user is not None and self.users.get(user) != password:
             status = 401
-        self._record(TokenRequest("GET", service, scopes, user, password, status))
         if status != 200:
+            self._record(TokenRequest("GET", service, scopes, user, password, status))
             body = json.dumps({"details": "invalid credentials" if status == 401 else "no such path"}).encode()
             h.send_response(status)
             if status == 401:
@@ -182,6 +188,7 @@ class TokenServer:
             granted = [a for a in actions if a in allowed.get(name, set()) or a in allowed.get("*", set())]
             access.append({"type": "repository", "name": name, "actions": granted})
         token = self._sign(account or "anonymous", access)
+        self._record(TokenRequest("GET", service, scopes, user, password, status, token))
         with self._lock:
             self.issued += 1
         body = json.dumps({"token": token, "access_token": token, "expires_in": self.expires_in,
