@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, Optional
+from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import pytest
 
@@ -76,6 +78,8 @@ class TokenRegistry:
         return len(re.findall(pattern, self.registry.log_path.read_text()))
 
 
+StartRegistry = Callable[..., TokenRegistry]  # start_token_registry(name="reg", **TokenServer kwargs)
+
 ACL = {
     "alice": {"team/a": {"pull", "push"}, "public/base": {"pull"}},
     "bob": {"team/b": {"pull"}, "public/base": {"pull"}},
@@ -85,7 +89,7 @@ ACL = {
 
 @pytest.fixture
 def start_token_registry(request: pytest.FixtureRequest, tmp_path: Path,
-                         site: TokenSite) -> Iterator["StartFn"]:
+                         site: TokenSite) -> Iterator["StartRegistry"]:
     started: list[TokenRegistry] = []
 
     def start(name: str = "reg", **token_kw: object) -> TokenRegistry:
@@ -104,9 +108,6 @@ def start_token_registry(request: pytest.FixtureRequest, tmp_path: Path,
     for tr in started:
         tr.registry.stop()
         tr.tokens.stop()
-
-
-StartFn = object  # the fixture's callable (typing it fully buys nothing in a test)
 
 
 def docker_config(tmp_path: Path, auths: Dict[str, tuple[str, str]]) -> CredentialStore:
@@ -144,7 +145,7 @@ def fails(client: RegistryClient, ref: str) -> ResolveError:
 # ---------------------------------------------------------------------------
 
 
-def test_token_scopes_are_per_repository(start_token_registry, site: TokenSite, tmp_path: Path) -> None:
+def test_token_scopes_are_per_repository(start_token_registry: StartRegistry, site: TokenSite, tmp_path: Path) -> None:
     tr = start_token_registry()
     # Through a front that only records, to see which token went with which request.
     front = httpfront.HttpFront(tr.registry.port)
@@ -167,7 +168,7 @@ def test_token_scopes_are_per_repository(start_token_registry, site: TokenSite, 
     assert tr.tokens.users_seen() == {"alice"}
 
 
-def test_anonymous_token_pulls_public_and_private_needs_login(start_token_registry, site: TokenSite,
+def test_anonymous_token_pulls_public_and_private_needs_login(start_token_registry: StartRegistry, site: TokenSite,
                                                               tmp_path: Path) -> None:
     tr = start_token_registry()
     client = client_for(tr.host, credentials=docker_config(tmp_path, {}))
@@ -178,7 +179,7 @@ def test_anonymous_token_pulls_public_and_private_needs_login(start_token_regist
     assert f"docker login {tr.host}" in (err.hint or "")
 
 
-def test_401_with_wrong_credentials(start_token_registry, tmp_path: Path) -> None:
+def test_401_with_wrong_credentials(start_token_registry: StartRegistry, tmp_path: Path) -> None:
     tr = start_token_registry()
     client = client_for(tr.host, credentials=docker_config(tmp_path, {tr.host: ("alice", "not-her-password")}))
     err = fails(client, f"{tr.host}/team/a:v1")
@@ -187,7 +188,7 @@ def test_401_with_wrong_credentials(start_token_registry, tmp_path: Path) -> Non
     assert [r.status for r in tr.tokens.seen()] == [401]  # refused once, not retried
 
 
-def test_404_manifest_unknown_behind_token_auth(start_token_registry, tmp_path: Path) -> None:
+def test_404_manifest_unknown_behind_token_auth(start_token_registry: StartRegistry, tmp_path: Path) -> None:
     tr = start_token_registry()
     client = client_for(tr.host, credentials=docker_config(tmp_path, {tr.host: ("alice", ALICE_PW)}))
     err = fails(client, f"{tr.host}/team/a:nope")
@@ -195,7 +196,7 @@ def test_404_manifest_unknown_behind_token_auth(start_token_registry, tmp_path: 
     assert "check the repository name and tag" in (err.hint or "")
 
 
-def test_expiring_token_is_renewed_before_the_request_mid_pack(start_token_registry, site: TokenSite,
+def test_expiring_token_is_renewed_before_the_request_mid_pack(start_token_registry: StartRegistry, site: TokenSite,
                                                                tmp_path: Path) -> None:
     # expires_in 6 s: the client keeps it 1 s (it renews 5 s early), so a pack that
     # pauses 2 s between manifest and blobs needs a second token.
@@ -214,7 +215,7 @@ def test_expiring_token_is_renewed_before_the_request_mid_pack(start_token_regis
     assert tr.log_count(r"invalid token") == 0
 
 
-def test_token_rejected_by_the_registry_mid_pack_is_fetched_again(start_token_registry, site: TokenSite,
+def test_token_rejected_by_the_registry_mid_pack_is_fetched_again(start_token_registry: StartRegistry, site: TokenSite,
                                                                    tmp_path: Path) -> None:
     # The realm says 300 s, but the JWT's exp is 57 s in the past: distribution's 60 s
     # leeway lets it pass for about 3 s, then the registry answers invalid_token, as
@@ -231,7 +232,7 @@ def test_token_rejected_by_the_registry_mid_pack_is_fetched_again(start_token_re
     assert tr.log_count(r"invalid token") >= 1
 
 
-def test_docker_config_credentials_go_only_to_their_registrys_realm(start_token_registry, site: TokenSite,
+def test_docker_config_credentials_go_only_to_their_registrys_realm(start_token_registry: StartRegistry, site: TokenSite,
                                                                      tmp_path: Path) -> None:
     a = start_token_registry("a")
     b = start_token_registry("b")
@@ -258,15 +259,18 @@ def test_docker_config_credentials_go_only_to_their_registrys_realm(start_token_
 # -- what a gateway in front of the registry answers ------------------------------
 
 
+Fronted = Tuple[TokenRegistry, httpfront.HttpFront]
+
+
 @pytest.fixture
-def fronted(start_token_registry) -> Iterator[tuple[TokenRegistry, httpfront.HttpFront]]:
+def fronted(start_token_registry: StartRegistry) -> Iterator[Fronted]:
     tr = start_token_registry()
     front = httpfront.HttpFront(tr.registry.port)
     yield tr, front
     front.stop()
 
 
-def test_429_retry_after_is_honoured(fronted, site: TokenSite, tmp_path: Path) -> None:
+def test_429_retry_after_is_honoured(fronted: Fronted, site: TokenSite, tmp_path: Path) -> None:
     tr, front = fronted
     front.rules.append(httpfront.Rule(r"/manifests/", 429, {"Retry-After": "2"},
                                       httpfront.registry_error("TOOMANYREQUESTS", "pull rate limit"), times=1))
@@ -277,7 +281,7 @@ def test_429_retry_after_is_honoured(fronted, site: TokenSite, tmp_path: Path) -
     assert second.time - first.time >= 2.0  # waited what the registry asked, not the 0.25 s backoff
 
 
-def test_429_asking_for_too_long_a_wait_fails_at_once(fronted, tmp_path: Path) -> None:
+def test_429_asking_for_too_long_a_wait_fails_at_once(fronted: Fronted, tmp_path: Path) -> None:
     tr, front = fronted
     front.rules.append(httpfront.Rule(r"/manifests/", 429, {"Retry-After": "3600"},
                                       httpfront.registry_error("TOOMANYREQUESTS", "pull rate limit"), times=5))
@@ -291,7 +295,7 @@ def test_429_asking_for_too_long_a_wait_fails_at_once(fronted, tmp_path: Path) -
     assert len(front.seen(r"/manifests/")) == 1
 
 
-def test_403_denied_names_registry_and_fix(fronted, tmp_path: Path) -> None:
+def test_403_denied_names_registry_and_fix(fronted: Fronted, tmp_path: Path) -> None:
     tr, front = fronted
     front.rules.append(httpfront.Rule(r"/team/a/manifests/", 403, {},
                                       httpfront.registry_error("DENIED", "requested access to the resource is denied"),
@@ -307,3 +311,41 @@ def test_403_denied_names_registry_and_fix(fronted, tmp_path: Path) -> None:
     anonymous = client_for(front.host)
     err = fails(anonymous, f"{front.host}/team/a:v1")
     assert err.hint == f"run `docker login {front.host}` with an account that may pull it"
+
+
+# -- the CLI, as a user runs it ---------------------------------------------------
+
+
+def run_cli(*args: str, home: Path, docker_config_dir: Path) -> subprocess.CompletedProcess[str]:
+    env = services.clean_env({"EDGEBUNDLE_HOME": str(home), "HOME": str(home / "user"),
+                              "DOCKER_CONFIG": str(docker_config_dir)})
+    return subprocess.run([sys.executable, "-m", "edgebundle", *args], capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+def test_cli_pack_with_token_auth_and_one_line_errors(start_token_registry: StartRegistry, tmp_path: Path) -> None:
+    tr = start_token_registry()
+    docker_config(tmp_path, {tr.host: ("alice", ALICE_PW)})
+    m = tmp_path / "m.yaml"
+
+    def write_manifest(*repos: str) -> None:
+        images = "\n".join(f"  - ref: {tr.host}/{r}:v1" for r in repos)
+        m.write_text(f'version: 1\nregistries:\n  "{tr.host}": {{insecure: true}}\nimages:\n{images}\n'
+                     "sites:\n  gw: {runtime: containerd, namespace: tok, platform: linux/amd64}\n")
+
+    write_manifest("team/a", "public/base")
+    out = tmp_path / "b.ebundle"
+    proc = run_cli("pack", str(m), "--site", "gw", "-o", str(out), home=tmp_path / "h",
+                   docker_config_dir=tmp_path / "docker")
+    assert proc.returncode == 0, proc.stderr
+    assert out.exists() and tr.tokens.users_seen() == {"alice"}
+    assert ALICE_PW not in proc.stderr + proc.stdout
+
+    write_manifest("team/b")
+    for config_dir, expected in ((tmp_path / "docker", "do not grant pull access to team/b"),
+                                 (tmp_path / "nowhere", "requires authentication for team/b")):
+        proc = run_cli("plan", str(m), "--site", "gw", home=tmp_path / "h", docker_config_dir=config_dir)
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert proc.returncode == 4 and len(lines) == 1, proc.stderr
+        assert lines[0].startswith("edgebundle: error: ") and tr.host in lines[0] and expected in lines[0]
+        assert "docker login" in lines[0] or "ask the admin" in lines[0]
