@@ -479,7 +479,9 @@ class Authenticator:
         params: List[Tuple[str, Union[str, int, float, bool, None]]] = [("service", service)] if service else []
         params += [("scope", s) for s in scopes if s]
         auth = (cred.username, cred.password) if cred is not None and cred.has_basic else None
-        return self._http.get(realm, params=params, auth=auth)
+        # Merged into the realm's own query (``params=`` would replace it), as docker does.
+        url = httpx.URL(realm).copy_merge_params(params)
+        return self._http.get(url, auth=auth)
 
 
 def _basic_header(cred: Credential) -> str:

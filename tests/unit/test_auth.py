@@ -274,3 +274,23 @@ def test_invalid_token_names_the_registry_token_server_trust() -> None:
     basic = auth.refused("reg.example", "shop/b", httpx.Response(401, headers={"WWW-Authenticate": "Basic"}),
                          presented=True)
     assert basic.message == "authentication to reg.example failed for shop/b"
+
+
+def test_realm_query_is_kept_and_credentials_do_not_follow_a_redirect_elsewhere() -> None:
+    seen: List[httpx.Request] = []
+
+    def realm(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        if request.url.host == "auth.example":
+            return httpx.Response(302, headers={"Location": "https://elsewhere.example/token"})
+        return httpx.Response(200, json={"token": "T"})
+
+    store = CredentialStore({"auths": {"reg.example": {"auth": b64("alice:pw")}}})
+    auth = Authenticator(store, httpx.Client(transport=httpx.MockTransport(realm), follow_redirects=True))
+    challenge = httpx.Response(401, headers={
+        "WWW-Authenticate": 'Bearer realm="https://auth.example/token?account=edge",service="reg"'})
+    assert auth.answer("reg.example", "reg.example", "shop/app", challenge) == ("Bearer T", True)
+    first, second = seen
+    assert first.url.params.get("account") == "edge" and first.url.params.get("scope") == "repository:shop/app:pull"
+    assert first.headers["authorization"] == "Basic " + b64("alice:pw")
+    assert second.url.host == "elsewhere.example" and "authorization" not in second.headers
