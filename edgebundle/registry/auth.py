@@ -452,6 +452,12 @@ class Authenticator:
                                "check network access to the token server named by the registry") from None
         if resp.status_code in (401, 403):
             raise self.denied(cred_host, repo_path, presented=cred is not None)
+        if resp.request.method == "POST" and resp.status_code in (404, 405):
+            # Only an identity token, and a realm without the OAuth2 endpoint to trade it in.
+            raise AuthFailed(f"token server {realm} for {cred_host} does not take identity tokens "
+                             f"(OAuth2 POST answered HTTP {resp.status_code})",
+                             f"run `docker login {cred_host}` with a username and password "
+                             f"(edgebundle reads {self.config_path})")
         if resp.status_code != 200:
             raise ResolveError(f"token server {realm} for {cred_host} answered HTTP {resp.status_code}",
                                "retry later; the registry's token service is failing")

@@ -10,6 +10,7 @@ tests/integration/httpfront.py, which forwards everything else to the real regis
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -349,3 +350,45 @@ def test_cli_pack_with_token_auth_and_one_line_errors(start_token_registry: Star
         assert proc.returncode == 4 and len(lines) == 1, proc.stderr
         assert lines[0].startswith("edgebundle: error: ") and tr.host in lines[0] and expected in lines[0]
         assert "docker login" in lines[0] or "ask the admin" in lines[0]
+
+
+def test_identity_token_from_docker_config_is_traded_in_by_oauth2(start_token_registry: StartRegistry,
+                                                                  site: TokenSite, tmp_path: Path) -> None:
+    tr = start_token_registry(refresh_tokens={"rt-alice-5d1e": "alice"})
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"auths": {tr.host: {"identitytoken": "rt-alice-5d1e"}}}))
+    client = client_for(tr.host, credentials=CredentialStore.load(path))
+    pull(client, tmp_path / "cache", tr.host, "team/a", site.images["team/a"])
+    assert {(r.method, r.user, r.status) for r in tr.tokens.seen()} == {("POST", "alice", 200)}
+
+    no_oauth = start_token_registry("no-oauth")  # a realm without the OAuth2 endpoint
+    path.write_text(json.dumps({"auths": {no_oauth.host: {"identitytoken": "rt-alice-5d1e"}}}))
+    err = fails(client_for(no_oauth.host, credentials=CredentialStore.load(path)), f"{no_oauth.host}/team/a:v1")
+    assert err.message == (f"token server {no_oauth.tokens.realm} for {no_oauth.host} does not take identity "
+                           "tokens (OAuth2 POST answered HTTP 404)")
+    assert f"docker login {no_oauth.host}" in (err.hint or "") and "rt-alice" not in str(err)
+
+
+def test_credential_helper_answers_for_its_registry_only(start_token_registry: StartRegistry, site: TokenSite,
+                                                         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    a = start_token_registry("a")
+    b = start_token_registry("b")
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    asked = tmp_path / "asked.txt"
+    helper = bindir / "docker-credential-edgetest"
+    helper.write_text(f"""#!/bin/sh
+read server
+echo "$server" >> {asked}
+[ "$server" = "{a.host}" ] && echo '{{"Username":"alice","Secret":"{ALICE_PW}"}}' && exit 0
+echo "credentials not found in native keychain"; exit 1
+""")
+    helper.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ.get('PATH', '')}")
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"credHelpers": {a.host: "edgetest"}}))
+    client = client_for(a.host, b.host, credentials=CredentialStore.load(path))
+    pull(client, tmp_path / "cache", a.host, "team/a", site.images["team/a"])
+    pull(client, tmp_path / "cache2", b.host, "public/base", site.images["public/base"])
+    assert asked.read_text().split() == [a.host]  # asked once, only for its registry
+    assert a.tokens.users_seen() == {"alice"} and b.tokens.users_seen() == {None}

@@ -4,6 +4,8 @@ It does what docker_auth / Harbor's core do for a pull, and no more:
 
 * ``GET /token?service=S&scope=repository:NAME:pull`` with optional HTTP basic auth;
   wrong credentials answer 401, no credentials mean the anonymous account;
+* ``POST /token`` (OAuth2: ``refresh_token`` grant for config.json's ``identitytoken``,
+  or ``password``), when ``refresh_tokens`` is given; else 404 like a realm without it;
 * grants the intersection of the requested actions and the account's ACL (an empty
   ``access`` when nothing is allowed: the registry then answers ``insufficient_scope``);
 * returns an RS256 JWT whose header carries ``x5c`` (a self-signed certificate the
@@ -73,13 +75,16 @@ class TokenServer:
     def __init__(self, tmp: Path, *, issuer: str = "edgebundle-test-issuer", service: str = "edgebundle-registry",
                  users: Optional[Mapping[str, str]] = None,
                  acl: Optional[Mapping[str, Mapping[str, Set[str]]]] = None,
-                 expires_in: int = 300, jwt_lifetime: Optional[int] = None) -> None:
+                 expires_in: int = 300, jwt_lifetime: Optional[int] = None,
+                 refresh_tokens: Optional[Mapping[str, str]] = None) -> None:
         """Args:
             tmp: where the signing certificate (``token.crt``) is written.
             users: username -> password.
             acl: account (``ANONYMOUS`` for none) -> repository -> allowed actions.
             expires_in: seconds told to the client.
             jwt_lifetime: ``exp - now`` in the JWT; default ``expires_in``.
+            refresh_tokens: OAuth2 refresh token (config.json ``identitytoken``) -> username;
+                ``None`` answers every POST with 404, as a realm without the OAuth2 endpoint.
         """
         self.issuer = issuer
         self.service = service
@@ -87,6 +92,7 @@ class TokenServer:
         self.acl: Dict[str, Dict[str, Set[str]]] = {k: dict(v) for k, v in (acl or {}).items()}
         self.expires_in = expires_in
         self.jwt_lifetime = jwt_lifetime
+        self.refresh_tokens = None if refresh_tokens is None else dict(refresh_tokens)
         self.requests: List[TokenRequest] = []
         self.issued = 0
         self._lock = threading.Lock()
@@ -111,11 +117,7 @@ class TokenServer:
                 server._handle(self)
 
             def do_POST(self) -> None:  # noqa: N802
-                # No OAuth2 endpoint, as docker_auth without it: clients fall back to GET.
-                server._record(TokenRequest("POST", "", (), None, status=405))
-                self.send_response(405)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
+                server._handle_oauth(self)
 
             def log_message(self, format: str, *args: object) -> None:  # noqa: A002
                 pass
@@ -155,6 +157,54 @@ class TokenServer:
         with self._lock:
             self.requests.append(req)
 
+    def _handle_oauth(self, h: BaseHTTPRequestHandler) -> None:
+        """``POST /token`` (distribution's OAuth2 spec): refresh_token or password grant."""
+        length = int(h.headers.get("Content-Length") or 0)
+        form = urllib.parse.parse_qs(h.rfile.read(length).decode())
+        one = lambda key: (form.get(key) or [""])[0]  # noqa: E731
+        scopes = tuple(s for s in one("scope").split(" ") if s)
+        user: Optional[str] = None
+        if self.refresh_tokens is None:
+            status = 404
+        elif one("grant_type") == "refresh_token":
+            user = self.refresh_tokens.get(one("refresh_token"))
+            status = 200 if user is not None else 401
+        elif one("grant_type") == "password":
+            user = one("username")
+            status = 200 if self.users.get(user) == one("password") else 401
+        else:
+            status = 400
+        if status != 200 or user is None:
+            self._record(TokenRequest("POST", one("service"), scopes, user, status=status))
+            self._reply(h, status, {"error": "invalid_grant" if status == 401 else "unsupported"})
+            return
+        token = self._sign(user, self._access(user, scopes))
+        self._record(TokenRequest("POST", one("service"), scopes, user, status=200, token=token))
+        with self._lock:
+            self.issued += 1
+        self._reply(h, 200, {"access_token": token, "expires_in": self.expires_in, "scope": " ".join(scopes)})
+
+    def _reply(self, h: BaseHTTPRequestHandler, status: int, obj: object) -> None:
+        body = json.dumps(obj).encode()
+        h.send_response(status)
+        h.send_header("Content-Type", "application/json")
+        h.send_header("Content-Length", str(len(body)))
+        h.end_headers()
+        h.wfile.write(body)
+
+    def _access(self, account: str, scopes: Tuple[str, ...]) -> List[Dict[str, object]]:
+        """What ``account`` gets of ``scopes``: requested actions its ACL allows (maybe none)."""
+        access: List[Dict[str, object]] = []
+        allowed = self.acl.get(account, {})
+        for scope in scopes:
+            parsed = parse_scope(scope)
+            if parsed is None or parsed[0] != "repository":
+                continue
+            _, name, actions = parsed
+            granted = [a for a in actions if a in allowed.get(name, set()) or a in allowed.get("*", set())]
+            access.append({"type": "repository", "name": name, "actions": granted})
+        return access
+
     def _handle(self, h: BaseHTTPRequestHandler) -> None:
         url = urllib.parse.urlsplit(h.path)
         query = urllib.parse.parse_qs(url.query)
@@ -178,16 +228,7 @@ class TokenServer:
             h.end_headers()
             h.wfile.write(body)
             return
-        access = []
-        allowed = self.acl.get(account, {})
-        for scope in scopes:
-            parsed = parse_scope(scope)
-            if parsed is None or parsed[0] != "repository":
-                continue
-            _, name, actions = parsed
-            granted = [a for a in actions if a in allowed.get(name, set()) or a in allowed.get("*", set())]
-            access.append({"type": "repository", "name": name, "actions": granted})
-        token = self._sign(account or "anonymous", access)
+        token = self._sign(account or "anonymous", self._access(account, scopes))
         self._record(TokenRequest("GET", service, scopes, user, password, status, token))
         with self._lock:
             self.issued += 1
