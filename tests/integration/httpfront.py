@@ -51,8 +51,12 @@ def registry_error(code: str, message: str) -> bytes:
 class HttpFront:
     """127.0.0.1:<port> -> 127.0.0.1:<target_port>; ``rules`` are checked first, in order."""
 
-    def __init__(self, target_port: int) -> None:
+    def __init__(self, target_port: int, *, slow_re: str = "", delay: float = 0.0) -> None:
+        """``slow_re``/``delay``: forward requests whose path matches only after ``delay``
+        seconds (a slow link, so that a pack takes longer than a token lives)."""
         self.target_port = target_port
+        self.slow_re = slow_re
+        self.delay = delay
         self.rules: List[Rule] = []
         self.log: List[Seen] = []
         self._lock = threading.Lock()
@@ -108,6 +112,8 @@ class HttpFront:
                 h.wfile.write(rule.body)
             status = rule.status
         else:
+            if self.slow_re and re.search(self.slow_re, h.path):
+                time.sleep(self.delay)
             status = self._forward(h)
         with self._lock:
             self.log.append(Seen(arrived, h.path, status, h.headers.get("Authorization", "")))

@@ -218,10 +218,10 @@ def test_expiring_token_is_renewed_before_the_request_mid_pack(start_token_regis
 
 def test_token_rejected_by_the_registry_mid_pack_is_fetched_again(start_token_registry: StartRegistry, site: TokenSite,
                                                                    tmp_path: Path) -> None:
-    # The realm says 300 s, but the JWT's exp is 57 s in the past: distribution's 60 s
-    # leeway lets it pass for about 3 s, then the registry answers invalid_token, as
-    # with a token revoked or a token server whose clock runs ahead.
-    tr = start_token_registry(expires_in=300, jwt_lifetime=-57)
+    # The realm says 300 s, but the first JWT's exp is 57 s in the past: distribution's
+    # 60 s leeway lets it pass for about 3 s, then the registry answers invalid_token, as
+    # with a token revoked or a token server whose clock runs ahead. Later tokens are good.
+    tr = start_token_registry(expires_in=300, jwt_lifetimes=[-57])
     client = client_for(tr.host, credentials=docker_config(tmp_path, {tr.host: ("alice", ALICE_PW)}))
     resolver = Resolver(BlobCache(tmp_path / "cache"), client)
     image = resolver.resolve(spec(tr.host, "team/a:v1"), LINUX)
@@ -350,6 +350,41 @@ def test_cli_pack_with_token_auth_and_one_line_errors(start_token_registry: Star
         assert proc.returncode == 4 and len(lines) == 1, proc.stderr
         assert lines[0].startswith("edgebundle: error: ") and tr.host in lines[0] and expected in lines[0]
         assert "docker login" in lines[0] or "ask the admin" in lines[0]
+
+
+@pytest.mark.parametrize("expiry", ["honest", "rejected"])
+def test_cli_pack_outlives_its_tokens(start_token_registry: StartRegistry, site: TokenSite, tmp_path: Path,
+                                      expiry: str) -> None:
+    # Each blob comes 2.5 s late through the front, so `edgebundle pack` of team/a
+    # (config + 2 layers) takes longer than a token lives: "honest" tokens say
+    # expires_in 6 (renewed after 1 s), "rejected": the first says 300 but the registry
+    # stops accepting it after about 3 s (exp 57 s past, 60 s leeway). 2.5 s per blob keeps
+    # the layers past that even when they are fetched in parallel.
+    kw = {"expires_in": 6} if expiry == "honest" else {"expires_in": 300, "jwt_lifetimes": [-57]}
+    tr = start_token_registry(**kw)
+    front = httpfront.HttpFront(tr.registry.port, slow_re=r"/blobs/", delay=2.5)
+    try:
+        docker_config(tmp_path, {front.host: ("alice", ALICE_PW)})
+        m = tmp_path / "m.yaml"
+        m.write_text(f'version: 1\nregistries:\n  "{front.host}": {{insecure: true}}\nimages:\n'
+                     f"  - ref: {front.host}/team/a:v1\n"
+                     "sites:\n  gw: {runtime: containerd, namespace: tok, platform: linux/amd64}\n")
+        out = tmp_path / "b.ebundle"
+        proc = run_cli("pack", str(m), "--site", "gw", "-o", str(out), home=tmp_path / "h",
+                       docker_config_dir=tmp_path / "docker")
+        assert proc.returncode == 0, proc.stderr
+        verify = run_cli("verify", str(out), home=tmp_path / "h", docker_config_dir=tmp_path / "docker")
+        assert verify.returncode == 0, verify.stderr
+        sent = front.seen(r"^/v2/team/a/blobs/")
+    finally:
+        front.stop()
+    assert tr.tokens.issued >= 2 and tr.tokens.users_seen() == {"alice"}
+    assert all(s.authorization.startswith("Bearer ") for s in sent)
+    if expiry == "honest":
+        assert all(s.status == 200 for s in sent)  # renewed before it ran out: never refused
+    else:
+        assert 401 in {s.status for s in sent} and sent[-1].status == 200
+        assert tr.log_count(r"invalid token") >= 1
 
 
 def test_identity_token_from_docker_config_is_traded_in_by_oauth2(start_token_registry: StartRegistry,

@@ -11,9 +11,9 @@ It does what docker_auth / Harbor's core do for a pull, and no more:
 * returns an RS256 JWT whose header carries ``x5c`` (a self-signed certificate the
   registry lists in ``rootcertbundle``), with ``iss``/``aud`` the registry checks.
 
-``jwt_lifetime`` (exp - now, may be negative: distribution 2.8 allows 60 s of leeway
-past ``exp``) and ``expires_in`` (what the client is told) are separate so tests can
-make a token the client believes in expire at the registry mid-pack.
+``jwt_lifetime`` / ``jwt_lifetimes`` (exp - now, may be negative: distribution 2.8
+allows 60 s of leeway past ``exp``) and ``expires_in`` (what the client is told) are
+separate so tests can make a token the client believes in expire at the registry mid-pack.
 
 Every request is recorded (path, scopes, the basic-auth user it carried) so tests can
 prove which realm saw which credentials. No pytest import here.
@@ -31,7 +31,7 @@ import urllib.parse
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Set, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -76,13 +76,15 @@ class TokenServer:
                  users: Optional[Mapping[str, str]] = None,
                  acl: Optional[Mapping[str, Mapping[str, Set[str]]]] = None,
                  expires_in: int = 300, jwt_lifetime: Optional[int] = None,
-                 refresh_tokens: Optional[Mapping[str, str]] = None) -> None:
+                 refresh_tokens: Optional[Mapping[str, str]] = None, jwt_lifetimes: Sequence[int] = ()) -> None:
         """Args:
             tmp: where the signing certificate (``token.crt``) is written.
             users: username -> password.
             acl: account (``ANONYMOUS`` for none) -> repository -> allowed actions.
             expires_in: seconds told to the client.
             jwt_lifetime: ``exp - now`` in the JWT; default ``expires_in``.
+            jwt_lifetimes: ``exp - now`` of the first tokens issued, one each (then
+                ``jwt_lifetime``): a token that dies mid-pack, and a good one after it.
             refresh_tokens: OAuth2 refresh token (config.json ``identitytoken``) -> username;
                 ``None`` answers every POST with 404, as a realm without the OAuth2 endpoint.
         """
@@ -92,6 +94,7 @@ class TokenServer:
         self.acl: Dict[str, Dict[str, Set[str]]] = {k: dict(v) for k, v in (acl or {}).items()}
         self.expires_in = expires_in
         self.jwt_lifetime = jwt_lifetime
+        self._lifetimes = list(jwt_lifetimes)
         self.refresh_tokens = None if refresh_tokens is None else dict(refresh_tokens)
         self.requests: List[TokenRequest] = []
         self.issued = 0
@@ -243,6 +246,9 @@ class TokenServer:
     def _sign(self, subject: str, access: List[Dict[str, object]]) -> str:
         now = int(time.time())
         lifetime = self.expires_in if self.jwt_lifetime is None else self.jwt_lifetime
+        with self._lock:
+            if self._lifetimes:
+                lifetime = self._lifetimes.pop(0)
         header = {"typ": "JWT", "alg": "RS256", "x5c": [self._x5c]}
         claims = {"iss": self.issuer, "sub": subject, "aud": self.service, "exp": now + lifetime,
                   "nbf": now - 1, "iat": now, "jti": secrets.token_hex(8), "access": access}
