@@ -300,6 +300,14 @@ class AuthFailed(ResolveError):
     """Credentials (or the lack of them) were refused; never retried."""
 
 
+class TokenServerBusy(ResolveError):
+    """The realm answered 429 or 5xx: worth another attempt, after ``retry_after`` if it says."""
+
+    def __init__(self, message: str, hint: Optional[str] = None, retry_after: Optional[float] = None) -> None:
+        super().__init__(message, hint)
+        self.retry_after = retry_after
+
+
 def pull_scope(repo_path: str) -> str:
     return f"repository:{repo_path}:pull"
 
@@ -458,9 +466,14 @@ class Authenticator:
                              f"(OAuth2 POST answered HTTP {resp.status_code})",
                              f"run `docker login {cred_host}` with a username and password "
                              f"(edgebundle reads {self.config_path})")
+        if resp.status_code == 429 or resp.status_code >= 500:
+            wait = resp.headers.get("retry-after", "")
+            raise TokenServerBusy(f"token server {realm} for {cred_host} answered HTTP {resp.status_code}",
+                                  "retry later; the registry's token service is overloaded or failing",
+                                  float(wait) if wait.isdigit() else None)
         if resp.status_code != 200:
             raise ResolveError(f"token server {realm} for {cred_host} answered HTTP {resp.status_code}",
-                               "retry later; the registry's token service is failing")
+                               "the registry's token service refuses the request; check the registry's auth setup")
         try:
             obj = resp.json()
             token = obj.get("token") or obj.get("access_token")

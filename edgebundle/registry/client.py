@@ -33,7 +33,7 @@ from ..oci import INDEX_TYPES, MANIFEST_TYPES, MT_DOCKER_LIST, MT_DOCKER_MANIFES
     MT_OCI_MANIFEST, sha256_digest
 from ..specs import RegistryConfig
 from ..reference import DEFAULT_DOMAIN, SHA256_RE, Reference
-from .auth import AuthFailed, Authenticator, CredentialStore, normalize_host
+from .auth import AuthFailed, Authenticator, CredentialStore, TokenServerBusy, normalize_host
 
 log = logging.getLogger(__name__)
 
@@ -266,7 +266,7 @@ class RegistryClient:
         while True:
             try:
                 return attempt()
-            except Retryable as exc:
+            except (Retryable, TokenServerBusy) as exc:
                 failures += 1
                 # A registry asking for a longer pause than we would wait: say so now.
                 if failures > retries or (exc.retry_after or 0.0) > self.retry_after_max:

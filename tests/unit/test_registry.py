@@ -472,6 +472,24 @@ def test_429_retry_after_http_date_and_too_long_waits() -> None:
     assert sleeps == [] and len(limited.requests) == 1
 
 
+def test_token_server_503_is_retried_and_then_named() -> None:
+    reg = FakeRegistry(auth="bearer")
+    reg.add_manifest("shop/app", "v1", manifest_bytes())
+    busy = iter([httpx.Response(503, headers={"Retry-After": "3"})])
+    reg.hooks.append(lambda r: next(busy, None) if r.url.path == "/token" else None)
+    client, sleeps = make_client(reg)
+    client.get_manifest(parse_reference("reg.test/shop/app:v1"))
+    assert sleeps == [3.0]
+
+    down = FakeRegistry(auth="bearer")
+    down.hooks.append(lambda r: httpx.Response(502) if r.url.path == "/token" else None)
+    client, sleeps = make_client(down, retries=2)
+    with pytest.raises(ResolveError) as err:
+        client.get_manifest(parse_reference("reg.test/shop/app:v1"))
+    assert err.value.message == "token server https://reg.test/token for reg.test answered HTTP 502"
+    assert len(sleeps) == 2
+
+
 def test_403_after_an_anonymous_token_suggests_login() -> None:
     reg = FakeRegistry(auth="bearer")
     reg.hooks.append(lambda r: httpx.Response(403, json={"errors": [{"code": "DENIED", "message": "no"}]})
@@ -481,6 +499,10 @@ def test_403_after_an_anonymous_token_suggests_login() -> None:
         client.get_manifest(parse_reference("reg.test/shop/app:v1"))
     assert err.value.message == "access to shop/app on reg.test denied (HTTP 403: no)"
     assert err.value.hint == "run `docker login reg.test` with an account that may pull it"
+    with pytest.raises(ResolveError) as err:  # again, now with the cached anonymous token
+        client.get_manifest(parse_reference("reg.test/shop/app:v1"))
+    assert err.value.hint == "run `docker login reg.test` with an account that may pull it"
+    assert reg.requests[-1].headers["authorization"] == "Bearer tok-anon-1"
 
 
 def test_read_timeout_is_retried() -> None:
