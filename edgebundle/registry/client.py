@@ -15,6 +15,8 @@
 
 from __future__ import annotations
 
+import datetime
+import email.utils
 import json
 import logging
 import random
@@ -34,7 +36,7 @@ from ..oci import INDEX_TYPES, MANIFEST_TYPES, MT_DOCKER_LIST, MT_DOCKER_MANIFES
     MT_OCI_MANIFEST, sha256_digest
 from ..specs import RegistryConfig
 from ..reference import DEFAULT_DOMAIN, SHA256_RE, Reference
-from .auth import AuthFailed, Authenticator, CredentialStore, normalize_host
+from .auth import AuthFailed, Authenticator, CredentialStore, TokenServerBusy, normalize_host
 from .proxy import ProxySettings
 from .tls import DEFAULT_CERTS_DIRS, TlsFiles, find_tls_files, host_dir, ssl_context
 
@@ -151,7 +153,8 @@ class RegistryClient:
                  credentials: Optional[CredentialStore] = None,
                  transport: Optional[httpx.BaseTransport] = None, timeout: float = 60.0,
                  retries: int = 4, *, backoff: float = 0.25, backoff_max: float = 10.0,
-                 digest_retries: int = 2, sleep: Callable[[float], None] = time.sleep,
+                 digest_retries: int = 2, retry_after_max: float = 60.0,
+                 sleep: Callable[[float], None] = time.sleep,
                  certs_dirs: Sequence[str] = DEFAULT_CERTS_DIRS,
                  proxies: Optional[ProxySettings] = None) -> None:
         """Args:
@@ -165,6 +168,8 @@ class RegistryClient:
             backoff: first backoff delay in seconds; doubles per attempt, plus jitter.
             backoff_max: cap of one delay.
             digest_retries: extra attempts for a blob that arrives with the wrong digest.
+            retry_after_max: longest ``Retry-After`` (429/503) waited for; a longer one
+                fails at once with the registry's wait in the message.
             sleep: how to wait (injectable so tests do not).
             certs_dirs: certs.d roots holding ``<host[:port]>/`` directories (``tls``).
             proxies: HTTP(S) proxies and exemptions; None: direct connections only.
@@ -182,6 +187,7 @@ class RegistryClient:
         self.backoff = backoff
         self.backoff_max = backoff_max
         self.digest_retries = digest_retries
+        self.retry_after_max = retry_after_max
         self._sleep = sleep
         self._http = httpx.Client(transport=transport, timeout=httpx.Timeout(timeout), follow_redirects=True,
                                   trust_env=False,  # proxies and CAs come as arguments, not os.environ
@@ -371,9 +377,10 @@ class RegistryClient:
         while True:
             try:
                 return attempt()
-            except Retryable as exc:
+            except (Retryable, TokenServerBusy) as exc:
                 failures += 1
-                if failures > retries:
+                # A registry asking for a longer pause than we would wait: say so now.
+                if failures > retries or (exc.retry_after or 0.0) > self.retry_after_max:
                     raise ResolveError(exc.message, exc.hint) from None
                 delay = self._delay(failures, exc.retry_after)
                 log.info("%s; retry %d/%d in %.2fs", exc.message, failures, retries, delay)
@@ -389,7 +396,8 @@ class RegistryClient:
 
     def _delay(self, attempt: int, retry_after: Optional[float]) -> float:
         if retry_after is not None:
-            return min(max(retry_after, 0.0), self.backoff_max)
+            # Retry-After is honoured as given (up to retry_after_max, see _retrying).
+            return min(max(retry_after, 0.0), self.retry_after_max)
         base = min(self.backoff * 2.0 ** (attempt - 1), self.backoff_max)
         with self._rng_lock:
             # Jitter (half the delay) keeps parallel packers from retrying in lockstep.
@@ -401,19 +409,20 @@ class RegistryClient:
 
         The caller must close it (``with``). Non-2xx statuses become ResolveErrors.
         """
-        cached = self._auth.cached(ep.api_host, repo_path)
+        cred_host = normalize_host(ep.host)
+        cached = self._auth.authorization(ep.api_host, cred_host, repo_path)
         resp = self._send(ep, url, headers, cached)
-        presented = cached is not None
+        presented = cached is not None and self._auth.credential(cred_host) is not None
         if resp.status_code == 401:
             resp.close()
             if cached is not None:
                 # A cached token may have been revoked or expired early: get a fresh one.
                 self._auth.forget(ep.api_host, repo_path)
-            value, presented = self._auth.answer(ep.api_host, normalize_host(ep.host), repo_path, resp)
+            value, presented = self._auth.answer(ep.api_host, cred_host, repo_path, resp)
             resp = self._send(ep, url, headers, value)
             if resp.status_code == 401:
                 resp.close()
-                raise self._auth.denied(normalize_host(ep.host), repo_path, presented=presented)
+                raise self._auth.refused(cred_host, repo_path, resp, presented=presented)
         if resp.is_success:
             return resp
         try:
@@ -440,13 +449,21 @@ class RegistryClient:
         code, detail = _registry_error(resp)
         if status == 404:
             return NotFound(f"{what} not found on {ep.host}", "check the name", code)
-        if status == 429 or status >= 500:
+        if status == 429:
+            wait = _retry_after(resp)
+            return Retryable(f"registry {ep.host} rate-limits pulls (HTTP 429 for {what}"
+                             + (f", retry after {wait:.0f}s)" if wait is not None else ")")
+                             + (f": {detail}" if detail else ""),
+                             f"try again later, log in (`docker login {ep.host}`: accounts usually get a "
+                             "higher limit), or pull through a mirror", wait)
+        if status >= 500:
             return Retryable(f"registry {ep.host} answered HTTP {status} for {what}"
                              + (f": {detail}" if detail else ""),
                              "the registry is overloaded or failing; try again later",
-                             _retry_after(resp) if status in (429, 503) else None)
+                             _retry_after(resp) if status == 503 else None)
         if status == 403:
-            return AuthFailed(f"access to {repo_path} on {ep.host} denied (HTTP 403)",
+            return AuthFailed(f"access to {repo_path} on {ep.host} denied (HTTP 403"
+                              + (f": {detail})" if detail else ")"),
                               f"the credentials used for {ep.host} lack pull permission on {repo_path}"
                               if presented else f"run `docker login {ep.host}` with an account that may pull it")
         if status == 400 and "https" in resp.text.lower() and ep.scheme == "http":
@@ -599,11 +616,21 @@ def _registry_error(resp: httpx.Response) -> Tuple[str, str]:
 
 
 def _retry_after(resp: httpx.Response) -> Optional[float]:
-    value = resp.headers.get("retry-after", "")
+    """Seconds a ``Retry-After`` header asks for: delta-seconds or an HTTP date."""
+    value = resp.headers.get("retry-after", "").strip()
+    if not value:
+        return None
     try:
-        return float(value)
+        return max(float(value), 0.0)
     except ValueError:
-        return None  # an HTTP date: plain backoff is good enough
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max((when - datetime.datetime.now(datetime.timezone.utc)).total_seconds(), 0.0)
 
 
 def _is_ssl_error(exc: BaseException) -> bool:

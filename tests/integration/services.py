@@ -20,6 +20,7 @@ import socket
 import ssl
 import subprocess
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -212,22 +213,38 @@ def _bcrypt_hash(password: str) -> str:
         return crypt.crypt(password, crypt.mksalt(crypt.METHOD_BLOWFISH, rounds=1 << 4))
 
 
+@dataclass(frozen=True)
+class TokenAuth:
+    """``auth: token`` settings: the realm clients are sent to and what the JWTs carry.
+
+    ``rootcertbundle`` holds the certificate whose key signs the tokens (the token
+    server puts it in the JWT's ``x5c``); see tests/integration/tokenserver.py.
+    """
+
+    realm: str
+    service: str
+    issuer: str
+    rootcertbundle: Path
+
+
 def start_registry(tmp: Path, *, auth: bool = False, username: str = "edge", password: Optional[str] = None,
-                   tls: Optional["ServerCert"] = None, client_cas: tuple[Path, ...] = (),
-                   storage: Optional[Path] = None) -> Registry:
+                   token: Optional[TokenAuth] = None, tls: Optional["ServerCert"] = None,
+                   client_cas: tuple[Path, ...] = (), storage: Optional[Path] = None) -> Registry:
     """``docker-registry serve`` (distribution 2.x) on 127.0.0.1, plain HTTP.
 
-    With ``auth=True`` the registry requires HTTP basic auth (htpasswd). With ``tls``
+    With ``auth=True`` the registry requires HTTP basic auth (htpasswd); with ``token``
+    it requires bearer tokens from that realm (distribution's token auth). With ``tls``
     it serves HTTPS with that certificate (``issue_cert``), and with ``client_cas`` it
     requires client certificates signed by one of them (``http.tls.clientcas``).
-    ``storage``: serve this filesystem storage root (e.g. another registry's) instead
-    of a fresh one.
+    ``storage``: serve this filesystem storage root (e.g. another registry's, or one
+    images were pushed to without auth: imagefactory pushes with basic auth only)
+    instead of a fresh one.
     """
     binary = _require("docker-registry")
     tmp = Path(tmp)
     tmp.mkdir(parents=True, exist_ok=True)
-    root = storage or tmp / "storage"
-    root.mkdir(exist_ok=True)
+    root = Path(storage) if storage is not None else tmp / "storage"
+    root.mkdir(parents=True, exist_ok=True)
     port = free_port()
     # JSON is valid YAML, so no YAML library is needed.
     config: dict[str, object] = {
@@ -247,6 +264,9 @@ def start_registry(tmp: Path, *, auth: bool = False, username: str = "edge", pas
         htpasswd = tmp / "htpasswd"
         htpasswd.write_text(f"{username}:{_bcrypt_hash(password)}\n")
         config["auth"] = {"htpasswd": {"realm": "edgebundle-test", "path": str(htpasswd)}}
+    elif token is not None:
+        config["auth"] = {"token": {"realm": token.realm, "service": token.service, "issuer": token.issuer,
+                                    "rootcertbundle": str(token.rootcertbundle)}}
     cfg = tmp / "config.yml"
     cfg.write_text(json.dumps(config, indent=2))
     log = tmp / "registry.log"
@@ -271,12 +291,17 @@ def start_registry(tmp: Path, *, auth: bool = False, username: str = "edge", pas
                 return True
         req = urllib.request.Request(f"http://127.0.0.1:{port}/v2/")
         if auth:
-            token = base64.b64encode(f"{username}:{password}".encode()).decode()
-            req.add_header("Authorization", f"Basic {token}")
+            basic = base64.b64encode(f"{username}:{password}".encode()).decode()
+            req.add_header("Authorization", f"Basic {basic}")
         # Bypass any proxy settings: traffic must stay on loopback.
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        with opener.open(req, timeout=2) as resp:
-            return bool(resp.status == 200)
+        try:
+            with opener.open(req, timeout=2) as resp:
+                return bool(resp.status == 200)
+        except urllib.error.HTTPError as exc:
+            # A token registry answers /v2/ with a Bearer challenge once it serves.
+            return token is not None and exc.code == 401 and \
+                exc.headers.get("WWW-Authenticate", "").startswith("Bearer ")
 
     _wait_ready("docker-registry", proc, log, probe)
     return Registry(

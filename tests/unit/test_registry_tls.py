@@ -1,7 +1,7 @@
 """certs.d lookup, SSL contexts, proxy rules, the manifest's TLS keys, per-host transports.
 
 Pure logic and file lookups on tmp dirs; the real handshakes are in
-tests/integration/test_registry_tls.py.
+tests/integration/test_registry_tls_real.py.
 """
 
 from __future__ import annotations
