@@ -187,7 +187,8 @@ def export_site(home: Path, manifest_path: str, site_name: str, fmt: str, output
                      if not session.cache.has(la.digest)}.values())
         estimate = sum({la.digest: la.size for img in resolved for la in img.layers}.values())
         check_packer(str(session.cache.root), fetch,
-                     None if is_stream_target(output) else output, estimate)
+                     None if is_stream_target(output) else output, estimate,
+                     output_what="archive output", doing="this export")
         fetched = session.resolver.fetch_layers(resolved, digests, progress_factory=progress)
         images = tuple(archive_image(img, session.cache) for img in fetched)
         content = archive.content_bytes(members(fmt, images))
