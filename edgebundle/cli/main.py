@@ -162,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="archive format (see above)")
     p.add_argument("-o", "--output", required=True,
                    help="archive file to write (replaced atomically), or - for standard output")
+    p.add_argument("--image", action="append", default=[], metavar="REF",
+                   help="only this image of the site (repeatable); podman load (4.x) reads "
+                   "one image per OCI archive")
     p.add_argument("--level", type=int, choices=range(1, 23), metavar="1-22",
                    help="compression level (zstd default 3, gzip 1-9, default 6)")
     p.add_argument("--threads", type=int, default=0,

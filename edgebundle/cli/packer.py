@@ -188,7 +188,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     show = not args.no_progress and sys.stderr.isatty() and not args.json
     outcome = export.export_site(_home(args), args.manifest, args.site, args.archive_format,
                                  args.output, level=args.level, threads=args.threads,
-                                 progress=_Bars(show))
+                                 only=args.image, progress=_Bars(show))
     if args.json:
         emit_json(export_json(outcome))
         return 0

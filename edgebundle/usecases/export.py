@@ -28,6 +28,7 @@ from ..errors import UsageError
 from ..files import IO_CHUNK, Sink, check_output, is_stream_target, open_output, read_pieces
 from ..image import ResolvedImage
 from ..manifest import load_manifest
+from ..naming import comparable_name
 from ..progress import NULL_BAR, Bar, close_bar
 from ..resolve import ProgressFactory
 from ..space import check_packer
@@ -167,9 +168,12 @@ def members(fmt: str, images: Sequence[ArchiveImage]) -> List[archive.Member]:
 
 
 def export_site(home: Path, manifest_path: str, site_name: str, fmt: str, output: str, *,
-                level: Optional[int] = None, threads: int = 0,
+                level: Optional[int] = None, threads: int = 0, only: Sequence[str] = (),
                 progress: Optional[ProgressFactory] = None) -> ExportOutcome:
     """Write ``site_name``'s images, for its platform, as a ``fmt`` archive to ``output``.
+
+    ``only``: just these of the site's images (as the manifest names them), e.g. one per
+    archive for ``podman load``, which reads one image from an OCI archive.
 
     The output's name and directory are checked before anything is fetched; a regular
     file is replaced atomically, so a failed export leaves no partial archive behind.
@@ -181,7 +185,7 @@ def export_site(home: Path, manifest_path: str, site_name: str, fmt: str, output
     factory = progress or _no_bar
     with PackerSession(home, load_manifest(manifest_path), progress=progress) as session:
         site = session.site(site_name)
-        resolved = session.resolve(site)
+        resolved = select(session.resolve(site), only, site.name)
         digests = {layer.digest for img in resolved for layer in img.layers}
         fetch = sum({la.digest: la.size for img in resolved for la in img.layers
                      if not session.cache.has(la.digest)}.values())
@@ -211,6 +215,24 @@ def export_site(home: Path, manifest_path: str, site_name: str, fmt: str, output
     log.info("wrote %s: %d bytes", what, counted.count)
     return ExportOutcome(output, fmt, compression, site.name, str(site.platform), images,
                          content, counted.count, fmt == archive.K3S_AIRGAP)
+
+
+def select(images: Sequence[ResolvedImage], only: Sequence[str], site: str) -> List[ResolvedImage]:
+    """The images named in ``only`` (all when empty); a name the site lacks is an error."""
+    if not only:
+        return list(images)
+    by_name = {comparable_name(img.name): img for img in images}
+    for img in images:  # the manifest's own spelling too (``busybox`` for docker.io/library/…)
+        by_name.setdefault(str(img.ref), img)
+    picked: List[ResolvedImage] = []
+    for name in only:
+        found = by_name.get(comparable_name(name)) or by_name.get(name)
+        if found is None:
+            raise UsageError(f"site {site} has no image {name}",
+                             "pick one of: " + ", ".join(i.name for i in images))
+        if found not in picked:
+            picked.append(found)
+    return picked
 
 
 def _level(kind: str, level: Optional[int]) -> int:

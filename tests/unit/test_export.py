@@ -250,3 +250,13 @@ def test_damaged_cache_blob_never_ships(world: World) -> None:
     assert not (world.tmp / "second.tar").exists()  # no partial archive left
     assert not cache.has(digest)  # removed: the next run fetches it again
     world.export("gw", "oci-archive", "third.tar")
+
+
+def test_image_selects_of_the_sites_images(world: World) -> None:
+    summary, path = world.export("gw", "oci-archive", "one.tar", "--image", "example.test/shop/tool:v1")
+    assert [i["name"] for i in summary["images"]] == ["example.test/shop/tool:v1"]
+    index = json.loads(dict(members(path.read_bytes()))["index.json"])
+    assert [m["digest"] for m in index["manifests"]] == [world.tool.top.digest]
+    _, err = world.eb("export", str(world.manifest), "--site", "line", "--format", "oci-archive",
+                      "-o", str(world.tmp / "x.tar"), "--image", "example.test/shop/tool:v1", code=2)
+    assert "site line has no image example.test/shop/tool:v1" in err and err.count("\n") == 1
