@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Protocol, Sequence, Tuple
 
 from .errors import UsageError
-from .importer.tarstream import TarStream, blob_path
 from .naming import docker_tag
 from .oci import MT_OCI_INDEX, Descriptor
+from .tarstream import TarStream, blob_path
 
 #: ``ctr images import`` (and k3s, through containerd's importer) names an image after this
 #: annotation of its index.json entry.

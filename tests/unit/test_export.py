@@ -260,3 +260,15 @@ def test_image_selects_of_the_sites_images(world: World) -> None:
     _, err = world.eb("export", str(world.manifest), "--site", "line", "--format", "oci-archive",
                       "-o", str(world.tmp / "x.tar"), "--image", "example.test/shop/tool:v1", code=2)
     assert "site line has no image example.test/shop/tool:v1" in err and err.count("\n") == 1
+
+
+def test_archive_writer_needs_only_the_standard_library() -> None:
+    """The podman runtime may write archives on the device: nothing beyond the stdlib."""
+    import subprocess
+    import sys
+
+    code = ("import sys; before = set(sys.modules); import edgebundle.archive; "
+            "print(sorted({m.split('.')[0] for m in set(sys.modules) - before} - "
+            "set(sys.stdlib_module_names) - {'edgebundle'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
