@@ -178,6 +178,12 @@ def test_oci_archive_ctr_import_keeps_every_digest(setup: Dict[str, Any],
     expected[ref(setup, "shop/multi:v1")] = setup["images"]["multi"]["index_digest"]
     assert listed == expected
     assert {i["name"]: i["named"] for i in summary["images"]} == expected
+    content = ctr_content(k8s_containerd, ns)
+    multi = setup["images"]["multi"]
+    assert multi["index_digest"] in content
+    for info in [setup["images"]["images"][n] for n in APPS] + [multi["platforms"]["linux/amd64"]]:
+        assert {info["manifest_digest"], info["config_digest"]} | \
+            {la["digest"] for la in info["layers"]} <= content  # the registry's own blobs
     assert ctr_run(k8s_containerd, ns, ref(setup, "shop/tools:v1"), "oci-0") == \
         setup["images"]["images"]["shop/tools:v1"]["message"]
 
