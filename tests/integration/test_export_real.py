@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 import tempfile
 import tarfile
 from pathlib import Path
@@ -186,6 +187,22 @@ def test_oci_archive_ctr_import_keeps_every_digest(setup: Dict[str, Any],
             {la["digest"] for la in info["layers"]} <= content  # the registry's own blobs
     assert ctr_run(k8s_containerd, ns, ref(setup, "shop/tools:v1"), "oci-0") == \
         setup["images"]["images"]["shop/tools:v1"]["message"]
+
+
+def test_oci_archive_streams_into_ctr(setup: Dict[str, Any], k8s_containerd: services.Containerd) -> None:
+    """`export -o - | ctr images import -`: the archive never touches the disk."""
+    ns = "oci-pipe"
+    argv = [sys.executable, "-m", "edgebundle", "--home", setup["home"], "export", setup["manifest"],
+            "--site", "gw-01", "--format", "oci-archive", "-o", "-", "--image",
+            ref(setup, "shop/app:v1")]
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          env=services.clean_env()) as producer:
+        run(k8s_containerd.ctr_argv(ns) + ["images", "import", "-"], stdin=producer.stdout)
+        _, err = producer.communicate(timeout=60)
+        assert producer.returncode == 0, err
+    assert b"wrote standard output: oci-archive" in err
+    assert ctr_images(k8s_containerd, ns) == {ref(setup, "shop/app:v1"):
+                                              expected_manifest(setup, "shop/app:v1")}
 
 
 def test_export_holds_only_the_sites_platform(setup: Dict[str, Any], tmp_path: Path,
