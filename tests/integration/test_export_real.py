@@ -260,6 +260,13 @@ def podman(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[List[str]
         shutil.rmtree(short, ignore_errors=True)
 
 
+def test_podman_uses_only_its_own_store(podman: List[str], tmp_path: Path) -> None:
+    info = json.loads(run(podman + ["info", "--format", "json"]))
+    assert info["store"]["graphRoot"] == str(tmp_path / "podman-root")
+    assert info["store"]["runRoot"] == podman[podman.index("--runroot") + 1]
+    assert info["store"]["graphDriverName"] == "vfs"
+
+
 def podman_images(podman: List[str]) -> Dict[str, Dict[str, Any]]:
     rows = json.loads(run(podman + ["images", "--format", "json"]))
     return {name: row for row in rows for name in row.get("Names") or []}

@@ -272,3 +272,11 @@ def test_archive_writer_needs_only_the_standard_library() -> None:
             "set(sys.stdlib_module_names) - {'edgebundle'}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_same_inputs_give_the_same_archive(world: World) -> None:
+    for fmt, name in (("k3s-airgap", "a.tar.zst"), ("docker-archive", "d.tar.gz")):
+        _, first = world.export("gw", fmt, name)
+        data = first.read_bytes()
+        _, second = world.export("gw", fmt, name)
+        assert second.read_bytes() == data, fmt
