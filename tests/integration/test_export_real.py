@@ -9,6 +9,7 @@ Then the images run and their digests are compared with the registry's.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -19,8 +20,11 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List
 
 import pytest
+import zstandard
 
+import imagefactory
 import services
+from edgebundle.oci import MT_OCI_LAYER_ZSTD
 from edgebundle.cli.main import main
 
 APPS = ["shop/app:v1", "shop/worker:v1", "shop/tools:v1"]  # tools: OCI media types
@@ -34,10 +38,13 @@ images:
   - {{ref: "{reg}/shop/worker:v1", sites: [gw-01, line-3]}}
   - {{ref: "{reg}/shop/tools:v1", sites: [gw-01, line-3]}}
   - {{ref: "{reg}/shop/multi:v1", sites: [gw-01, gw-arm, line-3]}}
+  - {{ref: "{reg}/shop/zstdapp:v1", sites: [zstd-docker, zstd-ctr]}}
 sites:
   gw-01: {{runtime: containerd, namespace: k8s.io, platform: linux/amd64}}
   gw-arm: {{runtime: containerd, namespace: k8s.io, platform: linux/arm64}}
   line-3: {{runtime: docker, platform: linux/amd64}}
+  zstd-docker: {{runtime: docker, platform: linux/amd64}}
+  zstd-ctr: {{runtime: containerd, platform: linux/amd64}}
 """
 
 
@@ -48,6 +55,19 @@ def run(argv: List[str], *, stdin: Any = None, timeout: float = 180, **kw: Any) 
     return out.stdout
 
 
+def push_zstd_image(registry_host: str) -> Any:
+    """shop/zstdapp:v1 with zstd layers (OCI ``tar+zstd``): same tars, so the same config."""
+    base = imagefactory.build_app_image("zstdapp", "v1", media="oci")
+    layers = tuple(imagefactory.Blob(MT_OCI_LAYER_ZSTD, zstandard.ZstdCompressor().compress(t))
+                   for t in base.layer_tars)
+    manifest = imagefactory.Blob(imagefactory.OCI_MANIFEST, imagefactory.canonical_json({
+        "schemaVersion": 2, "mediaType": imagefactory.OCI_MANIFEST,
+        "config": base.config.descriptor(), "layers": [b.descriptor() for b in layers]}))
+    img = dataclasses.replace(base, manifest=manifest, layers=layers)
+    imagefactory.push_image(registry_host, "shop/zstdapp", "v1", img)
+    return img
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory, registry: Any,
           pushed_images: Dict[str, Any]) -> Dict[str, Any]:
@@ -55,7 +75,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory, registry: Any,
     manifest = tmp / "m.yaml"
     manifest.write_text(MANIFEST.format(reg=registry.host))
     return {"manifest": str(manifest), "home": str(tmp / "home"), "reg": registry.host,
-            "images": pushed_images}
+            "images": pushed_images, "zstd": push_zstd_image(registry.host)}
 
 
 @pytest.fixture(scope="module")
@@ -303,3 +323,32 @@ def test_podman_load_oci_archive_keeps_the_registry_digest(
     assert run(podman + ["run", "--rm", *services.PODMAN_RUN_FLAGS,
                          ref(setup, "shop/multi:v1")]) == \
         setup["images"]["multi"]["platforms"]["linux/amd64"]["message"]
+
+
+# ---------------------------------------------------------------------------
+# zstd layers: containerd takes them as they are, docker-archive carries their tars
+
+
+def test_zstd_layers_docker_load_and_ctr(setup: Dict[str, Any], dockerd: Any,
+                                         k8s_containerd: services.Containerd, tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    img = setup["zstd"]
+    name = ref(setup, "shop/zstdapp:v1")
+    message = imagefactory.message_for("shop/zstdapp:v1")
+    out = tmp_path / "zstd-docker.tar"
+    export(setup, capsys, "zstd-docker", "docker-archive", out)
+    with tarfile.open(out) as tf:
+        files = set(tf.getnames())
+    assert {f"blobs/sha256/{d[7:]}" for d in img.diff_ids} <= files  # the tars, not zstd blobs
+    run(dockerd.docker_argv() + ["load", "-i", str(out)])  # dockerd 20.10 reads no zstd layer
+    assert run(dockerd.docker_argv() + ["image", "inspect", "--format", "{{.Id}}", name]).strip() \
+        == img.config_digest
+    assert run(dockerd.docker_argv() + ["run", "--rm", "--network", "none", name]) == message
+
+    out = tmp_path / "zstd-oci.tar"
+    export(setup, capsys, "zstd-ctr", "oci-archive", out)
+    ns = "oci-zstd"
+    run(k8s_containerd.ctr_argv(ns) + ["images", "import", str(out)])
+    assert ctr_images(k8s_containerd, ns) == {name: img.manifest_digest}
+    assert set(img.layer_digests) <= ctr_content(k8s_containerd, ns)  # the zstd blobs as served
+    assert ctr_run(k8s_containerd, ns, name, "zstd-0") == message
