@@ -184,6 +184,50 @@ def cmd_pack(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from ..usecases import export
+
+    if args.output == "-" and args.json:
+        raise UsageError("--json and -o - both want standard output",
+                         "write the archive to a file, or drop --json (the summary goes to stderr)")
+    if args.threads < 0:
+        raise UsageError(f"--threads {args.threads} is negative", "pass 0 (one per CPU) or more")
+    show = not args.no_progress and sys.stderr.isatty() and not args.json
+    outcome = export.export_site(_home(args), args.manifest, args.site, args.archive_format,
+                                 args.output, level=args.level, threads=args.threads,
+                                 only=args.image, progress=_Bars(show))
+    if args.json:
+        emit_json(export_json(outcome))
+        return 0
+    out = sys.stderr if args.output == "-" else sys.stdout  # stdout carries the archive
+    for img in outcome.images:
+        named = img.manifest if outcome.platform_manifests else img.top
+        print(f"  {img.name}  [{img.platform}]  {named.digest}  {len(img.layers)} layers", file=out)
+    where = "standard output" if args.output == "-" else outcome.output
+    packed = "" if outcome.compression == "none" else f", {outcome.compression}"
+    print(f"wrote {where}: {outcome.format}{packed}, {len(outcome.images)} images for site "
+          f"{outcome.site} ({outcome.platform}), {outcome.file_bytes} bytes "
+          f"({outcome.content_bytes} bytes of blobs)", file=out)
+    return 0
+
+
+def export_json(outcome: Any) -> Dict[str, Any]:
+    """``export --json``: the archive, and per image the digests it carries."""
+    return {
+        "output": outcome.output, "format": outcome.format, "compression": outcome.compression,
+        "site": outcome.site, "platform": outcome.platform, "bytes": outcome.file_bytes,
+        "content_bytes": outcome.content_bytes,
+        "images": [{
+            "name": img.name, "platform": img.platform,
+            "top": img.top.digest, "manifest": img.manifest.digest, "config": img.config.digest,
+            # the digest the archive names the image by (docker-archive: none, only the config)
+            "named": None if outcome.format == "docker-archive" else
+            (img.manifest if outcome.platform_manifests else img.top).digest,
+            "layers": [la.digest for la in img.layers],
+        } for img in outcome.images],
+    }
+
+
 def _print_recorded(args: argparse.Namespace, inv: Inventory) -> int:
     if args.json:
         emit_json(inventory_to_json(inv, args.site))

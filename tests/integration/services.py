@@ -1007,3 +1007,34 @@ def start_sshd(tmp: Path, *, client_key: Optional[Path] = None) -> Sshd:
         log_path=log,
         _proc=proc,
     )
+
+
+# --------------------------------------------------------------------------
+# podman (no daemon: every command is one process on its own store)
+
+
+#: Flags ``podman run`` needs on this kind of machine: no network setup, and rlimits the
+#: container may set (podman's defaults exceed the hard limits here, and runc refuses them).
+PODMAN_RUN_FLAGS = ("--network", "none", "--ulimit", "nofile=1024:1024",
+                    "--ulimit", "nproc=1024:1024")
+
+
+def podman_cmd(root: Path, runroot: Path, *, driver: str = "vfs") -> list[str]:
+    """The argv prefix of a podman that uses only its own store under ``root``/``runroot``.
+
+    Never the default store (/var/lib/containers): ``--root``/``--runroot`` and libpod's
+    ``--tmpdir`` live under the caller's temp dir. ``vfs`` leaves no mount behind (the
+    overlay driver bind-mounts its directory); ``runroot`` must be short (at most 50
+    characters, podman's limit); events go to a file, not journald; cgroupfs,
+    not systemd; runc, because crun refuses this machine's hybrid cgroup layout.
+    """
+    binary = _require("podman")
+    root, runroot = Path(root), Path(runroot)
+    if len(str(runroot)) > 50:  # podman refuses a longer one (its socket paths)
+        raise ServiceError(f"podman's runroot may have at most 50 characters: {runroot}")
+    tmpdir = runroot / "libpod-tmp"
+    for d in (root, runroot, tmpdir):
+        d.mkdir(parents=True, exist_ok=True)
+    return [binary, "--root", str(root), "--runroot", str(runroot), "--tmpdir", str(tmpdir),
+            "--storage-driver", driver, "--events-backend", "file",
+            "--cgroup-manager", "cgroupfs", "--runtime", "runc"]
