@@ -352,6 +352,10 @@ def _site_address(ctx: _Ctx, name: str, runtime: str, entry: _Map) -> Optional[s
     if address is None:
         return None
     line = entry.key_lines["address"]
+    if runtime == "podman":
+        raise ctx.error(line, f"site {name!r}: podman has no socket to address",
+                        "remove `address:` from this podman site (the device's default "
+                        "podman store is used)")
     ok = (address.startswith("/") if runtime == "containerd"
           else address.startswith(("unix:///", "tcp://", "ssh://")))
     if not ok or any(c.isspace() for c in address) or len(address) > 4096:
@@ -403,7 +407,7 @@ def _site_namespace(ctx: _Ctx, name: str, runtime: str, entry: _Map) -> Optional
     line = entry.key_lines["namespace"]
     if runtime != "containerd":
         raise ctx.error(line, f"site {name!r}: namespace is only valid for containerd, not {runtime}",
-                        "remove `namespace:` from this docker site")
+                        f"remove `namespace:` from this {runtime} site")
     namespace = _want_str(ctx, entry["namespace"], line, f"site {name!r} namespace")
     if not _NAMESPACE_RE.match(namespace):
         raise ctx.error(line, f"site {name!r}: invalid containerd namespace {namespace!r}",

@@ -713,3 +713,66 @@ def start_sshd(tmp: Path, *, client_key: Optional[Path] = None) -> Sshd:
         log_path=log,
         _proc=proc,
     )
+
+
+# --------------------------------------------------------------------------
+# podman (daemonless: a "service" is a private store under a temp dir)
+
+
+def podman_cmd(root: Path, runroot: Path) -> list[str]:
+    """``podman`` on a private store: its own ``--root``/``--runroot``, and libpod's state
+    (``--tmpdir``) under the runroot, so nothing lands in the default /var/lib/containers
+    store or /run/libpod. (Podman 4.3 as root still writes its blob-info cache to
+    /var/lib/containers/cache: a digest-mapping cache, not an image store, with no flag.)
+    """
+    return [_require("podman"), "--root", str(root), "--runroot", str(runroot),
+            "--tmpdir", str(runroot / "libpod-tmp")]
+
+
+@dataclass
+class PodmanStore:
+    root: Path
+    runroot: Path
+    tmpdir: Path  # TMPDIR for podman: where load/copy spools (imageCopyTmpDir)
+
+    def argv(self) -> list[str]:
+        return podman_cmd(self.root, self.runroot)
+
+    def env(self) -> dict[str, str]:
+        return clean_env({"TMPDIR": str(self.tmpdir)})
+
+    def edgebundle_args(self) -> list[str]:
+        """The device flags that point ``edgebundle import/report`` at this store."""
+        return ["--runtime", "podman", "--root", str(self.root), "--runroot", str(self.runroot),
+                "--podman", " ".join(["podman", "--tmpdir", str(self.runroot / "libpod-tmp")])]
+
+    def run_argv(self) -> list[str]:
+        """``podman run`` as it works in this (nested, hybrid-cgroup) machine: runc, and
+        ulimits within the hard limits the container gives us."""
+        return self.argv() + ["--runtime", _require("runc"), "run", "--rm", "--network", "none",
+                              "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024"]
+
+    def podman(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(self.argv() + list(args), capture_output=True, text=True,
+                              env=self.env(), timeout=timeout)
+
+    def stop(self) -> None:
+        """Nothing runs (podman is daemonless); the short runroot dir goes."""
+        shutil.rmtree(self.runroot, ignore_errors=True)
+
+
+def start_podman_store(tmp: Path) -> PodmanStore:
+    """A fresh, empty podman store; ``podman info`` must answer for it.
+
+    The runroot is a short dir of its own under /tmp (podman refuses a runroot longer
+    than 50 characters); ``stop()`` removes it.
+    """
+    import tempfile
+
+    runroot = Path(tempfile.mkdtemp(prefix="podman-run-", dir="/tmp"))
+    store = PodmanStore(tmp / "root", runroot, tmp / "tmp")
+    store.tmpdir.mkdir(parents=True, exist_ok=True)
+    out = store.podman("info", "--format", "{{.Store.GraphRoot}}")
+    if out.returncode != 0 or out.stdout.strip() != str(store.root):
+        raise ServiceError(f"podman on {store.root} does not answer: {out.stderr.strip()[-400:]}")
+    return store

@@ -1,0 +1,523 @@
+"""The Podman seam: the ``podman`` binary, and its image store read as Podman keeps it.
+
+Why ``podman load`` of an OCI layout *directory*: it keeps the registry's digests (the
+manifest is stored byte for byte, the image ID is the config digest, an index's digest
+is recorded beside its platform manifest; a docker-archive instead gets a manifest made
+up on load), it reads the blobs where they lie (an oci-archive is first untarred into a
+temp dir, a stream on stdin first copied to one), and a layer whose blob the store
+already made a layer from is reused without its file (containers/image looks layers up
+by compressed digest, then by diff_id for an uncompressed blob). So the bundle's entries
+are written once, into a spool directory, and only the blobs the store lacks.
+
+Import protocol (never a half-imported image under its real name):
+
+1. entries stream into ``<tmp>/edgebundle-import-<nonce>/blobs``; Podman sees nothing
+   until the whole bundle (index, footer, checksums) is verified;
+2. one ``podman load -i <spool>/<i>`` per image. Podman names an image loaded from a
+   directory after the directory (``localhost/<tmp>/edgebundle-import-<nonce>/<i>``), a
+   temporary name that ``report`` never lists;
+3. each image is read back (``podman image inspect`` and the store's layer records):
+   the image ID must be the config, the recorded digests must include the bundle's top
+   digest, and every layer must be there, in order, complete. Only then does ``podman
+   tag`` give it its real name -- one atomic names update in the store per image -- and
+   the temporary name is removed.
+
+The store's layer records (``<graphRoot>/<driver>-layers/layers.json``, c/storage's own
+file, rewritten atomically) are read because no podman command lists which blobs a layer
+was made from, and that decides which layers a bundle may leave out.
+
+Interruptions: before step 2 only the spool exists; after it, an image may exist under
+a temporary name (complete or not), and layers without an image. The next ``import`` or
+``report`` (under the device lock) removes temporary names, the images left without a
+name, and the spool. Layers a killed ``podman load`` wrote without an image stay in the
+store (podman offers no command to remove a layer); the next import reuses them.
+
+Deltas: Podman's layers are not offered as delta bases (``reads_bases`` is False, so the
+report lacks ``tar-delta-v1`` and the packer ships whole layers).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import logging
+import os
+import secrets
+import shlex
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from typing import Any, BinaryIO, Dict, FrozenSet, Iterator, List, Mapping, Optional, Protocol, \
+    Sequence, Set, Tuple
+
+from ..errors import LoadError, PrerequisiteError, RuntimeUnavailableError, UsageError
+from ..format import BaseLayer, EntryHead, ImageRecord
+from ..holdings import HeldImage, HeldLayer, Inventory
+from ..naming import docker_tag
+from ..oci import Platform, chain_ids
+from ..rebuild import BASE_HINT, BaseTree
+from ..reference import parse_reference
+from .tarstream import last_line
+
+log = logging.getLogger(__name__)
+
+SPOOL_PREFIX = "edgebundle-import-"
+#: A name podman gives an image loaded from one of our spool directories.
+TEMP_MARK = "/" + SPOOL_PREFIX
+
+
+def is_temp_name(name: str) -> bool:
+    return name.startswith("localhost/") and TEMP_MARK in name
+
+
+# --- pure parsers ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StoredLayer:
+    """One layer record of c/storage's ``layers.json``."""
+
+    id: str
+    parent: str
+    diff_id: str  # "diff-digest": the uncompressed tar's digest
+    blob: Optional[str]  # "compressed-diff-digest": the blob it was made from, if compressed
+    blob_size: Optional[int]
+    complete: bool  # c/storage flags a layer "incomplete" while it is written
+
+
+def parse_layers(text: str) -> Dict[str, StoredLayer]:
+    """``layers.json`` -> {layer id: record}; records we cannot read are left out."""
+    try:
+        items = json.loads(text) if text.strip() else []
+    except ValueError:
+        raise LoadError("podman's layer store (layers.json) is not JSON",
+                        "check podman's storage with `podman images`") from None
+    out: Dict[str, StoredLayer] = {}
+    for item in items if isinstance(items, list) else []:
+        if not isinstance(item, dict) or not isinstance(item.get("id"), str):
+            continue
+        diff = item.get("diff-digest")
+        if not isinstance(diff, str) or not diff.startswith("sha256:"):
+            continue  # never applied: unusable as a layer
+        blob = item.get("compressed-diff-digest")
+        size = item.get("compressed-size")
+        flags = item.get("flags")
+        out[item["id"]] = StoredLayer(
+            id=item["id"], parent=str(item.get("parent") or ""), diff_id=diff,
+            blob=blob if isinstance(blob, str) and blob.startswith("sha256:") else None,
+            blob_size=size if isinstance(size, int) and not isinstance(size, bool) else None,
+            complete=not (isinstance(flags, dict) and flags.get("incomplete")))
+    return out
+
+
+def parse_images_store(text: str) -> Dict[str, str]:
+    """``images.json`` -> {image id: top layer id}."""
+    try:
+        items = json.loads(text) if text.strip() else []
+    except ValueError:
+        raise LoadError("podman's image store (images.json) is not JSON",
+                        "check podman's storage with `podman images`") from None
+    return {str(i["id"]): str(i.get("layer") or "") for i in items if isinstance(items, list)
+            and isinstance(i, dict) and isinstance(i.get("id"), str)}
+
+
+def layer_chain(top: str, layers: Mapping[str, StoredLayer]) -> Optional[List[StoredLayer]]:
+    """The layers from the base up to ``top``; None if one is missing or incomplete."""
+    chain: List[StoredLayer] = []
+    seen: Set[str] = set()
+    current = top
+    while current:
+        layer = layers.get(current)
+        if layer is None or not layer.complete or current in seen:
+            return None
+        seen.add(current)
+        chain.append(layer)
+        current = layer.parent
+    chain.reverse()
+    return chain
+
+
+def layer_blobs(layers: Mapping[str, StoredLayer]) -> FrozenSet[str]:
+    """The blob digests Podman would reuse a layer for: compressed digests and diff_ids."""
+    out: Set[str] = set()
+    for layer in layers.values():
+        if layer.complete:
+            out.add(layer.diff_id)
+            if layer.blob:
+                out.add(layer.blob)
+    return frozenset(out)
+
+
+@dataclass(frozen=True)
+class StoredImage:
+    """One image as Podman holds it: ``podman image inspect`` and the store's layers."""
+
+    config: str  # the image ID, as a digest
+    names: Tuple[str, ...]  # temporary names included
+    digests: Tuple[str, ...]  # every manifest digest recorded for it (Digest, RepoDigests)
+    platform: str
+    diff_ids: Tuple[str, ...]  # from its config
+    layers: Optional[Tuple[StoredLayer, ...]]  # base first; None when one is missing
+
+    @property
+    def complete(self) -> bool:
+        return self.layers is not None and tuple(l.diff_id for l in self.layers) == self.diff_ids
+
+
+def stored_image(detail: Mapping[str, Any], chain: Optional[List[StoredLayer]]) -> Optional[StoredImage]:
+    image_id = detail.get("Id")
+    if not isinstance(image_id, str) or not image_id:
+        return None
+    root = detail.get("RootFS")
+    diff_ids = tuple(str(d) for d in (root.get("Layers") or [])) if isinstance(root, dict) else ()
+    plat = str(Platform(str(detail.get("Os") or ""), str(detail.get("Architecture") or ""),
+                        str(detail.get("Variant") or "")).normalized())
+    digests: List[str] = []
+    for d in [detail.get("Digest"), *[str(r).partition("@")[2] for r in
+                                      detail.get("RepoDigests") or []]]:
+        if isinstance(d, str) and d.startswith("sha256:") and d not in digests:
+            digests.append(d)
+    names = tuple(n for n in (_name(t) for t in detail.get("RepoTags") or []) if n is not None)
+    return StoredImage(config=image_id if image_id.startswith("sha256:") else "sha256:" + image_id,
+                       names=names, digests=tuple(digests), platform=plat, diff_ids=diff_ids,
+                       layers=tuple(chain) if chain is not None else None)
+
+
+def held_images(image: StoredImage) -> List[HeldImage]:
+    """One HeldImage per (real name, recorded digest).
+
+    Podman records several manifest digests for one image (a platform manifest, the
+    index it was chosen from, another one of the same config loaded later): a bundle's
+    top digest may be any of them, so each is a line of its own in the report.
+    """
+    if image.complete and image.layers is not None:
+        layers = tuple(HeldLayer(diff_id=l.diff_id, digest=l.blob or l.diff_id,
+                                 size=l.blob_size if l.blob else None, blob=True, unpacked=True)
+                       for l in image.layers)
+    else:
+        layers = tuple(HeldLayer(diff_id=d) for d in image.diff_ids)
+    out = []
+    for name in image.names:
+        if is_temp_name(name):
+            continue  # an import in progress (or one that died): never reported
+        for digest in image.digests or (None,):
+            out.append(HeldImage(name=name, config=image.config, manifest=digest,
+                                 platform=image.platform,
+                                 complete=image.complete and digest is not None, layers=layers))
+    return out
+
+
+def _name(tag: object) -> Optional[str]:
+    if not isinstance(tag, str) or not tag or tag.startswith("<none>"):
+        return None
+    if is_temp_name(tag):
+        return tag
+    try:
+        return str(parse_reference(tag))
+    except UsageError:
+        return None
+
+
+# --- the process seam ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Completed:
+    returncode: int
+    stdout: bytes
+    stderr: bytes
+
+
+class Runner(Protocol):
+    """Runs ``podman``: the I/O seam between edgebundle and Podman."""
+
+    def run(self, argv: Sequence[str], timeout: float) -> Completed:
+        """Run to completion; raise FileNotFoundError if the program does not exist."""
+
+
+class SubprocessRunner:
+    def run(self, argv: Sequence[str], timeout: float) -> Completed:
+        try:
+            proc = subprocess.run(list(argv), stdin=subprocess.DEVNULL, capture_output=True,
+                                  timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise RuntimeUnavailableError(f"`{shlex.join(list(argv))}` did not finish within "
+                                          f"{timeout:.0f}s", "check podman's storage (is "
+                                          "another podman holding its lock?)") from None
+        return Completed(proc.returncode, proc.stdout, proc.stderr)
+
+
+class Podman:
+    """Runs ``podman`` against one store (``--root``/``--runroot``, as podman means them)."""
+
+    def __init__(self, podman: str = "podman", root: Optional[str] = None,
+                 runroot: Optional[str] = None, timeout: float = 600.0,
+                 runner: Optional[Runner] = None) -> None:
+        try:
+            self.argv0 = shlex.split(podman)
+        except ValueError as exc:
+            raise UsageError(f"--podman {podman!r} is not a command line: {exc}",
+                             "quote it like a shell word list, e.g. --podman 'sudo podman'") from None
+        if not self.argv0:
+            raise UsageError("--podman is empty", "pass the podman command, e.g. --podman podman")
+        self.root = root
+        self.runroot = runroot
+        self.timeout = timeout
+        self.runner: Runner = runner or SubprocessRunner()
+        self._info: Optional[Dict[str, Any]] = None
+
+    def describe(self) -> str:
+        return f"podman store {self.root}" if self.root else "podman's default store"
+
+    def argv(self, *args: str) -> List[str]:
+        store = (["--root", self.root] if self.root else []) + \
+            (["--runroot", self.runroot] if self.runroot else [])
+        return self.argv0 + store + list(args)
+
+    def run(self, *args: str, check: bool = True) -> bytes:
+        argv = self.argv(*args)
+        log.debug("run: %s", shlex.join(argv))
+        try:
+            proc = self.runner.run(argv, self.timeout)
+        except FileNotFoundError:
+            raise RuntimeUnavailableError(f"podman command {self.argv0[0]!r} not found",
+                                          "install podman (Debian: apt-get install podman) "
+                                          "or pass --podman PATH") from None
+        if check and proc.returncode != 0:
+            err = last_line(proc.stderr.decode(errors="replace"))
+            raise LoadError(f"podman {' '.join(args[:2])} failed: {err or 'no message'}",
+                            "check podman's storage; `edgebundle report --runtime podman` "
+                            "shows what it holds")
+        return proc.stdout
+
+    def json(self, *args: str) -> Any:
+        out = self.run(*args)
+        try:
+            return json.loads(out) if out.strip() else None
+        except ValueError:
+            raise LoadError(f"podman {' '.join(args[:2])} printed something that is not JSON: "
+                            f"{out[:100]!r}", "check the --podman command") from None
+
+    def info(self) -> Dict[str, Any]:
+        """``podman info``'s store section, asked once: where the store is, its driver."""
+        if self._info is None:
+            try:
+                info = self.json("info", "--format", "json")
+            except LoadError as exc:
+                raise RuntimeUnavailableError(f"{self.describe()} cannot be opened: "
+                                              f"{exc.message.split(' failed: ', 1)[-1]}",
+                                              "check --root/--runroot and that podman works "
+                                              "(`podman info`)") from None
+            store = info.get("store") if isinstance(info, dict) else None
+            self._info = store if isinstance(store, dict) else {}
+        return self._info
+
+    def graph(self) -> Tuple[str, str]:
+        """(graphRoot, graphDriverName)."""
+        store = self.info()
+        root, driver = store.get("graphRoot"), store.get("graphDriverName")
+        if not isinstance(root, str) or not os.path.isabs(root) or not isinstance(driver, str) \
+                or not driver.isidentifier():
+            raise RuntimeUnavailableError(f"podman info names no usable store ({root!r}, "
+                                          f"{driver!r})", "check `podman info`")
+        return root, driver
+
+    def spool_parent(self) -> str:
+        """Where ``podman load`` itself would spool: its image copy temp dir."""
+        tmp = self.info().get("imageCopyTmpDir")
+        return tmp if isinstance(tmp, str) and os.path.isabs(tmp) else tempfile.gettempdir()
+
+
+# --- the runtime ---------------------------------------------------------------------
+
+
+class PodmanRuntime:
+    kind = "podman"
+    namespace: Optional[str] = None
+
+    def __init__(self, podman: Podman) -> None:
+        self.podman = podman
+
+    def _read_store(self, name: str) -> str:
+        root, driver = self.podman.graph()
+        path = os.path.join(root, f"{driver}-{name}", f"{name}.json")
+        try:
+            with open(path, encoding="utf-8") as fh:
+                return fh.read()
+        except FileNotFoundError:
+            return ""  # an empty store: podman writes the file with the first entry
+        except OSError as exc:
+            raise LoadError(f"cannot read podman's {name} at {path}: {exc.strerror}",
+                            "run edgebundle as the user podman stores images for (root "
+                            "for /var/lib/containers)") from None
+
+    def images(self) -> Tuple[List[StoredImage], Dict[str, StoredLayer]]:
+        """Every image of the store with its layers, and the store's layer records."""
+        layers = parse_layers(self._read_store("layers"))
+        tops = parse_images_store(self._read_store("images"))
+        out = []
+        for detail in self._inspect(list(tops)) if tops else []:
+            top = tops.get(str(detail.get("Id") or ""))
+            chain = None if top is None else [] if top == "" else layer_chain(top, layers)
+            image = stored_image(detail, chain)
+            if image is not None:
+                out.append(image)
+        return out, layers
+
+    def inventory(self) -> Inventory:
+        images, layers = self.images()
+        held: List[HeldImage] = []
+        chains: Set[str] = set()
+        for image in images:
+            held.extend(held_images(image))
+            if image.complete:
+                chains.update(chain_ids(image.diff_ids))
+        return Inventory(runtime="podman", images=tuple(held), blobs=layer_blobs(layers),
+                         chains=frozenset(chains),
+                         extra={"graph_driver": self.podman.graph()[1]})
+
+    def _inspect(self, ids: Sequence[str]) -> List[Dict[str, Any]]:
+        """``podman image inspect`` of every id; one that fails (removed meanwhile, or
+        broken) is asked alone and left out."""
+        try:
+            out = self.podman.json("image", "inspect", *ids)
+            return [d for d in out if isinstance(d, dict)] if isinstance(out, list) else []
+        except LoadError:
+            if len(ids) == 1:
+                log.info("podman cannot inspect image %s: not reported", ids[0])
+                return []
+        return [d for i in ids for d in self._inspect([i])]
+
+    def loader(self, inv: Inventory, platform: str) -> "PodmanLoader":
+        return PodmanLoader(self, inv)
+
+    def recover(self, wait: float) -> None:
+        """Remove what an interrupted import left: temporary names, images left with no
+        name by that, and spool directories (the caller holds the device lock)."""
+        remove_temp_images(self.podman)
+        for path in glob.glob(os.path.join(glob.escape(self.podman.spool_parent()),
+                                           SPOOL_PREFIX + "*")):
+            log.info("removing the spool %s of an interrupted import", path)
+            shutil.rmtree(path, ignore_errors=True)
+
+    def reads_bases(self) -> bool:
+        return False
+
+    def base_tree(self, chain_id: str, diff_id: str) -> BaseTree:
+        raise PrerequisiteError(f"podman cannot serve layer {diff_id} (chain {chain_id}) as a "
+                                "delta base: edgebundle does not read podman's layers yet",
+                                [chain_id], BASE_HINT)
+
+    @contextlib.contextmanager
+    def base_tar(self, base: BaseLayer, inv: Inventory) -> Iterator[BinaryIO]:
+        raise self.base_tree(base.chain_id, base.diff_id)  # type: ignore[misc]
+        yield  # pragma: no cover
+
+
+def remove_temp_images(podman: Podman, only: Optional[str] = None) -> None:
+    """Untag every temporary name (of spool ``only``, else any), then remove the images
+    that held nothing else. Best effort: what fails is left for the next run."""
+    try:
+        listed = podman.json("images", "--all", "--format", "json") or []
+    except LoadError as exc:
+        log.info("cannot list podman's images to clean up (%s)", exc.message)
+        return
+    for image in listed if isinstance(listed, list) else []:
+        if not isinstance(image, dict):
+            continue
+        names = [str(n) for n in image.get("Names") or []]
+        temp = [n for n in names if is_temp_name(n) and (only is None or only in n)]
+        image_id = str(image.get("Id") or "")
+        if not temp or not image_id:
+            continue
+        log.info("removing temporary name(s) %s", ", ".join(temp))
+        podman.run("untag", image_id, *temp, check=False)
+        if len(temp) == len(names):  # nothing else named it: it was ours alone
+            podman.run("rmi", image_id, check=False)
+
+
+class PodmanLoader:
+    """Entries into a spool directory; ``commit`` loads, checks and names each image."""
+
+    def __init__(self, runtime: PodmanRuntime, inv: Inventory) -> None:
+        self.runtime = runtime
+        self._present = inv.blobs
+        self._spool: Optional[str] = None
+        self._loaded = False
+
+    def _blobs(self) -> str:
+        if self._spool is None:
+            self._spool = tempfile.mkdtemp(prefix=SPOOL_PREFIX + secrets.token_hex(6) + "-",
+                                           dir=self.runtime.podman.spool_parent())
+            os.makedirs(os.path.join(self._spool, "blobs", "sha256"))
+        return os.path.join(self._spool, "blobs", "sha256")
+
+    def wants(self, head: EntryHead) -> bool:
+        # A blob some layer was made from is reused by podman without its file.
+        return head.delta is not None or head.digest not in self._present
+
+    def add(self, digest: str, size: int, pieces: Iterator[bytes]) -> None:
+        path = os.path.join(self._blobs(), digest.split(":", 1)[1])
+        with open(path, "wb") as fh:
+            # Run to its end: the bundle entry checks its sha256 there.
+            for piece in pieces:
+                fh.write(piece)
+
+    def add_rebuilt(self, diff_id: str, size: int, pieces: Iterator[bytes]) -> None:
+        raise LoadError(f"podman cannot import layer {diff_id} from a delta",
+                        "repack with `--no-delta` (or `deltas: false` on the site)")
+
+    def commit(self, records: Sequence[ImageRecord]) -> List[str]:
+        self._blobs()
+        assert self._spool is not None
+        podman = self.runtime.podman
+        for i, rec in enumerate(records):
+            layout = os.path.join(self._spool, str(i))
+            os.makedirs(layout)
+            os.symlink(os.path.join("..", "blobs"), os.path.join(layout, "blobs"))
+            _write(os.path.join(layout, "oci-layout"), b'{"imageLayoutVersion":"1.0.0"}')
+            _write(os.path.join(layout, "index.json"), json.dumps(
+                {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+                 "manifests": [rec.top.to_json()]}).encode())
+            log.info("podman load of %s (under a temporary name)", rec.name)
+            self._loaded = True
+            podman.run("load", "--quiet", "--input", layout)
+        stored, _ = self.runtime.images()
+        broken = [rec.name for rec in records if not _complete(stored, rec)]
+        if broken:
+            raise LoadError(f"podman load left incomplete: {', '.join(broken)}; nothing was "
+                            "named", "check podman's storage (`podman images`) and free disk "
+                            "space; the next import or report removes what was left")
+        for rec in records:
+            log.info("image %s is complete: naming it", rec.name)
+            podman.run("tag", rec.config.digest.split(":", 1)[1], docker_tag(rec.name))
+        self._cleanup()
+        return [rec.name for rec in records]
+
+    def abort(self) -> None:
+        self._cleanup()
+
+    def _cleanup(self) -> None:
+        if self._spool is not None:
+            if self._loaded:
+                remove_temp_images(self.runtime.podman, os.path.basename(self._spool))
+            shutil.rmtree(self._spool, ignore_errors=True)
+            self._spool = None
+
+
+def _complete(images: Sequence[StoredImage], rec: ImageRecord) -> bool:
+    """The image of ``rec`` is in the store, complete, with the bundle's top and config."""
+    want = tuple(l.diff_id for l in rec.layers)
+    return any(i.config == rec.config.digest and rec.top.digest in i.digests and i.complete
+               and i.diff_ids == want for i in images)
+
+
+def _write(path: str, data: bytes) -> None:
+    with open(path, "wb") as fh:
+        fh.write(data)
+
+
+__all__ = ["Podman", "PodmanLoader", "PodmanRuntime", "StoredImage", "StoredLayer", "held_images",
+           "layer_blobs", "layer_chain", "parse_images_store", "parse_layers", "stored_image"]
