@@ -56,7 +56,7 @@ from ..errors import LoadError, PrerequisiteError, RuntimeUnavailableError, Usag
 from ..format import BaseLayer, EntryHead, ImageRecord
 from ..holdings import HeldImage, HeldLayer, Inventory
 from ..naming import docker_tag
-from ..oci import Platform, chain_ids
+from ..oci import INDEX_TYPES, Platform, chain_ids
 from ..rebuild import BASE_HINT, BaseTree
 from ..reference import parse_reference
 from .tarstream import last_line
@@ -267,6 +267,7 @@ class Podman:
         self.timeout = timeout
         self.runner: Runner = runner or SubprocessRunner()
         self._info: Optional[Dict[str, Any]] = None
+        self._host: Dict[str, Any] = {}
 
     def describe(self) -> str:
         return f"podman store {self.root}" if self.root else "podman's default store"
@@ -311,8 +312,18 @@ class Podman:
                                               "check --root/--runroot and that podman works "
                                               "(`podman info`)") from None
             store = info.get("store") if isinstance(info, dict) else None
+            host = info.get("host") if isinstance(info, dict) else None
             self._info = store if isinstance(store, dict) else {}
+            self._host = host if isinstance(host, dict) else {}
         return self._info
+
+    def host_platform(self) -> Optional[Platform]:
+        """The platform podman picks from an index on load: the device's own."""
+        self.info()
+        os_name, arch = self._host.get("os"), self._host.get("arch")
+        if not isinstance(os_name, str) or not isinstance(arch, str) or not os_name or not arch:
+            return None
+        return Platform(os_name, arch, "").normalized()
 
     def graph(self) -> Tuple[str, str]:
         """(graphRoot, graphDriverName)."""
@@ -470,9 +481,19 @@ class PodmanLoader:
                         "repack with `--no-delta` (or `deltas: false` on the site)")
 
     def commit(self, records: Sequence[ImageRecord]) -> List[str]:
+        podman = self.runtime.podman
+        host = podman.host_platform()
+        for rec in records:
+            # podman load has no --platform: from an index it takes the device's platform,
+            # whose manifest a bundle for another platform does not carry.
+            want = Platform.parse(rec.platform).normalized()
+            if host is not None and rec.top.media_type in INDEX_TYPES and \
+                    (want.os, want.architecture) != (host.os, host.architecture):
+                raise LoadError(f"image {rec.name} is packed for {rec.platform}, but podman here "
+                                f"loads {host} from an index", "pack for a site whose platform "
+                                "is this device's")
         self._blobs()
         assert self._spool is not None
-        podman = self.runtime.podman
         for i, rec in enumerate(records):
             layout = os.path.join(self._spool, str(i))
             os.makedirs(layout)

@@ -6,6 +6,7 @@ wrote and printed in tests/integration/test_podman_real.py's stores (abridged).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -103,12 +104,16 @@ class FakePodman:
         self.tmp.mkdir()
         self.inspect = inspect
         self.complete = complete_after_load
+        self.arch = "amd64"
 
     def run(self, argv: Sequence[str], timeout: float) -> Completed:
-        args = list(argv[5:])  # after podman --root R --runroot RR
+        args = list(argv[1:])
+        if args[:1] == ["--root"]:
+            args = args[4:]  # after --root R --runroot RR
         self.calls.append(args)
         if args[:1] == ["info"]:
-            return self._ok({"store": {"graphRoot": str(self.root), "graphDriverName": "overlay",
+            return self._ok({"host": {"os": "linux", "arch": self.arch},
+                             "store": {"graphRoot": str(self.root), "graphDriverName": "overlay",
                                        "imageCopyTmpDir": str(self.tmp)}})
         if args[:1] == ["load"]:
             self.inspect["RepoTags"] = [f"localhost{args[-1]}:latest"]  # as podman names it
@@ -161,3 +166,16 @@ def test_loader_names_an_image_only_once_it_is_read_back_complete(tmp_path: Path
         temp = f"localhost{spool}/0:latest"
         assert ["untag", D["cfg"][7:], temp] in fake.calls  # the temporary name goes
     assert list(fake.tmp.glob("edgebundle-import-*")) == []  # and the spool
+
+
+def test_an_index_for_another_platform_is_refused_before_podman_loads(tmp_path: Path) -> None:
+    fake = FakePodman(tmp_path, detail([]), True)
+    fake.arch = "arm64"
+    runtime = PodmanRuntime(Podman("podman", runner=fake))
+    rec = record()
+    index = Descriptor("application/vnd.oci.image.index.v1+json", D["idx"], 80)
+    loader = runtime.loader(runtime.inventory(), "linux/amd64")
+    with pytest.raises(LoadError, match="packed for linux/amd64, but podman here loads linux/arm64"):
+        loader.commit([dataclasses.replace(rec, top=index)])
+    assert not any(c[:1] == ["load"] for c in fake.calls)
+    assert loader.commit([rec]) == [rec.name]  # a single manifest loads whatever its platform
