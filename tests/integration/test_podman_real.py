@@ -224,3 +224,38 @@ def test_podman_killed_mid_load_is_cleaned_and_rerun(tmp_path: Path, registry: A
     out = eb(capsys, "import", str(bundle), *dev, "--json")
     assert sorted(out["imported"]) == sorted(f"{reg}/{r}" for r in REFS)
     assert all(not n.startswith("localhost/") for n in names(store))
+
+
+def test_podman_image_first_loaded_from_a_docker_archive(tmp_path: Path, registry: Any,
+                                                         podman_store: Any,
+                                                         pushed_images: Dict[str, Any],
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """`podman load` of a docker-archive gives the same image ID a made-up manifest digest
+    (measured: the registry's digest is lost). Importing the bundle then adds the real
+    digest to the same image, and the report lists it, so the import is confirmed and
+    the next one finds it present."""
+    reg, store = registry.host, podman_store
+    import imagefactory
+
+    info = pushed_images["images"]["shop/app:v1"]
+    archive = tmp_path / "app.tar"
+    archive.write_bytes(imagefactory.docker_archive_tar(info["built"], [f"{reg}/shop/app:v1"]))
+    loaded = store.podman("load", "--quiet", "--input", str(archive))
+    assert loaded.returncode == 0, loaded.stderr
+    before = inspect(store, f"{reg}/shop/app:v1")
+    assert before is not None and before["Digest"] != info["manifest_digest"]  # docker-archive: lost
+
+    dev = ["--state-dir", str(tmp_path / "state"), *store.edgebundle_args()]
+    manifest = write_manifest(tmp_path / "m.yaml", reg, ["shop/app:v1"])
+    bundle = tmp_path / "b.ebundle"
+    eb(capsys, "--home", str(tmp_path / "home"), "pack", str(manifest), "--site", "pod-1",
+       "-o", str(bundle))
+    out = eb(capsys, "import", str(bundle), *dev, "--json")
+    assert out["imported"] == [f"{reg}/shop/app:v1"]
+    after = inspect(store, f"{reg}/shop/app:v1")
+    assert after is not None and f"{reg}/shop/app@{info['manifest_digest']}" in after["RepoDigests"]
+    rep = eb(capsys, "report", *dev, "--json")
+    assert (f"{reg}/shop/app:v1", info["manifest_digest"], True) in \
+        {(i["name"], i["manifest"], i["complete"]) for i in rep["images"]}
+    again = eb(capsys, "import", str(bundle), *dev, "--json")
+    assert again["already_present"] == [f"{reg}/shop/app:v1"]
