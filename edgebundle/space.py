@@ -256,6 +256,8 @@ def import_needs(storage: Storage, est: Estimate) -> List[Need]:
         needs.append(Need(storage.content, f"{storage.label} content store" if containerd
                           else "podman load's spool" if podman else storage.label,
                           content=est.content))
+        if podman:  # containers/image copies each blob it loads into a temp dir there too
+            needs.append(Need(storage.content, "podman load's spool", content=est.content))
     if storage.unpacked is not None:
         needs.append(Need(storage.unpacked, "snapshots" if containerd
                           else "podman storage" if podman else storage.label,

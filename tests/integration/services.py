@@ -757,7 +757,14 @@ class PodmanStore:
                               env=self.env(), timeout=timeout)
 
     def stop(self) -> None:
-        """Nothing runs (podman is daemonless); the short runroot dir goes."""
+        """Nothing runs (podman is daemonless). The overlay driver leaves its home
+        (``<root>/overlay``) bind-mounted on itself: unmount what is under our root, then
+        the short runroot dir goes."""
+        root = str(self.root.resolve()) + "/"
+        with open("/proc/self/mounts", encoding="utf-8") as fh:
+            points = [line.split()[1] for line in fh if len(line.split()) > 1]
+        for point in sorted((p for p in points if p.startswith(root)), reverse=True):
+            subprocess.run(["umount", point], capture_output=True, timeout=30)
         shutil.rmtree(self.runroot, ignore_errors=True)
 
 

@@ -179,3 +179,16 @@ def test_an_index_for_another_platform_is_refused_before_podman_loads(tmp_path: 
         loader.commit([dataclasses.replace(rec, top=index)])
     assert not any(c[:1] == ["load"] for c in fake.calls)
     assert loader.commit([rec]) == [rec.name]  # a single manifest loads whatever its platform
+
+
+def test_space_needs_count_the_spool_twice_and_the_layers_in_the_graph_root() -> None:
+    from edgebundle.importer.storage import podman_storage
+    from edgebundle.space import Estimate, import_needs
+
+    needs = import_needs(podman_storage("/var/tmp", "/var/lib/containers/storage"),
+                         Estimate(100, 300, True))
+    by_path: Dict[str, int] = {}
+    for n in needs:
+        by_path[n.path] = by_path.get(n.path, 0) + n.total
+    # edgebundle's spool and containers/image's copy of each blob while it loads
+    assert by_path == {"/var/tmp": 200, "/var/lib/containers/storage": 300}
