@@ -259,3 +259,37 @@ def test_podman_image_first_loaded_from_a_docker_archive(tmp_path: Path, registr
         {(i["name"], i["manifest"], i["complete"]) for i in rep["images"]}
     again = eb(capsys, "import", str(bundle), *dev, "--json")
     assert again["already_present"] == [f"{reg}/shop/app:v1"]
+
+
+def test_podman_killed_while_spooling_leaves_nothing_in_podman(tmp_path: Path, registry: Any,
+                                                              podman_store: Any,
+                                                              pushed_images: Dict[str, Any],
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """kill -9 halfway through the bundle (read from a pipe): podman was never handed a
+    byte, and the next report removes the spool."""
+    reg, store = registry.host, podman_store
+    dev = ["--state-dir", str(tmp_path / "state"), *store.edgebundle_args()]
+    manifest = write_manifest(tmp_path / "m.yaml", reg, REFS)
+    bundle = tmp_path / "seed.ebundle"
+    eb(capsys, "--home", str(tmp_path / "home"), "pack", str(manifest), "--site", "pod-1",
+       "-o", str(bundle))
+    data = bundle.read_bytes()
+    proc = subprocess.Popen([sys.executable, "-m", "edgebundle", "import", "-", *dev],
+                            env=store.env(), stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    assert proc.stdin is not None
+    proc.stdin.write(data[: len(data) * 3 // 4])
+    proc.stdin.flush()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not any(
+            (store.tmpdir / s / "blobs" / "sha256").is_dir() and
+            any((store.tmpdir / s / "blobs" / "sha256").iterdir()) for s in spools(store)):
+        time.sleep(0.01)
+    assert spools(store), "the import never began to spool"
+    assert not any(" load " in _cmdline(c) for c in _children(proc.pid))
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    proc.stdin.close()
+    assert names(store) == [] and image_ids(store) == []
+    rep = eb(capsys, "report", *dev, "--json")
+    assert rep["images"] == [] and spools(store) == []
