@@ -435,14 +435,16 @@ def remove_temp_images(podman: Podman, only: Optional[str] = None) -> None:
     except LoadError as exc:
         log.info("cannot list podman's images to clean up (%s)", exc.message)
         return
+    done: Set[str] = set()
     for image in listed if isinstance(listed, list) else []:
         if not isinstance(image, dict):
             continue
         names = [str(n) for n in image.get("Names") or []]
         temp = [n for n in names if is_temp_name(n) and (only is None or only in n)]
         image_id = str(image.get("Id") or "")
-        if not temp or not image_id:
-            continue
+        if not temp or not image_id or image_id in done:
+            continue  # `podman images` lists an image once per name
+        done.add(image_id)
         log.info("removing temporary name(s) %s", ", ".join(temp))
         podman.run("untag", image_id, *temp, check=False)
         if len(temp) == len(names):  # nothing else named it: it was ours alone

@@ -58,12 +58,13 @@ def inspect(store: Any, name: str) -> Optional[Dict[str, Any]]:
 def names(store: Any) -> List[str]:
     out = store.podman("images", "--all", "--format", "json")
     assert out.returncode == 0, out.stderr
-    return sorted(n for i in json.loads(out.stdout or "[]") for n in i.get("Names") or [])
+    # `podman images` lists an image once per name: count each name once
+    return sorted({n for i in json.loads(out.stdout or "[]") for n in i.get("Names") or []})
 
 
 def image_ids(store: Any) -> List[str]:
     out = store.podman("images", "--all", "--format", "json")
-    return sorted(i["Id"] for i in json.loads(out.stdout or "[]"))
+    return sorted({i["Id"] for i in json.loads(out.stdout or "[]")})
 
 
 def spools(store: Any) -> List[str]:
@@ -293,3 +294,55 @@ def test_podman_killed_while_spooling_leaves_nothing_in_podman(tmp_path: Path, r
     assert names(store) == [] and image_ids(store) == []
     rep = eb(capsys, "report", *dev, "--json")
     assert rep["images"] == [] and spools(store) == []
+
+
+KILL_POINTS = ["load:1:before", "load:2:after", "image:2:after", "tag:1:after", "tag:3:before",
+               "images:1:after", "untag:1:after", "untag:3:after", "info:1:after"]
+
+
+@pytest.mark.parametrize("kill_at", KILL_POINTS)
+def test_podman_kill_points(tmp_path: Path, registry: Any, podman_store: Any,
+                            pushed_images: Dict[str, Any], kill_at: str,
+                            capsys: pytest.CaptureFixture[str]) -> None:
+    """kill -9 of the import at each podman command of its commit (before the command or
+    after it): every real name podman shows is a complete image with the registry's
+    digests, the report lists only those, cleans up what was left, and the rerun
+    imports the rest."""
+    reg, store = registry.host, podman_store
+    killer = Path(__file__).with_name("podman_killer.py")
+    podman = f"{sys.executable} {killer} podman --tmpdir {store.runroot / 'libpod-tmp'}"
+    dev = ["--state-dir", str(tmp_path / "state"), "--runtime", "podman", "--root", str(store.root),
+           "--runroot", str(store.runroot)]
+    manifest = write_manifest(tmp_path / "m.yaml", reg, REFS)
+    bundle = tmp_path / "seed.ebundle"
+    eb(capsys, "--home", str(tmp_path / "home"), "pack", str(manifest), "--site", "pod-1",
+       "-o", str(bundle))
+    (tmp_path / "kills").mkdir()
+    env = dict(store.env(), EDGEBUNDLE_KILL_AT=kill_at, EDGEBUNDLE_KILL_DIR=str(tmp_path / "kills"))
+    proc = subprocess.run([sys.executable, "-m", "edgebundle", "import", str(bundle), *dev,
+                           "--podman", podman], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, f"not killed at {kill_at}: {proc.stderr}"
+
+    images = dict(pushed_images["images"])
+    images["shop/multi:v1"] = pushed_images["multi"]["platforms"]["linux/amd64"]
+    wanted = {f"{reg}/{r}": images[r] for r in REFS}
+
+    def check_real_names() -> List[str]:
+        real = [n for n in names(store) if not n.startswith("localhost/")]
+        for name in real:
+            got = inspect(store, name)
+            assert got is not None and name in wanted, name
+            assert "sha256:" + got["Id"].removeprefix("sha256:") == wanted[name]["config_digest"]
+            assert [l["diff_id"] for l in wanted[name]["layers"]] == got["RootFS"]["Layers"]
+            assert any(d.endswith(wanted[name]["manifest_digest"]) for d in got["RepoDigests"])
+        return real
+
+    real = check_real_names()
+    rep = eb(capsys, "report", *dev, "--json")
+    assert sorted({i["name"] for i in rep["images"]}) == sorted(real)
+    assert all(i["complete"] for i in rep["images"])
+    assert [n for n in names(store) if n.startswith("localhost/")] == [] and spools(store) == []
+
+    out = eb(capsys, "import", str(bundle), *dev, "--json")
+    assert sorted(out["imported"] + out["already_present"]) == sorted(wanted)
+    assert sorted(check_real_names()) == sorted(wanted)
