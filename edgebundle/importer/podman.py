@@ -462,8 +462,14 @@ class PodmanLoader:
 
     def _blobs(self) -> str:
         if self._spool is None:
-            self._spool = tempfile.mkdtemp(prefix=SPOOL_PREFIX + secrets.token_hex(6) + "-",
-                                           dir=self.runtime.podman.spool_parent())
+            parent = self.runtime.podman.spool_parent()
+            try:
+                self._spool = tempfile.mkdtemp(prefix=SPOOL_PREFIX + secrets.token_hex(6) + "-",
+                                               dir=parent)
+            except OSError as exc:
+                raise LoadError(f"cannot make podman's spool in {parent}: {exc.strerror}",
+                                "set TMPDIR to a writable directory (podman spools there "
+                                "too)") from None
             os.makedirs(os.path.join(self._spool, "blobs", "sha256"))
         return os.path.join(self._spool, "blobs", "sha256")
 
