@@ -16,8 +16,9 @@ import pytest
 from edgebundle.errors import InventoryError, LoadError
 from edgebundle.format import CODEC_STORED, KIND_BLOB, EntryHead, ImageRecord, LayerRecord
 from edgebundle.holdings import Holdings, Inventory
-from edgebundle.importer.podman import (Completed, Podman, PodmanRuntime, held_images, is_temp_name,
-                                        layer_blobs, layer_chain, parse_layers, stored_image)
+from edgebundle.importer.podman import Completed, Podman, PodmanRuntime
+from edgebundle.importer.podmanstore import (held_images, is_temp_name, layer_blobs, layer_chain,
+                                             parse_layers, stored_image)
 from edgebundle.oci import Descriptor, chain_ids
 from edgebundle.report import inventory_from_json, inventory_to_json
 
