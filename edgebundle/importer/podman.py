@@ -43,6 +43,7 @@ import glob
 import json
 import logging
 import os
+import re
 import secrets
 import shlex
 import shutil
@@ -180,9 +181,27 @@ class Podman:
         return root, driver
 
     def spool_parent(self) -> str:
-        """Where ``podman load`` itself would spool: its image copy temp dir."""
+        """Where ``podman load`` itself would spool: its image copy temp dir.
+
+        Podman names an image loaded from a directory ``localhost<path>``, so the path
+        must spell a valid repository (lowercase words); else /var/tmp or /tmp is used.
+        """
         tmp = self.info().get("imageCopyTmpDir")
-        return tmp if isinstance(tmp, str) and os.path.isabs(tmp) else tempfile.gettempdir()
+        for path in (tmp if isinstance(tmp, str) else "", "/var/tmp", "/tmp"):
+            if os.path.isabs(path) and os.path.isdir(path) and _spellable(path):
+                return path
+        raise LoadError(f"podman's temp dir {tmp!r} cannot be spelled as an image name",
+                        "set TMPDIR to a directory whose path is lowercase letters, digits, "
+                        "'.', '_' and '-'")
+
+
+#: A path component of a repository name (distribution/reference's grammar).
+_COMPONENT = re.compile(r"[a-z0-9]+(?:(?:[._]|__|[-]*)[a-z0-9]+)*")
+
+
+def _spellable(path: str) -> bool:
+    parts = [p for p in path.split("/") if p]
+    return all(_COMPONENT.fullmatch(p) for p in parts)
 
 
 # --- the runtime ---------------------------------------------------------------------

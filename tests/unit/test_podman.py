@@ -193,3 +193,14 @@ def test_space_needs_count_the_spool_twice_and_the_layers_in_the_graph_root() ->
         by_path[n.path] = by_path.get(n.path, 0) + n.total
     # edgebundle's spool and containers/image's copy of each blob while it loads
     assert by_path == {"/var/tmp": 200, "/var/lib/containers/storage": 300}
+
+
+def test_spool_parent_is_a_path_podman_can_name_an_image_after(tmp_path: Path) -> None:
+    fake = FakePodman(tmp_path, detail([]), True)
+    upper = tmp_path / "Spool"
+    upper.mkdir()
+    fake.tmp = upper
+    # podman would name the image localhost<path>, which must be lowercase words
+    assert Podman("podman", runner=fake).spool_parent() == "/var/tmp"
+    fake2 = FakePodman(tmp_path / "b", detail([]), True)
+    assert Podman("podman", runner=fake2).spool_parent() == str(fake2.tmp)
