@@ -271,8 +271,11 @@ class PodmanRuntime:
         """Remove what an interrupted import left: temporary names, images left with no
         name by that, and spool directories (the caller holds the device lock)."""
         remove_temp_images(self.podman)
-        for path in glob.glob(os.path.join(glob.escape(self.podman.spool_parent()),
-                                           SPOOL_PREFIX + "*")):
+        try:
+            parent = self.podman.spool_parent()
+        except LoadError:  # no spool could have been made there either
+            return
+        for path in glob.glob(os.path.join(glob.escape(parent), SPOOL_PREFIX + "*")):
             log.info("removing the spool %s of an interrupted import", path)
             shutil.rmtree(path, ignore_errors=True)
 
