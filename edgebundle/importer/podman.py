@@ -48,7 +48,6 @@ import secrets
 import shlex
 import shutil
 import subprocess
-import tempfile
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Dict, Iterator, List, Optional, Protocol, \
     Sequence, Set, Tuple
@@ -132,7 +131,10 @@ class Podman:
                                           "install podman (Debian: apt-get install podman) "
                                           "or pass --podman PATH") from None
         if check and proc.returncode != 0:
-            err = last_line(proc.stderr.decode(errors="replace"))
+            text = proc.stderr.decode(errors="replace")
+            # podman load tries each format and lists why each failed; ours is the OCI one
+            oci = [l.strip() for l in text.splitlines() if l.strip().startswith("* oci:")]
+            err = oci[0][2:] if oci else last_line(text)
             raise LoadError(f"podman {' '.join(args[:2])} failed: {err or 'no message'}",
                             "check podman's storage; `edgebundle report --runtime podman` "
                             "shows what it holds")
@@ -329,9 +331,12 @@ class PodmanLoader:
     def _blobs(self) -> str:
         if self._spool is None:
             parent = self.runtime.podman.spool_parent()
+            # Not mkdtemp: its random names may hold '_' where a repository name may not
+            # (podman names the loaded image after this path). Hex only, created exclusively.
+            spool = os.path.join(parent, SPOOL_PREFIX + secrets.token_hex(8))
             try:
-                self._spool = tempfile.mkdtemp(prefix=SPOOL_PREFIX + secrets.token_hex(6) + "-",
-                                               dir=parent)
+                os.mkdir(spool, 0o700)
+                self._spool = spool
             except OSError as exc:
                 raise LoadError(f"cannot make podman's spool in {parent}: {exc.strerror}",
                                 "set TMPDIR to a writable directory (podman spools there "

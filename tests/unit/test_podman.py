@@ -204,3 +204,19 @@ def test_spool_parent_is_a_path_podman_can_name_an_image_after(tmp_path: Path) -
     assert Podman("podman", runner=fake).spool_parent() == "/var/tmp"
     fake2 = FakePodman(tmp_path / "b", detail([]), True)
     assert Podman("podman", runner=fake2).spool_parent() == str(fake2.tmp)
+
+
+def test_spool_dirs_spell_a_repository_name(tmp_path: Path) -> None:
+    """podman names the loaded image localhost<spool>/<i>: every spool must spell one
+    (mkdtemp's random names hold '_', which fails at `-_` or at the end: seen in tests)."""
+    import re
+
+    component = re.compile(r"[a-z0-9]+(?:(?:[._]|__|[-]*)[a-z0-9]+)*")
+    fake = FakePodman(tmp_path, detail([]), True)
+    runtime = PodmanRuntime(Podman("podman", runner=fake))
+    for _ in range(200):
+        loader = runtime.loader(runtime.inventory(), "linux/amd64")
+        loader.add(D["blob1"], 3, iter([b"abc"]))
+        spool = next(iter(fake.tmp.glob("edgebundle-import-*")))
+        assert component.fullmatch(spool.name), spool.name
+        loader.abort()
