@@ -9,11 +9,16 @@ A layer counts as held only in the form the site's runtime can use:
 * containerd: the compressed blob is in the content store (it can be unpacked onto any
   parent), or the layer's chain is already unpacked as a committed snapshot;
 * Docker: the layer's chain is in the layer store (``docker load`` skips a layer whose
-  chainID exists without opening its file, and has no use for blobs).
+  chainID exists without opening its file, and has no use for blobs);
+* Podman: some layer in its store was made from that very blob (containers/image reuses
+  a layer by its compressed digest, or by its diff_id for an uncompressed blob, on any
+  parent); ``blobs`` lists those digests. A layer held only under another blob is not
+  reused without its blob, so it is not held.
 
 An image counts as held only when it is complete, under its own name, with the same
 content: containerd by target (top) digest, Docker by image ID (config digest) under the
-tag ``naming.docker_tag`` gives it.
+tag ``naming.docker_tag`` gives it, Podman by both the top digest it records for the image
+(``manifest``) and the image ID, under that same tag.
 
 Pure: no I/O. Device-safe.
 """
@@ -23,7 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, FrozenSet, Iterable, List, Optional, Tuple
 
-from .format import RUNTIME_DOCKER, Prerequisite
+from .format import RUNTIME_DOCKER, RUNTIME_PODMAN, Prerequisite
 from .naming import comparable_name, docker_tag
 from .oci import Descriptor
 
@@ -58,7 +63,8 @@ class Inventory:
     runtime: str
     namespace: Optional[str] = None
     images: Tuple[HeldImage, ...] = ()
-    blobs: FrozenSet[str] = frozenset()  # content-store digests (containerd)
+    blobs: FrozenSet[str] = frozenset()  # content-store digests (containerd); Podman: the
+    # blob digests its layers were made from (compressed, or the diff_id when uncompressed)
     chains: FrozenSet[str] = frozenset()  # applied layer chains (snapshots / docker layers)
     generated_at: str = ""
     host: str = ""
@@ -89,9 +95,13 @@ class Holdings:
     def image(self, name: str, top: str, config: str) -> Optional[HeldImage]:
         """The complete image named ``name`` holding this content, if the site has it."""
         docker = self.runtime == RUNTIME_DOCKER
-        want = comparable_name(docker_tag(name) if docker else name)
+        podman = self.runtime == RUNTIME_PODMAN
+        want = comparable_name(docker_tag(name) if docker or podman else name)
         for held in self._by_name.get(want, ()):
-            if docker:
+            if podman:
+                if held.config == config and held.manifest == top:
+                    return held
+            elif docker:
                 if held.config == config:
                     return held
             elif held.target is not None and held.target.digest == top:
@@ -102,6 +112,8 @@ class Holdings:
         """Whether the layer with blob ``digest`` at chain ``chain_id`` is usable here."""
         if self.runtime == RUNTIME_DOCKER:
             return chain_id in self.inventory.chains
+        if self.runtime == RUNTIME_PODMAN:
+            return digest in self.inventory.blobs
         return digest in self.inventory.blobs or chain_id in self.inventory.chains
 
     def satisfies(self, prerequisite: Prerequisite) -> bool:

@@ -10,14 +10,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
-from .format import (FEATURE_DELTA, LAYER_FORM_BLOB, LAYER_FORM_TAR, RUNTIME_CONTAINERD,
+from .format import (BLOB_RUNTIMES, FEATURE_DELTA, LAYER_FORM_BLOB, LAYER_FORM_TAR,
                      RUNTIME_DOCKER, DeltaHead, Prerequisite)
 from .holdings import Holdings, Inventory
 from .image import Layer, ResolvedImage
 
 
 def default_layer_form(runtime: str) -> str:
-    """containerd needs the original blob (to keep manifest digests); Docker only the tar."""
+    """containerd and Podman need the original blob (to keep manifest digests); Docker
+    only the tar."""
     return LAYER_FORM_TAR if runtime == RUNTIME_DOCKER else LAYER_FORM_BLOB
 
 
@@ -130,8 +131,8 @@ def plan_bundle(site: str, images: Sequence[ResolvedImage], inv: Inventory, *, r
                 layer_form: Optional[str] = None) -> Plan:
     """Decide, per image and layer, what ships and what the site must already hold."""
     form = layer_form or default_layer_form(runtime)
-    if runtime == RUNTIME_CONTAINERD and form != LAYER_FORM_BLOB:
-        raise ValueError("containerd sites need layers as original blobs")
+    if runtime in BLOB_RUNTIMES and form != LAYER_FORM_BLOB:
+        raise ValueError(f"{runtime} sites need layers as original blobs")
     holdings = Holdings(inv)
     shipped: Set[str] = set()
     # Keyed by (chain, blob): shared base layers recur in every image, but the same

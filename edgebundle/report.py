@@ -13,7 +13,7 @@ import json
 from typing import Any, Dict, FrozenSet, List, Mapping, Optional
 
 from .errors import InventoryError, UsageError, type_name
-from .format import RUNTIME_DOCKER, RUNTIMES
+from .format import RUNTIME_DOCKER, RUNTIME_PODMAN, RUNTIMES
 from .holdings import HeldImage, HeldLayer, Holdings, Inventory
 from .oci import Descriptor, Platform, chain_ids, check_digest
 from .specs import check_site_name
@@ -145,7 +145,7 @@ def inventory_from_json(obj: object) -> Inventory:
     runtime = _field(obj, "runtime", dict, "runtime")
     kind = _field(runtime, "kind", str, "runtime.kind")
     if kind not in RUNTIMES:
-        raise _bad("runtime.kind", f"unknown runtime {kind!r} (expected {' or '.join(RUNTIMES)})")
+        raise _bad("runtime.kind", f"unknown runtime {kind!r} (expected {', '.join(RUNTIMES)})")
     images = _field(obj, "images", list, "images")
     extra = _field(obj, "extra", dict, "extra", required=False) or {}
     inv = Inventory(
@@ -173,6 +173,7 @@ def _check_complete_images_are_held(inv: Inventory) -> None:
     """
     holdings = Holdings(inv)
     docker = inv.runtime == RUNTIME_DOCKER
+    podman = inv.runtime == RUNTIME_PODMAN
     for i, image in enumerate(inv.images):
         if not image.complete:
             continue
@@ -180,10 +181,11 @@ def _check_complete_images_are_held(inv: Inventory) -> None:
         chains = chain_ids(layer.diff_id for layer in image.layers)
         for j, (layer, chain) in enumerate(zip(image.layers, chains)):
             if not holdings.layer(layer.digest or "", chain):
-                held_as = "its chain in chains" if docker else "its blob in blobs or its chain in chains"
+                held_as = ("its chain in chains" if docker else "its blob in blobs" if podman
+                           else "its blob in blobs or its chain in chains")
                 raise _bad(f"{where}.complete", f"is true, but layers[{j}] ({layer.diff_id}) is not "
                            f"held: the report lists neither {held_as}")
-        if not docker and chains and chains[-1] not in inv.chains:
+        if not docker and not podman and chains and chains[-1] not in inv.chains:
             raise _bad(f"{where}.complete", f"is true, but its top chain {chains[-1]} is not "
                        "unpacked (not in chains)")
 

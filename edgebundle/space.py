@@ -217,8 +217,9 @@ def is_disk_full(exc: BaseException) -> bool:
 class Storage:
     """Where a runtime writes what an import adds (None: it did not say; not checked)."""
 
-    runtime: str  # "containerd" | "docker"
-    content: Optional[str]  # containerd's content store; Docker's root (load's tmp copy)
+    runtime: str  # "containerd" | "docker" | "podman"
+    content: Optional[str]  # containerd's content store; Docker's root (load's tmp copy);
+    # Podman: the spool edgebundle writes the blobs to
     unpacked: Optional[str]  # containerd's snapshotter root; Docker's root (layer dirs)
     label: str  # "containerd", "docker"
 
@@ -250,11 +251,16 @@ def import_needs(storage: Storage, est: Estimate) -> List[Need]:
     unknown); on one filesystem they add up."""
     needs = []
     containerd = storage.runtime == "containerd"
+    podman = storage.runtime == "podman"
     if storage.content is not None:
         needs.append(Need(storage.content, f"{storage.label} content store" if containerd
-                          else storage.label, content=est.content))
+                          else "podman load's spool" if podman else storage.label,
+                          content=est.content))
+        if podman:  # containers/image copies each blob it loads into a temp dir there too
+            needs.append(Need(storage.content, "podman load's spool", content=est.content))
     if storage.unpacked is not None:
-        needs.append(Need(storage.unpacked, "snapshots" if containerd else storage.label,
+        needs.append(Need(storage.unpacked, "snapshots" if containerd
+                          else "podman storage" if podman else storage.label,
                           unpacked=est.unpacked))
     return needs
 
@@ -262,6 +268,8 @@ def import_needs(storage: Storage, est: Estimate) -> List[Need]:
 def _hint(storage: Storage) -> str:
     if storage.runtime == "docker":
         cleanup = "e.g. `docker image prune -a` removes images no container uses"
+    elif storage.runtime == "podman":
+        cleanup = "e.g. `podman image prune -a` removes images no container uses"
     else:
         cleanup = "e.g. remove unused images with `ctr -n NAMESPACE images rm` or `crictl rmi --prune`"
     return (f"free space there, {cleanup}, or pack fewer images per bundle; "

@@ -26,7 +26,8 @@ from .main import emit_json
 def _runtime(args: argparse.Namespace) -> Runtime:
     return open_runtime(RuntimeAddress(args.runtime, args.address, args.namespace, args.ctr,
                                        args.snapshotter, args.host,
-                                       getattr(args, "stall_timeout", 120.0)), _state(args))
+                                       getattr(args, "stall_timeout", 120.0), args.podman,
+                                       args.root, args.runroot), _state(args))
 
 
 def _state(args: argparse.Namespace) -> StateDir:

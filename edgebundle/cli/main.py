@@ -55,7 +55,7 @@ def _logging_args(p: argparse.ArgumentParser, top: bool) -> None:
 
 def _runtime_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     g = p.add_argument_group("runtime")
-    g.add_argument("--runtime", choices=("containerd", "docker"), required=required,
+    g.add_argument("--runtime", choices=("containerd", "docker", "podman"), required=required,
                    help="container runtime on this device")
     g.add_argument("--address", default="/run/containerd/containerd.sock",
                    help="containerd socket (default: %(default)s)")
@@ -68,6 +68,12 @@ def _runtime_args(p: argparse.ArgumentParser, required: bool = True) -> None:
                    help="containerd snapshotter (default: $CONTAINERD_SNAPSHOTTER, else overlayfs)")
     g.add_argument("--host", default="unix:///var/run/docker.sock",
                    help="Docker Engine socket (default: %(default)s)")
+    g.add_argument("--root", metavar="DIR",
+                   help="podman's store, as `podman --root` means it (default: podman's own)")
+    g.add_argument("--runroot", metavar="DIR",
+                   help="podman's run directory, as `podman --runroot` means it")
+    g.add_argument("--podman", default="podman",
+                   help="podman command, e.g. 'sudo podman' (default: %(default)s)")
 
 
 def _state_args(p: argparse.ArgumentParser) -> None:

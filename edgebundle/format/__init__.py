@@ -57,7 +57,10 @@ LAYER_FORMS = (LAYER_FORM_BLOB, LAYER_FORM_TAR)
 
 RUNTIME_CONTAINERD = "containerd"
 RUNTIME_DOCKER = "docker"
-RUNTIMES = (RUNTIME_CONTAINERD, RUNTIME_DOCKER)
+RUNTIME_PODMAN = "podman"
+RUNTIMES = (RUNTIME_CONTAINERD, RUNTIME_DOCKER, RUNTIME_PODMAN)
+#: Runtimes that keep the registry's digests only when given the original blobs.
+BLOB_RUNTIMES = (RUNTIME_CONTAINERD, RUNTIME_PODMAN)
 
 # Records are bounded by what a 256 MiB device can decode (FORMAT.md, "Resource bounds").
 # Python holds a msgpack object in up to ~70 bytes however small it is on the wire, so
@@ -103,5 +106,5 @@ __all__ = [
     "BaseFile", "BaseLayer", "Commitments", "DeltaHead", "Signature", "Signer", "EntryHead", "Header", "ImageRecord", "ImageSummary", "Index", "IndexEntry", "LayerRecord",
     "Prerequisite",
     "MAGIC", "FORMAT_VERSION", "SUPPORTED_VERSIONS", "CODEC_STORED", "CODEC_ZSTD",
-    "KIND_BLOB", "KIND_DELTA", "FEATURE_DELTA", "FEATURE_SIGNATURE", "LAYER_FORM_BLOB", "LAYER_FORM_TAR", "RUNTIMES",
+    "KIND_BLOB", "KIND_DELTA", "FEATURE_DELTA", "FEATURE_SIGNATURE", "LAYER_FORM_BLOB", "LAYER_FORM_TAR", "RUNTIMES", "RUNTIME_PODMAN", "BLOB_RUNTIMES",
 ]

@@ -29,7 +29,7 @@ from ..specs import NAMESPACE_RE, SITE_NAME_HINT, SITE_NAME_RE
 from . import (CODECS, FEATURE_DELTA, FEATURE_SIGNATURE, KIND_BLOB, KIND_DELTA, KNOWN_FEATURES,
                LAYER_FORM_BLOB, LAYER_FORM_TAR, LAYER_FORMS, MAX_ENTRIES, MAX_FEATURES,
                MAX_FIELD_STRING, MAX_IMAGES, MAX_LAYERS, MAX_PREREQUISITES, MAX_RECORD_OBJECTS,
-               RUNTIMES)
+               RUNTIMES, BLOB_RUNTIMES)
 
 SPEC_HINT = ("the bundle breaks docs/FORMAT.md, so it was not written by a compatible "
              "edgebundle (or was altered after packing): repack it")
@@ -488,8 +488,8 @@ def parse_header(obj: object, name: str) -> Header:
     f.nil("volume", "format version 1 has no multi-volume bundles (it must be nil)")
     runtime = f.choice("runtime", RUNTIMES)
     layer_form = f.choice("layer_form", LAYER_FORMS)
-    if runtime == "containerd" and layer_form != LAYER_FORM_BLOB:
-        raise f.fail("layer_form", f"is {layer_form!r}, but containerd bundles carry layers as "
+    if runtime in BLOB_RUNTIMES and layer_form != LAYER_FORM_BLOB:
+        raise f.fail("layer_form", f"is {layer_form!r}, but {runtime} bundles carry layers as "
                      f"{LAYER_FORM_BLOB!r} (the registry's blobs keep their digests)")
     prerequisites = tuple(_prerequisite(item, f"bundle {name} header prerequisites[{i}]")
                           for i, item in enumerate(f.items("prerequisites", MAX_PREREQUISITES)))

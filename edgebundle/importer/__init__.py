@@ -25,7 +25,7 @@ from typing import Any, BinaryIO, Callable, ContextManager, Dict, Iterable, Iter
     Sequence
 
 from ..errors import LoadError, PrerequisiteError
-from ..format import (LAYER_FORM_TAR, RUNTIME_CONTAINERD, BaseLayer, BundleReader, EntryHead,
+from ..format import (BLOB_RUNTIMES, LAYER_FORM_TAR, BaseLayer, BundleReader, EntryHead,
                       Header, ImageRecord, ImageSummary)
 from ..format.reader import Verifier
 from ..holdings import Holdings, Inventory
@@ -122,10 +122,10 @@ def import_bundle(stream: BinaryIO, name: str, runtime: Runtime, *,
     reader = BundleReader(stream, name, verifier)
     header = reader.header
     bar = progress(header.content_bytes) if progress is not None else None
-    if runtime.kind == RUNTIME_CONTAINERD and header.layer_form == LAYER_FORM_TAR:
+    if runtime.kind in BLOB_RUNTIMES and header.layer_form == LAYER_FORM_TAR:
         raise LoadError(f"bundle {name} carries layers as plain tars (packed for Docker); "
-                        "containerd needs the original blobs",
-                        "repack for a containerd site (`pack --site` of a containerd site)")
+                        f"{runtime.kind} needs the original blobs",
+                        f"repack for a {runtime.kind} site (`pack --site` of a {runtime.kind} site)")
     holdings = Holdings(runtime.inventory())
     missing = holdings.missing_names(header.prerequisites)
     if missing:

@@ -4,7 +4,8 @@ containerd: ``ctr plugins ls -d`` lists each plugin's exports; the content plugi
 local snapshotters export their ``root`` (so ``root = ...`` in config.toml, or k3s's
 ``/var/lib/rancher/k3s/agent/containerd``, needs no flag). Docker: ``DockerRootDir`` of
 ``GET /info``; ``docker load`` untars into ``<root>/tmp`` and unpacks into
-``<root>/<driver>``.
+``<root>/<driver>``. Podman: the blobs go to edgebundle's spool in podman's image copy
+temp dir, the layers into ``graphRoot`` (both from ``podman info``).
 
 Through the runtimes' own seams (``Runner``, the Engine API transport), so unit tests
 feed recorded output.
@@ -81,6 +82,11 @@ def docker_storage(info: object) -> Storage:
     return Storage("docker", os.path.join(root, "tmp"), layers, "docker")
 
 
+def podman_storage(spool: Optional[str], graph_root: Optional[str]) -> Storage:
+    """The spool edgebundle writes the bundle's blobs into, and podman's graph root."""
+    return Storage("podman", _abs(spool), _abs(graph_root), "podman")
+
+
 def _abs(path: Optional[str]) -> Optional[str]:
     return path if path is not None and os.path.isabs(path) else None
 
@@ -89,6 +95,7 @@ def runtime_storage(runtime: Runtime) -> Storage:
     """Ask the runtime where it keeps its data; unknown parts are None (not checked)."""
     from .containerd import ContainerdRuntime
     from .docker import DockerRuntime
+    from .podman import PodmanRuntime
 
     try:
         if isinstance(runtime, ContainerdRuntime):
@@ -96,10 +103,12 @@ def runtime_storage(runtime: Runtime) -> Storage:
             return containerd_storage(parse_plugin_exports(text), runtime.ctr.snapshotter)
         if isinstance(runtime, DockerRuntime):
             return docker_storage(runtime.api.get_json("/info"))
+        if isinstance(runtime, PodmanRuntime):
+            return podman_storage(runtime.podman.spool_parent(), runtime.podman.graph()[0])
     except LoadError as exc:  # an odd ctr/daemon: it still imports, unchecked
         log.info("%s did not say where it keeps its data (%s)", runtime.kind, exc.message)
     return Storage(runtime.kind, None, None, runtime.kind)
 
 
-__all__: List[str] = ["containerd_storage", "docker_storage", "parse_plugin_exports",
+__all__: List[str] = ["containerd_storage", "docker_storage", "parse_plugin_exports", "podman_storage",
                       "runtime_storage"]

@@ -40,13 +40,16 @@ log = logging.getLogger(__name__)
 class RuntimeAddress:
     """Where the device's runtime listens (the ``--runtime`` group of flags)."""
 
-    kind: str  # "containerd" | "docker"
+    kind: str  # "containerd" | "docker" | "podman"
     address: str  # containerd socket
     namespace: str  # containerd namespace
     ctr: str  # the ctr command line, e.g. "k3s ctr"
     snapshotter: str
     host: str  # Docker Engine socket, unix://...
     stall: float = 120.0  # seconds the runtime may read nothing of the stream (--stall-timeout)
+    podman: str = "podman"  # the podman command line
+    root: Optional[str] = None  # podman --root (None: podman's default store)
+    runroot: Optional[str] = None  # podman --runroot
 
 
 #: How long an import waits for the ctr of a killed import to finish its unpack.
@@ -66,7 +69,12 @@ def open_runtime(where: RuntimeAddress, state: Optional[StateDir] = None) -> Run
         from ..importer.docker import DockerAPI, DockerRuntime
 
         return DockerRuntime(DockerAPI(where.host))
-    raise UsageError(f"unknown runtime {where.kind!r}", "pass --runtime containerd or --runtime docker")
+    if where.kind == "podman":
+        from ..importer.podman import Podman, PodmanRuntime
+
+        return PodmanRuntime(Podman(where.podman, where.root, where.runroot))
+    raise UsageError(f"unknown runtime {where.kind!r}",
+                     "pass --runtime containerd, --runtime docker or --runtime podman")
 
 
 @contextlib.contextmanager
@@ -233,6 +241,9 @@ def prune(runtime: Runtime, keep: Sequence[str], *, keep_previous: int = 0,
     report returned is read from the runtime after the removal.
     """
     check_keep(keep)
+    if runtime.kind == "podman":
+        raise UsageError("prune does not support --runtime podman yet",
+                         "remove images with `podman rmi NAME` (podman refuses one a container uses)")
     if keep_previous < 0:
         raise UsageError(f"--keep-previous {keep_previous} is negative", "pass 0 or more")
     state = state or StateDir(state_dir_path())

@@ -115,13 +115,13 @@ class PackerSession:
         if site.name in self._resolved:
             return self._resolved[site.name]
         specs = self.manifest.images_for(site.name)
-        if site.runtime == "containerd":
+        if site.runtime in ("containerd", "podman"):
             for spec in specs:
                 if spec.platform is not None and not spec.platform.matches(site.platform):
                     raise ManifestError(
                         f"{self.manifest.path}:{spec.line}: image {spec.ref} asks for {spec.platform} "
-                        f"but containerd site {site.name} is {site.platform}",
-                        "a containerd import unpacks one platform: drop `platform:` for this image "
+                        f"but {site.runtime} site {site.name} is {site.platform}",
+                        f"a {site.runtime} import unpacks one platform: drop `platform:` for this image "
                         "or declare a separate site")
         images = []
         for spec in specs:

@@ -110,3 +110,13 @@ def fleet(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
         yield fl
     finally:
         fl.stop()
+
+
+@pytest.fixture()
+def podman_store(request: pytest.FixtureRequest, tmp_path: Path,
+                 monkeypatch: pytest.MonkeyPatch) -> Iterator[services.PodmanStore]:
+    """A private, empty podman store per test; TMPDIR points podman's spools into it."""
+    store = _start(request.config, "podman", lambda: services.start_podman_store(tmp_path / "podman"))
+    monkeypatch.setenv("TMPDIR", str(store.tmpdir))
+    yield store
+    store.stop()

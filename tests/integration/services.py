@@ -1019,7 +1019,7 @@ PODMAN_RUN_FLAGS = ("--network", "none", "--ulimit", "nofile=1024:1024",
                     "--ulimit", "nproc=1024:1024")
 
 
-def podman_cmd(root: Path, runroot: Path, *, driver: str = "vfs") -> list[str]:
+def podman_cmd(root: Path, runroot: Path, *, driver: Optional[str] = "vfs") -> list[str]:
     """The argv prefix of a podman that uses only its own store under ``root``/``runroot``.
 
     Never the default store (/var/lib/containers): ``--root``/``--runroot`` and libpod's
@@ -1027,6 +1027,10 @@ def podman_cmd(root: Path, runroot: Path, *, driver: str = "vfs") -> list[str]:
     overlay driver bind-mounts its directory); ``runroot`` must be short (at most 50
     characters, podman's limit); events go to a file, not journald; cgroupfs,
     not systemd; runc, because crun refuses this machine's hybrid cgroup layout.
+    ``driver=None``: podman's default driver, the one ``edgebundle --runtime podman``
+    (which passes only ``--root``/``--runroot``) gets on the same store. (Podman 4.3 as
+    root still writes its blob-info cache to /var/lib/containers/cache: a digest-mapping
+    cache, not an image store, with no flag.)
     """
     binary = _require("podman")
     root, runroot = Path(root), Path(runroot)
@@ -1036,5 +1040,60 @@ def podman_cmd(root: Path, runroot: Path, *, driver: str = "vfs") -> list[str]:
     for d in (root, runroot, tmpdir):
         d.mkdir(parents=True, exist_ok=True)
     return [binary, "--root", str(root), "--runroot", str(runroot), "--tmpdir", str(tmpdir),
-            "--storage-driver", driver, "--events-backend", "file",
+            *(("--storage-driver", driver) if driver else ()), "--events-backend", "file",
             "--cgroup-manager", "cgroupfs", "--runtime", "runc"]
+
+
+@dataclass
+class PodmanStore:
+    root: Path
+    runroot: Path
+    tmpdir: Path  # TMPDIR for podman: where load/copy spools (imageCopyTmpDir)
+
+    def argv(self) -> list[str]:
+        return podman_cmd(self.root, self.runroot, driver=None)
+
+    def env(self) -> dict[str, str]:
+        return clean_env({"TMPDIR": str(self.tmpdir)})
+
+    def edgebundle_args(self) -> list[str]:
+        """The device flags that point ``edgebundle import/report`` at this store."""
+        return ["--runtime", "podman", "--root", str(self.root), "--runroot", str(self.runroot),
+                "--podman", " ".join(["podman", "--tmpdir", str(self.runroot / "libpod-tmp")])]
+
+    def run_argv(self) -> list[str]:
+        """``podman run`` as it works in this (nested, hybrid-cgroup) machine: runc, and
+        ulimits within the hard limits the container gives us."""
+        return self.argv() + ["run", "--rm", *PODMAN_RUN_FLAGS]
+
+    def podman(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(self.argv() + list(args), capture_output=True, text=True,
+                              env=self.env(), timeout=timeout)
+
+    def stop(self) -> None:
+        """Nothing runs (podman is daemonless). The overlay driver leaves its home
+        (``<root>/overlay``) bind-mounted on itself: unmount what is under our root, then
+        the short runroot dir goes."""
+        root = str(self.root.resolve()) + "/"
+        with open("/proc/self/mounts", encoding="utf-8") as fh:
+            points = [line.split()[1] for line in fh if len(line.split()) > 1]
+        for point in sorted((p for p in points if p.startswith(root)), reverse=True):
+            subprocess.run(["umount", point], capture_output=True, timeout=30)
+        shutil.rmtree(self.runroot, ignore_errors=True)
+
+
+def start_podman_store(tmp: Path) -> PodmanStore:
+    """A fresh, empty podman store; ``podman info`` must answer for it.
+
+    The runroot is a short dir of its own under /tmp (podman refuses a runroot longer
+    than 50 characters); ``stop()`` removes it.
+    """
+    import tempfile
+
+    runroot = Path(tempfile.mkdtemp(prefix="podman-run-", dir="/tmp"))
+    store = PodmanStore(tmp / "root", runroot, tmp / "tmp")
+    store.tmpdir.mkdir(parents=True, exist_ok=True)
+    out = store.podman("info", "--format", "{{.Store.GraphRoot}}")
+    if out.returncode != 0 or out.stdout.strip() != str(store.root):
+        raise ServiceError(f"podman on {store.root} does not answer: {out.stderr.strip()[-400:]}")
+    return store

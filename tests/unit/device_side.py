@@ -20,6 +20,7 @@ PKG = ROOT / "edgebundle"
 ENTRY_POINTS = ["edgebundle.cli.device", "edgebundle.cli.staged", "edgebundle.usecases.device",
                 "edgebundle.importer",
                 "edgebundle.importer.containerd", "edgebundle.importer.docker",
+                "edgebundle.importer.podman",
                 "edgebundle.format", "edgebundle.report", "edgebundle.holdings", "edgebundle.logs",
                 "edgebundle.trust", "edgebundle.state"]
 # cryptography is not packer-only, but a device without a trust policy must not need it:

@@ -15,7 +15,7 @@ def test_device_side_is_what_we_expect() -> None:
     files = {str(p.relative_to(PKG)) for p in device_files()}
     # The core of the device side; more may join, none of these may leave it.
     assert {"format/reader.py", "format/records.py", "importer/containerd.py",
-            "importer/docker.py", "holdings.py", "report.py", "usecases/device.py",
+            "importer/docker.py", "importer/podman.py", "holdings.py", "report.py", "usecases/device.py",
             "cli/device.py", "files.py", "logs.py"} <= files
     for packer_only in ("manifest.py", "resolve.py", "registry/client.py", "transfer/ssh.py",
                         "usecases/packer.py", "cli/packer.py", "cache.py", "plan.py", "pack.py"):

@@ -228,7 +228,7 @@ def test_shipped_example_loads() -> None:
     assert ml.images and ml.sites and ml.registries
     kinds = {i.source.split(":")[0] for i in ml.images if i.source}
     assert kinds == {"docker-archive", "oci-layout"}
-    assert {s.runtime for s in ml.sites.values()} == {"containerd", "docker"}
+    assert {s.runtime for s in ml.sites.values()} == {"containerd", "docker", "podman"}
 
 
 def test_parse_manifest_from_text() -> None:
@@ -351,7 +351,9 @@ def test_undeclared_site_without_sites_section(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("site, expect", [
-    ("{runtime: podman, platform: linux/amd64}", ":4: site 's': unknown runtime 'podman'"),
+    ("{runtime: pod, platform: linux/amd64}", ":4: site 's': unknown runtime 'pod'"),
+    ("{runtime: podman, platform: linux/amd64, address: /run/podman.sock}", ":4: site 's': podman has no socket to address"),
+    ("{runtime: podman, platform: linux/amd64, prune: true}", ":4: site 's': prune is not supported for podman"),
     ("{runtime: containrd, platform: linux/amd64}", "did you mean 'containerd'"),
     ("{platform: linux/amd64}", ":4: site 's' has no runtime"),
     ("{runtime: docker}", ":4: site 's' has no platform"),

@@ -122,7 +122,7 @@ def mutated(path: str, value: Any) -> Dict[str, Any]:
     ("version", ..., "inventory report version None is not supported"),
     ("kind", "something", "inventory report kind is 'something'"),
     ("runtime", ..., "field runtime: missing"),
-    ("runtime.kind", "podman", "field runtime.kind: unknown runtime 'podman'"),
+    ("runtime.kind", "cri-o", "field runtime.kind: unknown runtime 'cri-o'"),
     ("runtime.namespace", 3, "field runtime.namespace: expected a string, got number"),
     ("images", {}, "field images: expected an array, got object"),
     ("images.0.name", "", "field images[0].name: is empty"),
