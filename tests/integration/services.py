@@ -229,7 +229,8 @@ class TokenAuth:
 
 def start_registry(tmp: Path, *, auth: bool = False, username: str = "edge", password: Optional[str] = None,
                    token: Optional[TokenAuth] = None, tls: Optional["ServerCert"] = None,
-                   client_cas: tuple[Path, ...] = (), storage: Optional[Path] = None) -> Registry:
+                   client_cas: tuple[Path, ...] = (), storage: Optional[Path] = None,
+                   bind: str = "127.0.0.1") -> Registry:
     """``docker-registry serve`` (distribution 2.x) on 127.0.0.1, plain HTTP.
 
     With ``auth=True`` the registry requires HTTP basic auth (htpasswd); with ``token``
@@ -238,7 +239,8 @@ def start_registry(tmp: Path, *, auth: bool = False, username: str = "edge", pas
     requires client certificates signed by one of them (``http.tls.clientcas``).
     ``storage``: serve this filesystem storage root (e.g. another registry's, or one
     images were pushed to without auth: imagefactory pushes with basic auth only)
-    instead of a fresh one.
+    instead of a fresh one. ``bind``: the address to listen on -- 127.0.0.1, or an
+    address inside a network namespace the test created (tests/integration/netns_proxy.py).
     """
     binary = _require("docker-registry")
     tmp = Path(tmp)
@@ -251,7 +253,7 @@ def start_registry(tmp: Path, *, auth: bool = False, username: str = "edge", pas
         "version": 0.1,
         "log": {"level": "info", "accesslog": {"disabled": True}},
         "storage": {"filesystem": {"rootdirectory": str(root)}, "delete": {"enabled": True}},
-        "http": {"addr": f"127.0.0.1:{port}", "headers": {"X-Content-Type-Options": ["nosniff"]}},
+        "http": {"addr": f"{bind}:{port}", "headers": {"X-Content-Type-Options": ["nosniff"]}},
     }
     if tls is not None:
         http_cfg = config["http"]
@@ -276,7 +278,7 @@ def start_registry(tmp: Path, *, auth: bool = False, username: str = "edge", pas
         if tls is not None:
             # A TLS handshake that reaches the registry's certificate is "ready" (with
             # clientcas it then refuses us, which is the point of that registry).
-            with socket.create_connection(("127.0.0.1", port), timeout=2) as raw:
+            with socket.create_connection((bind, port), timeout=2) as raw:
                 # Not verifying: an expired or misnamed certificate is what some tests serve.
                 ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
                 ctx.check_hostname = False
@@ -289,7 +291,7 @@ def start_registry(tmp: Path, *, auth: bool = False, username: str = "edge", pas
                         return True
                     raise
                 return True
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/v2/")
+        req = urllib.request.Request(f"http://{bind}:{port}/v2/")
         if auth:
             basic = base64.b64encode(f"{username}:{password}".encode()).decode()
             req.add_header("Authorization", f"Basic {basic}")
@@ -305,7 +307,7 @@ def start_registry(tmp: Path, *, auth: bool = False, username: str = "edge", pas
 
     _wait_ready("docker-registry", proc, log, probe)
     return Registry(
-        host=f"127.0.0.1:{port}",
+        host=f"{bind}:{port}",
         port=port,
         pid=proc.pid,
         root=root,
