@@ -44,7 +44,7 @@ def _created() -> Optional[str]:
 
 
 class _Bars:
-    """tqdm factory handed to the resolver (one bar per download)."""
+    """tqdm factory handed to the resolver: one bar per step (all downloads share one)."""
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
@@ -52,6 +52,15 @@ class _Bars:
     def __call__(self, total: Optional[int], desc: str) -> Any:
         return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
                     leave=False, file=sys.stderr, disable=not self.enabled)
+
+
+def jobs_arg(args: argparse.Namespace) -> int:
+    """``--jobs N``: parallel layer downloads (checked before any work)."""
+    jobs: int = args.jobs
+    if jobs < 1:
+        raise UsageError(f"--jobs {jobs}: at least one download must run",
+                         "pass --jobs 1 or more (default 3, as Docker's max-concurrent-downloads)")
+    return jobs
 
 
 def plan_json(plan: Plan) -> Dict[str, Any]:
@@ -127,7 +136,7 @@ def _print_plan(plan: Plan, out: Any) -> None:
 def cmd_plan(args: argparse.Namespace) -> int:
     show = sys.stderr.isatty() and not args.json
     plan = usecases.plan_site(_home(args), args.manifest, args.site, deltas=not args.no_delta,
-                              progress=_Bars(show))
+                              progress=_Bars(show), jobs=jobs_arg(args))
     if args.json:
         emit_json(plan_json(plan))
     else:
@@ -142,6 +151,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
                          "write the bundle to a file, or drop --json (the summary goes to stderr)")
     if args.threads < 0:
         raise UsageError(f"--threads {args.threads} is negative", "pass 0 (one per CPU) or more")
+    jobs = jobs_arg(args)
     volume_size = FAT32_VOLUME_SIZE if args.fat32 else \
         parse_size(args.volume_size) if args.volume_size is not None else None
     if volume_size is not None and to_stdout:
@@ -153,7 +163,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
                                  full=args.full, level=args.level, threads=args.threads,
                                  created=_created(), progress=_Bars(show),
                                  deltas=not args.no_delta, signers=signers,
-                                 volume_size=volume_size)
+                                 volume_size=volume_size, jobs=jobs)
     stats, plan = outcome.stats, outcome.plan
     if args.json:
         emit_json({"bundle": outcome.output, "bundle_bytes": stats.bundle_bytes,
