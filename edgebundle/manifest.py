@@ -36,7 +36,7 @@ IMAGE_KEYS = ("ref", "source", "platform", "sites")
 SITE_KEYS = ("runtime", "platform", "namespace", "ssh", "report_command", "deltas", "address",
              "edgebundle", "staging", "prune")
 PRUNE_KEYS = ("keep_previous",)
-REGISTRY_KEYS = ("insecure", "mirrors")
+REGISTRY_KEYS = ("insecure", "mirrors", "ca_file", "client_cert", "client_key")
 DEFAULT_NAMESPACE = "default"
 
 _NAMESPACE_RE = NAMESPACE_RE  # containerd's rule, shared with the bundle's header check
@@ -142,7 +142,8 @@ def parse_manifest(text: str, path: str = "<manifest>", base_dir: Optional[Path]
     doc = _parse_yaml(ctx, text)
     _check_keys(ctx, doc, TOP_KEYS, None, doc.line)
     _check_version(ctx, doc)
-    registries = _parse_registries(ctx, doc.get("registries"), doc.key_lines.get("registries", 0))
+    registries = _parse_registries(ctx, doc.get("registries"), doc.key_lines.get("registries", 0),
+                                   base_dir or Path.cwd())
     sites = _parse_sites(ctx, doc.get("sites"), doc.key_lines.get("sites", 0))
     if "images" not in doc:
         raise ctx.error(doc.line, "no images: section", "list the images to ship under images:")
@@ -246,7 +247,7 @@ def _want_str_list(ctx: _Ctx, value: object, line: int, what: str) -> List[Tuple
 # registries:
 
 
-def _parse_registries(ctx: _Ctx, value: object, line: int) -> Dict[str, RegistryConfig]:
+def _parse_registries(ctx: _Ctx, value: object, line: int, base_dir: Path) -> Dict[str, RegistryConfig]:
     section = _want_map(ctx, value, line, "registries")
     out: Dict[str, RegistryConfig] = {}
     for host, body in section.items():
@@ -255,7 +256,7 @@ def _parse_registries(ctx: _Ctx, value: object, line: int) -> Dict[str, Registry
         if host in out:
             raise ctx.error(key_line, f"registry {host!r} is declared twice",
                             "docker.io and index.docker.io are the same registry; keep one entry")
-        out[host] = _parse_registry(ctx, host, body, key_line)
+        out[host] = _parse_registry(ctx, host, body, key_line, base_dir)
     return out
 
 
@@ -268,7 +269,7 @@ def _registry_host(ctx: _Ctx, value: object, line: int, what: str) -> str:
     return DEFAULT_DOMAIN if host == LEGACY_DEFAULT_DOMAIN else host
 
 
-def _parse_registry(ctx: _Ctx, host: str, body: object, line: int) -> RegistryConfig:
+def _parse_registry(ctx: _Ctx, host: str, body: object, line: int, base_dir: Path) -> RegistryConfig:
     entry = _want_map(ctx, body, line, f"registry {host!r}")
     _check_keys(ctx, entry, REGISTRY_KEYS, f"registry {host!r}", line)
     insecure = entry.get("insecure", False)
@@ -279,7 +280,26 @@ def _parse_registry(ctx: _Ctx, host: str, body: object, line: int) -> RegistryCo
     if "mirrors" in entry:
         items = _want_str_list(ctx, entry["mirrors"], entry.key_lines["mirrors"], f"registry {host!r} mirrors")
         mirrors = tuple(_registry_host(ctx, m, m_line, f"mirror of registry {host!r}") for m, m_line in items)
-    return RegistryConfig(host=host, insecure=insecure, mirrors=mirrors)
+    files = {key: _registry_file(ctx, host, entry, key, base_dir) for key in ("ca_file", "client_cert", "client_key")}
+    if (files["client_cert"] is None) != (files["client_key"] is None):
+        have, lack = ("client_cert", "client_key") if files["client_cert"] else ("client_key", "client_cert")
+        raise ctx.error(entry.key_lines[have], f"registry {host!r}: {have} without {lack}",
+                        "a client certificate needs its key: give both (PEM files)")
+    return RegistryConfig(host=host, insecure=insecure, mirrors=mirrors, ca_file=files["ca_file"],
+                          client_cert=files["client_cert"], client_key=files["client_key"])
+
+
+def _registry_file(ctx: _Ctx, host: str, entry: "_Map", key: str, base_dir: Path) -> Optional[str]:
+    """An existing file named by ``key``, absolute (relative to the manifest's directory)."""
+    if key not in entry:
+        return None
+    line = entry.key_lines[key]
+    value = _want_str(ctx, entry[key], line, f"registry {host!r} {key}")
+    path = (base_dir / os.path.expanduser(value)).resolve()
+    if not path.is_file():
+        raise ctx.error(line, f"registry {host!r}: {key} {path} is not a file",
+                        "name a PEM file (relative paths are relative to the manifest)")
+    return str(path)
 
 
 # ---------------------------------------------------------------------------

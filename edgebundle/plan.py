@@ -7,7 +7,7 @@ before it touches the runtime.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 from .format import (FEATURE_DELTA, LAYER_FORM_BLOB, LAYER_FORM_TAR, RUNTIME_CONTAINERD,
@@ -79,6 +79,13 @@ class Plan:
     layer_form: str
     images: Tuple[ImagePlan, ...]
     prerequisites: Tuple[Prerequisite, ...]
+    # (digest, source) for what a registry or mirror served in this run: which one it
+    # was, for the plan/pack output. Not part of what ships, so not compared.
+    sources: Tuple[Tuple[str, str], ...] = field(default=(), compare=False)
+
+    def source_of(self, digest: str) -> Optional[str]:
+        """The registry/mirror (``host[/prefix]``) that served ``digest`` this run, if one did."""
+        return dict(self.sources).get(digest)
 
     @property
     def required_features(self) -> Tuple[str, ...]:

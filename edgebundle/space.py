@@ -360,15 +360,17 @@ class ImportSpace:
 
 
 def check_packer(cache: str, fetch: int, output: Optional[str], bundle: int,
-                 disk: Optional[Disk] = None) -> None:
+                 disk: Optional[Disk] = None, *, output_what: str = "bundle output",
+                 doing: str = "this pack") -> None:
     """Refuse a pack whose downloads (into ``cache``) and bundle (at ``output``; None for
-    a stream) do not fit. ``bundle`` is the plan's estimate of the bundle's size."""
+    a stream) do not fit. ``bundle`` is the plan's estimate of the bundle's size.
+    ``output_what``/``doing`` name the output and the command (``export`` writes archives)."""
     needs = [Need(cache, "packer cache", content=fetch)]
     if output is not None:
-        needs.append(Need(output, "bundle output", content=bundle))
+        needs.append(Need(output, output_what, content=bundle))
     short = shortfalls(needs, disk or Disk())
     if short:
-        raise SpaceError("; ".join(describe(s, "this pack") for s in short),
+        raise SpaceError("; ".join(describe(s, doing) for s in short),
                          "free space there, or pass --home / -o on a bigger disk")
 
 

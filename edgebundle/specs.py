@@ -30,11 +30,18 @@ def check_site_name(name: object) -> str:
 
 @dataclass(frozen=True)
 class RegistryConfig:
-    """Per-registry settings. Plain HTTP only where ``insecure`` is declared."""
+    """Per-registry settings. Plain HTTP only where ``insecure`` is declared.
+
+    ``ca_file``/``client_cert``/``client_key`` are absolute paths (the manifest's are
+    resolved against its directory); they add to what certs.d holds for the host.
+    """
 
     host: str
     insecure: bool = False
     mirrors: Tuple[str, ...] = ()
+    ca_file: Optional[str] = None
+    client_cert: Optional[str] = None
+    client_key: Optional[str] = None
 
 
 @dataclass(frozen=True)

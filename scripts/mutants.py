@@ -345,6 +345,23 @@ MUTANTS: List[Mutant] = [
     Mutant("fleet bundle names a site", "edgebundle/sync/run.py",
            "            plan = dataclasses.replace(plan, site=None)\n", "            pass\n",
            "tests/unit/test_sync.py -k fresh_report"),
+    # exports (edgebundle export)
+    Mutant("k3s zstd window not held to 32 MiB", "edgebundle/usecases/export.py",
+           "if params.window_log > archive.K3S_MAX_WINDOW_LOG:", "if False:",
+           "tests/unit/test_export.py -k zstd_window"),
+    Mutant("k3s archive names the half index", "edgebundle/usecases/export.py",
+           "progress=progress,\n                          platform_manifests=fmt == archive.K3S_AIRGAP)",
+           "progress=progress,\n                          platform_manifests=False)",
+           "tests/unit/test_export.py -k k3s_airgap_names"),
+    Mutant("damaged cache blob exported", "edgebundle/usecases/export.py",
+           'if "sha256:" + hasher.hexdigest() != digest:', "if False:",
+           "tests/unit/test_export.py -k damaged"),
+    Mutant("zstd docker-archive accepted", "edgebundle/archive.py",
+           "if fmt == DOCKER_ARCHIVE and kind == ZSTD:", "if False:",
+           "tests/unit/test_export.py -k compression_refused"),
+    Mutant("zstd layer in a docker-archive as it is", "edgebundle/archive.py",
+           "    if layer.docker_readable:", "    if True:",
+           "tests/unit/test_export.py -k zstd_layer"),
 ]
 
 

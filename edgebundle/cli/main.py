@@ -21,10 +21,14 @@ from ..errors import EdgebundleError, SpaceError, UsageError
 from ..logs import redact, setup_logging
 
 EPILOG = """\
-packer:  plan, pack, sync, inventory record|pull|show, key generate|show
+packer:  plan, pack, export, sync, inventory record|pull|show, key generate|show
 device:  import, report, prune, verify, inspect
 
 Every command takes -v (what happens) and --debug (more, with library requests).
+
+Registries (packer): CAs and client certificates from /etc/docker/certs.d/<host[:port]>/
+and /etc/containers/certs.d/ (*.crt, client.cert + client.key; EDGEBUNDLE_CERTS_DIRS=a:b
+replaces those roots); HTTPS_PROXY, HTTP_PROXY and NO_PROXY as Docker reads them.
 
 Exit codes: 0 ok, 1 error, 2 usage, 3 manifest, 4 resolve, 5 bundle format,
 6 prerequisite missing, 7 runtime unreachable, 8 load failed, 9 transport, 10 inventory,
@@ -146,6 +150,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sign", action="append", default=[], metavar="KEYFILE",
                    help="sign the bundle with this private key (from `edgebundle key generate`); "
                    "repeat to co-sign with a new and an old key while rotating")
+    p.add_argument("--json", action="store_true", help="machine-readable summary")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--jobs", type=int, default=3, metavar="N",
+                   help="layer blobs downloaded at once, behind one progress bar (default: "
+                   "%(default)s, as Docker's max-concurrent-downloads)")
+
+    p = sub.add_parser(
+        "export", parents=[common],
+        help="write a site's images as an archive its runtime loads without edgebundle",
+        description="Resolve the site's images for its platform as pack does (registry, "
+        "offline sources, the blob cache) and write them as one archive: k3s-airgap (an OCI "
+        "layout k3s imports from /var/lib/rancher/k3s/agent/images/), docker-archive "
+        "(docker load, podman load) or oci-archive (ctr images import, podman load). The "
+        "output's ending picks the compression where the consumer reads it: k3s-airgap "
+        ".tar, .tar.zst/.tzst, .tar.gz/.tgz; docker-archive .tar or .tar.gz; oci-archive .tar.")
+    p.add_argument("manifest", help="manifest list YAML")
+    p.add_argument("--site", required=True, help="site name from the manifest")
+    p.add_argument("--format", required=True, dest="archive_format",
+                   choices=("k3s-airgap", "docker-archive", "oci-archive"),
+                   help="archive format (see above)")
+    p.add_argument("-o", "--output", required=True,
+                   help="archive file to write (replaced atomically), or - for standard output")
+    p.add_argument("--image", action="append", default=[], metavar="REF",
+                   help="only this image of the site (repeatable); podman load (4.x) reads "
+                   "one image per OCI archive")
+    p.add_argument("--level", type=int, choices=range(1, 23), metavar="1-22",
+                   help="compression level (zstd default 3, gzip 1-9, default 6)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="zstd worker threads (default: 0 = one per CPU)")
     p.add_argument("--json", action="store_true", help="machine-readable summary")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--jobs", type=int, default=3, metavar="N",

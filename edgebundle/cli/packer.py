@@ -78,14 +78,17 @@ def plan_json(plan: Plan) -> Dict[str, Any]:
             "top": ip.image.top.digest, "config": ip.image.config.digest,
             "platform": str(ip.image.platform),
             "ship_bytes": ip.ship_bytes, "full_bytes": ip.full_bytes,
-            "layers": [_layer_json(lp, held) for lp in ip.layers],
+            # the registry or mirror that served it this run; null: from the cache
+            "source": plan.source_of(ip.image.top.digest),
+            "layers": [_layer_json(lp, held, plan.source_of(lp.layer.digest)) for lp in ip.layers],
         } for ip in plan.images],
     }
 
 
-def _layer_json(lp: LayerPlan, held: Set[str]) -> Dict[str, Any]:
+def _layer_json(lp: LayerPlan, held: Set[str], source: Optional[str]) -> Dict[str, Any]:
     out: Dict[str, Any] = {"digest": lp.layer.digest, "diff_id": lp.layer.diff_id,
-                           "size": lp.layer.size, "ship": lp.ship, "how": _how(lp, held)}
+                           "size": lp.layer.size, "ship": lp.ship, "how": _how(lp, held),
+                           "source": source}
     if lp.delta is not None:
         out["delta"] = {"entry": lp.delta.entry, "bytes": lp.delta.stored,
                         "bases": [b.diff_id for b in lp.delta.bases],
@@ -116,20 +119,24 @@ def _print_plan(plan: Plan, out: Any) -> None:
         shipped = sum(1 for lp in ip.layers if lp.ship)
         status = "up to date" if ip.up_to_date else \
             f"ship {_mb(ip.ship_bytes)}: {shipped} of {len(ip.layers)} layers"
-        print(f"  {ip.image.name}  [{ip.image.platform}]  {status}", file=out)
+        source = plan.source_of(ip.image.top.digest)
+        print(f"  {ip.image.name}  [{ip.image.platform}]  {status}"
+              + (f"  (from {source})" if source else ""), file=out)
         if ip.up_to_date:
             continue
         for lp in ip.layers:
             if not lp.ship:
                 continue
             short = lp.layer.digest[7:19]
+            source = plan.source_of(lp.layer.digest)
+            origin = f" from {source}" if source else ""
             if lp.delta is not None:
                 bases = ", ".join(b.diff_id[7:19] for b in lp.delta.bases)
                 print(f"    {short}  delta {_mb(lp.delta.stored)} (whole {_mb(lp.layer.size)}) "
-                      f"against {bases}", file=out)
+                      f"against {bases}{origin}", file=out)
             else:
                 why = f" ({lp.note[len('whole: '):]})" if lp.note.startswith("whole: ") else ""
-                print(f"    {short}  whole {_mb(lp.layer.size)}{why}", file=out)
+                print(f"    {short}  whole {_mb(lp.layer.size)}{why}{origin}", file=out)
     full = plan.full_bytes
     pct = f" ({100 * plan.ship_bytes / full:.1f}%)" if full else ""
     print(f"ships {_mb(plan.ship_bytes)} of {_mb(full)} for a full transfer{pct}; "
@@ -188,6 +195,51 @@ def cmd_pack(args: argparse.Namespace) -> int:
     print(f"wrote {where}: {stats.bundle_bytes} bytes, {stats.entries} entries, "
           f"{stats.images} images{pct} ({full} bytes){signed}", file=out)
     return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from ..usecases import export
+
+    if args.output == "-" and args.json:
+        raise UsageError("--json and -o - both want standard output",
+                         "write the archive to a file, or drop --json (the summary goes to stderr)")
+    if args.threads < 0:
+        raise UsageError(f"--threads {args.threads} is negative", "pass 0 (one per CPU) or more")
+    jobs = jobs_arg(args)
+    show = not args.no_progress and sys.stderr.isatty() and not args.json
+    outcome = export.export_site(_home(args), args.manifest, args.site, args.archive_format,
+                                 args.output, level=args.level, threads=args.threads,
+                                 only=args.image, progress=_Bars(show), jobs=jobs)
+    if args.json:
+        emit_json(export_json(outcome))
+        return 0
+    out = sys.stderr if args.output == "-" else sys.stdout  # stdout carries the archive
+    for img in outcome.images:
+        named = img.manifest if outcome.platform_manifests else img.top
+        print(f"  {img.name}  [{img.platform}]  {named.digest}  {len(img.layers)} layers", file=out)
+    where = "standard output" if args.output == "-" else outcome.output
+    packed = "" if outcome.compression == "none" else f", {outcome.compression}"
+    print(f"wrote {where}: {outcome.format}{packed}, {len(outcome.images)} images for site "
+          f"{outcome.site} ({outcome.platform}), {outcome.file_bytes} bytes "
+          f"({outcome.content_bytes} bytes of blobs)", file=out)
+    return 0
+
+
+def export_json(outcome: Any) -> Dict[str, Any]:
+    """``export --json``: the archive, and per image the digests it carries."""
+    return {
+        "output": outcome.output, "format": outcome.format, "compression": outcome.compression,
+        "site": outcome.site, "platform": outcome.platform, "bytes": outcome.file_bytes,
+        "content_bytes": outcome.content_bytes,
+        "images": [{
+            "name": img.name, "platform": img.platform,
+            "top": img.top.digest, "manifest": img.manifest.digest, "config": img.config.digest,
+            # the digest the archive names the image by (docker-archive: none, only the config)
+            "named": None if outcome.format == "docker-archive" else
+            (img.manifest if outcome.platform_manifests else img.top).digest,
+            "layers": [la.digest for la in img.layers],
+        } for img in outcome.images],
+    }
 
 
 def _print_recorded(args: argparse.Namespace, inv: Inventory) -> int:

@@ -1,51 +1,19 @@
-"""Write bundle entries into a tar stream without buffering them.
+"""Feed bundle entries into a runtime's tar stream: the threaded sink, and its watchdog.
 
-Both runtimes take images as a tar (containerd: an OCI layout; Docker: a docker-archive).
-The bundle announces each entry's decoded size up front, which is exactly what a tar
-header needs, so entries flow from the bundle into the runtime one piece at a time:
-header, the pieces as they are decoded, padding. No tarfile stream in between (it
-copied every byte once more, measured in docs/BENCHMARKS.md).
+The tar writer itself (``TarStream``, ``blob_path``) lives in ``edgebundle/tarstream.py``
+(standard library only, shared with ``archive``) and is re-exported here.
 """
 
 from __future__ import annotations
 
 import queue
-import tarfile
 import threading
 import time
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Optional
 
-BLOCK = 512
+from ..tarstream import BLOCK, TarStream, blob_path
 
-
-class TarStream:
-    """A streaming tar writer with deterministic PAX headers."""
-
-    def __init__(self, sink: Any) -> None:
-        self._sink = sink
-
-    def add(self, name: str, size: int, pieces: Iterable[bytes]) -> None:
-        info = tarfile.TarInfo(name)
-        info.size = size
-        info.mode = 0o644
-        self._sink.write(info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
-        written = 0
-        # Running the iterator to its end matters: the bundle entry checks its sha256 there.
-        for piece in pieces:
-            written += len(piece)
-            if written > size:
-                raise ValueError(f"tar member {name} got more than its {size} bytes")
-            self._sink.write(piece)
-        if written != size:
-            raise ValueError(f"tar member {name} got {written} of its {size} bytes")
-        if size % BLOCK:
-            self._sink.write(b"\0" * (BLOCK - size % BLOCK))
-
-    def add_bytes(self, name: str, data: bytes) -> None:
-        self.add(name, len(data), [data])
-
-    def close(self) -> None:
-        self._sink.write(b"\0" * (2 * BLOCK))
+__all__ = ["BLOCK", "TarStream", "ThreadedSink", "blob_path", "last_line"]
 
 
 class ThreadedSink:
@@ -126,10 +94,6 @@ class ThreadedSink:
                 except queue.Empty:
                     pass
         self._thread.join(timeout=30)
-
-
-def blob_path(digest: str) -> str:
-    return "blobs/sha256/" + digest.split(":", 1)[1]
 
 
 def last_line(text: Optional[str]) -> str:

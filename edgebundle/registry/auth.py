@@ -300,6 +300,14 @@ class AuthFailed(ResolveError):
     """Credentials (or the lack of them) were refused; never retried."""
 
 
+class TokenServerBusy(ResolveError):
+    """The realm answered 429 or 5xx: worth another attempt, after ``retry_after`` if it says."""
+
+    def __init__(self, message: str, hint: Optional[str] = None, retry_after: Optional[float] = None) -> None:
+        super().__init__(message, hint)
+        self.retry_after = retry_after
+
+
 def pull_scope(repo_path: str) -> str:
     return f"repository:{repo_path}:pull"
 
@@ -318,6 +326,9 @@ class Authenticator:
         self._clock = clock
         self._tokens: Dict[Tuple[str, str], Tuple[str, float]] = {}
         self._basic: Dict[str, str] = {}  # host -> "Basic ..." once the host asked for it
+        # host -> its Bearer challenge (realm, service): lets a token for another repository,
+        # or one that expired mid-pack, be fetched before the request instead of after a 401.
+        self._realms: Dict[str, Challenge] = {}
         self._lock = threading.Lock()
 
     @property
@@ -331,6 +342,28 @@ class Authenticator:
             if hit and hit[1] > self._clock():
                 return hit[0]
             return self._basic.get(host)
+
+    def authorization(self, host: str, cred_host: str, repo_path: str) -> Optional[str]:
+        """The ``Authorization`` value to send up front to ``host`` for ``repo_path``.
+
+        A cached token while it lives; once it expired (or for a repository not asked
+        for yet) a fresh one from the realm ``host`` challenged us with before, as docker
+        does; else Basic credentials the host asked for; else None (anonymous first try).
+
+        Raises:
+            AuthFailed, ResolveError: as ``answer`` when a fresh token is fetched.
+        """
+        cached = self.cached(host, repo_path)
+        if cached is not None and not cached.startswith("Basic "):
+            return cached
+        with self._lock:
+            known = self._realms.get(host)
+        if known is None:
+            return cached
+        # The remembered challenge's scope was for another request: ask for this repository.
+        ch = Challenge(known.scheme, {k: v for k, v in known.params.items() if k not in ("scope", "error")})
+        value, _ = self._bearer(host, cred_host, repo_path, ch, self.credential(cred_host))
+        return value
 
     def forget(self, host: str, repo_path: str) -> None:
         """Drop what ``cached`` returned: the registry refused it (revoked, expired early)."""
@@ -357,6 +390,8 @@ class Authenticator:
         cred = self.credential(cred_host)
         for ch in challenges:
             if ch.scheme == "bearer" and ch.params.get("realm"):
+                with self._lock:
+                    self._realms[host] = ch
                 return self._bearer(host, cred_host, repo_path, ch, cred)
         for ch in challenges:
             if ch.scheme == "basic":
@@ -369,6 +404,30 @@ class Authenticator:
         raise AuthFailed(f"{cred_host} asked for authentication for {repo_path} with an unsupported scheme "
                          f"({response.headers.get('www-authenticate', 'no WWW-Authenticate header')!r})",
                          "edgebundle speaks Bearer (token) and Basic auth; check the registry's auth setup")
+
+    def refused(self, cred_host: str, repo_path: str, response: httpx.Response, *, presented: bool) -> AuthFailed:
+        """The error for a 401 that came back although we sent what the realm gave us.
+
+        distribution says why in the challenge's ``error``: ``insufficient_scope`` (the
+        token grants no pull on this repository: credentials accepted but not allowed,
+        or anonymous, or no such repository) or ``invalid_token`` (expired, or signed by
+        a key the registry does not trust).
+        """
+        error = ""
+        for ch in parse_www_authenticate(response.headers.get("www-authenticate", "")):
+            if ch.scheme == "bearer":
+                error = ch.params.get("error", "")
+        if error == "insufficient_scope" and presented:
+            cred = self.credential(cred_host)
+            who = f" (user {cred.username})" if cred is not None and cred.username else ""
+            return AuthFailed(f"credentials for {cred_host}{who} do not grant pull access to {repo_path}",
+                              f"ask the admin of {cred_host} for pull access to {repo_path}, or check the "
+                              "repository name (one that does not exist answers the same)")
+        if error == "invalid_token":
+            return AuthFailed(f"{cred_host} rejected the token its token server issued for {repo_path} "
+                              "(invalid_token)", f"the registry {cred_host} does not trust its token server's "
+                              "signing certificate, or their clocks disagree; check its auth: token settings")
+        return self.denied(cred_host, repo_path, presented=presented)
 
     def denied(self, cred_host: str, repo_path: str, *, presented: bool) -> AuthFailed:
         """The error for a registry that still says 401 after we did what it asked."""
@@ -401,9 +460,20 @@ class Authenticator:
                                "check network access to the token server named by the registry") from None
         if resp.status_code in (401, 403):
             raise self.denied(cred_host, repo_path, presented=cred is not None)
+        if resp.request.method == "POST" and resp.status_code in (404, 405):
+            # Only an identity token, and a realm without the OAuth2 endpoint to trade it in.
+            raise AuthFailed(f"token server {realm} for {cred_host} does not take identity tokens "
+                             f"(OAuth2 POST answered HTTP {resp.status_code})",
+                             f"run `docker login {cred_host}` with a username and password "
+                             f"(edgebundle reads {self.config_path})")
+        if resp.status_code == 429 or resp.status_code >= 500:
+            wait = resp.headers.get("retry-after", "")
+            raise TokenServerBusy(f"token server {realm} for {cred_host} answered HTTP {resp.status_code}",
+                                  "retry later; the registry's token service is overloaded or failing",
+                                  float(wait) if wait.isdigit() else None)
         if resp.status_code != 200:
             raise ResolveError(f"token server {realm} for {cred_host} answered HTTP {resp.status_code}",
-                               "retry later; the registry's token service is failing")
+                               "the registry's token service refuses the request; check the registry's auth setup")
         try:
             obj = resp.json()
             token = obj.get("token") or obj.get("access_token")
@@ -428,7 +498,9 @@ class Authenticator:
         params: List[Tuple[str, Union[str, int, float, bool, None]]] = [("service", service)] if service else []
         params += [("scope", s) for s in scopes if s]
         auth = (cred.username, cred.password) if cred is not None and cred.has_basic else None
-        return self._http.get(realm, params=params, auth=auth)
+        # Merged into the realm's own query (``params=`` would replace it), as docker does.
+        url = httpx.URL(realm).copy_merge_params(params)
+        return self._http.get(url, auth=auth)
 
 
 def _basic_header(cred: Credential) -> str:

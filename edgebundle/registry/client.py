@@ -7,11 +7,16 @@
 * transient failures (5xx, 429, resets, timeouts, a blob that fails verification) are
   retried with exponential backoff and jitter.
 * every byte is checked: manifests against the digest they were asked for (or the
-  ``Docker-Content-Digest`` the registry claims), blobs by ``BlobCache.writer``.
+  ``Docker-Content-Digest`` the registry claims), blobs by ``BlobCache.writer``; a mirror
+  serving wrong bytes passes the request on like a failing one.
+* each host gets its own connections: TLS from certs.d and the manifest (``tls``), a proxy
+  from ``ProxySettings`` (``proxy``); ``served()`` tells which source gave each digest.
 """
 
 from __future__ import annotations
 
+import datetime
+import email.utils
 import json
 import logging
 import random
@@ -19,7 +24,7 @@ import ssl
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Mapping, Optional, Tuple, TypeVar
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, TypeVar
 
 import httpx
 
@@ -31,7 +36,9 @@ from ..oci import INDEX_TYPES, MANIFEST_TYPES, MT_DOCKER_LIST, MT_DOCKER_MANIFES
     MT_OCI_MANIFEST, sha256_digest
 from ..specs import RegistryConfig
 from ..reference import DEFAULT_DOMAIN, SHA256_RE, Reference
-from .auth import AuthFailed, Authenticator, CredentialStore, normalize_host
+from .auth import AuthFailed, Authenticator, CredentialStore, TokenServerBusy, normalize_host
+from .proxy import ProxySettings
+from .tls import DEFAULT_CERTS_DIRS, TlsFiles, find_tls_files, host_dir, ssl_context
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +89,62 @@ class Endpoint:
         """``<scheme>://<api_host>[prefix]/v2/<repo>/<kind>/<ident>`` (kind: manifests|blobs)."""
         return f"{self.scheme}://{self.api_host}{self.prefix}/v2/{repo_path}/{kind}/{ident}"
 
+    @property
+    def source(self) -> str:
+        """How the plan names this source: ``host[/prefix]``."""
+        return self.host + self.prefix
+
+
+def url_host(url: httpx.URL) -> str:
+    """``host[:port]`` of a URL as certs.d names directories (no port when it is the default)."""
+    host = f"[{url.host}]" if ":" in url.host else url.host
+    return host if url.port is None else f"{host}:{url.port}"
+
+
+class HostTransports(httpx.BaseTransport):
+    """One httpx transport per (scheme, host, proxy): per-host TLS, per-request proxy choice.
+
+    ``ssl_for(host)`` makes the verifying context of an https host (certs.d, manifest);
+    its ``ResolveError`` (a bad certificate file) goes up to the caller unchanged.
+    """
+
+    def __init__(self, ssl_for: Callable[[str], ssl.SSLContext], proxies: ProxySettings) -> None:
+        self._ssl_for = ssl_for
+        self._proxies = proxies
+        self._lock = threading.Lock()
+        self._transports: Dict[Tuple[str, str, Optional[str]], httpx.HTTPTransport] = {}
+
+    def key_for(self, url: httpx.URL) -> Tuple[str, str, Optional[str]]:
+        """(scheme, host[:port] for https, proxy URL or None): what a transport is made for."""
+        proxy = self._proxies.proxy_for(url.scheme, url.host, url.port)
+        return url.scheme, url_host(url) if url.scheme == "https" else "", proxy
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        key = self.key_for(request.url)
+        _, host, proxy = key
+        with self._lock:
+            transport = self._transports.get(key)
+            if transport is None:
+                # Plain HTTP never verifies anything: no context to build for it.
+                verify: "ssl.SSLContext | bool" = self._ssl_for(host) if host else False
+                transport = httpx.HTTPTransport(verify=verify, trust_env=False,
+                                                proxy=self._proxy(proxy) if proxy else None)
+                self._transports[key] = transport
+        return transport.handle_request(request)
+
+    def _proxy(self, url: str) -> httpx.Proxy:
+        """An https:// proxy is verified like a registry: certs.d of its host[:port]."""
+        parsed = httpx.URL(url)
+        if parsed.scheme != "https":
+            return httpx.Proxy(url)
+        return httpx.Proxy(url, ssl_context=self._ssl_for(url_host(parsed)))
+
+    def close(self) -> None:
+        with self._lock:
+            transports, self._transports = list(self._transports.values()), {}
+        for transport in transports:
+            transport.close()
+
 
 class RegistryClient:
     """Pull manifests and blobs from OCI registries."""
@@ -90,26 +153,44 @@ class RegistryClient:
                  credentials: Optional[CredentialStore] = None,
                  transport: Optional[httpx.BaseTransport] = None, timeout: float = 60.0,
                  retries: int = 4, *, backoff: float = 0.25, backoff_max: float = 10.0,
-                 digest_retries: int = 2, sleep: Callable[[float], None] = time.sleep) -> None:
+                 digest_retries: int = 2, retry_after_max: float = 60.0,
+                 sleep: Callable[[float], None] = time.sleep,
+                 certs_dirs: Sequence[str] = DEFAULT_CERTS_DIRS,
+                 proxies: Optional[ProxySettings] = None) -> None:
         """Args:
-            registries: per-host settings (insecure, mirrors), keyed by ``host[:port]``.
+            registries: per-host settings (insecure, mirrors, TLS files), keyed by ``host[:port]``.
             credentials: where to find credentials; None means anonymous only.
-            transport: an httpx transport (``httpx.MockTransport`` in tests).
+            transport: an httpx transport (``httpx.MockTransport`` in tests); by default
+                ``HostTransports`` with certs.d TLS and ``proxies``.
             timeout: seconds for connecting and between bytes of a response.
             retries: extra attempts after a transient failure (upstream only; mirrors
                 get one attempt each, since the next mirror or upstream is the retry).
             backoff: first backoff delay in seconds; doubles per attempt, plus jitter.
             backoff_max: cap of one delay.
             digest_retries: extra attempts for a blob that arrives with the wrong digest.
+            retry_after_max: longest ``Retry-After`` (429/503) waited for; a longer one
+                fails at once with the registry's wait in the message.
             sleep: how to wait (injectable so tests do not).
+            certs_dirs: certs.d roots holding ``<host[:port]>/`` directories (``tls``).
+            proxies: HTTP(S) proxies and exemptions; None: direct connections only.
         """
         self._registries: Dict[str, RegistryConfig] = dict(registries or {})
+        self.timeout = timeout
+        self.certs_dirs = tuple(certs_dirs)
+        self._tls: Dict[str, TlsFiles] = {}
+        self._served: Dict[str, str] = {}
+        self._served_lock = threading.Lock()
+        self._proxies = proxies or ProxySettings()
+        if transport is None:
+            transport = HostTransports(self._ssl_for, self._proxies)
         self.retries = retries
         self.backoff = backoff
         self.backoff_max = backoff_max
         self.digest_retries = digest_retries
+        self.retry_after_max = retry_after_max
         self._sleep = sleep
         self._http = httpx.Client(transport=transport, timeout=httpx.Timeout(timeout), follow_redirects=True,
+                                  trust_env=False,  # proxies and CAs come as arguments, not os.environ
                                   headers={"User-Agent": f"edgebundle/{__version__}"})
         self._auth = Authenticator(credentials, self._http)
         self._rng = random.Random()
@@ -117,6 +198,28 @@ class RegistryClient:
 
     def close(self) -> None:
         self._http.close()
+
+    # -- TLS and sources -----------------------------------------------------------
+
+    def tls_files(self, host: str) -> TlsFiles:
+        """The certificates connections to ``host`` (``host[:port]``) use."""
+        files = self._tls.get(host)
+        if files is None:
+            config = self._registries.get(DEFAULT_DOMAIN if host == DOCKER_HUB_API_HOST else host)
+            files = self._tls[host] = find_tls_files(host, config, self.certs_dirs)
+        return files
+
+    def _ssl_for(self, host: str) -> ssl.SSLContext:
+        return ssl_context(self.tls_files(host))
+
+    def _record(self, digest: str, ep: Endpoint) -> None:
+        with self._served_lock:
+            self._served[digest] = ep.source
+
+    def served(self) -> Dict[str, str]:
+        """Which source (``host[/prefix]``) served each manifest/blob digest fetched so far."""
+        with self._served_lock:
+            return dict(self._served)
 
     def __enter__(self) -> "RegistryClient":
         return self
@@ -158,7 +261,7 @@ class RegistryClient:
             try:
                 return attempt(ep)
             except ResolveError as exc:
-                log.info("mirror %s of %s failed (%s); trying the next source", ep.host, host, exc.message)
+                log.info("mirror %s of %s failed (%s); trying the next source", ep.source, host, exc.message)
         raise AssertionError("unreachable: the upstream endpoint is always last")
 
     # -- manifests --------------------------------------------------------------
@@ -173,7 +276,12 @@ class RegistryClient:
             ResolveError: not found, schema 1, digest mismatch, auth or network failure.
         """
         return self._each_endpoint(ref.domain, lambda ep: self._retrying(
-            ep, 0, lambda: self._get_manifest_once(ep, ref)))
+            ep, 0, lambda: self._get_manifest_recorded(ep, ref)))
+
+    def _get_manifest_recorded(self, ep: Endpoint, ref: Reference) -> Tuple[bytes, str, str]:
+        got = self._get_manifest_once(ep, ref)
+        self._record(got[2], ep)
+        return got
 
     def _get_manifest_once(self, ep: Endpoint, ref: Reference) -> Tuple[bytes, str, str]:
         ident = ref.digest or ref.tag or "latest"
@@ -197,6 +305,9 @@ class RegistryClient:
         content_type = resp.headers.get("content-type", "").split(";")[0].strip()
         digest = sha256_digest(body)
         if ref.digest and digest != ref.digest:
+            if ep.mirror:
+                log.warning("mirror %s served wrong bytes for %s (digest %s); trying the next source",
+                            ep.source, ref, digest)
             raise ResolveError(f"manifest {ref} from {ep.host} has digest {digest}, not the one asked for",
                                "the registry (or a proxy) served wrong content; try again or use another mirror")
         if not ref.digest and header_digest.startswith("sha256:") and header_digest != digest:
@@ -247,12 +358,18 @@ class RegistryClient:
                         raise DigestMismatch(f"blob {digest} is longer than {size} bytes")
                     if progress:
                         progress(len(chunk))
+        except DigestMismatch as exc:
+            if ep.mirror:
+                log.warning("mirror %s served wrong bytes for blob %s (%s); trying the next source",
+                            ep.source, digest, exc)
+            raise
         except httpx.HTTPError as exc:
             raise self._network_error(ep, exc) from None
         finally:
             resp.close()
             if progress and reported and not cache.has(digest):
                 progress(-reported)
+        self._record(digest, ep)
 
     # -- requests, auth, retries ---------------------------------------------------
 
@@ -262,9 +379,10 @@ class RegistryClient:
         while True:
             try:
                 return attempt()
-            except Retryable as exc:
+            except (Retryable, TokenServerBusy) as exc:
                 failures += 1
-                if failures > retries:
+                # A registry asking for a longer pause than we would wait: say so now.
+                if failures > retries or (exc.retry_after or 0.0) > self.retry_after_max:
                     raise ResolveError(exc.message, exc.hint) from None
                 delay = self._delay(failures, exc.retry_after)
                 log.info("%s; retry %d/%d in %.2fs", exc.message, failures, retries, delay)
@@ -280,7 +398,8 @@ class RegistryClient:
 
     def _delay(self, attempt: int, retry_after: Optional[float]) -> float:
         if retry_after is not None:
-            return min(max(retry_after, 0.0), self.backoff_max)
+            # Retry-After is honoured as given (up to retry_after_max, see _retrying).
+            return min(max(retry_after, 0.0), self.retry_after_max)
         base = min(self.backoff * 2.0 ** (attempt - 1), self.backoff_max)
         with self._rng_lock:
             # Jitter (half the delay) keeps parallel packers from retrying in lockstep.
@@ -292,19 +411,20 @@ class RegistryClient:
 
         The caller must close it (``with``). Non-2xx statuses become ResolveErrors.
         """
-        cached = self._auth.cached(ep.api_host, repo_path)
+        cred_host = normalize_host(ep.host)
+        cached = self._auth.authorization(ep.api_host, cred_host, repo_path)
         resp = self._send(ep, url, headers, cached)
-        presented = cached is not None
+        presented = cached is not None and self._auth.credential(cred_host) is not None
         if resp.status_code == 401:
             resp.close()
             if cached is not None:
                 # A cached token may have been revoked or expired early: get a fresh one.
                 self._auth.forget(ep.api_host, repo_path)
-            value, presented = self._auth.answer(ep.api_host, normalize_host(ep.host), repo_path, resp)
+            value, presented = self._auth.answer(ep.api_host, cred_host, repo_path, resp)
             resp = self._send(ep, url, headers, value)
             if resp.status_code == 401:
                 resp.close()
-                raise self._auth.denied(normalize_host(ep.host), repo_path, presented=presented)
+                raise self._auth.refused(cred_host, repo_path, resp, presented=presented)
         if resp.is_success:
             return resp
         try:
@@ -331,13 +451,21 @@ class RegistryClient:
         code, detail = _registry_error(resp)
         if status == 404:
             return NotFound(f"{what} not found on {ep.host}", "check the name", code)
-        if status == 429 or status >= 500:
+        if status == 429:
+            wait = _retry_after(resp)
+            return Retryable(f"registry {ep.host} rate-limits pulls (HTTP 429 for {what}"
+                             + (f", retry after {wait:.0f}s)" if wait is not None else ")")
+                             + (f": {detail}" if detail else ""),
+                             f"try again later, log in (`docker login {ep.host}`: accounts usually get a "
+                             "higher limit), or pull through a mirror", wait)
+        if status >= 500:
             return Retryable(f"registry {ep.host} answered HTTP {status} for {what}"
                              + (f": {detail}" if detail else ""),
                              "the registry is overloaded or failing; try again later",
-                             _retry_after(resp) if status in (429, 503) else None)
+                             _retry_after(resp) if status == 503 else None)
         if status == 403:
-            return AuthFailed(f"access to {repo_path} on {ep.host} denied (HTTP 403)",
+            return AuthFailed(f"access to {repo_path} on {ep.host} denied (HTTP 403"
+                              + (f": {detail})" if detail else ")"),
                               f"the credentials used for {ep.host} lack pull permission on {repo_path}"
                               if presented else f"run `docker login {ep.host}` with an account that may pull it")
         if status == 400 and "https" in resp.text.lower() and ep.scheme == "http":
@@ -346,18 +474,65 @@ class RegistryClient:
         return ResolveError(f"registry {ep.host} answered HTTP {status} for {what}" + (f": {detail}" if detail else ""),
                             "check the reference and the registry's logs")
 
+    def _tls_error(self, ep: Endpoint, where: str, reason: str) -> Optional[ResolveError]:
+        """The x509 / client-certificate failures users meet, named as Docker names them."""
+        lowered = reason.lower()
+        host = ep.api_host
+        files = self.tls_files(host)
+        root = self.certs_dirs[0] if self.certs_dirs else DEFAULT_CERTS_DIRS[0]
+        config_host = DEFAULT_DOMAIN if host == DOCKER_HUB_API_HOST else host
+        if any(s in lowered for s in ("unable to get local issuer", "self-signed", "self signed",
+                                      "unable to get issuer", "unknown authority")):
+            loaded = f"the CA certificates loaded ({', '.join(files.ca_files)}) did not sign it; " \
+                if files.ca_files else ""
+            target = httpx.URL(f"{ep.scheme}://{ep.api_host}/")
+            proxy = self._proxies.proxy_for(target.scheme, target.host, target.port)
+            via = ""
+            if proxy and proxy.startswith("https://"):
+                # The failing certificate may be the proxy's own: name its directory too.
+                proxy_host = url_host(httpx.URL(proxy))
+                via = f"; or, if it is the HTTPS proxy {proxy_host}'s, put that CA in " \
+                      f"{host_dir(root, proxy_host)}/ca.crt"
+            return ResolveError(f"registry {where}: x509: certificate signed by unknown authority",
+                                f"{loaded}put the CA certificate that signed it in "
+                                f"{host_dir(root, host)}/ca.crt (or set ca_file under registries: "
+                                f"{config_host} in the manifest){via}")
+        if "mismatch" in lowered and "certificate verify failed" in lowered:
+            return ResolveError(f"registry {where}: x509: certificate is not valid for {host}",
+                                f"the registry's certificate must name {host.rsplit(':', 1)[0]} in its "
+                                "subjectAltName; use a name it has, or reissue it")
+        if "expired" in lowered or "not yet valid" in lowered:
+            return ResolveError(f"registry {where}: x509: certificate has expired or is not yet valid",
+                                "renew the registry's certificate (or fix this machine's clock)")
+        if "certificate required" in lowered or ("alert" in lowered and not files.has_client_cert
+                                                 and ("bad certificate" in lowered or "handshake failure" in lowered)):
+            return ResolveError(f"registry {where} requires a TLS client certificate",
+                                f"put client.cert and client.key in {host_dir(root, host)}/ (or set "
+                                f"client_cert and client_key under registries: {config_host})")
+        if "alert" in lowered and files.has_client_cert and any(
+                s in lowered for s in ("bad certificate", "unknown ca", "certificate unknown",
+                                       "decrypt error", "handshake failure")):
+            return ResolveError(f"registry {where} refused the client certificate {files.client_cert}",
+                                "it must be signed by a CA the registry trusts (its http.tls.clientcas) "
+                                "and be a client certificate")
+        if "certificate" in lowered:
+            return ResolveError(f"registry {where} unreachable: {reason}",
+                                f"its TLS certificate is not trusted: put its CA in {host_dir(root, host)}/ca.crt "
+                                "or the system trust store")
+        return None
+
     def _network_error(self, ep: Endpoint, exc: httpx.HTTPError) -> ResolveError:
         reason = _reason(exc)
         where = f"{ep.host}" + (f" ({ep.api_host})" if ep.api_host != ep.host else "")
         if isinstance(exc, httpx.TimeoutException):
-            return Retryable(f"registry {where} timed out: {reason}",
-                             "check the network, or raise the timeout for slow links")
+            phase = "connecting" if isinstance(exc, httpx.ConnectTimeout) else "waiting for data"
+            return Retryable(f"registry {where}: i/o timeout ({phase}, nothing within {self.timeout:g}s)",
+                             "check the network and any proxy (HTTPS_PROXY) on the way, or raise "
+                             "the timeout for slow links")
         if _is_ssl_error(exc):
-            lowered = reason.lower()
-            if "certificate" in lowered:
-                return ResolveError(f"registry {where} unreachable: {reason}",
-                                    "its TLS certificate is not trusted: add its CA to the system trust store "
-                                    "or point SSL_CERT_FILE at it")
+            tls_error = self._tls_error(ep, where, reason)
+            if tls_error is not None:
+                return tls_error
             return ResolveError(f"registry {where} unreachable: {reason}",
                                 f"{ep.host} does not seem to speak HTTPS; if it is a plain-HTTP registry, "
                                 "declare it with `insecure: true` under registries:")
@@ -443,11 +618,21 @@ def _registry_error(resp: httpx.Response) -> Tuple[str, str]:
 
 
 def _retry_after(resp: httpx.Response) -> Optional[float]:
-    value = resp.headers.get("retry-after", "")
+    """Seconds a ``Retry-After`` header asks for: delta-seconds or an HTTP date."""
+    value = resp.headers.get("retry-after", "").strip()
+    if not value:
+        return None
     try:
-        return float(value)
+        return max(float(value), 0.0)
     except ValueError:
-        return None  # an HTTP date: plain backoff is good enough
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max((when - datetime.datetime.now(datetime.timezone.utc)).total_seconds(), 0.0)
 
 
 def _is_ssl_error(exc: BaseException) -> bool:

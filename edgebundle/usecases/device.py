@@ -51,6 +51,9 @@ class RuntimeAddress:
 
 #: How long an import waits for the ctr of a killed import to finish its unpack.
 RECOVERY_WAIT = 300.0
+#: How long a report waits for it: a report read right after a kill (the usual way to
+#: look) should find the device clean, but a report must never hang on a long unpack.
+REPORT_RECOVERY_WAIT = 10.0
 
 
 def open_runtime(where: RuntimeAddress, state: Optional[StateDir] = None) -> Runtime:
@@ -284,13 +287,17 @@ def take_report(runtime: Runtime, trust: Optional[TrustPolicy] = None,
     """``edgebundle report``: what the runtime holds now, stamped with time and host.
 
     Leftovers of an interrupted import are cleaned first -- unless an import runs right
-    now (the lock is held): then it is its business, and the report is read as is
+    now (the lock is held): then it is its business, and the report is read as is; the
+    ctr of a killed import still unpacking is waited for ``REPORT_RECOVERY_WAIT`` at most
     (temporary names are never reported either way).
     """
     if state is not None:
         try:
             with state.lock(what="a report (cleaning up after an interrupted import)"):
-                runtime.recover(wait=0)
+                try:
+                    runtime.recover(wait=REPORT_RECOVERY_WAIT)
+                except LockedError as exc:
+                    log.info("not cleaning up after an interrupted import now: %s", exc.message)
         except LockedError:
             log.info("an import is running: not cleaning up after interrupted ones now")
         except UsageError as exc:  # e.g. a user who may not write the state dir

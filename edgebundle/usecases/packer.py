@@ -8,6 +8,7 @@ sync runs many sites through one session, so each image is resolved once for all
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass
@@ -29,6 +30,8 @@ from ..reference import parse_reference
 from ..report import MAX_REPORT_BYTES, check_report_bounds, parse_json_object
 from ..registry.auth import CredentialStore, docker_config_path
 from ..registry.client import RegistryClient
+from ..registry.proxy import ProxySettings
+from ..registry.tls import certs_dirs_from_env
 from ..resolve import DEFAULT_JOBS, ProgressFactory, Resolver
 from ..specs import ManifestList, SiteSpec
 from ..space import check_packer
@@ -70,7 +73,9 @@ class PackerSession:
         self.store = InventoryStore(home)
         self._own_client = client is None
         self.client = client or RegistryClient(manifest.registries,
-                                               CredentialStore.load(docker_config_path()))
+                                               CredentialStore.load(docker_config_path()),
+                                               certs_dirs=certs_dirs_from_env(),
+                                               proxies=ProxySettings.from_environ())
         self.resolver = Resolver(self.cache, self.client, jobs=jobs)
         self._progress = progress
         self._resolved: Dict[str, List[ResolvedImage]] = {}
@@ -165,7 +170,15 @@ class PackerSession:
             log.info("plan %s: %s", ip.image.name, "up to date" if ip.up_to_date else
                      f"ship {shipped} of {len(ip.layers)} layers ({as_delta} as deltas)")
         self.store.remember_manifest(site.name, self.manifest.path)
-        return plan
+        return self.with_sources(plan)
+
+    def with_sources(self, plan: Plan) -> Plan:
+        """``plan`` noting which registry or mirror served each of its digests this run."""
+        served = self.client.served()
+        digests = {d.digest for ip in plan.images for d in ip.image.json_blobs}
+        digests.update(la.digest for ip in plan.images for la in ip.image.layers)
+        digests.update(ip.image.top.digest for ip in plan.images)
+        return dataclasses.replace(plan, sources=tuple(sorted((d, served[d]) for d in digests if d in served)))
 
     def _fetched(self, plan: Plan) -> Plan:
         """Fetch every layer ``plan`` ships into the cache; the plan with tar sizes."""

@@ -7,7 +7,6 @@ with the reason.  Missing runtimes must never turn CI green silently.
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -24,6 +23,7 @@ if str(HERE) not in sys.path:  # tests/integration has no __init__.py
 import fleet as fleetlib  # noqa: E402
 import imagefactory  # noqa: E402
 import services  # noqa: E402
+from policy import unavailable  # noqa: E402
 from services import Containerd, Dockerd, Registry, ServiceError, Sshd  # noqa: E402
 
 T = TypeVar("T")
@@ -38,17 +38,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if HERE in Path(str(item.path)).resolve().parents:
             item.add_marker(pytest.mark.integration)
-
-
-def strict_runtime(config: pytest.Config) -> bool:
-    return bool(os.environ.get("CI")) or bool(config.getoption("--no-runtime-skip", default=False))
-
-
-def unavailable(config: pytest.Config, reason: str) -> None:
-    """Skip or fail according to the policy above."""
-    if strict_runtime(config):
-        pytest.fail(reason, pytrace=False)
-    pytest.skip(reason)
 
 
 def _start(config: pytest.Config, name: str, start: Callable[[], T]) -> T:

@@ -17,8 +17,10 @@ import secrets
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -176,7 +178,7 @@ def _kill_shims(marker: str) -> None:
 
 @dataclass(frozen=True)
 class Registry:
-    host: str  # "127.0.0.1:PORT", plain HTTP
+    host: str  # "127.0.0.1:PORT", plain HTTP unless started with tls=
     port: int
     pid: int
     root: Path  # filesystem storage root
@@ -185,10 +187,11 @@ class Registry:
     username: Optional[str] = None  # set when started with auth=True
     password: Optional[str] = None
     _proc: subprocess.Popen[bytes] = field(repr=False, compare=False, default=None)  # type: ignore[assignment]
+    scheme: str = "http"
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}"
+        return f"{self.scheme}://{self.host}"
 
     def stop(self) -> None:
         _terminate(self._proc)
@@ -210,16 +213,38 @@ def _bcrypt_hash(password: str) -> str:
         return crypt.crypt(password, crypt.mksalt(crypt.METHOD_BLOWFISH, rounds=1 << 4))
 
 
-def start_registry(tmp: Path, *, auth: bool = False, username: str = "edge", password: Optional[str] = None) -> Registry:
+@dataclass(frozen=True)
+class TokenAuth:
+    """``auth: token`` settings: the realm clients are sent to and what the JWTs carry.
+
+    ``rootcertbundle`` holds the certificate whose key signs the tokens (the token
+    server puts it in the JWT's ``x5c``); see tests/integration/tokenserver.py.
+    """
+
+    realm: str
+    service: str
+    issuer: str
+    rootcertbundle: Path
+
+
+def start_registry(tmp: Path, *, auth: bool = False, username: str = "edge", password: Optional[str] = None,
+                   token: Optional[TokenAuth] = None, tls: Optional["ServerCert"] = None,
+                   client_cas: tuple[Path, ...] = (), storage: Optional[Path] = None) -> Registry:
     """``docker-registry serve`` (distribution 2.x) on 127.0.0.1, plain HTTP.
 
-    With ``auth=True`` the registry requires HTTP basic auth (htpasswd).
+    With ``auth=True`` the registry requires HTTP basic auth (htpasswd); with ``token``
+    it requires bearer tokens from that realm (distribution's token auth). With ``tls``
+    it serves HTTPS with that certificate (``issue_cert``), and with ``client_cas`` it
+    requires client certificates signed by one of them (``http.tls.clientcas``).
+    ``storage``: serve this filesystem storage root (e.g. another registry's, or one
+    images were pushed to without auth: imagefactory pushes with basic auth only)
+    instead of a fresh one.
     """
     binary = _require("docker-registry")
     tmp = Path(tmp)
     tmp.mkdir(parents=True, exist_ok=True)
-    root = tmp / "storage"
-    root.mkdir(exist_ok=True)
+    root = Path(storage) if storage is not None else tmp / "storage"
+    root.mkdir(parents=True, exist_ok=True)
     port = free_port()
     # JSON is valid YAML, so no YAML library is needed.
     config: dict[str, object] = {
@@ -228,25 +253,55 @@ def start_registry(tmp: Path, *, auth: bool = False, username: str = "edge", pas
         "storage": {"filesystem": {"rootdirectory": str(root)}, "delete": {"enabled": True}},
         "http": {"addr": f"127.0.0.1:{port}", "headers": {"X-Content-Type-Options": ["nosniff"]}},
     }
+    if tls is not None:
+        http_cfg = config["http"]
+        assert isinstance(http_cfg, dict)
+        http_cfg["tls"] = {"certificate": str(tls.cert), "key": str(tls.key)}
+        if client_cas:
+            http_cfg["tls"]["clientcas"] = [str(p) for p in client_cas]
     if auth:
         password = password or secrets.token_hex(8)
         htpasswd = tmp / "htpasswd"
         htpasswd.write_text(f"{username}:{_bcrypt_hash(password)}\n")
         config["auth"] = {"htpasswd": {"realm": "edgebundle-test", "path": str(htpasswd)}}
+    elif token is not None:
+        config["auth"] = {"token": {"realm": token.realm, "service": token.service, "issuer": token.issuer,
+                                    "rootcertbundle": str(token.rootcertbundle)}}
     cfg = tmp / "config.yml"
     cfg.write_text(json.dumps(config, indent=2))
     log = tmp / "registry.log"
     proc = _spawn([binary, "serve", str(cfg)], log)
 
     def probe() -> bool:
+        if tls is not None:
+            # A TLS handshake that reaches the registry's certificate is "ready" (with
+            # clientcas it then refuses us, which is the point of that registry).
+            with socket.create_connection(("127.0.0.1", port), timeout=2) as raw:
+                # Not verifying: an expired or misnamed certificate is what some tests serve.
+                ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+                ctx.check_hostname = False
+                ctx.verify_mode = ssl.CERT_NONE
+                try:
+                    with ctx.wrap_socket(raw) as conn:
+                        conn.getpeercert()
+                except ssl.SSLError as exc:
+                    if client_cas and "certificate" in str(exc).lower():
+                        return True
+                    raise
+                return True
         req = urllib.request.Request(f"http://127.0.0.1:{port}/v2/")
         if auth:
-            token = base64.b64encode(f"{username}:{password}".encode()).decode()
-            req.add_header("Authorization", f"Basic {token}")
+            basic = base64.b64encode(f"{username}:{password}".encode()).decode()
+            req.add_header("Authorization", f"Basic {basic}")
         # Bypass any proxy settings: traffic must stay on loopback.
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        with opener.open(req, timeout=2) as resp:
-            return bool(resp.status == 200)
+        try:
+            with opener.open(req, timeout=2) as resp:
+                return bool(resp.status == 200)
+        except urllib.error.HTTPError as exc:
+            # A token registry answers /v2/ with a Bearer challenge once it serves.
+            return token is not None and exc.code == 401 and \
+                exc.headers.get("WWW-Authenticate", "").startswith("Bearer ")
 
     _wait_ready("docker-registry", proc, log, probe)
     return Registry(
@@ -259,7 +314,246 @@ def start_registry(tmp: Path, *, auth: bool = False, username: str = "edge", pas
         username=username if auth else None,
         password=password if auth else None,
         _proc=proc,
+        scheme="https" if tls is not None else "http",
     )
+
+
+# --------------------------------------------------------------------------
+# a private CA (TLS registries, client certificates)
+
+
+@dataclass(frozen=True)
+class ServerCert:
+    cert: Path  # PEM certificate
+    key: Path  # PEM key, unencrypted
+    ca: Path  # the CA certificate that signed it
+
+
+@dataclass
+class CertAuthority:
+    """A private CA made with ``cryptography`` (a paramiko dependency), for tests only."""
+
+    cert: Path
+    _key: object = field(repr=False)
+    _name: object = field(repr=False)
+
+    def issue(self, directory: Path, stem: str, *, dns: tuple[str, ...] = (), ips: tuple[str, ...] = ("127.0.0.1",),
+              client: bool = False, days: int = 2) -> ServerCert:
+        """A certificate for ``dns``/``ips`` (server) or a client certificate, as
+        ``directory/stem.{cert,key}``; ``days`` negative makes an expired one."""
+        import datetime
+        import ipaddress
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = datetime.datetime.now(datetime.timezone.utc)
+        start, end = (now - datetime.timedelta(days=3), now - datetime.timedelta(days=1)) if days < 0 else \
+            (now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=days))
+        builder = (x509.CertificateBuilder()
+                   .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, stem)]))
+                   .issuer_name(self._name)  # type: ignore[arg-type]
+                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(start).not_valid_after(end)
+                   .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+                   .add_extension(x509.ExtendedKeyUsage(
+                       [ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH]),
+                       critical=False))
+        if not client:
+            names: list[x509.GeneralName] = [x509.DNSName(d) for d in dns]
+            names += [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
+            builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+        cert = builder.sign(self._key, hashes.SHA256())  # type: ignore[arg-type]
+        directory.mkdir(parents=True, exist_ok=True)
+        cert_path, key_path = directory / f"{stem}.cert", directory / f"{stem}.key"
+        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()))
+        return ServerCert(cert_path, key_path, self.cert)
+
+
+def make_ca(directory: Path, name: str = "edgebundle test CA") -> CertAuthority:
+    """A self-signed CA; its certificate is ``directory/ca.crt``."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=3))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                         content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                         key_agreement=False, encipher_only=False, decipher_only=False),
+                           critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .sign(key, hashes.SHA256()))
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "ca.crt"
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return CertAuthority(path, key, subject)
+
+
+# --------------------------------------------------------------------------
+# a CONNECT proxy and a silent server (in-process threads, loopback only)
+
+
+@dataclass
+class ConnectProxy:
+    """An HTTP proxy on 127.0.0.1: CONNECT tunnels and absolute-URI forwarding.
+
+    ``names`` maps host names only the proxy knows to 127.0.0.1 (so a client that
+    reaches them went through the proxy); anything that is not loopback is refused
+    (403), so no test traffic leaves the machine. ``requests`` lists what it was
+    asked: ``"CONNECT host:port"`` or ``"GET http://..."``.
+    """
+
+    port: int
+    names: dict[str, str]
+    requests: list[str] = field(default_factory=list)
+    _server: object = field(default=None, repr=False)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        server = self._server
+        if server is not None:
+            server.shutdown()  # type: ignore[attr-defined]
+            server.server_close()  # type: ignore[attr-defined]
+
+
+def start_connect_proxy(names: Optional[Mapping[str, str]] = None, *,
+                        tls: Optional[ServerCert] = None) -> ConnectProxy:
+    """``ConnectProxy`` in a thread; with ``tls`` clients speak TLS to the proxy itself
+    (an ``https://`` proxy URL), CONNECT tunnels then carrying TLS inside TLS."""
+    import select
+    import socketserver
+    import threading
+
+    proxy = ConnectProxy(0, dict(names or {}))
+    server_ctx: Optional[ssl.SSLContext] = None
+    if tls is not None:
+        server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        server_ctx.load_cert_chain(str(tls.cert), str(tls.key))
+
+    def target(authority: str) -> tuple[str, int]:
+        host, _, port = authority.rpartition(":")
+        host = host.strip("[]")
+        host = proxy.names.get(host, host)
+        if host not in ("127.0.0.1", "localhost"):
+            raise PermissionError(authority)
+        return "127.0.0.1", int(port)
+
+    def pipe(a: socket.socket, b: socket.socket) -> None:
+        socks = [a, b]
+        while True:
+            # TLS may hold decrypted bytes select() cannot see.
+            ready = [s for s in socks if isinstance(s, ssl.SSLSocket) and s.pending()]
+            if not ready:
+                ready, _, _ = select.select(socks, [], [], 30)
+            if not ready:
+                return
+            for s in ready:
+                data = s.recv(65536)
+                if not data:
+                    return
+                (b if s is a else a).sendall(data)
+
+    class Handler(socketserver.BaseRequestHandler):
+        def handle(self) -> None:
+            conn: socket.socket = self.request
+            if server_ctx is not None:
+                try:
+                    conn = server_ctx.wrap_socket(conn, server_side=True)
+                except (ssl.SSLError, OSError):
+                    proxy.requests.append("TLS handshake failed")
+                    return
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                head += chunk
+            line = head.split(b"\r\n", 1)[0].decode("latin-1")
+            method, uri, _ = line.split(" ", 2)
+            proxy.requests.append(f"{method} {uri}")
+            try:
+                if method == "CONNECT":
+                    upstream = socket.create_connection(target(uri), timeout=10)
+                    conn.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                    rest = head.split(b"\r\n\r\n", 1)[1]
+                else:
+                    authority = uri.split("://", 1)[1].split("/", 1)[0]
+                    if ":" not in authority:
+                        authority += ":80"
+                    upstream = socket.create_connection(target(authority), timeout=10)
+                    rest = head  # Go's server takes absolute-URI requests as they are
+            except (PermissionError, OSError, ValueError):
+                conn.sendall(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                return
+            with upstream:
+                if rest:
+                    upstream.sendall(rest)
+                pipe(conn, upstream)
+
+    class Server(socketserver.ThreadingTCPServer):
+        daemon_threads = True
+        allow_reuse_address = True
+
+    server = Server(("127.0.0.1", 0), Handler)
+    proxy.port = int(server.server_address[1])
+    proxy._server = server
+    threading.Thread(target=server.serve_forever, name="connect-proxy", daemon=True).start()
+    return proxy
+
+
+@dataclass
+class SilentServer:
+    """Accepts TCP connections on 127.0.0.1 and never answers (an i/o timeout)."""
+
+    port: int
+    _sock: socket.socket = field(repr=False)
+    _held: list[socket.socket] = field(default_factory=list, repr=False)
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        for s in self._held:
+            s.close()
+        self._sock.close()
+
+
+def start_silent_server() -> SilentServer:
+    import threading
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    server = SilentServer(int(sock.getsockname()[1]), sock)
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = sock.accept()
+            except OSError:
+                return
+            server._held.append(conn)
+
+    threading.Thread(target=accept, name="silent-server", daemon=True).start()
+    return server
 
 
 # --------------------------------------------------------------------------
@@ -713,3 +1007,34 @@ def start_sshd(tmp: Path, *, client_key: Optional[Path] = None) -> Sshd:
         log_path=log,
         _proc=proc,
     )
+
+
+# --------------------------------------------------------------------------
+# podman (no daemon: every command is one process on its own store)
+
+
+#: Flags ``podman run`` needs on this kind of machine: no network setup, and rlimits the
+#: container may set (podman's defaults exceed the hard limits here, and runc refuses them).
+PODMAN_RUN_FLAGS = ("--network", "none", "--ulimit", "nofile=1024:1024",
+                    "--ulimit", "nproc=1024:1024")
+
+
+def podman_cmd(root: Path, runroot: Path, *, driver: str = "vfs") -> list[str]:
+    """The argv prefix of a podman that uses only its own store under ``root``/``runroot``.
+
+    Never the default store (/var/lib/containers): ``--root``/``--runroot`` and libpod's
+    ``--tmpdir`` live under the caller's temp dir. ``vfs`` leaves no mount behind (the
+    overlay driver bind-mounts its directory); ``runroot`` must be short (at most 50
+    characters, podman's limit); events go to a file, not journald; cgroupfs,
+    not systemd; runc, because crun refuses this machine's hybrid cgroup layout.
+    """
+    binary = _require("podman")
+    root, runroot = Path(root), Path(runroot)
+    if len(str(runroot)) > 50:  # podman refuses a longer one (its socket paths)
+        raise ServiceError(f"podman's runroot may have at most 50 characters: {runroot}")
+    tmpdir = runroot / "libpod-tmp"
+    for d in (root, runroot, tmpdir):
+        d.mkdir(parents=True, exist_ok=True)
+    return [binary, "--root", str(root), "--runroot", str(runroot), "--tmpdir", str(tmpdir),
+            "--storage-driver", driver, "--events-backend", "file",
+            "--cgroup-manager", "cgroupfs", "--runtime", "runc"]

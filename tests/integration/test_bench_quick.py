@@ -16,18 +16,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from policy import unavailable
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "scripts" / "bench.py"
 SCENARIOS = ("a", "b", "c", "d")
 RUNTIMES = ("containerd", "docker")
-
-
-def unavailable(config: pytest.Config, reason: str) -> None:
-    """The suite's policy (tests/integration/conftest.py): fail in CI, else skip."""
-    if os.environ.get("CI") or config.getoption("--no-runtime-skip", default=False):
-        pytest.fail(reason, pytrace=False)
-    pytest.skip(reason)
 
 
 def _need(config: pytest.Config) -> None:

@@ -18,6 +18,7 @@ import pytest
 
 import imagefactory
 import services
+from policy import unavailable
 from edgebundle.cache import BlobCache
 from edgebundle.errors import ResolveError
 from edgebundle.image import ResolvedImage
@@ -126,13 +127,13 @@ def test_missing_tag_on_real_registry(registry: services.Registry, pushed_images
     assert err.value.message.startswith(f"image {registry.host}/shop/app:nope not found in {registry.host}")
 
 
-def test_basic_auth_registry_with_docker_config(tmp_path: Path) -> None:
+def test_basic_auth_registry_with_docker_config(request: pytest.FixtureRequest, tmp_path: Path) -> None:
     if not imagefactory.BUSYBOX.exists():
-        pytest.skip("/bin/busybox missing")
+        unavailable(request.config, "/bin/busybox missing (apt-get install busybox-static)")
     try:
         reg = services.start_registry(tmp_path / "authreg", auth=True, username="edge", password="s3cret-pw")
     except (services.ServiceError, OSError) as exc:
-        pytest.skip(f"docker-registry could not start: {exc}")
+        unavailable(request.config, f"docker-registry could not start: {exc}")
     try:
         img = imagefactory.build_image([{"hello.txt": "hi\n"}], media="docker")
         imagefactory.push_image(reg.host, "private/app", "v1", img, username="edge", password="s3cret-pw")

@@ -231,3 +231,66 @@ def test_token_response_without_token_is_an_error() -> None:
     auth = Authenticator(None, httpx.Client(transport=httpx.MockTransport(TokenServer({"foo": "bar"}))))
     with pytest.raises(ResolveError, match="returned no token"):
         auth.answer("reg.example", "reg.example", "shop/app", challenge_401())
+
+
+def test_expired_token_is_renewed_up_front_from_the_remembered_realm() -> None:
+    server = TokenServer({"token": "T", "expires_in": 60})
+    now = [1000.0]
+    auth = Authenticator(None, httpx.Client(transport=httpx.MockTransport(server)), clock=lambda: now[0])
+    assert auth.authorization("reg.example", "reg.example", "shop/app") is None  # no challenge seen yet
+    auth.answer("reg.example", "reg.example", "shop/app", challenge_401())
+    assert auth.authorization("reg.example", "reg.example", "shop/app") == "Bearer T"
+    assert len(server.requests) == 1  # cached
+    now[0] += 56  # past expires_in minus the renewal margin
+    assert auth.authorization("reg.example", "reg.example", "shop/app") == "Bearer T"
+    assert len(server.requests) == 2
+    # Another repository gets its own scope from the same realm, without a 401 first.
+    assert auth.authorization("reg.example", "reg.example", "shop/other") == "Bearer T"
+    assert [r.url.params.get_list("scope") for r in server.requests] == [
+        ["repository:shop/app:pull"], ["repository:shop/app:pull"], ["repository:shop/other:pull"]]
+    assert auth.authorization("other.example", "other.example", "shop/app") is None  # realm is per host
+
+
+def refused_401(error: str) -> httpx.Response:
+    return httpx.Response(401, headers={"WWW-Authenticate": (
+        f'Bearer realm="https://auth.example/token",service="reg",scope="repository:shop/b:pull",error="{error}"')})
+
+
+def test_insufficient_scope_with_credentials_says_they_lack_access() -> None:
+    store = CredentialStore({"auths": {"reg.example": {"auth": b64("alice:pw")}}})
+    auth = Authenticator(store, httpx.Client(transport=httpx.MockTransport(TokenServer())))
+    err = auth.refused("reg.example", "shop/b", refused_401("insufficient_scope"), presented=True)
+    assert err.message == "credentials for reg.example (user alice) do not grant pull access to shop/b"
+    assert "ask the admin of reg.example" in (err.hint or "")
+    anon = auth.refused("reg.example", "shop/b", refused_401("insufficient_scope"), presented=False)
+    assert anon.message == "reg.example requires authentication for shop/b"
+
+
+def test_invalid_token_names_the_registry_token_server_trust() -> None:
+    auth = Authenticator(None, httpx.Client(transport=httpx.MockTransport(TokenServer())))
+    err = auth.refused("reg.example", "shop/b", refused_401("invalid_token"), presented=False)
+    assert err.message == "reg.example rejected the token its token server issued for shop/b (invalid_token)"
+    assert "signing certificate" in (err.hint or "")
+    basic = auth.refused("reg.example", "shop/b", httpx.Response(401, headers={"WWW-Authenticate": "Basic"}),
+                         presented=True)
+    assert basic.message == "authentication to reg.example failed for shop/b"
+
+
+def test_realm_query_is_kept_and_credentials_do_not_follow_a_redirect_elsewhere() -> None:
+    seen: List[httpx.Request] = []
+
+    def realm(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        if request.url.host == "auth.example":
+            return httpx.Response(302, headers={"Location": "https://elsewhere.example/token"})
+        return httpx.Response(200, json={"token": "T"})
+
+    store = CredentialStore({"auths": {"reg.example": {"auth": b64("alice:pw")}}})
+    auth = Authenticator(store, httpx.Client(transport=httpx.MockTransport(realm), follow_redirects=True))
+    challenge = httpx.Response(401, headers={
+        "WWW-Authenticate": 'Bearer realm="https://auth.example/token?account=edge",service="reg"'})
+    assert auth.answer("reg.example", "reg.example", "shop/app", challenge) == ("Bearer T", True)
+    first, second = seen
+    assert first.url.params.get("account") == "edge" and first.url.params.get("scope") == "repository:shop/app:pull"
+    assert first.headers["authorization"] == "Basic " + b64("alice:pw")
+    assert second.url.host == "elsewhere.example" and "authorization" not in second.headers

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import datetime
+import email.utils
 import json
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
@@ -447,6 +449,62 @@ def test_429_honours_retry_after() -> None:
     assert sleeps == [2.0]
 
 
+def test_429_retry_after_http_date_and_too_long_waits() -> None:
+    reg = FakeRegistry()
+    reg.add_manifest("shop/app", "v1", manifest_bytes())
+    soon = email.utils.format_datetime(datetime.datetime.now(datetime.timezone.utc)
+                                       + datetime.timedelta(seconds=30), usegmt=True)
+    calls = iter([httpx.Response(429, headers={"Retry-After": soon})])
+    reg.hooks.append(lambda r: next(calls, None))
+    client, sleeps = make_client(reg)
+    client.get_manifest(parse_reference("reg.test/shop/app:v1"))
+    assert len(sleeps) == 1 and 25 < sleeps[0] <= 30  # the date, not the 10 s backoff cap
+
+    limited = FakeRegistry()
+    limited.hooks.append(lambda r: httpx.Response(429, headers={"Retry-After": "3600"}, json={
+        "errors": [{"code": "TOOMANYREQUESTS", "message": "pull rate limit"}]}))
+    client, sleeps = make_client(limited)
+    with pytest.raises(ResolveError) as err:
+        client.get_manifest(parse_reference("reg.test/shop/app:v1"))
+    assert err.value.message == ("registry reg.test rate-limits pulls (HTTP 429 for manifest reg.test/shop/app:v1, "
+                                 "retry after 3600s): pull rate limit")
+    assert "docker login reg.test" in (err.value.hint or "")
+    assert sleeps == [] and len(limited.requests) == 1
+
+
+def test_token_server_503_is_retried_and_then_named() -> None:
+    reg = FakeRegistry(auth="bearer")
+    reg.add_manifest("shop/app", "v1", manifest_bytes())
+    busy = iter([httpx.Response(503, headers={"Retry-After": "3"})])
+    reg.hooks.append(lambda r: next(busy, None) if r.url.path == "/token" else None)
+    client, sleeps = make_client(reg)
+    client.get_manifest(parse_reference("reg.test/shop/app:v1"))
+    assert sleeps == [3.0]
+
+    down = FakeRegistry(auth="bearer")
+    down.hooks.append(lambda r: httpx.Response(502) if r.url.path == "/token" else None)
+    client, sleeps = make_client(down, retries=2)
+    with pytest.raises(ResolveError) as err:
+        client.get_manifest(parse_reference("reg.test/shop/app:v1"))
+    assert err.value.message == "token server https://reg.test/token for reg.test answered HTTP 502"
+    assert len(sleeps) == 2
+
+
+def test_403_after_an_anonymous_token_suggests_login() -> None:
+    reg = FakeRegistry(auth="bearer")
+    reg.hooks.append(lambda r: httpx.Response(403, json={"errors": [{"code": "DENIED", "message": "no"}]})
+                     if r.headers.get("authorization", "").startswith("Bearer ") else None)
+    client, _ = make_client(reg)
+    with pytest.raises(ResolveError) as err:
+        client.get_manifest(parse_reference("reg.test/shop/app:v1"))
+    assert err.value.message == "access to shop/app on reg.test denied (HTTP 403: no)"
+    assert err.value.hint == "run `docker login reg.test` with an account that may pull it"
+    with pytest.raises(ResolveError) as err:  # again, now with the cached anonymous token
+        client.get_manifest(parse_reference("reg.test/shop/app:v1"))
+    assert err.value.hint == "run `docker login reg.test` with an account that may pull it"
+    assert reg.requests[-1].headers["authorization"] == "Bearer tok-anon-1"
+
+
 def test_read_timeout_is_retried() -> None:
     reg = FakeRegistry()
     reg.add_manifest("shop/app", "v1", manifest_bytes())
@@ -605,5 +663,7 @@ def test_certificate_error_hint_is_about_trust_not_insecure() -> None:
     client, _ = make_client(reg)
     with pytest.raises(ResolveError) as err:
         client.get_manifest(parse_reference("reg.test/shop/app:v1"))
-    assert "CERTIFICATE_VERIFY_FAILED" in err.value.message
-    assert "SSL_CERT_FILE" in (err.value.hint or "")
+    # Named as Docker names it, pointing at the certs.d directory to put the CA in.
+    assert err.value.message == "registry reg.test: x509: certificate signed by unknown authority"
+    assert "/etc/docker/certs.d/reg.test/ca.crt" in (err.value.hint or "")
+    assert "insecure" not in (err.value.hint or "")
