@@ -21,6 +21,7 @@ import os
 from pathlib import Path
 from typing import BinaryIO, Iterator, Optional, Tuple
 
+from .diffid import DiffIdStream
 from .errors import CacheError
 from .files import atomic_file, atomic_write
 from .oci import check_digest, sha256_digest
@@ -83,21 +84,30 @@ class BlobCache:
         return self.path(digest).stat().st_size
 
     @contextlib.contextmanager
-    def writer(self, digest: str, size: Optional[int] = None) -> Iterator[BinaryIO]:
+    def writer(self, digest: str, size: Optional[int] = None,
+               layer_media_type: Optional[str] = None) -> Iterator[BinaryIO]:
         """Write a blob; it appears under ``digest`` only if content and size check out.
 
         Raises ``DigestMismatch`` on exit if they do not (the temp file is removed).
+        With ``layer_media_type`` (a layer blob's), the bytes are also decompressed as they
+        pass and the tar's diff_id and size recorded (``layer_info``) once the blob is in:
+        no second read of the blob to learn them. A blob that does not decompress is
+        stored all the same, without layer info (``resolve`` reports it).
         """
         hasher = hashlib.sha256()
+        tar = DiffIdStream(layer_media_type) if layer_media_type is not None else None
         try:
             with atomic_file(self.path(digest), tmp_dir=self.root / "tmp") as raw:
-                sink = _HashingWriter(raw, hasher)
+                sink = _HashingWriter(raw, hasher, tar)
                 yield sink  # type: ignore[misc]  # _HashingWriter is the write() of a BinaryIO
                 actual = "sha256:" + hasher.hexdigest()
                 if actual != digest:
                     raise DigestMismatch(f"blob {digest} arrived with digest {actual}")
                 if size is not None and sink.count != size:
                     raise DigestMismatch(f"blob {digest} arrived with {sink.count} bytes, expected {size}")
+            found = tar.result() if tar is not None else None
+            if found is not None:
+                self.set_layer_info(digest, found.diff_id, found.tar_size)
         except OSError as exc:
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
@@ -133,14 +143,17 @@ class BlobCache:
 
 
 class _HashingWriter:
-    def __init__(self, raw: BinaryIO, hasher: "hashlib._Hash") -> None:
+    def __init__(self, raw: BinaryIO, hasher: "hashlib._Hash", tar: Optional[DiffIdStream]) -> None:
         self._raw = raw
         self._hasher = hasher
+        self._tar = tar
         self.count = 0
 
     def write(self, data: bytes) -> int:
         self._hasher.update(data)
         self.count += len(data)
+        if self._tar is not None:
+            self._tar.feed(data)
         return self._raw.write(data)
 
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
 import zlib
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import replace
 from typing import AbstractSet, Any, BinaryIO, Callable, Dict, Iterable, List, Mapping, \
     Optional, Protocol, Tuple
@@ -21,7 +23,7 @@ import zstandard
 
 from .cache import BlobCache
 from .compression import MAGIC_BYTES, classify, decompress_stream
-from .errors import CacheError, ResolveError
+from .errors import CacheError, ResolveError, UsageError
 from .image import Layer, ResolvedImage
 from .progress import NULL_BAR, Bar, close_bar
 from .oci import INDEX_TYPES, MANIFEST_TYPES, Descriptor, Platform, check_digest
@@ -33,6 +35,9 @@ from .sources import OfflineSource, open_source
 log = logging.getLogger(__name__)
 
 
+
+#: Layer downloads at once by default: Docker's ``max-concurrent-downloads``.
+DEFAULT_JOBS = 3
 
 #: ``progress_factory(total_bytes, description)`` -> a bar with ``update(n)``
 #: (``tqdm`` fits; ``close()`` is called when it exists).
@@ -52,8 +57,10 @@ class _Origin(Protocol):
         """Verified bytes of the manifest ``digest``."""
 
     def blob_into_cache(self, digest: str, size: int, cache: BlobCache,
-                        progress: Optional[Callable[[int], None]]) -> None:
-        """Put the blob ``digest`` into ``cache`` (verified)."""
+                        progress: Optional[Callable[[int], None]],
+                        layer_media_type: Optional[str] = None) -> None:
+        """Put the blob ``digest`` into ``cache`` (verified); a layer (``layer_media_type``)
+        has its diff_id and tar size recorded on the way."""
 
 
 class _RegistryOrigin:
@@ -65,8 +72,9 @@ class _RegistryOrigin:
         return self._client.get_manifest(self._ref.with_digest(digest))[0]
 
     def blob_into_cache(self, digest: str, size: int, cache: BlobCache,
-                        progress: Optional[Callable[[int], None]]) -> None:
-        self._client.fetch_blob(self._ref, digest, size, cache, progress)
+                        progress: Optional[Callable[[int], None]],
+                        layer_media_type: Optional[str] = None) -> None:
+        self._client.fetch_blob(self._ref, digest, size, cache, progress, layer_media_type)
 
 
 class _SourceOrigin:
@@ -77,8 +85,9 @@ class _SourceOrigin:
         return self._source.read_blob(digest)
 
     def blob_into_cache(self, digest: str, size: int, cache: BlobCache,
-                        progress: Optional[Callable[[int], None]]) -> None:
-        self._source.copy_blob(digest, size, cache, progress)
+                        progress: Optional[Callable[[int], None]],
+                        layer_media_type: Optional[str] = None) -> None:
+        self._source.copy_blob(digest, size, cache, progress, layer_media_type)
 
 
 class _NoRegistry:
@@ -95,7 +104,8 @@ class _NoRegistry:
         raise self._fail()
 
     def blob_into_cache(self, digest: str, size: int, cache: BlobCache,
-                        progress: Optional[Callable[[int], None]]) -> None:
+                        progress: Optional[Callable[[int], None]],
+                        layer_media_type: Optional[str] = None) -> None:
         raise self._fail()
 
 
@@ -105,14 +115,20 @@ class _NoRegistry:
 class Resolver:
     """Resolves image specs against registries or offline sources, through a BlobCache."""
 
-    def __init__(self, cache: BlobCache, client: Optional[RegistryClient] = None) -> None:
+    def __init__(self, cache: BlobCache, client: Optional[RegistryClient] = None, *,
+                 jobs: int = DEFAULT_JOBS) -> None:
         """Args:
             cache: where index/manifest/config/layer blobs are kept.
             client: registry access; None resolves only offline sources and images
                 pinned by digest whose blobs are all cached.
+            jobs: layer blobs downloaded at once (``fetch_layers``); at least 1.
         """
+        if jobs < 1:
+            raise UsageError(f"--jobs {jobs}: at least one download must run",
+                             f"pass --jobs 1 or more (default {DEFAULT_JOBS}, as Docker's)")
         self.cache = cache
         self.client = client
+        self.jobs = jobs
         self._sources: Dict[str, OfflineSource] = {}
         # One answer per reference per run: every platform of a tag sees the same index.
         self._tops: Dict[Tuple[str, str], Tuple[bytes, str, str]] = {}
@@ -244,8 +260,10 @@ class Resolver:
                      progress_factory: Optional[ProgressFactory] = None) -> List[ResolvedImage]:
         """Make sure the layer blobs ``digests_needed`` are cached, and know their tar form.
 
-        Only those blobs are fetched. Each layer not decompressed before is decompressed
-        once to check its diff_id and record its tar size in the cache.
+        Only those blobs are fetched, ``self.jobs`` at once (largest first), behind one
+        progress bar; each is decompressed as it streams in, to check its diff_id and
+        record its tar size in the cache. A cached layer whose tar form is unknown (cached
+        by an older edgebundle) is read and decompressed once more for it.
 
         Returns:
             ``images`` with ``tar_size`` filled in for every layer whose size is known.
@@ -281,14 +299,41 @@ class Resolver:
         return list(found.values())
 
     def _download(self, missing: List[Tuple[Layer, Reference]], factory: ProgressFactory) -> None:
-        bar = factory(sum(layer.size for layer, _ in missing), "fetching layers")
+        """Fetch ``missing`` into the cache, ``self.jobs`` at a time, behind one bar.
+
+        The first failure stops the rest: downloads in flight are abandoned at their
+        next chunk (their temp files removed by ``BlobCache.writer``), queued ones never
+        start, and that failure is raised; blobs already complete stay cached.
+        """
+        bar = _SharedBar(factory(sum(layer.size for layer, _ in missing), "fetching layers"))
+        stop = threading.Event()
+
+        def progress(n: int) -> None:
+            if stop.is_set():
+                raise _Abandoned()
+            bar.update(n)
+
+        def fetch(layer: Layer, ref: Reference) -> None:
+            if stop.is_set():
+                return
+            origin = self._origins.get(layer.digest) or self._origin(ImageSpec(str(ref), ref))
+            log.info("fetching layer %s of %s (%d bytes)", layer.digest, ref, layer.size)
+            origin.blob_into_cache(layer.digest, layer.size, self.cache, progress, layer.media_type)
+
+        # Largest first: with fewer workers than layers, the big one does not start last.
+        order = sorted(missing, key=lambda item: -item[0].size)
+        pool = ThreadPoolExecutor(max_workers=min(self.jobs, len(order)), thread_name_prefix="fetch")
         try:
-            for layer, ref in missing:
-                origin = self._origins.get(layer.digest) or self._origin(ImageSpec(str(ref), ref))
-                log.info("fetching layer %s of %s (%d bytes)", layer.digest, ref, layer.size)
-                origin.blob_into_cache(layer.digest, layer.size, self.cache, bar.update)
+            futures = [pool.submit(fetch, layer, ref) for layer, ref in order]
+            wait(futures, return_when=FIRST_EXCEPTION)
         finally:
+            stop.set()  # also on KeyboardInterrupt: the workers leave at their next chunk
+            pool.shutdown(wait=True, cancel_futures=True)
             close_bar(bar)
+        for future in futures:
+            exc = future.exception() if future.done() and not future.cancelled() else None
+            if exc is not None and not isinstance(exc, _Abandoned):
+                raise exc
 
     def _inspect(self, layers: List[Tuple[Layer, Reference]], factory: ProgressFactory) -> None:
         bar = factory(sum(layer.size for layer, _ in layers), "checking layers")
@@ -303,6 +348,26 @@ class Resolver:
                 bar.update(layer.size)
         finally:
             close_bar(bar)
+
+
+class _Abandoned(Exception):
+    """Raised inside a download when another one failed (never a ResolveError, so no
+    mirror fallback or retry takes it for the download's own failure)."""
+
+
+class _SharedBar:
+    """One bar for all parallel downloads: updates serialised (tqdm's are not atomic)."""
+
+    def __init__(self, bar: Bar) -> None:
+        self._bar = bar
+        self._lock = threading.Lock()
+
+    def update(self, n: int) -> None:
+        with self._lock:
+            self._bar.update(n)
+
+    def close(self) -> None:
+        close_bar(self._bar)
 
 
 # ---------------------------------------------------------------------------

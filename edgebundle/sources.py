@@ -190,8 +190,9 @@ class OfflineSource(abc.ABC):
         return data
 
     def copy_blob(self, digest: str, size: Optional[int], cache: BlobCache,
-                  progress: Optional[Progress] = None) -> None:
-        """Stream blob ``digest`` into ``cache`` (verified); no-op if it is cached."""
+                  progress: Optional[Progress] = None, layer_media_type: Optional[str] = None) -> None:
+        """Stream blob ``digest`` into ``cache`` (verified); no-op if it is cached.
+        ``layer_media_type``: a layer; its diff_id is learnt on the way (``BlobCache.writer``)."""
         if cache.has(digest):
             return
         if digest in self._memory:
@@ -200,7 +201,7 @@ class OfflineSource(abc.ABC):
         name = self._require(digest)
         copied = 0
         try:
-            with self._files.open(name) as src, cache.writer(digest, size) as out:
+            with self._files.open(name) as src, cache.writer(digest, size, layer_media_type) as out:
                 for chunk in read_pieces(src):
                     out.write(chunk)
                     copied += len(chunk)

@@ -86,11 +86,15 @@ def main() -> int:
                     help="simulated sites for the pack-once-per-state measurement (default: 1000; --quick: 100)")
     ap.add_argument("--sync-sites", type=int, default=None,
                     help="real sshd sites for the up-to-date sync (default: 20; --quick: 4)")
-    ap.add_argument("--only", choices=["fleet"], default=None,
-                    help="run only this phase (with the images and registry it needs) and merge its results "
-                         "into the saved results of the last run of the same mode "
+    ap.add_argument("--only", choices=["fleet", "pack"], default=None,
+                    help="fleet: run only this phase (with the images and registry it needs) and merge its "
+                         "results into the saved results of the last run of the same mode "
                          "(last-results-{full,quick}.json in the cache); with --write-doc, rewrite the doc "
-                         "from them")
+                         "from them. pack: the cold containerd pack against its slowest stage on an image "
+                         "of host files (benchlib/packbench.py; prints a table, --json keeps it)")
+    ap.add_argument("--before", metavar="DIR", type=Path, default=None,
+                    help="with --only pack: also time the packs of the edgebundle checkout unpacked in DIR "
+                         "(e.g. `git archive main | tar -x -C DIR`), alternating with this one")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (bundles, archives, logs)")
     ap.add_argument("--render", metavar="RESULTS_JSON",
                     help="measure nothing: re-render --write-doc from saved results (every run saves "
@@ -130,6 +134,13 @@ def main() -> int:
         if n < 1:
             print(f"bench: {flag} {n}: need at least 1", file=sys.stderr)
             return 2
+    if args.only == "pack":
+        from benchlib import packbench
+        tmp = Path(tempfile.mkdtemp(prefix="ebbench-pack-"))
+        try:
+            return packbench.main_phase(opts, tmp, args.before, args.json)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     saved = opts.cache / f"last-results-{'quick' if q else 'full'}.json"
     merge_into: Optional[Dict[str, Any]] = None
     if args.only:

@@ -124,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-delta", action="store_true",
                    help="plan changed layers whole, never as content deltas")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--jobs", type=int, default=3, metavar="N",
+                   help="layer blobs downloaded (to compute deltas) at once, behind one progress bar (default: "
+                   "%(default)s, as Docker's max-concurrent-downloads)")
 
     p = sub.add_parser("pack", parents=[common], help="resolve, fetch and write the bundle a site needs")
     p.add_argument("manifest", help="manifest list YAML")
@@ -155,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "repeat to co-sign with a new and an old key while rotating")
     p.add_argument("--json", action="store_true", help="machine-readable summary")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--jobs", type=int, default=3, metavar="N",
+                   help="layer blobs downloaded at once, behind one progress bar (default: "
+                   "%(default)s, as Docker's max-concurrent-downloads)")
 
     p = sub.add_parser(
         "export", parents=[common],
@@ -181,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="zstd worker threads (default: 0 = one per CPU)")
     p.add_argument("--json", action="store_true", help="machine-readable summary")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--jobs", type=int, default=3, metavar="N",
+                   help="layer blobs downloaded at once, behind one progress bar (default: "
+                   "%(default)s, as Docker's max-concurrent-downloads)")
 
     p = sub.add_parser(
         "sync", parents=[common], help="bring sites to the manifest over SSH: report, pack, upload, import",
@@ -219,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="zstd level, as for pack (default: %(default)s)")
     p.add_argument("--threads", type=int, default=0, help="zstd worker threads (default: 0 = one per CPU)")
     p.add_argument("--no-delta", action="store_true", help="ship changed layers whole, never as deltas")
+    p.add_argument("--jobs", type=int, default=3, metavar="N",
+                   help="layer blobs downloaded at once, behind one progress bar (default: "
+                   "%(default)s, as Docker's max-concurrent-downloads)")
     _ssh_args(p)
     p.add_argument("--json", action="store_true",
                    help="print {ok, sites: [{site, ok, action, error, exit_code, bytes_sent, ...}]}")

@@ -22,7 +22,7 @@ from ..trust import load_signing_key
 from ..usecases.packer import PackerSession
 from ..volumeset import parse_size
 from .main import emit_json
-from .packer import _Bars, _created, _home, _mb, ssh_options
+from .packer import _Bars, _created, _home, _mb, jobs_arg, ssh_options
 
 
 class _Display:
@@ -107,13 +107,15 @@ def sync_options(args: argparse.Namespace) -> SyncOptions:
 
 def cmd_sync(args: argparse.Namespace) -> int:
     options = sync_options(args)
+    jobs = jobs_arg(args)
     manifest = load_manifest(args.manifest)
     sites = select_sites(args, manifest)
     show = not args.no_progress and not args.json and sys.stderr.isatty()
     display = _Display(len(sites), options.parallel) if show else None
     started = time.monotonic()
     try:
-        with PackerSession(_home(args), manifest, progress=_Bars(show)) as session:
+        with PackerSession(_home(args), manifest, progress=_Bars(show),
+                           jobs=jobs) as session:
             syncer = Syncer(session, options, display)
             outcomes = syncer.run(sites)
             packed = len(syncer.packer.packed)

@@ -329,6 +329,9 @@ class Authenticator:
         # host -> its Bearer challenge (realm, service): lets a token for another repository,
         # or one that expired mid-pack, be fetched before the request instead of after a 401.
         self._realms: Dict[str, Challenge] = {}
+        # (host, scope) -> held while one thread renews that token: parallel downloads
+        # (``--jobs``) finding it expired together make one token request, not one each.
+        self._renewing: Dict[Tuple[str, str], threading.Lock] = {}
         self._lock = threading.Lock()
 
     @property
@@ -358,12 +361,17 @@ class Authenticator:
             return cached
         with self._lock:
             known = self._realms.get(host)
+            flight = self._renewing.setdefault((host, pull_scope(repo_path)), threading.Lock())
         if known is None:
             return cached
-        # The remembered challenge's scope was for another request: ask for this repository.
-        ch = Challenge(known.scheme, {k: v for k, v in known.params.items() if k not in ("scope", "error")})
-        value, _ = self._bearer(host, cred_host, repo_path, ch, self.credential(cred_host))
-        return value
+        with flight:
+            renewed = self.cached(host, repo_path)  # by the thread that held the lock before us
+            if renewed is not None and not renewed.startswith("Basic "):
+                return renewed
+            # The remembered challenge's scope was for another request: ask for this repository.
+            ch = Challenge(known.scheme, {k: v for k, v in known.params.items() if k not in ("scope", "error")})
+            value, _ = self._bearer(host, cred_host, repo_path, ch, self.credential(cred_host))
+            return value
 
     def forget(self, host: str, repo_path: str) -> None:
         """Drop what ``cached`` returned: the registry refused it (revoked, expired early)."""

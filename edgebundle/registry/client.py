@@ -318,12 +318,13 @@ class RegistryClient:
     # -- blobs -------------------------------------------------------------------
 
     def fetch_blob(self, repo: Reference, digest: str, size: Optional[int], cache: BlobCache,
-                   progress: Optional[Progress] = None) -> None:
+                   progress: Optional[Progress] = None, layer_media_type: Optional[str] = None) -> None:
         """Stream blob ``digest`` of ``repo``'s repository into ``cache``, verified.
 
         Redirects (to object storage) are followed. Nothing happens if the cache has it.
         ``progress(n)`` is told of every chunk; when an attempt fails, the bytes it
-        reported are taken back with a negative ``progress(-n)``.
+        reported are taken back with a negative ``progress(-n)``. ``layer_media_type``:
+        the blob is a layer; learn its diff_id as it streams (``BlobCache.writer``).
 
         Raises:
             ResolveError: not found, persistent digest mismatch, auth or network failure.
@@ -335,10 +336,11 @@ class RegistryClient:
                                "only sha256 content is supported")
         self._each_endpoint(repo.domain, lambda ep: self._retrying(
             ep, self.digest_retries if not ep.mirror else 0,
-            lambda: self._fetch_blob_once(ep, repo, digest, size, cache, progress)))
+            lambda: self._fetch_blob_once(ep, repo, digest, size, cache, progress, layer_media_type)))
 
     def _fetch_blob_once(self, ep: Endpoint, repo: Reference, digest: str, size: Optional[int],
-                         cache: BlobCache, progress: Optional[Progress]) -> None:
+                         cache: BlobCache, progress: Optional[Progress],
+                         layer_media_type: Optional[str] = None) -> None:
         url = ep.url(repo.path, "blobs", digest)
         reported = 0
         try:
@@ -348,7 +350,7 @@ class RegistryClient:
                            "the image references a blob the registry lacks (pushed incompletely or "
                            "garbage-collected); re-push the image", exc.code) from None
         try:
-            with cache.writer(digest, size) as out:
+            with cache.writer(digest, size, layer_media_type) as out:
                 for chunk in resp.iter_bytes(IO_CHUNK):
                     out.write(chunk)
                     reported += len(chunk)

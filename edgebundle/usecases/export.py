@@ -30,7 +30,7 @@ from ..image import ResolvedImage
 from ..manifest import load_manifest
 from ..naming import comparable_name
 from ..progress import NULL_BAR, Bar, close_bar
-from ..resolve import ProgressFactory
+from ..resolve import DEFAULT_JOBS, ProgressFactory
 from ..space import check_packer
 from .packer import PackerSession
 
@@ -169,11 +169,12 @@ def members(fmt: str, images: Sequence[ArchiveImage]) -> List[archive.Member]:
 
 def export_site(home: Path, manifest_path: str, site_name: str, fmt: str, output: str, *,
                 level: Optional[int] = None, threads: int = 0, only: Sequence[str] = (),
-                progress: Optional[ProgressFactory] = None) -> ExportOutcome:
+                progress: Optional[ProgressFactory] = None, jobs: int = DEFAULT_JOBS) -> ExportOutcome:
     """Write ``site_name``'s images, for its platform, as a ``fmt`` archive to ``output``.
 
     ``only``: just these of the site's images (as the manifest names them), e.g. one per
-    archive for ``podman load``, which reads one image from an OCI archive.
+    archive for ``podman load``, which reads one image from an OCI archive. ``jobs``:
+    layer downloads at once (``Resolver.fetch_layers``).
 
     The output's name and directory are checked before anything is fetched; a regular
     file is replaced atomically, so a failed export leaves no partial archive behind.
@@ -183,7 +184,7 @@ def export_site(home: Path, manifest_path: str, site_name: str, fmt: str, output
     what = f"{fmt} archive " + ("to standard output" if output == "-" else output)
     check_output(output, what)
     factory = progress or _no_bar
-    with PackerSession(home, load_manifest(manifest_path), progress=progress) as session:
+    with PackerSession(home, load_manifest(manifest_path), progress=progress, jobs=jobs) as session:
         site = session.site(site_name)
         resolved = select(session.resolve(site), only, site.name)
         digests = {layer.digest for img in resolved for layer in img.layers}

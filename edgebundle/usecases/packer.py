@@ -32,7 +32,7 @@ from ..registry.auth import CredentialStore, docker_config_path
 from ..registry.client import RegistryClient
 from ..registry.proxy import ProxySettings
 from ..registry.tls import certs_dirs_from_env
-from ..resolve import ProgressFactory, Resolver
+from ..resolve import DEFAULT_JOBS, ProgressFactory, Resolver
 from ..specs import ManifestList, SiteSpec
 from ..space import check_packer
 from ..store import InventoryStore
@@ -61,11 +61,12 @@ class PackerSession:
             and the docker credentials, and closed with the session.
         progress: makes the progress bars (``resolve.ProgressFactory``): downloads,
             layer checks, and the pack itself.
+        jobs: layer blobs downloaded at once (``--jobs``).
     """
 
     def __init__(self, home: Path, manifest: ManifestList, *,
                  client: Optional[RegistryClient] = None,
-                 progress: Optional[ProgressFactory] = None) -> None:
+                 progress: Optional[ProgressFactory] = None, jobs: int = DEFAULT_JOBS) -> None:
         self.home = home
         self.manifest = manifest
         self.cache = BlobCache(home / "cache")
@@ -75,7 +76,7 @@ class PackerSession:
                                                CredentialStore.load(docker_config_path()),
                                                certs_dirs=certs_dirs_from_env(),
                                                proxies=ProxySettings.from_environ())
-        self.resolver = Resolver(self.cache, self.client)
+        self.resolver = Resolver(self.cache, self.client, jobs=jobs)
         self._progress = progress
         self._resolved: Dict[str, List[ResolvedImage]] = {}
         self._inventories: Dict[str, Inventory] = {}
@@ -279,22 +280,25 @@ def _no_bar(total: int, desc: str) -> Bar:
 
 
 def plan_site(home: Path, manifest_path: str, site: str, *, full: bool = False,
-              deltas: bool = True, progress: Optional[ProgressFactory] = None) -> Plan:
+              deltas: bool = True, progress: Optional[ProgressFactory] = None,
+              jobs: int = DEFAULT_JOBS) -> Plan:
     """``edgebundle plan``: what ``site`` lacks, from the manifest list and its inventory."""
-    with PackerSession(home, load_manifest(manifest_path), progress=progress) as session:
+    with PackerSession(home, load_manifest(manifest_path), progress=progress, jobs=jobs) as session:
         return session.plan(session.site(site), full=full, deltas=deltas)
 
 
 def pack_site(home: Path, manifest_path: str, site: str, output: str, *, full: bool = False,
               level: int = 16, threads: int = 0, created: Optional[str] = None,
               progress: Optional[ProgressFactory] = None, deltas: bool = True,
-              signers: Sequence[Signer] = (), volume_size: Optional[int] = None) -> PackOutcome:
+              signers: Sequence[Signer] = (), volume_size: Optional[int] = None,
+              jobs: int = DEFAULT_JOBS) -> PackOutcome:
     """``edgebundle pack``: write the bundle ``site`` needs to ``output``.
 
-    ``progress`` makes a bar per step (fetching, checking, packing), as in ``PackerSession``;
-    ``volume_size`` splits it into volumes (``volumeset.write_volumes``).
+    ``progress`` makes a bar per step (fetching, packing), as in ``PackerSession``;
+    ``volume_size`` splits it into volumes (``volumeset.write_volumes``); ``jobs``
+    downloads run at once.
     """
-    with PackerSession(home, load_manifest(manifest_path), progress=progress) as session:
+    with PackerSession(home, load_manifest(manifest_path), progress=progress, jobs=jobs) as session:
         return session.pack(session.site(site), output, full=full, level=level, threads=threads,
                             created=created, deltas=deltas, signers=signers,
                             volume_size=volume_size)

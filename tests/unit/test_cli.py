@@ -225,6 +225,18 @@ def test_pack_refuses_outputs_it_cannot_write_before_any_work(world: World) -> N
     assert "is a directory" in err
     world.run("pack", str(world.manifest), "--site", "gw", "-o", "-", "--json", code=2)
     world.run("pack", str(world.manifest), "--site", "gw", "-o", "x", "--threads", "-1", code=2)
+    _, err = world.run("pack", str(world.manifest), "--site", "gw", "-o", "x", "--jobs", "0", code=2)
+    assert "--jobs 0" in err and len(err.strip().splitlines()) == 1
+    _, err = world.run("plan", str(world.manifest), "--site", "gw", "--jobs", "-2", code=2)
+    assert "--jobs -2" in err
+
+
+def test_same_bundle_whatever_the_jobs(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    one = world.pack("gw", "--jobs", "1", name="one.ebundle").read_bytes()
+    world.home = world.tmp / "home-3"  # cold again: every layer fetched, three at once
+    three = world.pack("gw", "--jobs", "3", name="three.ebundle").read_bytes()
+    assert one == three
 
 
 # ---------------------------------------------------------------------------

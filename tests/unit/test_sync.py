@@ -450,6 +450,7 @@ def test_cli_sync_reports_each_site_and_exits_16(tmp_path: Path, capsys: pytest.
     (["--all", "--limit-rate", "fast"], "--limit-rate 'fast' is not a size"),
     (["--all", "--limit-rate", "10"], "--limit-rate 10 is 10 bytes, below the minimum of 1024 bytes"),
     (["--all", "--site-timeout", "0"], "--site-timeout 0 is not a positive number of seconds"),
+    (["--all", "--jobs", "0"], "--jobs 0: at least one download must run"),
 ])
 def test_cli_sync_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: List[str],
                                message: str) -> None:
