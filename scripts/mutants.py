@@ -362,6 +362,20 @@ MUTANTS: List[Mutant] = [
     Mutant("zstd layer in a docker-archive as it is", "edgebundle/archive.py",
            "    if layer.docker_readable:", "    if True:",
            "tests/unit/test_export.py -k zstd_layer"),
+    # registries as people run them (issue 10)
+    Mutant("NO_PROXY ignored", "edgebundle/registry/proxy.py",
+           '    for raw in no_proxy.split(","):', '    for raw in "".split(","):',
+           "tests/integration/test_proxy_netns_real.py"),
+    Mutant("certs.d CA not loaded", "edgebundle/registry/tls.py",
+           "            ctx.load_verify_locations(cafile=ca)", "            pass",
+           "tests/integration/test_registry_tls_real.py -k 'private_ca or ca_file'"),
+    Mutant("downloads run one at a time", "edgebundle/resolve.py",
+           "max_workers=min(self.jobs, len(order))", "max_workers=1",
+           "tests/integration/test_parallel_fetch.py -k at_once"),
+    # podman: a name only on a complete image
+    Mutant("podman names an incomplete image", "edgebundle/importer/podman.py",
+           "        broken = [rec.name for rec in records if not _complete(stored, rec)]",
+           "        broken: List[str] = []", "tests/unit/test_podman.py -k read_back"),
 ]
 
 
