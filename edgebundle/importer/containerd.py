@@ -52,6 +52,7 @@ from ..rebuild import BASE_HINT, BaseTree, DirTree, verified_tar
 from ..state import StateDir
 from . import ctrsurvival
 from .journal import PHASE_PUBLISHING, Journal, JournalFile, Rename, this_process
+from .process import Completed
 from .tarstream import BLOCK, TarStream, ThreadedSink, blob_path, last_line
 
 log = logging.getLogger(__name__)
@@ -162,13 +163,6 @@ def select_manifest(index: Mapping[str, Any], platform: Optional[Platform],
 
 
 # --- the process seam ---------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Completed:
-    returncode: int
-    stdout: bytes
-    stderr: bytes
 
 
 class Process(Protocol):

@@ -48,7 +48,6 @@ import secrets
 import shlex
 import shutil
 import subprocess
-from dataclasses import dataclass
 from typing import Any, BinaryIO, Dict, Iterator, List, Optional, Protocol, \
     Sequence, Set, Tuple
 
@@ -60,18 +59,12 @@ from ..oci import INDEX_TYPES, Platform, chain_ids
 from ..rebuild import BASE_HINT, BaseTree
 from .podmanstore import (SPOOL_PREFIX, StoredImage, StoredLayer, held_images, is_temp_name,
                           layer_blobs, layer_chain, parse_images_store, parse_layers, stored_image)
+from .process import Completed
 from .tarstream import last_line
 
 log = logging.getLogger(__name__)
 
 # --- the process seam ---------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Completed:
-    returncode: int
-    stdout: bytes
-    stderr: bytes
 
 
 class Runner(Protocol):
