@@ -196,6 +196,7 @@ def run(keep: bool) -> int:
         demo.eb("import", str(b1), *ctr_args, expect=13)
 
         fleet_sync(demo, tmp, reg, keys)
+        factory_export(demo, tmp, manifest, cd)
 
         say("what was shipped against a layer-level update and a full transfer")
         print(f"   {'scenario':<26} {'images':>6} {'bundle bytes':>14} {'layer-level':>14} "
@@ -212,6 +213,30 @@ def run(keep: bool) -> int:
             print(f"\n(kept {tmp})")
         else:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def factory_export(demo: Demo, tmp: Path, manifest: Path, cd: Any) -> None:
+    """A k3s node that never runs edgebundle: an airgap tarball, imported as k3s does."""
+    say("5. factory seed for a k3s node without edgebundle: an airgap tarball for its images dir")
+    images_dir = tmp / "k3s-node" / "agent" / "images"  # /var/lib/rancher/k3s/agent/images/
+    images_dir.mkdir(parents=True)
+    archive = images_dir / "edgebundle-gw-01.tar.zst"
+    demo.eb("export", str(manifest), "--site", "gw-01", "--format", "k3s-airgap", "-o", str(archive),
+            "--no-progress")
+    print(f"   {archive.name}: {archive.stat().st_size:,} bytes; k3s decompresses it by name and "
+          "imports it into k8s.io at start (here: a namespace of its own)")
+    with subprocess.Popen(["zstd", "-d", "-c", "--memory=32MB", str(archive)], stdout=subprocess.PIPE) as src:
+        subprocess.run(cd.ctr_argv("k3s-node") + ["images", "import", "--all-platforms", "-"],
+                       stdin=src.stdout, env=cd.env(), check=True, capture_output=True)
+        if src.wait(timeout=60) != 0:
+            raise SystemExit("demo: zstd could not decompress the export")
+    ref = next(line.split()[0] for line in subprocess.run(
+        cd.ctr_argv("k3s-node") + ["images", "ls", "-q"], env=cd.env(), check=True,
+        capture_output=True, text=True).stdout.splitlines() if "/shop/app:" in line)
+    out = subprocess.run(cd.ctr_argv("k3s-node") + ["run", "--rm", "--snapshotter", cd.snapshotter,
+                                                    ref, "demo-k3s-app"],
+                         capture_output=True, text=True, env=cd.env(), check=True)
+    print(f"   the node runs {ref.rsplit('/', 1)[-1]}: {out.stdout.strip()}")
 
 
 FLEET = """\
