@@ -333,7 +333,7 @@ def _parse_site(ctx: _Ctx, name: object, body: object, line: int) -> SiteSpec:
         address=_site_address(ctx, name, runtime, entry),
         edgebundle=_site_command(ctx, name, entry),
         staging=_site_staging(ctx, name, entry),
-        prune=_site_prune(ctx, name, runtime, entry),
+        prune=_site_prune(ctx, name, entry),
         line=line,
     )
 
@@ -350,14 +350,11 @@ def _site_staging(ctx: _Ctx, name: str, entry: _Map) -> str:
     return staging.rstrip("/") or "/"
 
 
-def _site_prune(ctx: _Ctx, name: str, runtime: str, entry: _Map) -> Optional[PrunePolicy]:
+def _site_prune(ctx: _Ctx, name: str, entry: _Map) -> Optional[PrunePolicy]:
     """``prune: {keep_previous: N}``, or ``prune: true`` (N = 0); absent or false: never."""
     if "prune" not in entry:
         return None
     value, line = entry["prune"], entry.key_lines["prune"]
-    if runtime == "podman" and value is not False:
-        raise ctx.error(line, f"site {name!r}: prune is not supported for podman sites yet",
-                        "remove `prune:` from this site; remove old images with `podman rmi`")
     hint = "write `prune: {keep_previous: 1}` (keep one older version per image for rollback) or `prune: false`"
     if isinstance(value, bool):
         return PrunePolicy() if value else None

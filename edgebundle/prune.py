@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Dict, FrozenSet, Iterable, List, Sequence, Set, Tuple
 
 from .errors import UsageError
-from .format import RUNTIME_DOCKER
+from .format import RUNTIME_DOCKER, RUNTIME_PODMAN
 from .history import Imported
 from .naming import comparable_name, docker_tag
 from .reference import parse_reference
@@ -110,19 +110,26 @@ class _Candidate:
     was: str = ""
 
 
+#: Runtimes whose images are their image ID (the config digest), with tags for names
+#: (a digest-pinned reference as ``naming.docker_tag`` spells it), where a moved tag
+#: leaves the older image untagged: Docker and Podman. containerd names targets.
+ID_RUNTIMES = (RUNTIME_DOCKER, RUNTIME_PODMAN)
+
+
 def plan_prune(runtime: str, present: Iterable[Present], history: Iterable[Imported],
                keep: Sequence[str], keep_previous: int = 0,
                in_use: InUse = InUse(), untagged: Iterable[str] = ()) -> PrunePlan:
     """Decide, for every image edgebundle imported that the runtime still holds.
 
-    ``untagged``: Docker's image IDs that no tag names (``GET /images/json``).
+    ``untagged``: the image IDs no tag names (Docker's ``GET /images/json``, Podman's
+    dangling images).
     """
     if keep_previous < 0:
         raise UsageError(f"--keep-previous {keep_previous} is negative", "pass 0 or more")
-    docker = runtime == RUNTIME_DOCKER
+    by_id = runtime in ID_RUNTIMES
     present = list(present)
     history = list(history)
-    wanted = {comparable_name(docker_tag(k) if docker else k) for k in keep}
+    wanted = {comparable_name(docker_tag(k) if by_id else k) for k in keep}
     ours: Dict[Tuple[str, str], int] = {}  # (comparable name, digest) -> import seq
     for entry in history:
         key = (comparable_name(entry.name), entry.digest)
@@ -133,7 +140,7 @@ def plan_prune(runtime: str, present: Iterable[Present], history: Iterable[Impor
         seq = ours.get((comparable_name(p.name), p.digest))
         if seq is not None:
             candidates.append(_Candidate(p, seq, _repository(p.name)))
-    orphaned = frozenset(untagged) - {p.digest for p in present} if docker else frozenset()
+    orphaned = frozenset(untagged) - {p.digest for p in present} if by_id else frozenset()
     orphans: Dict[str, Imported] = {}  # image ID -> its newest entry
     for entry in history:
         if entry.digest in orphaned:
@@ -151,7 +158,7 @@ def plan_prune(runtime: str, present: Iterable[Present], history: Iterable[Impor
             kept_images.add((_repository(p.name), p.digest))
             kept_repos.add(_repository(p.name))
     for k in keep:  # a kept name absent from the device still keeps its repository's previous
-        kept_repos.add(_repository(docker_tag(k) if docker else k))
+        kept_repos.add(_repository(docker_tag(k) if by_id else k))
 
     verdicts: Dict[str, str] = {}
     for c in candidates:

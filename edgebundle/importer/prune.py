@@ -14,6 +14,11 @@ Through the importer's own seams: ``Ctr`` (the ``Runner``) for containerd, ``Doc
   deletes the image when that was its last tag; a container created meanwhile makes it
   answer 409, which is reported as in use, not as a failure. An image a newer load took
   the tag of stays, untagged: ``DELETE /images/<ID>`` removes it.
+- Podman: ``podman ps -a --format json`` lists every container with its image name and
+  ID. ``podman rmi NAME`` (never ``--force``) untags, and deletes the image with its
+  last tag -- but refuses (exit 2, "image is in use by a container") when a container
+  uses it, which is reported as in use. Like Docker, a tag a newer load took leaves the
+  older image dangling (``podman images --filter dangling=true``): ``rmi <ID>`` removes it.
 
 Device-safe: standard library only.
 """
@@ -29,6 +34,8 @@ from ..errors import LoadError
 from ..prune import InUse
 from .containerd import ContainerdRuntime, Ctr
 from .docker import DockerAPI, DockerRuntime
+from .podman import Podman, PodmanRuntime
+from .tarstream import last_line
 
 log = logging.getLogger(__name__)
 
@@ -145,13 +152,82 @@ class DockerImages:
         return out
 
 
+def parse_podman_containers(body: object) -> InUse:
+    """``podman ps -a --format json`` -> the image names and IDs containers use."""
+    if body is None:
+        return InUse()
+    if not isinstance(body, list):
+        raise LoadError(f"podman ps printed {type(body).__name__}, not a list",
+                        "check the --podman command")
+    ids, names = set(), set()
+    for c in body:
+        if not isinstance(c, dict):
+            continue
+        image_id, image = c.get("ImageID"), c.get("Image")
+        if isinstance(image_id, str) and image_id:
+            ids.add(image_id if image_id.startswith("sha256:") else "sha256:" + image_id)
+        if isinstance(image, str) and image:
+            names.add(image)
+    return InUse(names=frozenset(names), digests=frozenset(ids))
+
+
+def parse_podman_dangling(body: object) -> FrozenSet[str]:
+    """``podman images --filter dangling=true --format json`` -> their image IDs."""
+    if body is None:
+        return frozenset()
+    if not isinstance(body, list):
+        raise LoadError(f"podman images printed {type(body).__name__}, not a list",
+                        "check the --podman command")
+    out = set()
+    for image in body:
+        ident = image.get("Id") if isinstance(image, dict) else None
+        if isinstance(ident, str) and ident:
+            out.add(ident if ident.startswith("sha256:") else "sha256:" + ident)
+    return frozenset(out)
+
+
+class PodmanImages:
+    def __init__(self, podman: Podman) -> None:
+        self.podman = podman
+
+    @property
+    def target(self) -> str:
+        return f"podman:{self.podman.graph()[0]}"
+
+    def describe(self) -> str:
+        return self.podman.describe()
+
+    def in_use(self) -> InUse:
+        return parse_podman_containers(self.podman.json("ps", "-a", "--format", "json"))
+
+    def untagged(self) -> FrozenSet[str]:
+        return parse_podman_dangling(self.podman.json("images", "--filter", "dangling=true",
+                                                      "--format", "json"))
+
+    def remove(self, names: Sequence[str]) -> List[Removal]:
+        """Each name (a tag, or a dangling image's ID) by ``podman rmi`` (never forced)."""
+        out = []
+        for name in names:
+            ident = name[len("sha256:"):] if name.startswith("sha256:") else name
+            done = self.podman.runner.run(self.podman.argv("rmi", ident), self.podman.timeout)
+            text = last_line(done.stderr.decode(errors="replace"))
+            if done.returncode == 0 or "image not known" in text:  # gone already: fine
+                out.append(Removal(name, GONE))
+            elif "in use by a container" in text:
+                out.append(Removal(name, BUSY, text[:300]))
+            else:
+                raise LoadError(f"podman rmi {name} failed (exit {done.returncode}): "
+                                f"{text or 'no message'}", "check podman's storage")
+        return out
+
+
 def _message(body: object) -> str:
     if isinstance(body, dict) and isinstance(body.get("message"), str):
         return str(body["message"])[:300]
     return repr(body)[:300]
 
 
-Images = Union[ContainerdImages, DockerImages]
+Images = Union[ContainerdImages, DockerImages, PodmanImages]
 
 
 def images_of(runtime: object) -> Images:
@@ -160,8 +236,11 @@ def images_of(runtime: object) -> Images:
         return ContainerdImages(runtime.ctr)
     if isinstance(runtime, DockerRuntime):
         return DockerImages(runtime.api)
+    if isinstance(runtime, PodmanRuntime):
+        return PodmanImages(runtime.podman)
     raise TypeError(f"cannot prune a {type(runtime).__name__}")
 
 
-__all__ = ["ContainerdImages", "DockerImages", "Images", "InUse", "Removal", "images_of",
-           "parse_containers_json", "parse_containers_ls", "parse_untagged", "GONE", "BUSY"]
+__all__ = ["ContainerdImages", "DockerImages", "PodmanImages", "Images", "InUse", "Removal",
+           "images_of", "parse_containers_json", "parse_containers_ls", "parse_untagged",
+           "parse_podman_containers", "parse_podman_dangling", "GONE", "BUSY"]

@@ -25,7 +25,7 @@ from ..holdings import HeldImage, Holdings, Inventory
 from ..importer import ImportResult, ProgressFactory, Runtime, import_bundle
 from ..importer.prune import BUSY, images_of
 from ..naming import CRI_NAMESPACE, cri_digest_name
-from ..prune import IN_USE, REMOVE, Decision, Present, check_keep, plan_prune
+from ..prune import ID_RUNTIMES, IN_USE, REMOVE, Decision, Present, check_keep, plan_prune
 from ..importer.storage import runtime_storage
 from ..report import inventory_to_json, now_rfc3339
 from ..format.reader import Verifier
@@ -184,7 +184,7 @@ def _record_published(state: StateDir, runtime: Runtime, result: ImportResult, p
         image = held.image(summary.name, summary.top, summary.config)
         if image is None:
             continue
-        if runtime.kind == "docker":
+        if runtime.kind in ID_RUNTIMES:
             published.append((image.name, image.config, summary.name))
             continue
         published.append((image.name, summary.top, summary.name))
@@ -241,9 +241,6 @@ def prune(runtime: Runtime, keep: Sequence[str], *, keep_previous: int = 0,
     report returned is read from the runtime after the removal.
     """
     check_keep(keep)
-    if runtime.kind == "podman":
-        raise UsageError("prune does not support --runtime podman yet",
-                         "remove images with `podman rmi NAME` (podman refuses one a container uses)")
     if keep_previous < 0:
         raise UsageError(f"--keep-previous {keep_previous} is negative", "pass 0 or more")
     state = state or StateDir(state_dir_path())
@@ -288,7 +285,7 @@ def prune_failure(result: Pruned) -> Optional[LoadError]:
 
 
 def _present(kind: str, image: HeldImage) -> Present:
-    if kind == "docker":
+    if kind in ID_RUNTIMES:
         return Present(image.name, image.config, image.config)
     return Present(image.name, image.target.digest if image.target else "", image.config)
 

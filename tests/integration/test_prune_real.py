@@ -1,8 +1,8 @@
-"""``edgebundle prune`` against a real containerd and a real dockerd.
+"""``edgebundle prune`` against a real containerd, a real dockerd and a real podman store.
 
 Through the CLI entry point, as the coming ``sync`` calls it: import v1, then v2, of an
 image of its own (``shop/prune``, so no other test's imports count as ours), and prune
-keeping v2. Checked against the runtime's own tools (ctr, docker), never against
+keeping v2. Checked against the runtime's own tools (ctr, docker, podman), never against
 edgebundle's reading of them: what goes, what stays (previous version, a container's
 image, images edgebundle did not import), and that the report printed is what the
 runtime holds afterwards, content included (``ctr images rm --sync`` waits for the GC);
@@ -30,6 +30,7 @@ images:
 sites:
   gw: {{runtime: containerd, namespace: {ns}, platform: linux/amd64}}
   line: {{runtime: docker, platform: linux/amd64}}
+  pod: {{runtime: podman, platform: linux/amd64}}
 """
 NS = "k8s.io"  # containerd: the namespace where imports also set the CRI repo@digest name
 
@@ -200,3 +201,53 @@ def test_prune_docker(tmp_path: Path, registry: Any, dockerd: Any, pushed_images
     assert out["removed"] == [old] and old not in ids()
     assert {latest, v0} <= tags()  # v2's image keeps its :latest (and v2, the same image)
     assert run(docker + ["run", "--rm", "--network", "none", latest]) == prune_images["v2"]["message"]
+
+
+def test_prune_podman(tmp_path: Path, registry: Any, podman_store: Any, pushed_images: Any,
+                      prune_images: Dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
+    reg, store = registry.host, podman_store
+    v1, v2 = (f"{reg}/shop/prune:{v}" for v in ("v1", "v2"))
+    args = store.edgebundle_args()
+    state = tmp_path / "state"
+
+    def tags() -> Set[str]:
+        rows = json.loads(store.podman("images", "--format", "json").stdout or "[]")
+        return {n for row in rows for n in row.get("Names") or []}
+
+    def ids() -> Set[str]:
+        rows = json.loads(store.podman("images", "-a", "--format", "json").stdout or "[]")
+        return {"sha256:" + row["Id"] for row in rows}
+
+    # Not imported by edgebundle: a tag of our own on v1's image, in another repository.
+    ship(capsys, tmp_path, reg, "pod", "v1", args, state)
+    assert store.podman("tag", v1, "localhost/mine:1").returncode == 0
+    ship(capsys, tmp_path, reg, "pod", "v2", args, state)
+    assert {v1, v2, "localhost/mine:1"} <= tags()
+    prune = ["prune", *args, "--state-dir", str(state), "--keep", v2, "--json"]
+
+    out = eb(capsys, *prune, "--keep-previous", "1")
+    assert out["removed"] == [] and v1 in out["kept"] and v1 in tags()
+
+    created = store.podman("create", "--name", "prune-c1", v1, "/bin/true")  # never started
+    assert created.returncode == 0, created.stderr
+    try:
+        out = eb(capsys, *prune)
+        assert out["in_use"] == [v1] and out["removed"] == [] and v1 in tags()
+    finally:
+        assert store.podman("rm", "prune-c1").returncode == 0
+
+    out = eb(capsys, *prune, "--dry-run")
+    assert out["removed"] == [v1] and v1 in tags()
+
+    out = eb(capsys, *prune)
+    assert out["removed"] == [v1] and out["kept"] == [v2]
+    assert v1 not in tags() and {v2, "localhost/mine:1"} <= tags()
+    # Its other (not ours) tag keeps v1's image: untagged, never deleted under someone.
+    assert prune_images["v1"]["config"] in ids()
+    assert store.podman("rmi", "localhost/mine:1").returncode == 0
+    names = {i["name"] for i in out["report"]["images"]}
+    assert v1 not in names and v2 in names
+    later = eb(capsys, "report", *args, "--state-dir", str(state), "--json")
+    assert {i["name"] for i in later["images"]} == {v2}
+    ran = store.podman(*store.run_argv()[len(store.argv()):], v2)
+    assert ran.returncode == 0 and ran.stdout == prune_images["v2"]["message"], ran.stderr

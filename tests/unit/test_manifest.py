@@ -353,7 +353,6 @@ def test_undeclared_site_without_sites_section(tmp_path: Path) -> None:
 @pytest.mark.parametrize("site, expect", [
     ("{runtime: pod, platform: linux/amd64}", ":4: site 's': unknown runtime 'pod'"),
     ("{runtime: podman, platform: linux/amd64, address: /run/podman.sock}", ":4: site 's': podman has no socket to address"),
-    ("{runtime: podman, platform: linux/amd64, prune: true}", ":4: site 's': prune is not supported for podman"),
     ("{runtime: containrd, platform: linux/amd64}", "did you mean 'containerd'"),
     ("{platform: linux/amd64}", ":4: site 's' has no runtime"),
     ("{runtime: docker}", ":4: site 's' has no platform"),

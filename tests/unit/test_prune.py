@@ -15,13 +15,16 @@ import pytest
 from edgebundle import history
 from edgebundle.cache import BlobCache
 from edgebundle.cli.main import main
-from edgebundle.errors import LockedError, UsageError
+from edgebundle.errors import LoadError, LockedError, UsageError
 from edgebundle.history import Imported
 from edgebundle.holdings import Inventory
 from edgebundle.image import ResolvedImage
 from edgebundle.importer.containerd import ContainerdRuntime, Ctr
 from edgebundle.importer.docker import DockerAPI, DockerRuntime
-from edgebundle.importer.prune import parse_containers_json, parse_containers_ls, parse_untagged
+from edgebundle.importer.podman import Podman
+from edgebundle.importer.process import Completed
+from edgebundle.importer.prune import (BUSY, GONE, PodmanImages, parse_containers_json, parse_containers_ls,
+                                       parse_podman_containers, parse_podman_dangling, parse_untagged)
 from edgebundle.pack import write_bundle
 from edgebundle.plan import plan_bundle
 from edgebundle.prune import IN_USE, KEPT, PREVIOUS, REMOVE, InUse, Present, plan_prune
@@ -112,7 +115,8 @@ def test_in_use_by_name_by_digest_and_every_name_of_that_image() -> None:
     assert verdicts(kept_in_use)["reg/shop/app:v2"] == KEPT  # listed once, as kept
 
 
-def test_names_compare_normalised_and_docker_by_its_tag() -> None:
+@pytest.mark.parametrize("by_id", ["docker", "podman"])
+def test_names_compare_normalised_and_docker_by_its_tag(by_id: str) -> None:
     present = [Present("docker.io/library/busybox:1", D1), Present("docker.io/library/busybox:2", D2)]
     hist = [entry(p.name, p.digest, 1) for p in present]
     assert verdicts(plan_prune("containerd", present, hist, ["busybox:2"])) == \
@@ -120,27 +124,67 @@ def test_names_compare_normalised_and_docker_by_its_tag() -> None:
     # a digest-pinned image is tagged repo:sha256-<hex> in Docker (naming.docker_tag)
     pinned = [Present(f"reg/shop/app:sha256-{'2' * 64}", C1), Present("reg/shop/app:v1", D1)]
     hist = [entry(p.name, p.digest, 1) for p in pinned]
-    assert verdicts(plan_prune("docker", pinned, hist, ["reg/shop/app@" + D2])) == \
+    assert verdicts(plan_prune(by_id, pinned, hist, ["reg/shop/app@" + D2])) == \
         {f"reg/shop/app:sha256-{'2' * 64}": KEPT, "reg/shop/app:v1": REMOVE}
 
 
-def test_untagged_docker_images_we_imported_are_candidates_under_their_id() -> None:
+@pytest.mark.parametrize("by_id", ["docker", "podman"])
+def test_untagged_docker_images_we_imported_are_candidates_under_their_id(by_id: str) -> None:
     # reg/shop/app:latest was D1, then a newer load took the tag (D2): D1 is untagged.
     present = [Present("reg/shop/app:latest", D2), Present("reg/other:1", D9)]
     hist = [entry("reg/shop/app:latest", D1, 1), entry("reg/shop/app:latest", D2, 2),
             entry("reg/gone:1", D3, 1)]
     untagged = [D1, D3, C1]  # C1: not ours
-    plan = plan_prune("docker", present, hist, ["reg/shop/app:latest"], untagged=untagged)
+    plan = plan_prune(by_id, present, hist, ["reg/shop/app:latest"], untagged=untagged)
     assert verdicts(plan) == {"reg/shop/app:latest": KEPT, D1: REMOVE, D3: REMOVE}
     assert {d.name: d.was for d in plan.decisions}[D1] == "reg/shop/app:latest"
-    kept = plan_prune("docker", present, hist, ["reg/shop/app:latest"], 1, untagged=untagged)
+    kept = plan_prune(by_id, present, hist, ["reg/shop/app:latest"], 1, untagged=untagged)
     assert verdicts(kept) == {"reg/shop/app:latest": KEPT, D1: PREVIOUS, D3: REMOVE}
-    busy = plan_prune("docker", present, hist, ["reg/shop/app:latest"], untagged=untagged,
+    busy = plan_prune(by_id, present, hist, ["reg/shop/app:latest"], untagged=untagged,
                       in_use=InUse(digests=frozenset({D1})))
     assert verdicts(busy)[D1] == IN_USE
     # containerd has no untagged images: a name moved on leaves its content to the GC
     assert D1 not in verdicts(plan_prune("containerd", present, hist, ["reg/shop/app:latest"],
                                          untagged=untagged))
+
+
+class RecordedPodman:
+    """podman's answers as recorded (podman 4.3, a private store): rc and stderr per call."""
+
+    def __init__(self, answers: Any) -> None:
+        self.answers = answers
+        self.calls: List[List[str]] = []
+
+    def run(self, argv: Sequence[str], timeout: float) -> Completed:
+        self.calls.append(list(argv))
+        rc, out, err = self.answers[tuple(argv[1:])]
+        return Completed(rc, out.encode(), err.encode())
+
+
+def test_podman_images_seam() -> None:
+    hexid = "5184854b1d52417317eaab57d493b2bcc324453ccc15775d3c46a59f3c83577a"
+    busy = (f"Error: image used by 99a7c5d69632: image is in use by a container: consider "
+            "listing external containers and force-removing image\n")
+    runner = RecordedPodman({
+        ("ps", "-a", "--format", "json"): (0, json.dumps([{"Image": "localhost/t:v1", "ImageID": hexid}]), ""),
+        ("images", "--filter", "dangling=true", "--format", "json"): (0, json.dumps([{"Id": hexid}]), ""),
+        ("rmi", "localhost/t:v1"): (0, "Untagged: localhost/t:v1\n", ""),
+        ("rmi", "localhost/t:v2"): (2, "", busy),
+        ("rmi", "localhost/t:nope"): (1, "", "Error: localhost/t:nope: image not known\n"),
+        ("rmi", hexid): (2, "", busy),
+        ("rmi", "localhost/t:odd"): (125, "", "Error: database is locked\n"),
+    })
+    images = PodmanImages(Podman("podman", runner=runner))
+    assert images.in_use() == InUse(names=frozenset({"localhost/t:v1"}), digests=frozenset({"sha256:" + hexid}))
+    assert images.untagged() == frozenset({"sha256:" + hexid})
+    done = images.remove(["localhost/t:v1", "localhost/t:v2", "localhost/t:nope", "sha256:" + hexid])
+    assert [(r.name, r.outcome) for r in done] == [("localhost/t:v1", GONE), ("localhost/t:v2", BUSY),
+                                                   ("localhost/t:nope", GONE), ("sha256:" + hexid, BUSY)]
+    assert all("--force" not in c and "-f" not in c for c in runner.calls)
+    with pytest.raises(LoadError) as err:
+        images.remove(["localhost/t:odd"])
+    assert err.value.message == "podman rmi localhost/t:odd failed (exit 125): Error: database is locked"
+    assert parse_podman_containers(None) == InUse() and parse_podman_dangling(None) == frozenset()
 
 
 def test_bad_input_is_refused() -> None:
