@@ -376,6 +376,9 @@ MUTANTS: List[Mutant] = [
     Mutant("podman names an incomplete image", "edgebundle/importer/podman.py",
            "        broken = [rec.name for rec in records if not _complete(stored, rec)]",
            "        broken: List[str] = []", "tests/unit/test_podman.py -k read_back"),
+    Mutant("podman prune ignores containers", "edgebundle/importer/prune.py",
+           '        return parse_podman_containers(self.podman.json("ps", "-a", "--format", "json"))',
+           "        return InUse()", "tests/unit/test_prune.py -k podman_images_seam"),
 ]
 
 
