@@ -21,7 +21,7 @@ import os
 from pathlib import Path
 from typing import BinaryIO, Iterator, Optional, Tuple
 
-from .diffid import DiffIdStream
+from .diffid import BackgroundDiffId
 from .errors import CacheError
 from .files import atomic_file, atomic_write
 from .oci import check_digest, sha256_digest
@@ -95,17 +95,20 @@ class BlobCache:
         stored all the same, without layer info (``resolve`` reports it).
         """
         hasher = hashlib.sha256()
-        tar = DiffIdStream(layer_media_type) if layer_media_type is not None else None
         try:
-            with atomic_file(self.path(digest), tmp_dir=self.root / "tmp") as raw:
-                sink = _HashingWriter(raw, hasher, tar)
-                yield sink  # type: ignore[misc]  # _HashingWriter is the write() of a BinaryIO
-                actual = "sha256:" + hasher.hexdigest()
-                if actual != digest:
-                    raise DigestMismatch(f"blob {digest} arrived with digest {actual}")
-                if size is not None and sink.count != size:
-                    raise DigestMismatch(f"blob {digest} arrived with {sink.count} bytes, expected {size}")
-            found = tar.result() if tar is not None else None
+            with contextlib.ExitStack() as stack:
+                # The inflate runs on a thread of its own (BackgroundDiffId: why).
+                tar = (stack.enter_context(BackgroundDiffId(layer_media_type))
+                       if layer_media_type is not None else None)
+                with atomic_file(self.path(digest), tmp_dir=self.root / "tmp") as raw:
+                    sink = _HashingWriter(raw, hasher, tar)
+                    yield sink  # type: ignore[misc]  # _HashingWriter is the write() of a BinaryIO
+                    actual = "sha256:" + hasher.hexdigest()
+                    if actual != digest:
+                        raise DigestMismatch(f"blob {digest} arrived with digest {actual}")
+                    if size is not None and sink.count != size:
+                        raise DigestMismatch(f"blob {digest} arrived with {sink.count} bytes, expected {size}")
+                found = tar.result() if tar is not None else None
             if found is not None:
                 self.set_layer_info(digest, found.diff_id, found.tar_size)
         except OSError as exc:
@@ -143,7 +146,7 @@ class BlobCache:
 
 
 class _HashingWriter:
-    def __init__(self, raw: BinaryIO, hasher: "hashlib._Hash", tar: Optional[DiffIdStream]) -> None:
+    def __init__(self, raw: BinaryIO, hasher: "hashlib._Hash", tar: Optional[BackgroundDiffId]) -> None:
         self._raw = raw
         self._hasher = hasher
         self._tar = tar

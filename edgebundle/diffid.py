@@ -12,6 +12,8 @@ the cached blob once more to say what is wrong with it.
 from __future__ import annotations
 
 import hashlib
+import queue
+import threading
 import zlib
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -117,3 +119,65 @@ class DiffIdStream:
             except zstandard.ZstdError:
                 return None
         return TarDigest("sha256:" + self._out.hasher.hexdigest(), self._out.size)
+
+
+class BackgroundDiffId:
+    """A ``DiffIdStream`` fed on a thread of its own, so that the inflate and the tar's
+    sha256 (a cold containerd pack's slowest work) run beside the download's receive,
+    sha256 and file write instead of after each of them on the same thread.
+
+    zlib, zstandard and hashlib release the GIL on large buffers, so on a second core
+    the two halves overlap; on one core it costs a queue hand-off per chunk. The queue
+    is bounded (``depth`` chunks): a slow inflate holds the download back rather than
+    buffering the blob in memory. Use as a context manager; leaving it without
+    ``result()`` (a failed download) stops the thread and discards what it had.
+    """
+
+    _END = b""  # feed() never queues empty chunks, so b"" can mark the end
+
+    def __init__(self, media_type: str, depth: int = 8) -> None:
+        self._stream = DiffIdStream(media_type)
+        self._queue: "queue.Queue[bytes]" = queue.Queue(maxsize=depth)
+        self._error: Optional[BaseException] = None
+        self._abandoned = False
+        self._thread = threading.Thread(target=self._run, name="diffid", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            data = self._queue.get()
+            if data is self._END or not data:
+                return
+            if self._abandoned or self._error is not None:
+                continue  # drain, so that a blocked feed() or close() can finish
+            try:
+                self._stream.feed(data)
+            except BaseException as exc:  # e.g. MemoryError: raised again by result()
+                self._error = exc
+
+    def feed(self, data: bytes) -> None:
+        if data:
+            # bytes are immutable: the caller may reuse a bytearray or memoryview
+            self._queue.put(data if type(data) is bytes else bytes(data))
+
+    def _finish(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(self._END)
+            self._thread.join()
+
+    def result(self) -> Optional[TarDigest]:
+        """As ``DiffIdStream.result``, once every fed chunk is through."""
+        self._finish()
+        if self._error is not None:
+            raise self._error
+        return self._stream.result()
+
+    def close(self) -> None:
+        self._abandoned = True
+        self._finish()
+
+    def __enter__(self) -> "BackgroundDiffId":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -15,7 +15,7 @@ import pytest
 import zstandard
 
 from edgebundle.cache import BlobCache, DigestMismatch
-from edgebundle.diffid import DiffIdStream, TarDigest
+from edgebundle.diffid import BackgroundDiffId, DiffIdStream, TarDigest
 from edgebundle.errors import ResolveError
 from edgebundle.oci import MT_OCI_LAYER, MT_OCI_LAYER_GZIP, MT_OCI_LAYER_ZSTD, sha256_digest
 from edgebundle.registry import RegistryClient
@@ -31,11 +31,20 @@ def _pieces(data: bytes, size: int) -> Iterator[bytes]:
         yield data[i:i + size]
 
 
-def _stream(blob: bytes, media_type: str, piece: int) -> object:
+def _stream(blob: bytes, media_type: str, piece: int, background: bool = False) -> object:
+    if background:
+        with BackgroundDiffId(media_type, depth=2) as b:
+            for p in _pieces(blob, piece):
+                b.feed(p)
+            return b.result()
     s = DiffIdStream(media_type)
     for p in _pieces(blob, piece):
         s.feed(p)
     return s.result()
+
+
+def _diffid_threads() -> List[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "diffid"]
 
 
 EXPECTED = TarDigest(sha256_digest(TAR), len(TAR))
@@ -55,6 +64,50 @@ ZST = zstandard.ZstdCompressor().compress(TAR)
 ])
 def test_any_split_gives_the_tar_digest(blob: bytes, media_type: str, piece: int) -> None:
     assert _stream(blob, media_type, piece) == EXPECTED
+
+
+@pytest.mark.parametrize("piece", [7, 65536, 1 << 24])
+@pytest.mark.parametrize("blob,media_type", [(GZ, MT_OCI_LAYER_GZIP), (ZST, MT_OCI_LAYER_ZSTD), (TAR, MT_OCI_LAYER)])
+def test_on_its_own_thread_the_same_digest(blob: bytes, media_type: str, piece: int) -> None:
+    assert _stream(blob, media_type, piece, background=True) == EXPECTED
+    assert _stream(GZ[:len(GZ) // 2], MT_OCI_LAYER_GZIP, piece, background=True) is None
+    assert _diffid_threads() == []
+
+
+def test_abandoned_background_stops_even_with_a_full_queue() -> None:
+    """A download failing mid-blob leaves without result(): the thread skips what is
+    queued and ends, rather than inflating the rest or blocking the caller."""
+    b = BackgroundDiffId(MT_OCI_LAYER_GZIP, depth=4)
+    real = b._stream.feed
+    fed: List[int] = []
+
+    def slow(data: bytes) -> None:
+        fed.append(len(data))
+        time.sleep(0.2)
+        real(data)
+
+    b._stream.feed = slow  # type: ignore[method-assign]
+    for p in list(_pieces(GZ, 4096))[:6]:  # 1 being inflated, 4 queued, the 6th waits for room
+        b.feed(p)
+    started = time.monotonic()
+    b.close()
+    assert time.monotonic() - started < 0.6  # not the 5 x 0.2 s still queued
+    assert len(fed) <= 3 and _diffid_threads() == []
+
+
+def test_background_error_is_raised_by_result() -> None:
+    b = BackgroundDiffId(MT_OCI_LAYER_GZIP)
+
+    def boom(data: bytes) -> None:
+        raise MemoryError("no room")
+
+    b._stream.feed = boom  # type: ignore[method-assign]
+    b.feed(GZ[:4096])
+    b.feed(GZ[4096:8192])
+    with pytest.raises(MemoryError):
+        b.result()
+    b.close()
+    assert _diffid_threads() == []
 
 
 @pytest.mark.parametrize("blob", [
@@ -78,6 +131,7 @@ def test_writer_records_layer_info_only_for_a_verified_blob(tmp_path: Path) -> N
             out.write(GZ[:-1] + bytes([GZ[-1] ^ 1]))
     assert not cache.has(digest) and cache.layer_info(digest) is None
     assert list((tmp_path / "tmp").iterdir()) == []
+    assert _diffid_threads() == []  # the inflate thread ended with the failed write
     with cache.writer(digest, len(GZ), MT_OCI_LAYER_GZIP) as out:
         for p in _pieces(GZ, 65536):
             out.write(p)

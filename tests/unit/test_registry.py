@@ -667,3 +667,23 @@ def test_certificate_error_hint_is_about_trust_not_insecure() -> None:
     assert err.value.message == "registry reg.test: x509: certificate signed by unknown authority"
     assert "/etc/docker/certs.d/reg.test/ca.crt" in (err.value.hint or "")
     assert "insecure" not in (err.value.hint or "")
+
+
+@pytest.mark.parametrize("encoding", [None, "gzip"])
+def test_streamed_blob_raw_or_content_encoded(tmp_path: Path, encoding: Optional[str]) -> None:
+    """A streamed blob is stored as sent (the raw body, no re-chunking); one a proxy
+    content-encodes is decoded first, as the registry's bytes are what the digest names."""
+    import gzip as gz
+    blob = bytes(range(256)) * 20_000  # 5 MB: several pieces
+    digest = sha256_digest(blob)
+    body = gz.compress(blob) if encoding else blob
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        pieces = (body[i:i + 65536] for i in range(0, len(body), 65536))
+        headers = {"content-encoding": encoding} if encoding else {}
+        return httpx.Response(200, headers=headers, content=pieces)
+
+    client = RegistryClient(transport=httpx.MockTransport(handler), retries=0, sleep=lambda s: None)
+    cache = BlobCache(tmp_path)
+    client.fetch_blob(parse_reference("reg.test/shop/app:v1"), digest, len(blob), cache)
+    assert cache.read_bytes(digest) == blob
