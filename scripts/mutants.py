@@ -265,7 +265,8 @@ MUTANTS: List[Mutant] = [
     Mutant("runtime ENOSPC not reported as a full disk", "edgebundle/importer/__init__.py",
            "        if full is not None:", "        if False:", "tests/unit/test_space_check.py -k enospc"),
     Mutant("unpack not counted", "edgebundle/space.py",
-           '        needs.append(Need(storage.unpacked, "snapshots" if containerd else storage.label,\n'
+           '        needs.append(Need(storage.unpacked, "snapshots" if containerd\n'
+           '                          else "podman storage" if podman else storage.label,\n'
            "                          unpacked=est.unpacked))", "        pass",
            "tests/unit/test_space_check.py -k both_numbers"),
     Mutant("no safety margin", "edgebundle/space.py",
