@@ -394,8 +394,11 @@ def run(mutant: Mutant, scratch: Path) -> bool:
     try:
         proc = subprocess.run(f"{sys.executable} -m pytest -q -x -p no:cacheprovider {mutant.tests}",
                               shell=True, cwd=scratch, capture_output=True, text=True, timeout=300,
+                              # No bytecode: a mutant of the same size written within the
+                              # second of an earlier one would import that one's stale .pyc
+                              # (pyc checks mtime seconds and size): a false survivor.
                               env={"PYTHONPATH": str(scratch), "PATH": "/usr/bin:/bin",
-                                   "HOME": str(scratch)})
+                                   "HOME": str(scratch), "PYTHONDONTWRITEBYTECODE": "1"})
     except subprocess.TimeoutExpired:
         return True  # a hang is a failing test too (the suite would time out)
     finally:
@@ -412,8 +415,11 @@ def main() -> int:
         # The unmutated tree must pass, or a "kill" proves nothing.
         proc = subprocess.run(f"{sys.executable} -m pytest -q -p no:cacheprovider tests/unit",
                               shell=True, cwd=scratch, capture_output=True, text=True,
+                              # No bytecode: a mutant of the same size written within the
+                              # second of an earlier one would import that one's stale .pyc
+                              # (pyc checks mtime seconds and size): a false survivor.
                               env={"PYTHONPATH": str(scratch), "PATH": "/usr/bin:/bin",
-                                   "HOME": str(scratch)})
+                                   "HOME": str(scratch), "PYTHONDONTWRITEBYTECODE": "1"})
         if proc.returncode != 0:
             print(f"the unmutated unit tests fail:\n{proc.stdout[-3000:]}")
             return 2
