@@ -53,18 +53,19 @@ def parse_containers_ls(text: str) -> FrozenSet[str]:
     return frozenset(names)
 
 
-def parse_containers_json(body: object) -> InUse:
-    """``GET /containers/json?all=1`` -> the image IDs (and names) containers use."""
+def parse_containers_json(body: object, source: str = "docker API /containers/json answered",
+                          hint: str = "check that the host is a docker daemon") -> InUse:
+    """``GET /containers/json?all=1`` (or ``podman ps -a --format json``: the same two
+    fields, the ID without its ``sha256:``) -> the image IDs and names containers use."""
     if not isinstance(body, list):
-        raise LoadError(f"docker API /containers/json answered {type(body).__name__}, not a list",
-                        "check that the host is a docker daemon")
+        raise LoadError(f"{source} {type(body).__name__}, not a list", hint)
     ids, names = set(), set()
     for c in body:
         if not isinstance(c, dict):
             continue
         image_id, image = c.get("ImageID"), c.get("Image")
         if isinstance(image_id, str) and image_id:
-            ids.add(image_id)
+            ids.add(image_id if image_id.startswith("sha256:") else "sha256:" + image_id)
         if isinstance(image, str) and image:
             names.add(image)
     return InUse(names=frozenset(names), digests=frozenset(ids))
@@ -153,22 +154,10 @@ class DockerImages:
 
 
 def parse_podman_containers(body: object) -> InUse:
-    """``podman ps -a --format json`` -> the image names and IDs containers use."""
+    """``podman ps -a --format json`` (nothing printed: no containers)."""
     if body is None:
         return InUse()
-    if not isinstance(body, list):
-        raise LoadError(f"podman ps printed {type(body).__name__}, not a list",
-                        "check the --podman command")
-    ids, names = set(), set()
-    for c in body:
-        if not isinstance(c, dict):
-            continue
-        image_id, image = c.get("ImageID"), c.get("Image")
-        if isinstance(image_id, str) and image_id:
-            ids.add(image_id if image_id.startswith("sha256:") else "sha256:" + image_id)
-        if isinstance(image, str) and image:
-            names.add(image)
-    return InUse(names=frozenset(names), digests=frozenset(ids))
+    return parse_containers_json(body, "podman ps printed", "check the --podman command")
 
 
 def parse_podman_dangling(body: object) -> FrozenSet[str]:
