@@ -41,7 +41,7 @@ from typing import IO, Any, BinaryIO, Dict, FrozenSet, Iterator, List, Mapping, 
 import zstandard
 
 from ..compression import MAGIC_BYTES, classify, decompress_stream
-from ..errors import EdgebundleError, LoadError, PrerequisiteError, RuntimeUnavailableError, UsageError
+from ..errors import EdgebundleError, LoadError, PrerequisiteError, RuntimeUnavailableError
 from ..format import BaseLayer, EntryHead, ImageRecord
 from ..holdings import HeldImage, HeldLayer, Inventory
 from ..naming import CRI_NAMESPACE, cri_digest_name
@@ -52,7 +52,7 @@ from ..rebuild import BASE_HINT, BaseTree, DirTree, verified_tar
 from ..state import StateDir
 from . import ctrsurvival
 from .journal import PHASE_PUBLISHING, Journal, JournalFile, Rename, this_process
-from .process import Completed
+from .process import Completed, command_line
 from .tarstream import BLOCK, TarStream, ThreadedSink, blob_path, last_line
 
 log = logging.getLogger(__name__)
@@ -249,13 +249,7 @@ class Ctr:
         self.address = address
         self.stall = stall
         self.namespace = namespace
-        try:
-            self.argv0 = shlex.split(ctr)
-        except ValueError as exc:
-            raise UsageError(f"--ctr {ctr!r} is not a command line: {exc}",
-                             "quote it like a shell word list, e.g. --ctr 'k3s ctr'") from None
-        if not self.argv0:
-            raise UsageError("--ctr is empty", "pass the ctr command, e.g. --ctr ctr")
+        self.argv0 = command_line("--ctr", ctr, "k3s ctr")
         self.snapshotter = snapshotter
         self.timeout = timeout
         self.runner: Runner = runner or SubprocessRunner()

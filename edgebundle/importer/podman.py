@@ -51,7 +51,7 @@ import subprocess
 from typing import Any, BinaryIO, Dict, Iterator, List, Optional, Protocol, \
     Sequence, Set, Tuple
 
-from ..errors import LoadError, PrerequisiteError, RuntimeUnavailableError, UsageError
+from ..errors import LoadError, PrerequisiteError, RuntimeUnavailableError
 from ..format import BaseLayer, EntryHead, ImageRecord
 from ..holdings import HeldImage, Inventory
 from ..naming import docker_tag
@@ -59,7 +59,7 @@ from ..oci import INDEX_TYPES, Platform, chain_ids
 from ..rebuild import BASE_HINT, BaseTree
 from .podmanstore import (SPOOL_PREFIX, StoredImage, StoredLayer, held_images, is_temp_name,
                           layer_blobs, layer_chain, parse_images_store, parse_layers, stored_image)
-from .process import Completed
+from .process import Completed, command_line
 from .tarstream import last_line
 
 log = logging.getLogger(__name__)
@@ -92,13 +92,7 @@ class Podman:
     def __init__(self, podman: str = "podman", root: Optional[str] = None,
                  runroot: Optional[str] = None, timeout: float = 600.0,
                  runner: Optional[Runner] = None) -> None:
-        try:
-            self.argv0 = shlex.split(podman)
-        except ValueError as exc:
-            raise UsageError(f"--podman {podman!r} is not a command line: {exc}",
-                             "quote it like a shell word list, e.g. --podman 'sudo podman'") from None
-        if not self.argv0:
-            raise UsageError("--podman is empty", "pass the podman command, e.g. --podman podman")
+        self.argv0 = command_line("--podman", podman, "sudo podman")
         self.root = root
         self.runroot = runroot
         self.timeout = timeout
