@@ -52,7 +52,7 @@ from ..rebuild import BASE_HINT, BaseTree, DirTree, verified_tar
 from ..state import StateDir
 from . import ctrsurvival
 from .journal import PHASE_PUBLISHING, Journal, JournalFile, Rename, this_process
-from .process import Completed, command_line
+from .process import Completed, command_line, run_to_files
 from .tarstream import BLOCK, TarStream, ThreadedSink, blob_path, last_line
 
 log = logging.getLogger(__name__)
@@ -203,12 +203,10 @@ class Runner(Protocol):
 class SubprocessRunner:
     def run(self, argv: Sequence[str], input: Optional[bytes], timeout: float) -> Completed:
         try:
-            proc = subprocess.run(list(argv), input=input, capture_output=True, timeout=timeout,
-                                  env=_env())
+            return run_to_files(argv, input, timeout, _env())
         except subprocess.TimeoutExpired:
             raise RuntimeUnavailableError(f"`{shlex.join(list(argv[:1]) + list(argv[5:7]))}` did not finish "
                                           f"within {timeout:.0f}s", "check that containerd is healthy") from None
-        return Completed(proc.returncode, proc.stdout, proc.stderr)
 
     def start(self, argv: Sequence[str], stderr: IO[bytes]) -> Process:
         # stdout is discarded and stderr goes to a file: nobody reads pipes while we

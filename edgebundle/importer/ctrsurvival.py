@@ -29,6 +29,9 @@ id is written to the journal before any image exists, so the next run deletes ex
 that lease. Unpack leases are created after index.json, one per image, while other
 clients may create theirs, and ctr 1.6 cannot list a lease's resources: they are not
 identified (a ctr killed mid-unpack leaves one, with its extract snapshot, for 24 h).
+Every short ctr call writes its output to a file, never a pipe
+(``process.run_to_files``): ``ctr images tag`` takes a lease too, and killed with
+SIGPIPE by its dead reader's pipe it left that lease behind.
 
 Temporary images are ours by their name alone: ``import.edgebundle.invalid/`` uses a
 reserved top-level domain that no registry can serve, bundles may not use it (refused

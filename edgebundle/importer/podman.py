@@ -59,7 +59,7 @@ from ..oci import INDEX_TYPES, Platform, chain_ids
 from ..rebuild import BASE_HINT, BaseTree
 from .podmanstore import (SPOOL_PREFIX, StoredImage, StoredLayer, held_images, is_temp_name,
                           layer_blobs, layer_chain, parse_images_store, parse_layers, stored_image)
-from .process import Completed, command_line
+from .process import Completed, command_line, run_to_files
 from .tarstream import last_line
 
 log = logging.getLogger(__name__)
@@ -77,13 +77,11 @@ class Runner(Protocol):
 class SubprocessRunner:
     def run(self, argv: Sequence[str], timeout: float) -> Completed:
         try:
-            proc = subprocess.run(list(argv), stdin=subprocess.DEVNULL, capture_output=True,
-                                  timeout=timeout)
+            return run_to_files(argv, None, timeout)
         except subprocess.TimeoutExpired:
             raise RuntimeUnavailableError(f"`{shlex.join(list(argv))}` did not finish within "
                                           f"{timeout:.0f}s", "check podman's storage (is "
                                           "another podman holding its lock?)") from None
-        return Completed(proc.returncode, proc.stdout, proc.stderr)
 
 
 class Podman:
