@@ -23,8 +23,9 @@ import json
 import os
 import posixpath
 import tarfile
+import threading
 from pathlib import Path
-from typing import BinaryIO, Callable, Dict, List, Mapping, Optional, Tuple, cast
+from typing import IO, BinaryIO, Callable, Dict, List, Mapping, Optional, Tuple, cast
 
 from .cache import BlobCache, DigestMismatch
 from .errors import ResolveError, UsageError
@@ -98,6 +99,7 @@ class _TarFiles(_Files):
     def __init__(self, path: Path) -> None:
         # "r:*" also reads `docker save | gzip` archives (slower: seeks decompress).
         self._tar = tarfile.open(path, "r:*")
+        self._lock = threading.Lock()  # one file object for every member (_LockedMember)
         self._members: Dict[str, tarfile.TarInfo] = {}
         for member in self._tar.getmembers():
             self._members[_clean(member.name)] = member
@@ -122,16 +124,42 @@ class _TarFiles(_Files):
         raise FileNotFoundError(name)  # a link loop
 
     def open(self, name: str) -> BinaryIO:
-        fh = self._tar.extractfile(self._target(name))
+        with self._lock:
+            fh = self._tar.extractfile(self._target(name))
         if fh is None:
             raise FileNotFoundError(name)
-        return cast(BinaryIO, fh)
+        return cast(BinaryIO, _LockedMember(fh, self._lock))
 
     def size(self, name: str) -> int:
         return self._target(name).size
 
     def close(self) -> None:
         self._tar.close()
+
+
+class _LockedMember:
+    """A member of a tar read under the archive's lock.
+
+    Every member reads the archive's one file object (seek, then read): layers copied
+    by parallel downloads (``--jobs``) would read each other's bytes without it.
+    """
+
+    def __init__(self, fh: IO[bytes], lock: threading.Lock) -> None:
+        self._fh = fh
+        self._lock = lock
+
+    def read(self, size: int = -1) -> bytes:
+        with self._lock:
+            return self._fh.read(size)
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def __enter__(self) -> "_LockedMember":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _clean(name: str) -> str:

@@ -315,3 +315,44 @@ def test_oci_layout_dir_never_reads_outside_itself(tmp_path: Path) -> None:
         with pytest.raises(FileNotFoundError):
             files.open(name)
         assert not files.exists(name)
+
+
+def test_tar_members_read_in_parallel_each_get_their_own_bytes(tmp_path: Path) -> None:
+    """Parallel downloads (--jobs) copy layers of one docker-archive at once: every
+    member reads the archive's one file object, so reads must not interleave."""
+    import hashlib
+    import io
+    import os
+    import tarfile
+    import threading
+
+    from edgebundle.sources import _TarFiles
+
+    blobs = {f"m{i}": os.urandom(2 * 1024 * 1024) for i in range(4)}
+    archive = tmp_path / "a.tar"
+    with tarfile.open(archive, "w") as tar:
+        for name, data in blobs.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    files = _TarFiles(archive)
+    got: dict = {}
+
+    def read(name: str) -> None:
+        h = hashlib.sha256()
+        with files.open(name) as fh:
+            while True:
+                piece = fh.read(64 * 1024)
+                if not piece:
+                    break
+                h.update(piece)
+        got[name] = h.hexdigest()
+
+    for _ in range(3):
+        threads = [threading.Thread(target=read, args=(n,)) for n in blobs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert got == {n: hashlib.sha256(d).hexdigest() for n, d in blobs.items()}
+    files.close()
