@@ -14,7 +14,7 @@ from typing import Any, Dict, List
 
 import pytest
 
-from edgebundle.cli.main import main
+from clirun import eb
 
 MANIFEST = """\
 version: 1
@@ -35,15 +35,6 @@ def write_manifest(path: Path, reg: str, refs: List[str], ns: str) -> Path:
     return path
 
 
-def eb(capsys: pytest.CaptureFixture[str], *argv: str, code: int = 0) -> Dict[str, Any]:
-    """Run the CLI in-process; assert the exit code; return parsed --json output if any."""
-    capsys.readouterr()
-    rc = main(list(argv))
-    out, err = capsys.readouterr()
-    assert rc == code, f"edgebundle {' '.join(argv)} exited {rc}: {err}"
-    if "--json" in argv and rc == 0:
-        return json.loads(out)  # type: ignore[no-any-return]
-    return {"stdout": out, "stderr": err}
 
 
 def ctr(containerd: Any, ns: str, *args: str) -> str:

@@ -18,8 +18,8 @@ from typing import Any, Dict, List, Optional
 
 import pytest
 import services
+from clirun import eb
 
-from edgebundle.cli.main import main
 
 MANIFEST = """\
 version: 1
@@ -40,14 +40,6 @@ def write_manifest(path: Path, reg: str, refs: List[str]) -> Path:
     return path
 
 
-def eb(capsys: pytest.CaptureFixture[str], *argv: str, code: int = 0) -> Dict[str, Any]:
-    capsys.readouterr()
-    rc = main(list(argv))
-    out, err = capsys.readouterr()
-    assert rc == code, f"edgebundle {' '.join(argv)} exited {rc}: {err}"
-    if "--json" in argv and rc == 0:
-        return json.loads(out)  # type: ignore[no-any-return]
-    return {"stdout": out, "stderr": err}
 
 
 def inspect(store: Any, name: str) -> Optional[Dict[str, Any]]:
