@@ -101,30 +101,35 @@ class HttpFront:
     def _handle(self, h: BaseHTTPRequestHandler) -> None:
         arrived = time.monotonic()
         rule = self._rule_for(h.path, bool(h.headers.get("Authorization")))
-        if rule is not None:
-            h.send_response(rule.status)
-            for k, v in rule.headers.items():
-                h.send_header(k, v)
-            h.send_header("Content-Type", "application/json")
-            h.send_header("Content-Length", str(len(rule.body)))
-            h.end_headers()
-            if h.command != "HEAD":
-                h.wfile.write(rule.body)
-            status = rule.status
-        else:
+        if rule is None:
             if self.slow_re and re.search(self.slow_re, h.path):
                 time.sleep(self.delay)
-            status = self._forward(h)
+            self._forward(h, arrived)
+            return
+        # Recorded before the answer goes out: once the client has its answer, a test
+        # may read the log at once (recording afterwards was a race, seen in CI).
+        self._record(arrived, h, rule.status)
+        h.send_response(rule.status)
+        for k, v in rule.headers.items():
+            h.send_header(k, v)
+        h.send_header("Content-Type", "application/json")
+        h.send_header("Content-Length", str(len(rule.body)))
+        h.end_headers()
+        if h.command != "HEAD":
+            h.wfile.write(rule.body)
+
+    def _record(self, arrived: float, h: BaseHTTPRequestHandler, status: int) -> None:
         with self._lock:
             self.log.append(Seen(arrived, h.path, status, h.headers.get("Authorization", "")))
 
-    def _forward(self, h: BaseHTTPRequestHandler) -> int:
+    def _forward(self, h: BaseHTTPRequestHandler, arrived: float) -> None:
         conn = http.client.HTTPConnection("127.0.0.1", self.target_port, timeout=30)
         try:
             headers = {k: v for k, v in h.headers.items() if k.lower() not in _HOP}
             conn.request(h.command, h.path, headers=headers)
             resp = conn.getresponse()
             body = resp.read()
+            self._record(arrived, h, resp.status)
             h.send_response(resp.status)
             for k, v in resp.getheaders():
                 if k.lower() not in _HOP and k.lower() != "content-length":
@@ -133,6 +138,5 @@ class HttpFront:
             h.end_headers()
             if h.command != "HEAD":
                 h.wfile.write(body)
-            return resp.status
         finally:
             conn.close()
