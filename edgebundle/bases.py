@@ -27,7 +27,7 @@ import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Dict, Iterator, List, Optional, Set, Tuple
+from typing import AbstractSet, Any, BinaryIO, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 import zstandard
 
@@ -78,9 +78,10 @@ def site_bases(inv: Inventory) -> List[SiteBase]:
     return list(out.values())
 
 
-#: ``fetch(image name, blob digest, size)`` puts the blob into the packer cache, or
-#: returns False (the registry does not have it, or cannot be reached).
-Fetch = Callable[[str, str, Optional[int]], bool]
+#: ``fetch([(image name, blob digest, size), ...])`` puts what it can of those blobs
+#: into the packer cache (all at once: they are downloads) and returns the digests it
+#: has; one the registry lacks or that cannot be reached is left out.
+Fetch = Callable[[Sequence[Tuple[str, str, Optional[int]]]], AbstractSet[str]]
 
 
 class DeltaPlanner:
@@ -173,20 +174,26 @@ class DeltaPlanner:
         A base blob missing from the cache is fetched from its registry when the runtime
         named its digest and it belongs to a repository this plan ships an image of
         (the previous version of the same app: the base that pays; fetching every layer
-        a site holds could cost more than the deltas save).
+        a site holds could cost more than the deltas save). They are asked for in one
+        batch, so that they download in parallel.
         """
         bases: List[Base] = []
         missing: List[str] = []
+        found: List[Tuple[SiteBase, Optional[str]]] = []
         for sb in site_bases(inv):
-            layer, diff_id = sb.layer, sb.layer.diff_id
             blob = sb.digest if sb.digest is not None and self.cache.has(sb.digest) else \
-                self._blob_for(diff_id)
-            if blob is None and sb.digest is not None and self._fetch is not None \
-                    and _repository(sb.image) in repos:
-                log.info("base %s of %s is not in the packer cache: fetching it", sb.digest,
-                         sb.image)
-                if self._fetch(sb.image, sb.digest, sb.size):
-                    blob = sb.digest
+                self._blob_for(sb.layer.diff_id)
+            found.append((sb, blob))
+        wanted: List[Tuple[str, str, Optional[int]]] = []
+        for sb, blob in found:
+            if blob is None and sb.digest is not None and _repository(sb.image) in repos:
+                wanted.append((sb.image, sb.digest, sb.size))
+        if wanted and self._fetch is not None:
+            log.info("%d base layer(s) of the site are not in the packer cache: fetching them", len(wanted))
+            fetched = self._fetch(wanted)
+            found = [(sb, sb.digest if blob is None and sb.digest in fetched else blob) for sb, blob in found]
+        for sb, blob in found:
+            layer, diff_id = sb.layer, sb.layer.diff_id
             if blob is None:
                 missing.append(diff_id)
                 continue

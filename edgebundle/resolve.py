@@ -17,17 +17,17 @@ import zlib
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import replace
 from typing import AbstractSet, Any, BinaryIO, Callable, Dict, Iterable, List, Mapping, \
-    Optional, Protocol, Tuple
+    Optional, Protocol, Sequence, Set, Tuple, TypeVar
 
 import zstandard
 
 from .cache import BlobCache
 from .compression import MAGIC_BYTES, classify, decompress_stream
-from .errors import CacheError, ResolveError, UsageError
+from .errors import CacheError, EdgebundleError, ResolveError, UsageError
 from .image import Layer, ResolvedImage
 from .progress import NULL_BAR, Bar, close_bar
 from .oci import INDEX_TYPES, MANIFEST_TYPES, Descriptor, Platform, check_digest
-from .reference import Reference
+from .reference import Reference, parse_reference
 from .specs import ImageSpec
 from .registry.client import RegistryClient, guess_media_type
 from .sources import OfflineSource, open_source
@@ -301,39 +301,42 @@ class Resolver:
     def _download(self, missing: List[Tuple[Layer, Reference]], factory: ProgressFactory) -> None:
         """Fetch ``missing`` into the cache, ``self.jobs`` at a time, behind one bar.
 
-        The first failure stops the rest: downloads in flight are abandoned at their
-        next chunk (their temp files removed by ``BlobCache.writer``), queued ones never
-        start, and that failure is raised; blobs already complete stay cached.
+        The first failure stops the rest (see ``_in_parallel``) and is raised; blobs
+        already complete stay cached.
         """
-        bar = _SharedBar(factory(sum(layer.size for layer, _ in missing), "fetching layers"))
-        stop = threading.Event()
-
-        def progress(n: int) -> None:
-            if stop.is_set():
-                raise _Abandoned()
-            bar.update(n)
-
-        def fetch(layer: Layer, ref: Reference) -> None:
-            if stop.is_set():
-                return
+        def fetch(item: Tuple[Layer, Reference], progress: Callable[[int], None]) -> None:
+            layer, ref = item
             origin = self._origins.get(layer.digest) or self._origin(ImageSpec(str(ref), ref))
             log.info("fetching layer %s of %s (%d bytes)", layer.digest, ref, layer.size)
             origin.blob_into_cache(layer.digest, layer.size, self.cache, progress, layer.media_type)
 
-        # Largest first: with fewer workers than layers, the big one does not start last.
-        order = sorted(missing, key=lambda item: -item[0].size)
-        pool = ThreadPoolExecutor(max_workers=min(self.jobs, len(order)), thread_name_prefix="fetch")
-        try:
-            futures = [pool.submit(fetch, layer, ref) for layer, ref in order]
-            wait(futures, return_when=FIRST_EXCEPTION)
-        finally:
-            stop.set()  # also on KeyboardInterrupt: the workers leave at their next chunk
-            pool.shutdown(wait=True, cancel_futures=True)
-            close_bar(bar)
-        for future in futures:
-            exc = future.exception() if future.done() and not future.cancelled() else None
-            if exc is not None and not isinstance(exc, _Abandoned):
-                raise exc
+        _in_parallel(self.jobs, missing, lambda item: item[0].size, fetch,
+                     factory(sum(layer.size for layer, _ in missing), "fetching layers"))
+
+    def fetch_blobs(self, wanted: Sequence[Tuple[str, str, Optional[int]]],
+                    progress_factory: Optional[ProgressFactory] = None) -> Set[str]:
+        """Best effort: fetch the blobs ``(image name, digest, size)`` from each image's
+        registry into the cache, ``self.jobs`` at once behind one bar.
+
+        A blob that cannot be had (not found, unreachable, refused) is logged and left
+        out, the others still fetched: what it was wanted for goes without it (a delta
+        base). Returns the digests now cached.
+        """
+        client = self.client
+        todo = [w for w in dict.fromkeys(wanted) if not self.cache.has(w[1])]
+        if todo and client is not None:
+            def fetch(item: Tuple[str, str, Optional[int]], progress: Callable[[int], None]) -> None:
+                image, digest, size = item
+                log.info("fetching %s of %s (%s bytes)", digest, image, size if size is not None else "?")
+                try:
+                    client.fetch_blob(parse_reference(image), digest, size, self.cache, progress)
+                except EdgebundleError as exc:
+                    log.info("%s of %s not fetched: %s", digest, image, exc.message)
+
+            factory = progress_factory or _no_progress
+            _in_parallel(self.jobs, todo, lambda item: item[2] or 0, fetch,
+                         factory(sum(size or 0 for _, _, size in todo), "fetching bases"))
+        return {digest for _, digest, _ in wanted if self.cache.has(digest)}
 
     def _inspect(self, layers: List[Tuple[Layer, Reference]], factory: ProgressFactory) -> None:
         bar = factory(sum(layer.size for layer, _ in layers), "checking layers")
@@ -348,6 +351,46 @@ class Resolver:
                 bar.update(layer.size)
         finally:
             close_bar(bar)
+
+
+_Item = TypeVar("_Item")
+
+
+def _in_parallel(jobs: int, items: Sequence[_Item], size: Callable[[_Item], int],
+                 fetch: Callable[[_Item, Callable[[int], None]], None], bar: Bar) -> None:
+    """``fetch(item, progress)`` for each item, ``jobs`` at a time, largest first, one bar.
+
+    The first exception stops the rest: fetches in flight are abandoned at their next
+    chunk (``progress`` raises; ``BlobCache.writer`` removes their temp files), queued
+    ones never start, and that exception is raised. A fetch that must not stop the
+    others catches its own errors.
+    """
+    shared = _SharedBar(bar)
+    stop = threading.Event()
+
+    def progress(n: int) -> None:
+        if stop.is_set():
+            raise _Abandoned()
+        shared.update(n)
+
+    def run(item: _Item) -> None:
+        if not stop.is_set():
+            fetch(item, progress)
+
+    # Largest first: with fewer workers than items, the big one does not start last.
+    order = sorted(items, key=lambda item: -size(item))
+    pool = ThreadPoolExecutor(max_workers=max(1, min(jobs, len(order))), thread_name_prefix="fetch")
+    try:
+        futures = [pool.submit(run, item) for item in order]
+        wait(futures, return_when=FIRST_EXCEPTION)
+    finally:
+        stop.set()  # also on KeyboardInterrupt: the workers leave at their next chunk
+        pool.shutdown(wait=True, cancel_futures=True)
+        close_bar(shared)
+    for future in futures:
+        exc = future.exception() if future.done() and not future.cancelled() else None
+        if exc is not None and not isinstance(exc, _Abandoned):
+            raise exc
 
 
 class _Abandoned(Exception):

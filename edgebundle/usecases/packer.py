@@ -13,11 +13,11 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import AbstractSet, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..bases import DeltaPlanner
 from ..cache import BlobCache
-from ..errors import EdgebundleError, InventoryError, ManifestError, UsageError
+from ..errors import InventoryError, ManifestError, UsageError
 from ..files import check_output, is_stream_target, open_output
 from ..format import Signer
 from ..holdings import Inventory
@@ -26,7 +26,6 @@ from ..manifest import load_manifest
 from ..pack import PackStats, write_bundle
 from ..plan import Plan, plan_bundle, with_layer_info
 from ..progress import NULL_BAR, Bar, close_bar
-from ..reference import parse_reference
 from ..report import MAX_REPORT_BYTES, check_report_bounds, parse_json_object
 from ..registry.auth import CredentialStore, docker_config_path
 from ..registry.client import RegistryClient
@@ -80,19 +79,12 @@ class PackerSession:
         self._progress = progress
         self._resolved: Dict[str, List[ResolvedImage]] = {}
         self._inventories: Dict[str, Inventory] = {}
-        self.deltas = DeltaPlanner(self.cache, progress=progress, fetch=self._fetch_base)
+        self.deltas = DeltaPlanner(self.cache, progress=progress, fetch=self._fetch_bases)
 
-    def _fetch_base(self, image: str, digest: str, size: Optional[int]) -> bool:
-        """A delta base's blob from the registry of the site's image (DeltaPlanner's fetch)."""
-        bar = (self._progress or _no_bar)(size or 0, "base")
-        try:
-            self.client.fetch_blob(parse_reference(image), digest, size, self.cache, bar.update)
-            return True
-        except EdgebundleError as exc:
-            log.info("base %s of %s not fetched: %s", digest, image, exc.message)
-            return False
-        finally:
-            close_bar(bar)
+    def _fetch_bases(self, wanted: Sequence[Tuple[str, str, Optional[int]]]) -> AbstractSet[str]:
+        """Delta bases' blobs from the registries of the site's images (DeltaPlanner's
+        fetch), ``--jobs`` at once."""
+        return self.resolver.fetch_blobs(wanted, self._progress)
 
     def close(self) -> None:
         self.deltas.close()

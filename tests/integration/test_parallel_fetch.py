@@ -4,6 +4,9 @@
   cache under its digest with the diff_id and tar size the image factory computed (learnt
   while it streamed), and three downloads really ran at once (a barrier in front of the
   real client's ``fetch_blob`` that sequential downloads could never pass).
+* A site holding app:v1 gets app:v2 as a delta from a packer that has none of v1's
+  blobs: the bases it needs are fetched from the real registry three at a time (the
+  same barrier), and a base the registry lacks only costs its delta, never the plan.
 * A blob the registry serves corrupted (its storage file overwritten after the push, same
   size) fails the pack with one line naming it; no temp file and no entry for it are left
   in the cache, and nothing half-written anywhere.
@@ -15,19 +18,24 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Set
 
 import pytest
 
 import imagefactory
 import services
 from edgebundle.cache import BlobCache
+from edgebundle.format import FEATURE_DELTA
+from edgebundle.holdings import HeldImage, HeldLayer, Inventory
+from edgebundle.manifest import load_manifest
+from edgebundle.oci import chain_ids
 from edgebundle.errors import ResolveError
 from edgebundle.oci import Platform
-from edgebundle.progress import Bar
+from edgebundle.progress import NULL_BAR, Bar
 from edgebundle.reference import Reference, parse_reference
 from edgebundle.registry import RegistryClient
 from edgebundle.resolve import Resolver
+from edgebundle.usecases.packer import PackerSession
 from edgebundle.specs import ImageSpec, RegistryConfig
 
 pytestmark = pytest.mark.integration
@@ -89,14 +97,17 @@ def test_pack_jobs_3_fetches_every_layer_verified(registry: services.Registry, t
 class _GatedClient(RegistryClient):
     """The real client; each blob download first waits until ``n`` are in flight at once."""
 
-    def __init__(self, host: str, n: int) -> None:
+    def __init__(self, host: str, n: int, only: Optional[Set[str]] = None) -> None:
+        """``only``: gate just these digests (default: every layer download)."""
         super().__init__({host: RegistryConfig(host, insecure=True)}, timeout=30.0)
         self.gate = threading.Barrier(n, timeout=20)
+        self.only = only
         self.threads: List[str] = []
 
     def fetch_blob(self, repo: Reference, digest: str, size: Optional[int], cache: BlobCache,
                    progress: Any = None, layer_media_type: Optional[str] = None) -> None:
-        if layer_media_type is not None:  # a layer (the config is fetched at resolve, alone)
+        # a layer (the config is fetched at resolve, alone), or one of ``only``
+        if (digest in self.only) if self.only is not None else layer_media_type is not None:
             self.threads.append(threading.current_thread().name)
             if len(self.threads) <= self.gate.parties:
                 self.gate.wait()  # raises BrokenBarrierError if fewer than n ever run together
@@ -169,3 +180,46 @@ def test_missing_blob_fails_resolver_and_stops_the_rest(registry: services.Regis
     assert img.layers[0].digest in err.value.message
     assert not cache.has(img.layers[0].digest)
     assert list((tmp_path / "cache" / "tmp").iterdir()) == []
+
+
+def _held(resolver: Resolver, ref: str) -> Inventory:
+    """What a containerd device holding ``ref`` complete reports (blobs and chains)."""
+    img = resolver.resolve(ImageSpec(ref, parse_reference(ref)), AMD64)
+    layers = tuple(HeldLayer(la.diff_id, la.digest, la.size, blob=True, unpacked=True, tar=True)
+                   for la in img.layers)
+    held = HeldImage(img.name, img.config.digest, img.top, img.manifest.digest, "linux/amd64", True, layers)
+    return Inventory("containerd", "jobs", (held,), frozenset(la.digest for la in img.layers),
+                     frozenset(chain_ids(la.diff_id for la in img.layers)), features=frozenset({FEATURE_DELTA}))
+
+
+def test_delta_bases_are_fetched_in_parallel_and_a_missing_one_costs_only_its_delta(
+        registry: services.Registry, tmp_path: Path) -> None:
+    libs = [{f"usr/lib/{i}/m{j}.py": imagefactory.pseudo_random_bytes(f"lib-{i}-{j}", 60_000) for j in range(20)}
+            for i in range(4)]
+    changed = [dict(layer) for layer in libs]
+    for layer in changed:  # every layer of v2 edits one file of its v1 layer: each wants its base
+        name = next(iter(layer))
+        layer[name] = layer[name][:30_000] + b"# edited\n" + layer[name][30_000:]
+    v1, v2 = imagefactory.build_image(libs, media="oci"), imagefactory.build_image(changed, media="oci")
+    imagefactory.push_image(registry.host, "jobs/app", "v1", v1)
+    imagefactory.push_image(registry.host, "jobs/app", "v2", v2)
+    _blob_file(registry, v1.layers[0].digest).unlink()  # one base the registry no longer has
+    manifest = _manifest(tmp_path, registry.host, "jobs/app:v2")
+    present = {b.digest for b in v1.layers[1:]}
+    client = _GatedClient(registry.host, 3, only=present)
+    bars: List[str] = []
+    with client:
+        inv = _held(Resolver(BlobCache(tmp_path / "elsewhere"), client), f"{registry.host}/jobs/app:v1")
+        with PackerSession(tmp_path / "home", load_manifest(str(manifest)), client=client, jobs=3,
+                           progress=lambda total, desc: bars.append(desc) or NULL_BAR) as session:
+            plan = session.plan(session.site("gw"), inventory=inv, fetch=True)
+    assert len(set(client.threads)) == 3  # the three bases the registry has came at once
+    cache = BlobCache(tmp_path / "home" / "cache")
+    assert all(cache.has(d) for d in present) and not cache.has(v1.layers[0].digest)
+    assert bars.count("fetching bases") == 1  # one display for them
+    assert list((tmp_path / "home" / "cache" / "tmp").iterdir()) == []
+    (ip,) = plan.images
+    assert ip.layers[0].ship and ip.layers[0].delta is None  # its base is gone: whole, not a failure
+    assert ip.layers[0].note.startswith("whole: ")
+    for lp in ip.layers[1:]:
+        assert lp.ship and lp.delta is not None and lp.delta.stored < lp.layer.size / 4

@@ -11,7 +11,7 @@ import json
 import random
 from dataclasses import replace
 from pathlib import Path
-from typing import List, Tuple
+from typing import List, Optional, Sequence, Set, Tuple
 
 import pytest
 
@@ -313,10 +313,11 @@ def test_missing_base_blobs_are_fetched_for_the_repositories_that_ship(cache: Bl
         cache.put_bytes(imgs.cache.read_bytes(l.digest))
     asked: List[Tuple[str, str]] = []
 
-    def fetch(image: str, digest: str, size: object) -> bool:
-        asked.append((image, digest))
-        cache.put_bytes(imgs.cache.read_bytes(digest))
-        return True
+    def fetch(wanted: Sequence[Tuple[str, str, Optional[int]]]) -> Set[str]:
+        for image, digest, _ in wanted:
+            asked.append((image, digest))
+            cache.put_bytes(imgs.cache.read_bytes(digest))
+        return {digest for _, digest, _ in wanted}
 
     site = held(v1)
     site = replace(site, images=site.images + held(other).images,
@@ -331,9 +332,9 @@ def test_missing_base_blobs_are_fetched_for_the_repositories_that_ship(cache: Bl
 
     refused: List[str] = []
 
-    def refuse(image: str, digest: str, size: object) -> bool:
-        refused.append(digest)
-        return False
+    def refuse(wanted: Sequence[Tuple[str, str, Optional[int]]]) -> Set[str]:
+        refused.extend(digest for _, digest, _ in wanted)
+        return set()
 
     with DeltaPlanner(BlobCache(tmp_path / "empty"), fetch=refuse) as planner:
         for l in v2.layers:
