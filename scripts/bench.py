@@ -84,6 +84,9 @@ def main() -> int:
                          "(e.g. after `pip install py-spy`); default: py-spy on PATH, if any (not in --quick)")
     ap.add_argument("--fleet-sites", type=int, default=None,
                     help="simulated sites for the pack-once-per-state measurement (default: 1000; --quick: 100)")
+    ap.add_argument("--fleet-repack-all", action="store_true",
+                    help="repack every packed state (bundle dropped, encoded cache warm), not only the "
+                         "costliest, and count the deltas each computes again")
     ap.add_argument("--sync-sites", type=int, default=None,
                     help="real sshd sites for the up-to-date sync (default: 20; --quick: 4)")
     ap.add_argument("--only", choices=["fleet", "pack"], default=None,
@@ -126,6 +129,7 @@ def main() -> int:
         keep=args.keep,
         py_spy=args.py_spy or (None if q else shutil.which("py-spy")),
         fleet_sites=args.fleet_sites if args.fleet_sites is not None else (100 if q else 1000),
+        fleet_repack_all=args.fleet_repack_all,
         sync_sites=args.sync_sites if args.sync_sites is not None else (4 if q else 20),
         parallels=(2, 4) if q else (4, 8),
         upload_rounds=1 if q else 3,
@@ -143,14 +147,19 @@ def main() -> int:
             shutil.rmtree(tmp, ignore_errors=True)
     saved = opts.cache / f"last-results-{'quick' if q else 'full'}.json"
     merge_into: Optional[Dict[str, Any]] = None
+    alone = False  # --only fleet with no whole run to merge into: report the phase by itself
     if args.only:
         try:
             merge_into = json.loads(saved.read_text())
         except (OSError, ValueError) as exc:
-            print(f"bench: --only {args.only} merges into the saved results of a whole run, and {saved} "
-                  f"cannot be read ({exc}); run the whole benchmark once first "
-                  f"(bash scripts/bench{' --quick' if q else ''})", file=sys.stderr)
-            return 2
+            if args.only == "fleet" and not args.write_doc:
+                merge_into, alone = {}, True  # its goals and --json; nothing saved
+            else:
+                print(f"bench: --only {args.only} merges into the saved results of a whole run, and {saved} "
+                      f"cannot be read ({exc}); run the whole benchmark once first "
+                      f"(bash scripts/bench{' --quick' if q else ''}), or measure the phase alone "
+                      "without --write-doc", file=sys.stderr)
+                return 2
     tmp = Path(tempfile.mkdtemp(prefix="ebbench-"))
     bench = runner.Bench(opts, tmp)
     t0 = time.monotonic()
@@ -195,8 +204,13 @@ def main() -> int:
         data = merge(merge_into, res)
     else:
         data = res.data | {"checks": res.checks}
-    data["analysis"] = analysis.explain(data)
-    summary(data)
+    if alone:
+        print("\n== fleet goals (measured, not asserted; no whole run to merge into, nothing saved)")
+        for goal, measured, ok, _ in report.fleet_goals(data):
+            print(f"  {'met   ' if ok else 'MISSED' if ok is False else 'n/a   '} {goal}: {measured}")
+    else:
+        data["analysis"] = analysis.explain(data)
+        summary(data)
     if args.write_doc:
         report.write(Path(args.write_doc), data)
         print(f"bench: wrote {args.write_doc}" + (f" (the {args.only} phase merged into {saved})"
@@ -206,7 +220,8 @@ def main() -> int:
         Path(args.json).write_text(raw)
     try:
         opts.cache.mkdir(parents=True, exist_ok=True)
-        saved.write_text(raw)
+        if not alone:
+            saved.write_text(raw)
     except OSError as exc:
         print(f"bench: could not save the results in {opts.cache}: {exc}", file=sys.stderr)
     if args.keep:

@@ -36,7 +36,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from . import proc
 from .sites import services
@@ -121,11 +121,11 @@ def state_subsets(n_images: int, states: int, seed: int = 9) -> List[Tuple[int, 
 
 
 @contextlib.contextmanager
-def counting_encodes() -> Iterator[Dict[str, Dict[str, int]]]:
+def counting_encodes() -> Iterator[Dict[str, Any]]:
     """Count, per entry digest, the encodings kept in the encoded cache and its hits."""
     from edgebundle.encoded import EncodedCache
 
-    counts: Dict[str, Dict[str, int]] = {"encoded": {}, "reused": {}}
+    counts: Dict[str, Any] = {"encoded": {}, "reused": {}}
     real_recording, real_lookup = EncodedCache.recording, EncodedCache.lookup
 
     def recording(self: Any, head: Any, encoding: Any) -> Any:
@@ -141,7 +141,9 @@ def counting_encodes() -> Iterator[Dict[str, Dict[str, int]]]:
     from edgebundle.bases import DeltaPlanner
     real_delta = DeltaPlanner._delta
     counts["deltas"] = {"computed": 0, "cached": 0}
-    counts["delta_s"] = {"computed": 0.0}  # type: ignore[dict-item]
+    counts["delta_s"] = {"computed": 0.0}
+    # Each delta asked for: (target diff_id, the bases it may read, answered by cache/deltas)
+    counts["delta_calls"] = []
 
     def delta(self: Any, layer: Any, bases: Any, bar: Any) -> Any:
         # a delta is computed unless its key is in cache/deltas (DeltaPlanner._delta)
@@ -151,8 +153,10 @@ def counting_encodes() -> Iterator[Dict[str, Dict[str, int]]]:
             return real_delta(self, layer, bases, bar)
         finally:
             counts["deltas"]["cached" if hit else "computed"] += 1
+            counts["delta_calls"].append(
+                (layer.diff_id, frozenset(b.layer.chain_id for b in bases), hit))
             if not hit:
-                counts["delta_s"]["computed"] += time.monotonic() - t  # type: ignore[index]
+                counts["delta_s"]["computed"] += time.monotonic() - t
 
     EncodedCache.recording, EncodedCache.lookup = recording, lookup  # type: ignore[method-assign]
     DeltaPlanner._delta = delta  # type: ignore[method-assign]
@@ -212,6 +216,7 @@ def pack_states(b: "Bench", root: Path, runtime: str, images: Sequence[Any]) -> 
                 reused_before = sum(counts["reused"].values())
                 deltas_before = counts["deltas"]["computed"]
                 delta_s_before = counts["delta_s"]["computed"]
+                calls_before = len(counts["delta_calls"])
                 fb = packer.bundle_for(site, site_images[name], invs[k])
                 dt = time.monotonic() - t2
                 if k in first:
@@ -226,7 +231,8 @@ def pack_states(b: "Bench", root: Path, runtime: str, images: Sequence[Any]) -> 
                             "reused": sum(counts["reused"].values()) - reused_before,
                             "deltas_computed": counts["deltas"]["computed"] - deltas_before,
                             "delta_s": counts["delta_s"]["computed"] - delta_s_before,
-                            "order": len(first)}
+                            "order": len(first),
+                            "delta_calls": list(counts["delta_calls"][calls_before:])}
                 b.log(f"    state {k} ({'+'.join(first[k]['holds']) or 'empty'}): packed "
                       f"{fb.bundle_bytes / 1e6:.2f} MB, {fb.entries} entries in {dt:.2f} s "
                       f"({first[k]['encoded']} encoded, {first[k]['reused']} from the encoded cache; "
@@ -239,6 +245,9 @@ def pack_states(b: "Bench", root: Path, runtime: str, images: Sequence[Any]) -> 
         costliest = max(rows, key=lambda r: r["seconds"])
         largest = max(rows, key=lambda r: r["bundle_bytes"])
         again = second_packs(b, packer, session, site_images, names, deal, invs, costliest, runtime)
+        repacks = [again] + [second_packs(b, packer, session, site_images, names, deal, invs, r, runtime,
+                                          without_encoded=False)
+                             for r in rows if b.o.fleet_repack_all and r is not costliest]
         cache_files = len(list((home / "cache" / "encoded").glob("*.zst")))
     res = {
         "runtime": runtime, "sites": n, "states": STATES, "images": [i.ref for i in images],
@@ -248,8 +257,10 @@ def pack_states(b: "Bench", root: Path, runtime: str, images: Sequence[Any]) -> 
         "packed": packed, "distinct_keys": len({r["key"] for r in rows}),
         "encoded_entries": len(encoded), "encodes": sum(encoded.values()),
         "max_encodes": max(encoded.values(), default=0), "reuses": sum(reused.values()),
-        "cache_files": cache_files, "rows": [{k: v for k, v in r.items() if k != "path"} for r in rows],
-        "largest": dict(largest), "second": again,
+        "cache_files": cache_files, "rows": [{k: v for k, v in r.items() if k not in ("path", "delta_calls")} for r in rows],
+        "largest": {k: v for k, v in largest.items() if k != "delta_calls"}, "second": again,
+        "repacks": [{k: r[k] for k in ("state", "first_s", "repack_s", "identical", "repack_deltas_computed",
+                                       "repack_deltas_more_bases")} for r in repacks],
         "layer_entries": sum(r["encoded"] + r["reused"] for r in rows), "deltas": deltas,
     }
     b.check(f"fleet states {runtime}: exactly {STATES} bundles packed", packed == STATES == res["distinct_keys"],
@@ -265,7 +276,7 @@ def pack_states(b: "Bench", root: Path, runtime: str, images: Sequence[Any]) -> 
 
 def second_packs(b: "Bench", packer: Any, session: Any, site_images: Dict[str, Any], names: Sequence[str],
                  deal: Sequence[int], invs: Sequence[Any], row: Dict[str, Any],
-                 runtime: str) -> Dict[str, Any]:
+                 runtime: str, without_encoded: bool = True) -> Dict[str, Any]:
     """The costliest state again: a bundle-cache hit, then a repack without the bundle
     (encoded cache warm), then (Docker form) without the encoded cache either."""
     k = row["state"]
@@ -280,19 +291,27 @@ def second_packs(b: "Bench", packer: Any, session: Any, site_images: Dict[str, A
     hit_s = time.monotonic() - t0
     b.check(f"fleet second pack {runtime}: cache hit is the same file", fb.path == str(path))
     shutil.rmtree(packer.bundles.root / row["key"])
-    t0 = time.monotonic()
-    fb = packer.bundle_for(site, imgs, inv)
-    repack_s = time.monotonic() - t0
+    with counting_encodes() as counts:
+        t0 = time.monotonic()
+        fb = packer.bundle_for(site, imgs, inv)
+        repack_s = time.monotonic() - t0
+    # Why a repack computes deltas again: cache/deltas is keyed by the target and every
+    # base the packer could read, and that set grows as other states' packs fill the blob cache.
+    first_bases = {d: bases for d, bases, _ in row["delta_calls"]}
+    recomputed = [(d, bases) for d, bases, hit in counts["delta_calls"] if not hit]
+    grown = [d for d, bases in recomputed if d in first_bases and bases > first_bases[d]]
     # Reported, not checked: a repack's header may differ from the first pack's (see the
     # doc's note: image records carry tar sizes the packer cache learnt in between).
     same = _sha256(Path(fb.path)) == digest
     out = {"state": k, "first_s": row["seconds"], "hit_s": hit_s, "repack_s": repack_s, "identical": same,
+           "repack_deltas_computed": len(recomputed), "repack_deltas_more_bases": len(grown),
+           "repack_delta_s": counts["delta_s"]["computed"],
            "difference": "" if same else _first_difference(keep, Path(fb.path)).split(" (")[0],
            "header_diff": [] if same else _header_diff(keep, Path(fb.path))}
     if not same:
         b.log(f"    repack of state {k} differs from its first pack: {out['difference']}; "
               f"{'; '.join(out['header_diff'])}")
-    if runtime == "docker":
+    if runtime == "docker" and without_encoded:
         encoded_dir = session.cache.root / "encoded"
         shutil.rmtree(packer.bundles.root / row["key"])
         shutil.move(str(encoded_dir), str(encoded_dir) + ".aside")
@@ -307,7 +326,8 @@ def second_packs(b: "Bench", packer: Any, session: Any, site_images: Dict[str, A
     b.log(f"    second pack of state {k}: cache hit {1000 * hit_s:.1f} ms, repack (encoded cache warm) "
           f"{repack_s:.2f} s" + (f", without the encoded cache {out['no_encoded_s']:.2f} s"
                                  if "no_encoded_s" in out else "")
-          + f"; first pack {row['seconds']:.2f} s")
+          + f"; first pack {row['seconds']:.2f} s; the repack computed {len(recomputed)} delta(s) "
+          f"({len(grown)} with more bases than the first pack had)")
     return out
 
 

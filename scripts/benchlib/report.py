@@ -268,6 +268,21 @@ def fleet_section(r: Dict[str, Any]) -> List[str]:
               f"({'byte-identical to the first' if sec['identical'] else 'not byte-identical to the first: ' + sec['difference']})"
               + (f"; bundle and encoded cache dropped (blobs cached: the cost of encoding) "
                  f"{sec['no_encoded_s']:.2f} s" if "no_encoded_s" in sec else "") + ".", ""]
+        if "repack_deltas_computed" in sec:
+            n, grown = sec["repack_deltas_computed"], sec["repack_deltas_more_bases"]
+            L += [f"The repack computed {n} delta(s) again ({sec['repack_delta_s']:.1f} s)"
+                  + (f", {grown} of them because the packer could read more of the site's layers than at "
+                     "the first pack (`cache/deltas` is keyed by the target and every base the packer can "
+                     "read; other states' packs had fetched more of those blobs in between)" if grown else "")
+                  + ".", ""]
+        others = s.get("repacks", [])[1:]
+        if others:
+            slowest = max(s["repacks"], key=lambda r: r["repack_s"])
+            L += [f"Every state repacked (`--fleet-repack-all`, bundle dropped, encoded cache warm): the "
+                  f"slowest, state {slowest['state']}, took {slowest['repack_s']:.2f} s (its first pack "
+                  f"{slowest['first_s']:.2f} s); "
+                  f"{sum(r['repack_deltas_computed'] for r in s['repacks'])} delta(s) computed again in all; "
+                  f"{sum(1 for r in s['repacks'] if r['identical'])} of {len(s['repacks'])} byte-identical.", ""]
         if not sec["identical"]:
             L += ["The repack's header differs (`edgebundle inspect --json`, first vs repack): "
                   + "; ".join(f"`{d}`" for d in sec["header_diff"]) + ". Image records carry each layer's "

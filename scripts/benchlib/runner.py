@@ -62,6 +62,7 @@ class Options:
     py_spy: Optional[str] = None
     # the fleet phase (issue 9, benchlib/fleet.py)
     fleet_sites: int = 1000
+    fleet_repack_all: bool = False  # repack every state, not only the costliest
     sync_sites: int = 20
     parallels: Tuple[int, ...] = (4, 8)
     upload_rounds: int = 3
