@@ -180,20 +180,21 @@ class DeltaPlanner:
         bases: List[Base] = []
         missing: List[str] = []
         found: List[Tuple[SiteBase, Optional[str]]] = []
+        wanted: List[Tuple[str, str, Optional[int]]] = []
         for sb in site_bases(inv):
             blob = sb.digest if sb.digest is not None and self.cache.has(sb.digest) else \
                 self._blob_for(sb.layer.diff_id)
             found.append((sb, blob))
-        wanted: List[Tuple[str, str, Optional[int]]] = []
-        for sb, blob in found:
             if blob is None and sb.digest is not None and _repository(sb.image) in repos:
                 wanted.append((sb.image, sb.digest, sb.size))
+        fetched: AbstractSet[str] = set()
         if wanted and self._fetch is not None:
             log.info("%d base layer(s) of the site are not in the packer cache: fetching them", len(wanted))
             fetched = self._fetch(wanted)
-            found = [(sb, sb.digest if blob is None and sb.digest in fetched else blob) for sb, blob in found]
         for sb, blob in found:
             layer, diff_id = sb.layer, sb.layer.diff_id
+            if blob is None and sb.digest in fetched:
+                blob = sb.digest
             if blob is None:
                 missing.append(diff_id)
                 continue

@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -205,12 +205,11 @@ def main() -> int:
     else:
         data = res.data | {"checks": res.checks}
     if alone:
-        print("\n== fleet goals (measured, not asserted; no whole run to merge into, nothing saved)")
-        for goal, measured, ok, _ in report.fleet_goals(data):
-            print(f"  {'met   ' if ok else 'MISSED' if ok is False else 'n/a   '} {goal}: {measured}")
+        summary(report.fleet_goals(data), "fleet goals (measured, not asserted; no whole run to merge "
+                                          "into, nothing saved)")
     else:
         data["analysis"] = analysis.explain(data)
-        summary(data)
+        summary(report.goals(data))
     if args.write_doc:
         report.write(Path(args.write_doc), data)
         print(f"bench: wrote {args.write_doc}" + (f" (the {args.only} phase merged into {saved})"
@@ -247,9 +246,9 @@ def merge(saved: Dict[str, Any], res: runner.Results) -> Dict[str, Any]:
     return data
 
 
-def summary(data: Dict[str, Any]) -> None:
-    print("\n== goals (measured, not asserted)")
-    for goal, measured, ok, _ in report.goals(data):
+def summary(rows: List[Tuple[str, str, Optional[bool], str]], title: str = "goals (measured, not asserted)") -> None:
+    print(f"\n== {title}")
+    for goal, measured, ok, _ in rows:
         print(f"  {'met   ' if ok else 'MISSED' if ok is False else 'n/a   '} {goal}: {measured}")
 
 

@@ -277,8 +277,9 @@ def pack_states(b: "Bench", root: Path, runtime: str, images: Sequence[Any]) -> 
 def second_packs(b: "Bench", packer: Any, session: Any, site_images: Dict[str, Any], names: Sequence[str],
                  deal: Sequence[int], invs: Sequence[Any], row: Dict[str, Any],
                  runtime: str, without_encoded: bool = True) -> Dict[str, Any]:
-    """The costliest state again: a bundle-cache hit, then a repack without the bundle
-    (encoded cache warm), then (Docker form) without the encoded cache either."""
+    """A packed state again (the costliest; with --fleet-repack-all, each): a bundle-cache
+    hit, then a repack without the bundle (encoded cache warm), then (Docker form, if
+    ``without_encoded``) without the encoded cache either."""
     k = row["state"]
     name = next(s for s, d in zip(names, deal) if d == k)
     site, imgs, inv = session.site(name), site_images[name], invs[k]
@@ -295,8 +296,9 @@ def second_packs(b: "Bench", packer: Any, session: Any, site_images: Dict[str, A
         t0 = time.monotonic()
         fb = packer.bundle_for(site, imgs, inv)
         repack_s = time.monotonic() - t0
-    # Why a repack computes deltas again: cache/deltas is keyed by the target and every
-    # base the packer could read, and that set grows as other states' packs fill the blob cache.
+    # cache/deltas is keyed by the target and every base the packer can read: counted
+    # apart, the deltas computed again because that set grew since the first pack (other
+    # states' packs may have cached more of the site's layers in between).
     first_bases = {d: bases for d, bases, _ in row["delta_calls"]}
     recomputed = [(d, bases) for d, bases, hit in counts["delta_calls"] if not hit]
     grown = [d for d, bases in recomputed if d in first_bases and bases > first_bases[d]]
